@@ -1,0 +1,159 @@
+"""Lazy reader for sharded safetensors checkpoints.
+
+Each shard's JSON header is parsed once; tensor data stays on disk (memory-mapped) until a tensor is
+asked for, so reading a 17 GB bf16 checkpoint needs memory for one tensor at a time. bf16 is widened
+to float32 by a bit shift (bf16 is the top half of an f32), without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import CheckpointError
+
+# safetensors dtype -> (numpy dtype to view the bytes as, bytes per element)
+_DTYPES: dict[str, tuple[np.dtype, int]] = {
+    "BF16": (np.dtype("<u2"), 2),
+    "F16": (np.dtype("<f2"), 2),
+    "F32": (np.dtype("<f4"), 4),
+    "F64": (np.dtype("<f8"), 8),
+    "I64": (np.dtype("<i8"), 8),
+    "I32": (np.dtype("<i4"), 4),
+}
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str
+    file: Path
+    dtype: str           # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset: int          # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def bf16_to_f32(raw_u16: np.ndarray) -> np.ndarray:
+    """Widen bf16 stored as uint16 to float32 (exact)."""
+    return (raw_u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), round-to-nearest-even like torch and ggml."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return np.where(nan, (u >> 16) | 0x40, rounded).astype(np.uint16)
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > size - 8 or hlen > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt safetensors header (length {hlen}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(hlen))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    base = 8 + hlen
+    refs: dict[str, TensorRef] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = info.get("dtype")
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        start, end = info["data_offsets"]
+        shape = tuple(int(s) for s in info["shape"])
+        expect = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1]
+        if end - start != expect:
+            raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes, shape {shape} needs {expect}")
+        if base + end > size:
+            raise CheckpointError(
+                f"{path}: truncated shard: tensor {name} ends at byte {base + end}, file has {size} bytes")
+        refs[name] = TensorRef(name, path, dtype, shape, base + start, end - start)
+    return refs
+
+
+class Checkpoint:
+    """All tensors of a checkpoint folder, by name, read lazily."""
+
+    def __init__(self, ckpt_dir: Path):
+        self.dir = Path(ckpt_dir)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: checkpoint folder not found")
+        index = self.dir / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            shard_names = sorted(set(weight_map.values()))
+        elif (self.dir / SINGLE_FILE).is_file():
+            weight_map, shard_names = {}, [SINGLE_FILE]
+        else:
+            raise CheckpointError(f"{self.dir}: no {INDEX_FILE} or {SINGLE_FILE} found")
+        self.tensors: dict[str, TensorRef] = {}
+        for shard in shard_names:
+            p = self.dir / shard
+            if not p.is_file():
+                raise CheckpointError(f"{p}: shard listed in {INDEX_FILE} is missing")
+            self.tensors.update(read_safetensors_header(p))
+        for name, shard in weight_map.items():
+            ref = self.tensors.get(name)
+            if ref is None or ref.file.name != shard:
+                raise CheckpointError(f"{self.dir / shard}: tensor {name} listed in {INDEX_FILE} is not in that shard")
+        self._maps: dict[Path, np.memmap] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def ref(self, name: str) -> TensorRef:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.dir}: tensor {name} not found in checkpoint") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.ref(name).shape
+
+    def _raw(self, ref: TensorRef) -> np.ndarray:
+        mm = self._maps.get(ref.file)
+        if mm is None:
+            mm = np.memmap(ref.file, dtype=np.uint8, mode="r")
+            self._maps[ref.file] = mm
+        view_dtype, _ = _DTYPES[ref.dtype]
+        return mm[ref.offset:ref.offset + ref.nbytes].view(view_dtype).reshape(ref.shape)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored data as a read-only memory-mapped array (bf16 appears as uint16)."""
+        return self._raw(self.ref(name))
+
+    def f32(self, name: str) -> np.ndarray:
+        """A tensor as a fresh float32 array (one tensor in memory, not the shard)."""
+        ref = self.ref(name)
+        raw = self._raw(ref)
+        if ref.dtype == "BF16":
+            return bf16_to_f32(raw)
+        return np.asarray(raw, dtype=np.float32).copy()
+
+    def close(self) -> None:
+        self._maps.clear()
