@@ -27,6 +27,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .checkpoint import f32_to_bf16_bits
+from .config import parse_config
+from .layout import expected_shapes
 
 REFERENCE_DIR = Path(__file__).with_name("reference_files")
 
@@ -56,10 +58,6 @@ SCALES: dict[str, SyntheticSpec] = {
     "medium": SyntheticSpec(512, 8, 8, 2, 64, 1536, 96, 2, 4, 200),
     "full": SyntheticSpec(4096, 36, 32, 8, 128, 12288, 1152, 27, 16, 4304, vocab="real"),
 }
-
-QUERY_NUM = 64
-V_POS_SIDE = 70  # 980 / 14
-
 
 # ----------------------------------------------------------------------------------------------
 # tokenizer
@@ -154,41 +152,6 @@ def write_tokenizer(out: Path, spec: SyntheticSpec) -> dict[int, int]:
 # ----------------------------------------------------------------------------------------------
 # tensors
 
-def tensor_shapes(spec: SyntheticSpec, vocab_size: int) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the checkpoint with its HF shape (names exactly as the published index)."""
-    H, V, I = spec.hidden_size, vocab_size, spec.intermediate_size
-    q, kv = spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
-    s: dict[str, tuple[int, ...]] = {"llm.model.embed_tokens.weight": (V, H)}
-    for i in range(spec.num_hidden_layers):
-        p = f"llm.model.layers.{i}."
-        s |= {p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
-              p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
-              p + "self_attn.q_norm.weight": (spec.head_dim,), p + "self_attn.k_norm.weight": (spec.head_dim,),
-              p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H), p + "mlp.down_proj.weight": (H, I),
-              p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,)}
-    s |= {"llm.model.norm.weight": (H,), "llm.lm_head.weight": (V, H)}
-    Hv, Iv = spec.v_hidden, spec.v_intermediate
-    s |= {"vpm.embeddings.patch_embedding.weight": (Hv, 3, 14, 14), "vpm.embeddings.patch_embedding.bias": (Hv,),
-          "vpm.embeddings.position_embedding.weight": (V_POS_SIDE * V_POS_SIDE, Hv)}
-    for i in range(spec.v_layers):
-        p = f"vpm.encoder.layers.{i}."
-        for k in ("k_proj", "v_proj", "q_proj", "out_proj"):
-            s |= {p + f"self_attn.{k}.weight": (Hv, Hv), p + f"self_attn.{k}.bias": (Hv,)}
-        s |= {p + "layer_norm1.weight": (Hv,), p + "layer_norm1.bias": (Hv,),
-              p + "mlp.fc1.weight": (Iv, Hv), p + "mlp.fc1.bias": (Iv,),
-              p + "mlp.fc2.weight": (Hv, Iv), p + "mlp.fc2.bias": (Hv,),
-              p + "layer_norm2.weight": (Hv,), p + "layer_norm2.bias": (Hv,)}
-    s |= {"vpm.post_layernorm.weight": (Hv,), "vpm.post_layernorm.bias": (Hv,)}
-    s |= {"resampler.query": (QUERY_NUM, H), "resampler.kv_proj.weight": (H, Hv),
-          "resampler.attn.in_proj_weight": (3 * H, H), "resampler.attn.in_proj_bias": (3 * H,),
-          "resampler.attn.out_proj.weight": (H, H), "resampler.attn.out_proj.bias": (H,),
-          "resampler.ln_q.weight": (H,), "resampler.ln_q.bias": (H,),
-          "resampler.ln_kv.weight": (H,), "resampler.ln_kv.bias": (H,),
-          "resampler.ln_post.weight": (H,), "resampler.ln_post.bias": (H,),
-          "resampler.proj": (H, H)}
-    return s
-
-
 def _init_kind(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     """(mean, std) of the random init: norms near 1, biases small, matrices ~ 1/sqrt(fan_in)."""
     if len(shape) == 1:
@@ -256,7 +219,8 @@ def make_checkpoint(out: Path | str, scale: str = "tiny", *, progress: bool = Fa
     vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
     added = json.loads((out / "added_tokens.json").read_text(encoding="utf-8"))
     vocab_size = max(max(vocab.values()), max(added.values())) + 1
-    (out / "config.json").write_text(json.dumps(_config_json(spec, vocab_size, remap), indent=2))
+    cfg = _config_json(spec, vocab_size, remap)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = json.loads((REFERENCE_DIR / "generation_config.json").read_text())
     for k in ("bos_token_id", "pad_token_id"):
         gen[k] = remap.get(gen[k], gen[k])
@@ -264,7 +228,7 @@ def make_checkpoint(out: Path | str, scale: str = "tiny", *, progress: bool = Fa
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     shutil.copyfile(REFERENCE_DIR / "preprocessor_config.json", out / "preprocessor_config.json")
 
-    shapes = tensor_shapes(spec, vocab_size)
+    shapes = expected_shapes(parse_config(cfg))
     rng = np.random.default_rng(spec.seed)
     chunk_elems = 1 << 24
 

@@ -1,0 +1,54 @@
+"""`minicpm-convert`: Hugging Face MiniCPM-V 4.5 checkpoint -> llama.cpp GGUF files (+ Ollama Modelfile)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def convert(
+    ckpt_dir: Path = typer.Argument(..., help="Checkpoint folder: config.json, model-*.safetensors (+ index), tokenizer files."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder for the GGUF files (created if missing)."),
+    quant_type: str = typer.Option("Q4_K_M", "--quant", "--outtype", "-q",
+                                   help="Language-model type: F32, F16, BF16, Q8_0, Q4_0, Q4_K_S, Q4_K_M, Q5_K_M, Q6_K."),
+    mmproj_type: str = typer.Option("f16", "--mmproj-type", help="Vision projector type: f16, f32, bf16, q8_0."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="llama.cpp importance matrix (GGUF or legacy .dat) for the K-quants."),
+    ollama: bool = typer.Option(False, "--ollama", help="Also write OUT/Modelfile for `ollama create`."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite existing output files."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Quantization threads (default: all cores)."),
+    no_mmproj: bool = typer.Option(False, "--no-mmproj", help="Write only the language model."),
+    no_lm: bool = typer.Option(False, "--no-lm", help="Write only the mmproj."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Convert a MiniCPM-V 4.5 checkpoint to a language-model GGUF and a vision mmproj GGUF.
+
+    Writes OUT/MiniCPM-V-4.5-<QUANT>.gguf and OUT/mmproj-MiniCPM-V-4.5-<TYPE>.gguf, streaming tensor by
+    tensor (memory bounded by the largest tensor). Both load in stock llama.cpp (llama-mtmd-cli,
+    llama-server) and Ollama; run them here with `minicpm-run --model-dir OUT`.
+    """
+    from minicpmv.convert.pipeline import convert as run
+
+    try:
+        res = run(ckpt_dir, out, quant_type=quant_type, mmproj_type=mmproj_type, imatrix=imatrix,
+                  ollama=ollama, force=force, threads=threads, progress=not quiet,
+                  write_lm=not no_lm, write_mmproj=not no_mmproj)
+    except (ValueError, OSError) as e:  # CheckpointError, OutputExistsError, bad type names, I/O
+        typer.echo(f"minicpm-convert: error: {e}", err=True)
+        raise typer.Exit(2)
+    for p in (res.lm_path, res.mmproj_path, res.modelfile):
+        if p is not None:
+            typer.echo(str(p))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

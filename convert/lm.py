@@ -1,0 +1,65 @@
+"""Language model (`llm.*`, a Qwen3ForCausalLM) -> llama.cpp `qwen3` GGUF: metadata and tensor plans."""
+
+from __future__ import annotations
+
+import gguf
+
+from . import names
+from .checkpoint import Checkpoint
+from .config import MiniCPMVConfig
+from .plan import TensorPlan
+from .tokenizer import Vocab, add_vocab_metadata
+
+
+def lm_plans(ckpt: Checkpoint, cfg: MiniCPMVConfig) -> list[TensorPlan]:
+    """One plan per language-model tensor, in llama.cpp order (token_embd, blocks, output_norm, output).
+
+    Types are left F32 here; the quantization policy assigns them (it needs the whole list)."""
+    hf_names = names.lm_expected_hf_names(cfg.text.num_hidden_layers)
+    if cfg.text.tie_word_embeddings:
+        hf_names.remove("llm.lm_head.weight")
+    plans = []
+    for hf in hf_names:
+        gname = names.lm_tensor_name(hf)
+        assert gname is not None, hf
+        plans.append(TensorPlan(gname, ckpt.shape(hf), (lambda n=hf: ckpt.f32(n)), source=hf))
+    order = {"token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}
+    plans.sort(key=lambda p: (order.get(p.name, 1), _layer_of(p.name)))
+    return plans
+
+
+def _layer_of(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blk" else -1
+
+
+def add_lm_metadata(w: gguf.GGUFWriter, cfg: MiniCPMVConfig, vocab: Vocab, *, name: str,
+                    file_type: int, n_params: int) -> None:
+    t = cfg.text
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_basename("MiniCPM-V")
+    w.add_version("4.5")
+    w.add_size_label(gguf.size_label(n_params, 0, 0, 0))
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_block_count(t.num_hidden_layers)
+    w.add_context_length(t.max_position_embeddings)
+    w.add_embedding_length(t.hidden_size)
+    w.add_feed_forward_length(t.intermediate_size)
+    w.add_head_count(t.num_attention_heads)
+    w.add_head_count_kv(t.num_key_value_heads)
+    w.add_rope_freq_base(t.rope_theta)
+    w.add_layer_norm_rms_eps(t.rms_norm_eps)
+    w.add_key_length(t.head_dim)
+    w.add_value_length(t.head_dim)
+    add_vocab_metadata(w, vocab)
+
+
+def n_params(plans: list[TensorPlan]) -> int:
+    return int(sum(p.n_elements for p in plans))
+
+
+def default_lm_filename(name: str, type_name: str) -> str:
+    return f"{name}-{type_name.upper()}.gguf"
+

@@ -1,0 +1,114 @@
+"""One conversion run: checkpoint -> language-model GGUF + mmproj GGUF (+ Ollama Modelfile).
+
+checkpoint reader -> tensor mapping (lm.py, mmproj.py) -> quantizer (minicpmv.quant) -> GGUF writer,
+with one progress bar over every tensor of both files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from minicpmv import quant
+
+from . import lm, mmproj
+from .checkpoint import Checkpoint
+from .config import CheckpointError, load_config
+from .layout import validate
+from .names import LM_ARCH, MMPROJ_ARCH
+from .plan import TensorPlan
+from .tokenizer import load_vocab
+from .writer import check_output, write_gguf
+
+MODEL_NAME = "MiniCPM-V-4.5"
+
+
+@dataclass
+class ConvertResult:
+    lm_path: Path | None
+    mmproj_path: Path | None
+    modelfile: Path | None
+
+
+def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj_type: str = "f16",
+            imatrix: Path | None = None, ollama: bool = False, force: bool = False,
+            threads: int | None = None, progress: bool = True, write_lm: bool = True,
+            write_mmproj: bool = True) -> ConvertResult:
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    spec = quant.parse_type(quant_type)
+    cfg = load_config(ckpt_dir)
+    ckpt = Checkpoint(ckpt_dir)
+    validate(ckpt, cfg)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir}: output path exists and is not a folder")
+    if out_dir.resolve() == ckpt_dir.resolve():
+        raise CheckpointError(f"{out_dir}: output folder is the checkpoint folder; choose another -o")
+
+    lm_path = out_dir / f"{MODEL_NAME}-{spec.name}.gguf"
+    mm_spec = mmproj.parse_mmproj_type(mmproj_type)
+    mm_path = out_dir / f"mmproj-{MODEL_NAME}-{mm_spec.upper()}.gguf"
+    jobs: list[tuple[Path, str, object, list[TensorPlan], object]] = []
+
+    if write_lm:
+        check_output(lm_path, force)
+        raw_cfg = json.loads((ckpt_dir / "config.json").read_text(encoding="utf-8"))
+        vocab = load_vocab(ckpt_dir, cfg.text.vocab_size, raw_cfg)
+        plans = lm.lm_plans(ckpt, cfg)
+        imat = quant.load_imatrix(imatrix, [p.name for p in plans]) if imatrix else None
+        types = quant.lm_tensor_types([(p.name, p.shape) for p in plans], spec, cfg.text.num_hidden_layers)
+        for p, t in zip(plans, types):
+            p.ggml_type = t
+            if imat is not None:
+                p.meta["imatrix"] = imat.get(p.name)
+        n = lm.n_params(plans)
+
+        def lm_meta(w, vocab=vocab, n=n):
+            lm.add_lm_metadata(w, cfg, vocab, name=MODEL_NAME, file_type=int(spec.ftype), n_params=n)
+        jobs.append((lm_path, LM_ARCH, lm_meta, plans, None))
+
+    if write_mmproj:
+        check_output(mm_path, force)
+        mplans = mmproj.mmproj_plans(ckpt, cfg, mm_spec)
+
+        def mm_meta(w):
+            mmproj.add_mmproj_metadata(w, cfg, mm_spec, name=MODEL_NAME)
+        jobs.append((mm_path, MMPROJ_ARCH, mm_meta, mplans, None))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = sum(p.n_elements for _, _, _, plans_, _ in jobs for p in plans_)
+    bar = tqdm(total=total, unit="param", unit_scale=True, desc="converting", disable=not progress)
+
+    def encode(x: np.ndarray, p: TensorPlan) -> np.ndarray:
+        return quant.encode(x, p.ggml_type, p.meta.get("imatrix"), n_threads=threads)
+
+    def tick(p: TensorPlan) -> None:
+        bar.set_postfix_str(f"{p.name} {p.ggml_type.name}", refresh=False)
+        bar.update(p.n_elements)
+
+    written: list[Path] = []
+    try:
+        for path, arch, meta, plans_, _ in jobs:
+            write_gguf(path, arch, meta, plans_, encode, force=force, on_tensor=tick)
+            written.append(path)
+    except BaseException:
+        # nothing half-written: a later file's failure also removes the earlier files of this run
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+
+    modelfile = None
+    if ollama:
+        from .modelfile import write_modelfile
+        modelfile = write_modelfile(out_dir, lm_path, mm_path, force=force)
+    return ConvertResult(lm_path if write_lm else None, mm_path if write_mmproj else None, modelfile)
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

@@ -1,0 +1,43 @@
+"""A conversion plan: what one output tensor is, how to load it, and which GGML type it gets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+
+@dataclass
+class TensorPlan:
+    name: str                                 # GGUF tensor name
+    shape: tuple[int, ...]                    # numpy (row-major) shape; ggml ne is reversed
+    load: Callable[[], np.ndarray]            # -> float32 array of `shape`, loaded only when written
+    ggml_type: GGMLQuantizationType = GGMLQuantizationType.F32
+    source: str = ""                          # checkpoint tensor(s) it comes from, for messages
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def row_len(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_elements // self.row_len
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_rows * row_size(self.ggml_type, self.row_len)
+
+
+def row_size(t: GGMLQuantizationType, n: int) -> int:
+    """Bytes of one row of n elements (ggml_row_size)."""
+    block, type_size = GGML_QUANT_SIZES[t]
+    if n % block:
+        raise ValueError(f"row of {n} elements is not a multiple of {t.name}'s block size {block}")
+    return n // block * type_size
