@@ -1,13 +1,14 @@
 """Lazy reader for sharded safetensors checkpoints.
 
-Each shard's JSON header is parsed once; tensor data stays on disk (memory-mapped) until a tensor is
-asked for, so reading a 17 GB bf16 checkpoint needs memory for one tensor at a time. bf16 is widened
+Each shard's JSON header is parsed once; tensor data stays on disk until a tensor (or a block of its
+rows) is asked for, so reading a 17 GB bf16 checkpoint needs memory for one block at a time. bf16 is widened
 to float32 by a bit shift (bf16 is the top half of an f32), without torch.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,9 @@ class TensorRef:
 
 def bf16_to_f32(raw_u16: np.ndarray) -> np.ndarray:
     """Widen bf16 stored as uint16 to float32 (exact)."""
-    return (raw_u16.astype(np.uint32) << 16).view(np.float32)
+    out = raw_u16.astype(np.uint32)
+    out <<= 16
+    return out.view(np.float32)
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -118,7 +121,7 @@ class Checkpoint:
             ref = self.tensors.get(name)
             if ref is None or ref.file.name != shard:
                 raise CheckpointError(f"{self.dir / shard}: tensor {name} listed in {INDEX_FILE} is not in that shard")
-        self._maps: dict[Path, np.memmap] = {}
+        self._fds: dict[Path, int] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -135,25 +138,57 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.ref(name).shape
 
-    def _raw(self, ref: TensorRef) -> np.ndarray:
-        mm = self._maps.get(ref.file)
-        if mm is None:
-            mm = np.memmap(ref.file, dtype=np.uint8, mode="r")
-            self._maps[ref.file] = mm
-        view_dtype, _ = _DTYPES[ref.dtype]
-        return mm[ref.offset:ref.offset + ref.nbytes].view(view_dtype).reshape(ref.shape)
+    def _read(self, ref: TensorRef, start_row: int = 0, stop_row: int | None = None) -> np.ndarray:
+        """Rows [start_row, stop_row) of the tensor (viewed as [rows, last dim]) as stored.
+
+        Plain positioned reads, not a memory map: mapped pages would count in the process's
+        resident memory and grow with the checkpoint; page-cache reads do not."""
+        view_dtype, size = _DTYPES[ref.dtype]
+        row_len = ref.shape[-1] if ref.shape else 1
+        n_rows = ref.n_elements // row_len if row_len else 0
+        stop_row = n_rows if stop_row is None else stop_row
+        n = (stop_row - start_row) * row_len
+        out = np.empty(n, dtype=view_dtype)
+        fd = self._fds.get(ref.file)
+        if fd is None:
+            fd = self._fds[ref.file] = os.open(ref.file, os.O_RDONLY)
+        buf = memoryview(out).cast("B")
+        off, got = ref.offset + start_row * row_len * size, 0
+        while got < len(buf):
+            k = os.preadv(fd, [buf[got:]], off + got)
+            if k <= 0:
+                raise CheckpointError(f"{ref.file}: truncated shard while reading tensor {ref.name}")
+            got += k
+        return out
 
     def raw(self, name: str) -> np.ndarray:
-        """The stored data as a read-only memory-mapped array (bf16 appears as uint16)."""
-        return self._raw(self.ref(name))
+        """The stored data (bf16 appears as uint16), shaped as the tensor."""
+        ref = self.ref(name)
+        return self._read(ref).reshape(ref.shape)
 
     def f32(self, name: str) -> np.ndarray:
         """A tensor as a fresh float32 array (one tensor in memory, not the shard)."""
         ref = self.ref(name)
-        raw = self._raw(ref)
+        return self._to_f32(ref, self._read(ref)).reshape(ref.shape)
+
+    def f32_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor viewed as [rows, last dim], as float32."""
+        ref = self.ref(name)
+        return self._to_f32(ref, self._read(ref, start, stop)).reshape(stop - start, ref.shape[-1])
+
+    @staticmethod
+    def _to_f32(ref: TensorRef, raw: np.ndarray) -> np.ndarray:
         if ref.dtype == "BF16":
             return bf16_to_f32(raw)
-        return np.asarray(raw, dtype=np.float32).copy()
+        return raw.astype(np.float32, copy=False)
 
     def close(self) -> None:
-        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,8 +1,9 @@
-"""Streaming GGUF writer: header and tensor infos first, then tensor data one tensor at a time.
+"""Streaming GGUF writer: header and tensor infos first, then tensor data in row blocks.
 
-Memory stays bounded by the largest tensor (plus the one being prepared in the background): each
-tensor is loaded from the memory-mapped checkpoint, encoded, written and dropped. The file is
-written under a temporary name and renamed at the end, so a failure never leaves a half file.
+Memory stays bounded by a block of rows (plus the block being prepared in the background), not by
+the model or even the largest tensor: a block is read from the checkpoint, encoded, written and
+dropped. The file is written under a temporary name and renamed at the end, so a failure never
+leaves a half-written output.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterator
 
 import numpy as np
 from gguf import GGUFWriter
 
 from .plan import TensorPlan
 
-Encoder = Callable[[np.ndarray, TensorPlan], np.ndarray]  # f32 tensor -> uint8 [n_rows, row_bytes]
+Encoder = Callable[[np.ndarray, TensorPlan], np.ndarray]  # f32 rows -> uint8 [n_rows, row_bytes]
+
+BLOCK_ELEMENTS = 1 << 25  # 32 Mi elements (128 MiB as f32) per streamed block
 
 
 class OutputExistsError(FileExistsError):
@@ -45,20 +48,29 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[GGUFWriter], None]
         w = GGUFWriter(tmp, arch, use_temp_file=False)
         add_metadata(w)
         for p in plans:
-            w.add_tensor_info(p.name, (p.n_rows, p.nbytes // p.n_rows) if p.n_rows else (0,),
-                              np.dtype(np.uint8), p.nbytes, raw_dtype=p.ggml_type)
-            # GGUFWriter derived ne from the byte shape; make it the logical shape (2-D+ tensors
-            # such as the 4-D patch embedding keep all their dims).
+            w.add_tensor_info(p.name, (p.n_rows, p.nbytes // max(p.n_rows, 1)), np.dtype(np.uint8), p.nbytes,
+                              raw_dtype=p.ggml_type)
+            # GGUFWriter derived ne from the byte shape; store the logical shape (the 4-D patch
+            # embedding keeps all its dims). GGUF stores ne, the reversed numpy shape.
             w.tensors[-1][p.name].shape = list(p.shape)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for p, data in _prefetch(plans, encode):
-            if data.nbytes != p.nbytes:
-                raise ValueError(f"tensor {p.name}: encoded {data.nbytes} bytes, expected {p.nbytes}")
-            w.write_tensor_data(data)
-            if on_tensor:
-                on_tensor(p)
+        assert w.fout is not None
+        fout = w.fout[0]
+        written: dict[str, int] = {}
+        for p, block, last in _blocks(plans, encode):
+            if p.name not in written:
+                w.write_padding(fout, fout.tell())
+                written[p.name] = 0
+            fout.write(memoryview(np.ascontiguousarray(block)).cast("B"))
+            written[p.name] += block.nbytes
+            if last:
+                if written[p.name] != p.nbytes:
+                    raise ValueError(f"tensor {p.name}: encoded {written[p.name]} bytes, expected {p.nbytes}")
+                w.write_padding(fout, p.nbytes)
+                if on_tensor:
+                    on_tensor(p)
         w.close()
         os.replace(tmp, path)
     except BaseException:
@@ -67,20 +79,32 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[GGUFWriter], None]
     return path
 
 
-def _prefetch(plans: list[TensorPlan], encode: Encoder) -> Iterable[tuple[TensorPlan, np.ndarray]]:
-    """Load+encode the next tensor in a thread while the current one is written (I/O overlap)."""
+def _row_blocks(p: TensorPlan) -> Iterator[tuple[np.ndarray, bool]]:
+    """The tensor as f32 [rows, row_len] blocks; whole when it has no row loader."""
+    if p.load_rows is None or p.n_elements <= BLOCK_ELEMENTS:
+        x = p.load()
+        if tuple(x.shape) != tuple(p.shape):
+            raise ValueError(f"tensor {p.name} ({p.source}): shape {tuple(x.shape)}, expected {p.shape}")
+        yield x.reshape(-1, p.row_len) if p.shape else x.reshape(1, 1), True
+        return
+    step = max(1, BLOCK_ELEMENTS // p.row_len)
+    for a in range(0, p.n_rows, step):
+        b = min(p.n_rows, a + step)
+        yield p.load_rows(a, b), b == p.n_rows
+
+
+def _blocks(plans: list[TensorPlan], encode: Encoder) -> Iterator[tuple[TensorPlan, np.ndarray, bool]]:
+    """Read+encode the next block in a thread while the current one is written (I/O overlap)."""
     q: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
     def work():
         try:
             for p in plans:
-                if stop.is_set():
-                    return
-                x = p.load()
-                if tuple(x.shape) != tuple(p.shape):
-                    raise ValueError(f"tensor {p.name} ({p.source}): shape {tuple(x.shape)}, expected {p.shape}")
-                q.put((p, encode(x, p)))
+                for x, last in _row_blocks(p):
+                    if stop.is_set():
+                        return
+                    q.put((p, encode(x, p), last))
             q.put(None)
         except BaseException as e:  # hand the error to the writing thread
             q.put(e)

@@ -1,6 +1,9 @@
 """Quantization: llama.cpp's per-tensor type rules and ggml's own kernels."""
 
 from .encode import encode
-from .policy import QuantSpec, lm_tensor_types, parse_type
+from .imatrix import imatrix_metadata, load_imatrix, read_imatrix
+from .llama_quantize import quantize_model_with_llama_cpp
+from .policy import SPECS, QuantSpec, lm_tensor_types, parse_type
 
-__all__ = ["encode", "QuantSpec", "lm_tensor_types", "parse_type"]
+__all__ = ["encode", "QuantSpec", "SPECS", "lm_tensor_types", "parse_type", "load_imatrix", "read_imatrix",
+           "imatrix_metadata", "quantize_model_with_llama_cpp"]

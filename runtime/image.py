@@ -14,17 +14,23 @@ Rounding is Python's `round` (half to even) and the grid choice keeps the first 
 ties, exactly as the reference.
 
 llama.cpp's mtmd (llava_uhd preprocessor, used for MiniCPM-V 4.5) differs, and we follow the
-reference, not mtmd:
+reference, not mtmd (each point is pinned by tests/test_image_slicing.py, which re-implements
+mtmd's plan and also runs llama.cpp's compiled code):
 - it slices whenever a side exceeds 448 (so 500x400 or 600x300 get a 2x1 grid; the reference
   gives one overview for any area <= 448^2);
 - it stretches every unsliced image to exactly 448x448 (the reference keeps the aspect ratio:
   300x200 -> 546x364);
 - it letter-boxes the refined image (aspect-preserving resize onto a black canvas) where the
-  reference stretches it, so slice pixels differ unless the refined size keeps the aspect;
+  reference stretches it, so slice pixels differ unless the refined size keeps the aspect
+  (1000x700 and 1920x1080 differ; 640x480, 896x448, 1344x1344 are bit-identical);
 - it rounds half away from zero (`std::round`) in float32 where the reference rounds half to
-  even in double, which changes some sizes whose side/14 ends in .5.
-For 640x480, 800x600, 1344x1344 and 1920x1080 both give the same grid, overview and slice sizes;
-tests/test_image_slicing.py pins the differences with a re-implementation of mtmd's plan.
+  even in float64: about 1 size in 14 gets a different overview or slice size
+  (101x2003: overview 98x2002 vs 98x1988), and float32 errors make the (2,3)/(3,2) tie a real
+  tie (1002x1002: mtmd 2 cols x 3 rows, reference 3 x 2).
+Where the sizes agree, the overview pixels are bit-identical (mtmd's resampler is a Pillow port).
+For 640x480, 800x600, 1344x1344 and 1920x1080 both give the same grid, overview and slice sizes.
+
+EXIF orientation is not applied (neither the reference nor mtmd does).
 """
 
 from __future__ import annotations

@@ -210,3 +210,12 @@ def test_data_is_exact_f32(tiny_lm_gguf, tiny_ckpt):
     np.testing.assert_array_equal(np.asarray(t["blk.1.ffn_down.weight"].data),
                                   ck.f32("llm.model.layers.1.mlp.down_proj.weight"))
     np.testing.assert_array_equal(np.asarray(t["output.weight"].data), ck.f32("llm.lm_head.weight"))
+
+
+def test_streaming_in_row_blocks_gives_the_same_file(tiny_lm_gguf, tiny_ckpt, tmp_path, monkeypatch):
+    """Large tensors are streamed in row blocks (bounded memory); the bytes must not change."""
+    from minicpmv.convert import writer
+    from minicpmv.convert.pipeline import convert
+    monkeypatch.setattr(writer, "BLOCK_ELEMENTS", 3000)  # forces many blocks per matrix
+    small = convert(tiny_ckpt, tmp_path, quant_type="Q8_0", write_mmproj=False, progress=False).lm_path
+    assert small.read_bytes() == tiny_lm_gguf("Q8_0").read_bytes()

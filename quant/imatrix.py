@@ -1,0 +1,165 @@
+"""Read a llama.cpp importance matrix (llama-imatrix output) into the per-column weights llama-quantize uses.
+
+Two formats, told apart like llama.cpp does (a file that is not GGUF is read as legacy):
+- GGUF (`general.type = imatrix`): per weight `<name>.in_sum2` (ne = [n_cols, n_mat], sums of x^2) and
+  `<name>.counts` (ne = [1, n_mat]); weights = in_sum2 / count per matrix, or 1 where count is 0.
+  The keys imatrix.datasets / chunk_count / chunk_size must be present (llama-quantize exits otherwise).
+- legacy `.dat`: int32 n_entries, then per entry int32 name length, name, int32 ncall, int32 nval,
+  float32[nval] (already per-chunk means times ncall); weights = values / ncall (as is if ncall <= 0).
+llama-imatrix only records `blk.*` matmul weights (output.weight only with --process-output), so those
+are the tensors an imatrix must cover; any other tensor without an entry is quantized without one,
+as llama-quantize does.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader, GGMLQuantizationType, Keys
+
+from .policy import allows_quantization
+
+_META_KEYS = (Keys.IMatrix.DATASETS, Keys.IMatrix.CHUNK_COUNT, Keys.IMatrix.CHUNK_SIZE)
+
+
+@dataclass
+class Imatrix:
+    values: dict[str, np.ndarray]            # name -> float32 per-column weights (n_mat * n_cols)
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+
+
+def read_imatrix(path: Path) -> Imatrix:
+    """Every entry of an imatrix file (GGUF or legacy .dat)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: importance matrix file not found")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    im = _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
+    for name, v in im.values.items():   # llama-quantize refuses any non-finite value
+        if not np.isfinite(v).all():
+            raise ValueError(f"{path}: importance matrix entry {name} has non-finite values")
+    return im
+
+
+def imatrix_metadata(path: Path) -> dict[str, str | int]:
+    """The `quantize.imatrix.*` keys llama-quantize adds to a file quantized with this imatrix
+    (string keys STRING, counts UINT32); chunks_count only when known."""
+    im = read_imatrix(path)
+    meta: dict[str, str | int] = {"quantize.imatrix.file": str(path)[:127]}
+    if im.datasets:
+        meta["quantize.imatrix.dataset"] = im.datasets[0][:127]
+    meta["quantize.imatrix.entries_count"] = len(im.values)
+    if im.chunk_count > 0:
+        meta["quantize.imatrix.chunks_count"] = im.chunk_count
+    return meta
+
+
+def load_imatrix(path: Path, tensor_names: list[str],
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """The imatrix weights of the given GGUF tensors (tensors without an entry are left out).
+
+    Raises ValueError naming the first `blk.*` weight to be quantized that has no entry, or (when
+    `shapes` is given) an entry whose size is not the tensor's row length; a token_embd entry of the
+    wrong size is dropped, as llama-quantize ignores it."""
+    path = Path(path)
+    values = read_imatrix(path).values
+    missing = [n for n in tensor_names if n not in values and n.startswith("blk.")
+               and allows_quantization(n, (2, 2))]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{path}: importance matrix has no entry for tensor {missing[0]}{more}; "
+                         f"it was not computed for this model")
+    out = {}
+    for n in tensor_names:
+        v = values.get(n)
+        if v is None:
+            continue
+        if shapes is not None and n in shapes:
+            shape = shapes[n]
+            want = shape[-1] * (shape[0] if len(shape) == 3 else 1)   # ne[0] * ne[2]
+            if v.size != want:
+                if n in ("token_embd.weight", "per_layer_token_embd.weight"):
+                    continue
+                raise ValueError(f"{path}: importance matrix entry {n} has {v.size} values, "
+                                 f"tensor rows have {want}; it was computed for another model")
+        out[n] = v
+    return out
+
+
+def _read_gguf(path: Path) -> Imatrix:
+    try:
+        r = GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise ValueError(f"{path}: not a readable GGUF imatrix ({e})") from None
+    if not r.tensors:
+        raise ValueError(f"{path}: importance matrix has no data")
+    if any(k not in r.fields for k in _META_KEYS):
+        raise ValueError(f"{path}: missing imatrix metadata ({', '.join(_META_KEYS)}); not an llama-imatrix GGUF")
+    sums, counts = {}, {}
+    for t in r.tensors:
+        for suffix, d in ((".in_sum2", sums), (".counts", counts), (".in_sum", None)):
+            if t.name.endswith(suffix):
+                if d is not None:
+                    if t.tensor_type != GGMLQuantizationType.F32:
+                        raise ValueError(f"{path}: {t.name} must be F32")
+                    d[t.name[:-len(suffix)]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+                break
+    out = {}
+    for name in sorted(set(sums) | set(counts)):
+        if name not in sums or name not in counts:
+            raise ValueError(f"{path}: mismatched sums and counts for {name}")
+        s, c = sums[name], counts[name]
+        if c.size == 0 or s.size == 0:
+            continue
+        s = s.reshape(c.size, -1)
+        # count 0: the tensor never saw input during calibration -> neutral weights of 1
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = np.where(c[:, None] > 0, s / c[:, None], np.float32(1))
+        out[name] = v.astype(np.float32).reshape(-1)
+    datasets = [str(bytes(r.fields[Keys.IMatrix.DATASETS].parts[i]), "utf-8")
+                for i in r.fields[Keys.IMatrix.DATASETS].data]
+    return Imatrix(out, datasets, int(r.fields[Keys.IMatrix.CHUNK_COUNT].parts[-1][0]))
+
+
+def _read_legacy(path: Path) -> Imatrix:
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        size = struct.calcsize(fmt)
+        if pos + size > len(data):
+            raise ValueError(f"{path}: truncated legacy importance matrix")
+        vals = struct.unpack_from(fmt, data, pos)
+        pos += size
+        return vals
+
+    (n_entries,) = take("<i")
+    if n_entries < 1:
+        raise ValueError(f"{path}: no data in importance matrix (neither GGUF nor legacy .dat?)")
+    out = {}
+    for _ in range(n_entries):
+        (n_len,) = take("<i")
+        if n_len < 0:
+            raise ValueError(f"{path}: corrupt legacy importance matrix")
+        name = take(f"<{n_len}s")[0].split(b"\0")[0].decode("utf-8", "replace")
+        ncall, nval = take("<ii")
+        if nval < 1:
+            raise ValueError(f"{path}: bad value count for importance matrix entry {name}")
+        v = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
+        take(f"<{4 * nval}x")
+        out[name] = v / np.float32(ncall) if ncall > 0 else v
+    # optional trailer: int32 chunk count, int32 length + dataset name
+    im = Imatrix(out)
+    if pos + 4 <= len(data):
+        (im.chunk_count,) = take("<i")
+        if pos + 4 <= len(data):
+            (n_len,) = take("<i")
+            if 0 < n_len <= len(data) - pos:
+                im.datasets.append(take(f"<{n_len}s")[0].split(b"\0")[0].decode("utf-8", "replace"))
+    return im

@@ -1,0 +1,351 @@
+"""A thin ctypes layer over llama.cpp (the `llama_cpp` low-level bindings of llama-cpp-python).
+
+Only what the MiniCPM-V runtime needs: load a language model, make a context, tokenize with special
+tokens parsed, turn tokens back into UTF-8 text incrementally, decode token batches and 64-row
+embedding batches at explicit positions, read the last position's logits, sample with a chain, and
+cut the KV cache back to a prefix.
+
+Everything per-token is preallocated (one token batch, one embedding batch, one sampler chain per
+generation), so the Python cost of a decode step is a handful of ctypes stores and two C calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import llama_cpp as ll
+
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+
+
+class LlamaError(RuntimeError):
+    """A llama.cpp call failed; the message is one line."""
+
+
+class ContextOverflowError(LlamaError):
+    """The prompt (plus the tokens to generate) does not fit in the context window."""
+
+
+# --------------------------------------------------------------------------- logging and backend
+
+_log_state = {"verbose": False, "init": False}
+
+
+@ll.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if _log_state["verbose"] and text:
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+        sys.stderr.flush()
+
+
+def init_backend(verbose: bool = False) -> None:
+    """Route llama.cpp's log through us (silent unless verbose) and initialise the backend once.
+
+    llama-cpp-python installs a callback at import that prints everything; this replaces it.
+    """
+    _log_state["verbose"] = verbose
+    ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
+    if not _log_state["init"]:
+        ll.llama_backend_init()
+        _log_state["init"] = True
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+def default_gpu_layers() -> int:
+    """All layers on the GPU on macOS (Metal is always built there), CPU elsewhere."""
+    return -1 if sys.platform == "darwin" else 0
+
+
+# --------------------------------------------------------------------------- model and vocabulary
+
+class LlamaModel:
+    """A loaded GGUF language model and its vocabulary."""
+
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int | None = None,
+                 vocab_only: bool = False, verbose: bool = False):
+        init_backend(verbose)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LlamaError(f"{self.path}: no such model file")
+        mp = ll.llama_model_default_params()
+        mp.n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
+        mp.vocab_only = vocab_only
+        self.model = ll.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not self.model:
+            raise LlamaError(f"{self.path}: llama.cpp cannot load this file as a language model "
+                             "(run with --verbose for llama.cpp's log)")
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        # n_embd_inp is the width of input embedding rows; 0 for vocab-only loads (pitfalls.md)
+        self.n_embd = ll.llama_model_n_embd_inp(self.model) or ll.llama_model_n_embd(self.model)
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    def close(self) -> None:
+        if getattr(self, "model", None):
+            ll.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        self.close()
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = ll.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return None if n < 0 else buf.value.decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, parse_special: bool = True, add_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        arr = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self.vocab, data, len(data), arr, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            arr = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), arr, cap, add_special, parse_special)
+        if n < 0:
+            raise LlamaError(f"llama_tokenize failed ({n})")
+        return arr[:n]
+
+    def token_id(self, text: str) -> int | None:
+        """Id of `text` if it is exactly one token (special tokens parsed), else None."""
+        ids = self.tokenize(text)
+        return ids[0] if len(ids) == 1 else None
+
+    def piece(self, token: int) -> bytes:
+        """Raw bytes of one token (special tokens rendered as their text, like the reference's
+        decode without skip_special_tokens). Cached: the decode loop calls this per token."""
+        p = self._pieces.get(token)
+        if p is None:
+            buf = self._piece_buf
+            n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+            p = buf.raw[:n]
+            self._pieces[token] = p
+        return p
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(ll.llama_vocab_is_eog(self.vocab, token))
+
+
+# --------------------------------------------------------------------------- batches
+
+class _Batch:
+    """A preallocated llama_batch for one sequence (tokens, or embedding rows of width n_embd)."""
+
+    def __init__(self, capacity: int, n_embd: int = 0):
+        self.capacity = capacity
+        self.n_embd = n_embd
+        self.batch = ll.llama_batch_init(capacity, n_embd, 1)
+        b = self.batch
+        for i in range(capacity):
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+        self.pos = np.ctypeslib.as_array(b.pos, shape=(capacity,))
+        self.logits = np.ctypeslib.as_array(ctypes.cast(b.logits, ctypes.POINTER(ctypes.c_int8)),
+                                            shape=(capacity,))
+        if n_embd:
+            self.embd = np.ctypeslib.as_array(b.embd, shape=(capacity, n_embd))
+            self.token = None
+        else:
+            self.token = np.ctypeslib.as_array(b.token, shape=(capacity,))
+            self.embd = None
+        # raw pointers for the one-token fast path (attribute access on the struct allocates)
+        self._tok_p, self._pos_p, self._log_p = b.token, b.pos, b.logits
+
+    def set_one(self, token: int, pos: int) -> None:
+        self._tok_p[0] = token
+        self._pos_p[0] = pos
+        self._log_p[0] = 1
+        self.batch.n_tokens = 1
+
+    def fill(self, n: int, pos0: int, logits_last: bool) -> None:
+        self.pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
+        self.logits[:n] = 0
+        if logits_last:
+            self.logits[n - 1] = 1
+        self.batch.n_tokens = n
+
+    def free(self) -> None:
+        if self.batch is not None:
+            ll.llama_batch_free(self.batch)
+            self.batch = None
+
+
+# --------------------------------------------------------------------------- context
+
+@dataclass
+class ContextParams:
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_threads: int | None = None
+    embd_rows: int = 64          # rows per embedding batch (one MiniCPM-V image slot)
+
+
+class LlamaContext:
+    """One inference context with one sequence (id 0); positions are managed by the caller."""
+
+    def __init__(self, model: LlamaModel, params: ContextParams | None = None):
+        self.model = model
+        p = params or ContextParams()
+        threads = p.n_threads or default_threads()
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = p.n_ctx
+        cp.n_batch = min(p.n_batch, p.n_ctx)
+        cp.n_ubatch = cp.n_batch
+        cp.n_seq_max = 1
+        cp.n_threads = threads
+        cp.n_threads_batch = threads
+        cp.no_perf = True
+        self.ctx = ll.llama_init_from_model(model.model, cp)
+        if not self.ctx:
+            raise LlamaError(f"cannot create a llama.cpp context with n_ctx={p.n_ctx} "
+                             "(out of memory?)")
+        self.n_ctx = ll.llama_n_ctx(self.ctx)
+        self.n_batch = cp.n_batch
+        self.n_threads = threads
+        self.mem = ll.llama_get_memory(self.ctx)
+        self._tok = _Batch(self.n_batch)
+        self._emb = _Batch(p.embd_rows, model.n_embd)
+        self._logits_p = None
+        self.n_vocab = model.n_vocab
+
+    def close(self) -> None:
+        for b in ("_tok", "_emb"):
+            if getattr(self, b, None) is not None:
+                getattr(self, b).free()
+        if getattr(self, "ctx", None):
+            ll.llama_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self):
+        self.close()
+
+    def _decode(self, batch: _Batch) -> None:
+        rc = ll.llama_decode(self.ctx, batch.batch)
+        if rc:
+            self._raise(rc)
+
+    def _raise(self, rc: int) -> None:
+        if rc == 1:
+            raise ContextOverflowError(f"llama_decode: no room in the KV cache (n_ctx={self.n_ctx})")
+        raise LlamaError(f"llama_decode failed with code {rc}")
+
+    def decode_tokens(self, tokens, pos0: int, *, logits_last: bool = True) -> None:
+        """Decode `tokens` at positions pos0.. in n_batch chunks; logits only for the last one."""
+        n_all = len(tokens)
+        b = self._tok
+        toks = np.asarray(tokens, dtype=np.int32)
+        for s in range(0, n_all, self.n_batch):
+            n = min(self.n_batch, n_all - s)
+            b.token[:n] = toks[s:s + n]
+            b.fill(n, pos0 + s, logits_last and s + n == n_all)
+            self._decode(b)
+
+    def decode_one(self, token: int, pos: int) -> None:
+        """Decode a single token with logits (the generation fast path)."""
+        b = self._tok
+        b.set_one(token, pos)
+        rc = ll.llama_decode(self.ctx, b.batch)
+        if rc:
+            self._raise(rc)
+
+    def decode_embd(self, rows: np.ndarray, pos0: int, *, logits_last: bool = False) -> None:
+        """Decode embedding rows [n, n_embd] at positions pos0.. (at most embd_rows per batch)."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.model.n_embd:
+            raise LlamaError(f"embedding rows of shape {tuple(rows.shape)} do not match the language "
+                             f"model's embedding width {self.model.n_embd}")
+        b = self._emb
+        n_all = rows.shape[0]
+        for s in range(0, n_all, b.capacity):
+            n = min(b.capacity, n_all - s)
+            b.embd[:n] = rows[s:s + n]
+            b.fill(n, pos0 + s, logits_last and s + n == n_all)
+            self._decode(b)
+
+    def logits(self) -> np.ndarray:
+        """Logits of the last decoded position that requested them (a view: copy to keep)."""
+        ptr = ll.llama_get_logits_ith(self.ctx, -1)
+        if not ptr:
+            raise LlamaError("no logits available (nothing decoded with logits)")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def truncate(self, pos: int) -> bool:
+        """Drop the KV cache from position `pos` on; False if llama.cpp cannot (then it is cleared)."""
+        ok = bool(ll.llama_memory_seq_rm(self.mem, 0, pos, -1))
+        if not ok:
+            ll.llama_memory_clear(self.mem, True)
+        return ok
+
+    def clear(self) -> None:
+        ll.llama_memory_clear(self.mem, True)
+
+
+# --------------------------------------------------------------------------- sampling
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 100
+    repetition_penalty: float = 1.03
+    penalty_last_n: int = 2048   # HF penalises every generated token: use max_new_tokens
+    seed: int | None = None
+    greedy: bool = False
+
+
+class Sampler:
+    """A llama.cpp sampler chain in the reference's (transformers') order:
+    repetition penalty -> top-k -> temperature -> top-p -> random pick.
+
+    transformers applies temperature before top-k and top-p; top-k does not depend on the
+    temperature, top-p does, so the temperature goes between them. `greedy` keeps the penalty and
+    takes the argmax. Penalties only see the tokens accepted by this chain (the generated ones),
+    as transformers does when generating from input embeddings.
+    """
+
+    def __init__(self, n_vocab: int, params: SamplingParams):
+        self.chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        add = lambda s: ll.llama_sampler_chain_add(self.chain, s)  # noqa: E731 (chain owns s)
+        p = params
+        if p.repetition_penalty != 1.0:
+            add(ll.llama_sampler_init_penalties(n_vocab, p.penalty_last_n, p.repetition_penalty, 0.0, 0.0))
+        if p.greedy or p.temperature <= 0:
+            add(ll.llama_sampler_init_greedy())
+        else:
+            if p.top_k and p.top_k > 0:
+                add(ll.llama_sampler_init_top_k(p.top_k))
+            add(ll.llama_sampler_init_temp(p.temperature))
+            if p.top_p < 1.0:
+                add(ll.llama_sampler_init_top_p(p.top_p, 1))
+            add(ll.llama_sampler_init_dist(LLAMA_DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF))
+
+    def sample(self, ctx: LlamaContext) -> int:
+        """Sample from the last logits and accept the token (updates the penalty history)."""
+        return ll.llama_sampler_sample(self.chain, ctx.ctx, -1)
+
+    def close(self) -> None:
+        if getattr(self, "chain", None):
+            ll.llama_sampler_free(self.chain)
+            self.chain = None
+
+    def __del__(self):
+        self.close()

@@ -1,0 +1,221 @@
+"""Read a MiniCPM-V 4.5 mmproj GGUF (llama.cpp clip, projector `resampler`) into float32 torch tensors.
+
+Every tensor is dequantized once here (f32/f16/bf16 directly, other ggml types through gguf-py),
+so the compute code never sees a ggml type. Two layouts exist for the vision MLP:
+- ours: fc1 (hidden -> ffn) is `ffn_up`, fc2 (ffn -> hidden) is `ffn_down`;
+- llama.cpp's legacy MiniCPM-V script (`mmproj-model-f16.gguf` from OpenBMB) writes them swapped.
+As clip.cpp does, the layout is told from the shapes: if `ffn_down.weight` maps hidden -> ffn
+(numpy shape [ffn, hidden], ggml ne[0] == hidden) the file is the legacy swap. Hyper-parameters
+come from the clip.* keys, with fallbacks from tensor shapes for keys an older file may lack.
+Tensors keep numpy (= torch) shape order, i.e. reversed ggml `ne`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from minicpmv.convert.names import (
+    MINICPMV_VERSION, PROJECTOR_TYPE, R_ATTN_K, R_ATTN_OUT, R_ATTN_Q, R_ATTN_V, R_KV, R_LN_KV,
+    R_LN_POST, R_LN_Q, R_POS_EMBED_K, R_PROJ, R_QUERY, V_PATCH_EMBD, V_POS_EMBD, V_POST_LN,
+    ClipKeys, v_blk,
+)
+
+RESAMPLER_HEAD_DIM = 128  # reference: num_heads = embed_dim // 128 (clip.cpp hard-codes 128 too)
+
+
+class MmprojError(ValueError):
+    """Bad mmproj input; the message is one line naming the file and key/tensor at fault."""
+
+
+@dataclass(frozen=True)
+class VisionHParams:
+    n_embd: int            # vision width (1152)
+    n_ff: int              # vision MLP width (4304)
+    n_head: int            # vision heads (16)
+    n_layer: int           # vision blocks (27)
+    patch_size: int        # 14
+    image_size: int        # slice size the model was trained for (448)
+    eps: float             # LayerNorm epsilon for tower and resampler (1e-6)
+    pos_buckets: int       # NaViT position buckets per side (980 / 14 = 70)
+    query_num: int         # resampler queries (64)
+    embed_dim: int         # resampler / LM width (4096)
+    n_head_resampler: int  # embed_dim // 128
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+
+@dataclass
+class Mmproj:
+    path: Path
+    hparams: VisionHParams
+    tensors: dict[str, torch.Tensor]   # our naming (fc1 = ffn_up), float32, numpy shape order
+    legacy_ffn: bool                   # the file stored fc1/fc2 under swapped names
+    source_types: dict[str, str]       # tensor name (as in the file) -> ggml type name
+
+
+def _dequantize(t: gguf.ReaderTensor) -> torch.Tensor:
+    """float32 torch tensor in numpy shape order (owned memory, not the file's memory map)."""
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    qt = t.tensor_type
+    if qt == gguf.GGMLQuantizationType.F32:
+        return torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape))
+    if qt == gguf.GGMLQuantizationType.F16:
+        return torch.from_numpy(np.asarray(t.data).reshape(shape)).float()
+    if qt == gguf.GGMLQuantizationType.BF16:
+        bits = np.asarray(t.data).view(np.int16).reshape(shape)
+        return torch.from_numpy(bits).view(torch.bfloat16).float()
+    try:
+        arr = gguf.quants.dequantize(np.asarray(t.data), qt)
+    except NotImplementedError:
+        raise MmprojError(f"tensor {t.name}: ggml type {qt.name} cannot be dequantized") from None
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
+
+
+def _field(reader: gguf.GGUFReader, key: str):
+    f = reader.get_field(key)
+    if f is None:
+        return None
+    return f.contents()
+
+
+def _need(shapes: dict[str, tuple[int, ...]], path: Path, name: str) -> tuple[int, ...]:
+    if name not in shapes:
+        raise MmprojError(f"{path}: tensor {name} is missing (not a MiniCPM-V 4.5 mmproj?)")
+    return shapes[name]
+
+
+def read_hparams(reader: gguf.GGUFReader, shapes: dict[str, tuple[int, ...]], path: Path) -> VisionHParams:
+    ptype = _field(reader, ClipKeys.PROJECTOR_TYPE)
+    if ptype is not None and ptype != PROJECTOR_TYPE:
+        raise MmprojError(f"{path}: {ClipKeys.PROJECTOR_TYPE} is {ptype!r}, expected {PROJECTOR_TYPE!r} (MiniCPM-V)")
+    version = _field(reader, ClipKeys.MINICPMV_VERSION)
+    if version is not None and int(version) != MINICPMV_VERSION:
+        raise MmprojError(f"{path}: {ClipKeys.MINICPMV_VERSION} is {version}, only {MINICPMV_VERSION} "
+                          "(MiniCPM-V 4.5) is supported")
+
+    patch = _need(shapes, path, V_PATCH_EMBD + ".weight")        # [n_embd, 3, p, p]
+    pos = _need(shapes, path, V_POS_EMBD + ".weight")            # [buckets^2, n_embd]
+    proj = _need(shapes, path, R_PROJ + ".weight")               # [embed_dim, embed_dim]
+    query = _need(shapes, path, R_QUERY)                         # [query_num, embed_dim]
+    up = _need(shapes, path, v_blk("ffn_up", 0) + ".weight")
+
+    def get(key: str, default):
+        v = _field(reader, key)
+        return default if v is None else v
+
+    n_embd = int(get(ClipKeys.EMBEDDING_LENGTH, patch[0]))
+    n_layer = int(get(ClipKeys.BLOCK_COUNT, sum(1 for n in shapes if n.endswith(".attn_q.weight") and n.startswith("v.blk."))))
+    n_head = _field(reader, ClipKeys.HEAD_COUNT)
+    if n_head is None:
+        if n_embd % 72:
+            raise MmprojError(f"{path}: {ClipKeys.HEAD_COUNT} is missing and cannot be inferred")
+        n_head = n_embd // 72  # SigLIP head_dim
+    buckets = _field(reader, ClipKeys.POS_BUCKETS)
+    if buckets is None:
+        buckets = math.isqrt(pos[0])
+        if buckets * buckets != pos[0]:
+            raise MmprojError(f"{path}: {V_POS_EMBD}.weight has {pos[0]} rows, not a square grid")
+    embed_dim = proj[0]
+    if embed_dim % RESAMPLER_HEAD_DIM:
+        raise MmprojError(f"{path}: {R_PROJ}.weight width {embed_dim} is not a multiple of {RESAMPLER_HEAD_DIM}")
+    mean = tuple(float(x) for x in get(ClipKeys.IMAGE_MEAN, [0.5, 0.5, 0.5]))
+    std = tuple(float(x) for x in get(ClipKeys.IMAGE_STD, [0.5, 0.5, 0.5]))
+    hp = VisionHParams(
+        n_embd=n_embd,
+        n_ff=int(get(ClipKeys.FEED_FORWARD_LENGTH, max(up))),
+        n_head=int(n_head),
+        n_layer=n_layer,
+        patch_size=int(get(ClipKeys.PATCH_SIZE, patch[-1])),
+        image_size=int(get(ClipKeys.IMAGE_SIZE, 448)),
+        eps=float(get(ClipKeys.LAYERNORM_EPS, 1e-6)),
+        pos_buckets=int(buckets),
+        query_num=int(get(ClipKeys.MINICPMV_QUERY_NUM, 0) or query[0]),
+        embed_dim=embed_dim,
+        n_head_resampler=embed_dim // RESAMPLER_HEAD_DIM,
+        image_mean=mean[:3],
+        image_std=std[:3],
+    )
+    if hp.n_embd != patch[0] or hp.n_embd % hp.n_head:
+        raise MmprojError(f"{path}: {ClipKeys.EMBEDDING_LENGTH}={hp.n_embd} does not fit "
+                          f"{V_PATCH_EMBD}.weight {patch} / {hp.n_head} heads")
+    if hp.query_num != query[0]:
+        raise MmprojError(f"{path}: {ClipKeys.MINICPMV_QUERY_NUM}={hp.query_num} but {R_QUERY} has {query[0]} rows")
+    return hp
+
+
+def is_legacy_ffn(shapes: dict[str, tuple[int, ...]], n_embd: int, has_general_type: bool) -> bool:
+    """True when fc1 is stored as ffn_down (llama.cpp's legacy MiniCPM-V converter)."""
+    down = shapes.get(v_blk("ffn_down", 0) + ".weight")
+    if down is None:
+        return False
+    # numpy shape [out, in]: fc1 is [ffn, hidden] (ggml ne[0] == hidden).
+    if down[1] == n_embd and down[0] != n_embd:
+        return True
+    if down[0] == n_embd and down[1] != n_embd:
+        return False
+    return not has_general_type  # square MLP: only our files carry general.type
+
+
+def _expected_names(n_layer: int) -> list[str]:
+    names = [V_PATCH_EMBD + ".weight", V_PATCH_EMBD + ".bias", V_POS_EMBD + ".weight",
+             V_POST_LN + ".weight", V_POST_LN + ".bias", R_QUERY, R_KV + ".weight", R_PROJ + ".weight"]
+    for base in (R_LN_Q, R_LN_KV, R_LN_POST, R_ATTN_Q, R_ATTN_K, R_ATTN_V, R_ATTN_OUT):
+        names += [base + ".weight", base + ".bias"]
+    for i in range(n_layer):
+        for kind in ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down"):
+            names += [v_blk(kind, i) + ".weight", v_blk(kind, i) + ".bias"]
+    return names
+
+
+def load_mmproj(path: str | Path) -> Mmproj:
+    """Read and dequantize every tensor the vision path uses."""
+    path = Path(path)
+    if not path.is_file():
+        raise MmprojError(f"{path}: mmproj file not found")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises assorted errors on non-GGUF input
+        raise MmprojError(f"{path}: not a GGUF file ({e})") from None
+    by_name = {t.name: t for t in reader.tensors}
+    shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in by_name.items()}
+    hp = read_hparams(reader, shapes, path)
+    legacy = is_legacy_ffn(shapes, hp.n_embd, reader.get_field(gguf.Keys.General.TYPE) is not None)
+
+    def file_name(name: str) -> str:
+        if legacy and ".ffn_" in name:
+            return name.replace(".ffn_up", ".ffn_tmp").replace(".ffn_down", ".ffn_up").replace(".ffn_tmp", ".ffn_down")
+        return name
+
+    tensors: dict[str, torch.Tensor] = {}
+    types: dict[str, str] = {}
+    for name in _expected_names(hp.n_layer):
+        src = file_name(name)
+        if src not in by_name:
+            raise MmprojError(f"{path}: tensor {src} is missing")
+        tensors[name] = _dequantize(by_name[src])
+        types[src] = by_name[src].tensor_type.name
+    _check_shapes(tensors, hp, path)
+    del reader, by_name  # drop the memory map
+    return Mmproj(path=path, hparams=hp, tensors=tensors, legacy_ffn=legacy, source_types=types)
+
+
+def _check_shapes(t: dict[str, torch.Tensor], hp: VisionHParams, path: Path) -> None:
+    d, f, e, p = hp.n_embd, hp.n_ff, hp.embed_dim, hp.patch_size
+    want = {
+        V_PATCH_EMBD + ".weight": (d, 3, p, p), V_POS_EMBD + ".weight": (hp.pos_buckets ** 2, d),
+        R_QUERY: (hp.query_num, e), R_KV + ".weight": (e, d), R_PROJ + ".weight": (e, e),
+        v_blk("ffn_up", 0) + ".weight": (f, d), v_blk("ffn_down", 0) + ".weight": (d, f),
+        v_blk("attn_q", 0) + ".weight": (d, d), R_ATTN_Q + ".weight": (e, e),
+    }
+    for name, shape in want.items():
+        if tuple(t[name].shape) != shape:
+            raise MmprojError(f"{path}: tensor {name} has shape {tuple(t[name].shape)}, expected {shape}")
+
+
+__all__ = ["Mmproj", "MmprojError", "VisionHParams", "load_mmproj", "R_POS_EMBED_K"]
