@@ -13,8 +13,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def convert(
-    ckpt_dir: Path = typer.Argument(..., help="Checkpoint folder: config.json, model-*.safetensors (+ index), tokenizer files."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output folder for the GGUF files (created if missing)."),
+    ckpt_dir: Optional[Path] = typer.Argument(None, help="Checkpoint folder: config.json, model-*.safetensors (+ index), tokenizer files."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder for the GGUF files (created if missing)."),
     quant_type: str = typer.Option("Q4_K_M", "--quant", "--outtype", "-q",
                                    help="Language-model type: F32, F16, BF16, Q8_0, Q4_0, Q4_K_S, Q4_K_M, Q5_K_M, Q6_K."),
     mmproj_type: str = typer.Option("f16", "--mmproj-type", help="Vision projector type: f16, f32, bf16, q8_0."),
@@ -25,6 +25,10 @@ def convert(
     no_mmproj: bool = typer.Option(False, "--no-mmproj", help="Write only the language model."),
     no_lm: bool = typer.Option(False, "--no-lm", help="Write only the mmproj."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    modelfile_only: Optional[Path] = typer.Option(
+        None, "--modelfile-only", metavar="DIR",
+        help="Convert nothing: write DIR/Modelfile for the language-model and mmproj GGUFs already in DIR "
+             "(told apart by their metadata, e.g. OpenBMB's ggml-model-Q4_K_M.gguf + mmproj-model-f16.gguf)."),
 ) -> None:
     """Convert a MiniCPM-V 4.5 checkpoint to a language-model GGUF and a vision mmproj GGUF.
 
@@ -34,6 +38,17 @@ def convert(
     """
     from minicpmv.convert.pipeline import convert as run
 
+    if modelfile_only is not None:
+        from minicpmv.convert.modelfile import modelfile_for_existing
+        try:
+            typer.echo(str(modelfile_for_existing(modelfile_only, force=force)))
+        except (ValueError, OSError) as e:
+            typer.echo(f"minicpm-convert: error: {e}", err=True)
+            raise typer.Exit(2)
+        return
+    if ckpt_dir is None or out is None:
+        typer.echo("minicpm-convert: error: need CKPT_DIR and -o OUT (or --modelfile-only DIR)", err=True)
+        raise typer.Exit(2)
     try:
         res = run(ckpt_dir, out, quant_type=quant_type, mmproj_type=mmproj_type, imatrix=imatrix,
                   ollama=ollama, force=force, threads=threads, progress=not quiet,

@@ -101,11 +101,12 @@ def mmproj_plans(ckpt: Checkpoint, cfg: MiniCPMVConfig, mmproj_type: str) -> lis
     D = cfg.text.hidden_size
     plans: list[TensorPlan] = []
 
-    def add(name: str, shape: tuple[int, ...], load, source: str) -> None:
-        plans.append(TensorPlan(name, tuple(shape), load, tensor_type(name, tuple(shape), mmproj_type), source=source))
+    def add(name: str, shape: tuple[int, ...], load, source: str, load_rows=None) -> None:
+        plans.append(TensorPlan(name, tuple(shape), load, tensor_type(name, tuple(shape), mmproj_type),
+                                source=source, load_rows=load_rows))
 
     def copy(name: str, hf: str) -> None:
-        add(name, ckpt.shape(hf), lambda: ckpt.f32(hf), hf)
+        add(name, ckpt.shape(hf), lambda: ckpt.f32(hf), hf, lambda a, b: ckpt.f32_rows(hf, a, b))
 
     copy(names.V_PATCH_EMBD + ".weight", "vpm.embeddings.patch_embedding.weight")  # 4-D, kept
     copy(names.V_PATCH_EMBD + ".bias", "vpm.embeddings.patch_embedding.bias")
@@ -123,7 +124,8 @@ def mmproj_plans(ckpt: Checkpoint, cfg: MiniCPMVConfig, mmproj_type: str) -> lis
     for j, dst in enumerate((names.R_ATTN_Q, names.R_ATTN_K, names.R_ATTN_V)):
         rows = slice(j * D, (j + 1) * D)
         add(dst + ".weight", (D, D), lambda r=rows: ckpt.f32("resampler.attn.in_proj_weight")[r].copy(),
-            "resampler.attn.in_proj_weight")
+            "resampler.attn.in_proj_weight",
+            lambda a, b, o=j * D: ckpt.f32_rows("resampler.attn.in_proj_weight", o + a, o + b))
         add(dst + ".bias", (D,), lambda r=rows: ckpt.f32("resampler.attn.in_proj_bias")[r].copy(),
             "resampler.attn.in_proj_bias")
     copy(names.R_ATTN_OUT + ".weight", "resampler.attn.out_proj.weight")

@@ -53,6 +53,9 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
     mm_spec = mmproj.parse_mmproj_type(mmproj_type)
     mm_path = out_dir / f"mmproj-{MODEL_NAME}-{mm_spec.upper()}.gguf"
     jobs: list[tuple[Path, str, object, list[TensorPlan], object]] = []
+    if ollama:
+        from .modelfile import MODELFILE_NAME
+        check_output(out_dir / MODELFILE_NAME, force)  # refuse before spending minutes converting
 
     if write_lm:
         check_output(lm_path, force)

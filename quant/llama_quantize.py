@@ -8,6 +8,7 @@ tool's load_imatrix), every entry is handed over, and the tool's `quantize.imatr
 from __future__ import annotations
 
 import ctypes
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,11 @@ from .policy import parse_type
 
 def quantize_model_with_llama_cpp(src_gguf: Path, dst_gguf: Path, type_name: str,
                                   imatrix: Path | dict[str, np.ndarray] | None = None,
-                                  nthread: int = 0) -> Path:
-    """Quantize `src_gguf` to `dst_gguf` with llama.cpp (nthread <= 0: all hardware threads)."""
+                                  nthread: int = 0, verbose: bool = False) -> Path:
+    """Quantize `src_gguf` to `dst_gguf` with llama.cpp (nthread <= 0: all hardware threads).
+    llama.cpp's per-tensor log goes to stderr only with `verbose`."""
     import llama_cpp as L
+    from llama_cpp._logger import logger
 
     spec = parse_type(type_name)
     params = L.llama_model_quantize_default_params()
@@ -58,7 +61,13 @@ def quantize_model_with_llama_cpp(src_gguf: Path, dst_gguf: Path, type_name: str
             keep.append(kvs)
 
     dst_gguf = Path(dst_gguf)
-    rc = L.llama_model_quantize(str(src_gguf).encode(), str(dst_gguf).encode(), ctypes.byref(params))
+    level = logger.level
+    if not verbose:
+        logger.setLevel(logging.ERROR)
+    try:
+        rc = L.llama_model_quantize(str(src_gguf).encode(), str(dst_gguf).encode(), ctypes.byref(params))
+    finally:
+        logger.setLevel(level)
     if rc != 0:
         dst_gguf.unlink(missing_ok=True)
         raise RuntimeError(f"llama_model_quantize failed on {src_gguf} -> {type_name} (code {rc})")

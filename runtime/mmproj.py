@@ -13,6 +13,7 @@ Tensors keep numpy (= torch) shape order, i.e. reversed ggml `ne`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,12 @@ class Mmproj:
 
 def _dequantize(t: gguf.ReaderTensor) -> torch.Tensor:
     """float32 torch tensor in numpy shape order (owned memory, not the file's memory map)."""
+    with warnings.catch_warnings():  # torch warns about the read-only map; every path copies
+        warnings.simplefilter("ignore", UserWarning)
+        return _dequantize_copy(t)
+
+
+def _dequantize_copy(t: gguf.ReaderTensor) -> torch.Tensor:
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     qt = t.tensor_type
     if qt == gguf.GGMLQuantizationType.F32:

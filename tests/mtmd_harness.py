@@ -206,3 +206,37 @@ def mtmd_plan(w: int, h: int, size: int = 448, patch: int = 14, max_slices: int 
     cw, ch = _ensure_divide(w, gx) // gx, _ensure_divide(h, gy) // gy
     bw, bh = _best_resize(cw, ch, size, patch, True)
     return SlicePlan(overview, (gx, gy), (bw * gx, bh * gy), (bw, bh))
+
+
+def mtmd_preprocess(image: np.ndarray) -> list[np.ndarray]:
+    """The uint8 images mtmd feeds its encoder for `image` [H, W, 3], in chunk order (overview,
+    then slices row-major), redone with PIL: the overview is stretched (bicubic), the refined image
+    is resized keeping its aspect (ceil) and centred on a black canvas (PAD_CEIL), then cropped.
+    mtmd's resampler is a port of Pillow's, so the pixels agree with PIL's BICUBIC."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    plan = mtmd_plan(w, h)
+    src = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+
+    def resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+        return im if im.size == size else im.resize(size, Image.BICUBIC)
+
+    out = [np.asarray(resize(src, plan.overview))]
+    if plan.grid == (0, 0):
+        return out
+    tw, th = plan.refined
+    if (tw, th) == (w, h):
+        refined = src
+    else:  # float32 scale and ceil as mtmd's img_tool::resize
+        scale = min(np.float32(tw) / np.float32(w), np.float32(th) / np.float32(h))
+        nw = min(int(np.ceil(np.float32(w) * scale)), tw)
+        nh = min(int(np.ceil(np.float32(h) * scale)), th)
+        refined = Image.new("RGB", (tw, th), (0, 0, 0))
+        refined.paste(resize(src, (nw, nh)), ((tw - nw) // 2, (th - nh) // 2))
+    arr = np.asarray(refined)
+    sw, sh = plan.slice
+    for r in range(plan.grid[1]):
+        for c in range(plan.grid[0]):
+            out.append(arr[r * sh:(r + 1) * sh, c * sw:(c + 1) * sw])
+    return out

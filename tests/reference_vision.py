@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,9 +45,9 @@ def navit_bucket_coords(n: int, buckets: int = 70) -> torch.Tensor:
     return torch.bucketize(frac, boundaries, right=True)
 
 
-def navit_position_ids(h: int, w: int, buckets: int = 70) -> torch.Tensor:
+def navit_position_ids(h: int, w: int, buckets: int = 70, bucket_coords=navit_bucket_coords) -> torch.Tensor:
     """[h*w] position-table rows of an h x w patch grid, row-major."""
-    bh, bw = navit_bucket_coords(h, buckets), navit_bucket_coords(w, buckets)
+    bh, bw = bucket_coords(h, buckets), bucket_coords(w, buckets)
     return (bh[:, None] * buckets + bw[None, :]).flatten()
 
 
@@ -72,7 +73,11 @@ def temporal_embed(dim: int, t: int) -> np.ndarray:
 
 
 class ReferenceVision:
-    def __init__(self, ckpt_dir: Path | str, dtype: torch.dtype = torch.float32):
+    def __init__(self, ckpt_dir: Path | str, dtype: torch.dtype = torch.float32,
+                 bucket_coords: Callable[[int, int], torch.Tensor] = navit_bucket_coords):
+        """bucket_coords(n, buckets) -> [n] bucket per patch row/column; replace it to emulate a
+        different position rule (e.g. llama.cpp's floor(70*i/n))."""
+        self.bucket_coords = bucket_coords
         self.cfg = load_config(Path(ckpt_dir))
         self.dtype = dtype
         ck = Checkpoint(Path(ckpt_dir))
@@ -123,7 +128,7 @@ class ReferenceVision:
         x = x.flatten(2).transpose(1, 2)                                    # [B, Lmax, Hv]
         pos = torch.zeros(B, Lmax, dtype=torch.long)                        # padding keeps id 0
         for b, (h, w) in enumerate(sizes):
-            pos[b, :h * w] = navit_position_ids(h, w, self.buckets)
+            pos[b, :h * w] = navit_position_ids(h, w, self.buckets, self.bucket_coords)
         x = x + W["vpm.embeddings.position_embedding.weight"][pos]
 
         mask = None

@@ -348,8 +348,8 @@ def test_mtmd_and_reference_disagree_often_on_rounding():
     rng = random.Random(5)
     sizes = [(rng.randint(449, 3000), rng.randint(449, 3000)) for _ in range(2000)]
     differ = sum(mtmd_slice_plan(W, H)["overview"] != our_plan(W, H)["overview"] for W, H in sizes)
-    # roughly one side in 14 lands on a .5 tie; documented, not "fixed"
-    assert 0.02 < differ / len(sizes) < 0.3
+    # ~7%: a side lands on a .5 tie about once in 14; documented, not "fixed"
+    assert 0.03 < differ / len(sizes) < 0.15
 
 
 # --------------------------------------------------------------------------- compiled llama.cpp
@@ -603,3 +603,16 @@ def test_mode_conversions(tmp_path):
     p = save(tmp_path, "rgb.png", base)
     assert np.array_equal(np.asarray(load_image(p)), np.asarray(base))
     assert np.array_equal(np.asarray(load_image(base.convert("L"))), np.asarray(base.convert("L").convert("RGB")))
+
+
+def test_other_pil_modes_to_rgb():
+    a = np.array([[0, 257 * 100, 65535, 32896]], dtype=np.uint16)
+    big_endian = Image.frombytes("I;16B", (4, 1), a.astype(">u2").tobytes())
+    assert np.asarray(load_image(big_endian))[0, :, 1].tolist() == [0, 100, 255, 128]
+    as_int = Image.fromarray(a.astype(np.int32))                       # mode "I"
+    assert np.asarray(load_image(as_int))[0, :, 1].tolist() == [0, 100, 255, 128]
+    flt = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32))      # mode "F" in [0, 1]
+    assert np.asarray(load_image(flt))[0, :, 0].tolist() == [0, 128, 255]
+    for mode in ["1", "L", "YCbCr", "HSV", "CMYK", "RGBX", "RGBa", "La", "PA", "LA"]:
+        out = load_image(Image.new(mode, (3, 2)))
+        assert out.mode == "RGB" and out.size == (3, 2), mode

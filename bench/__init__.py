@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks against llama.cpp (`python -m bench.run`, `make bench`). Not installed."""

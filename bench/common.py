@@ -1,0 +1,163 @@
+"""Shared plumbing: cache paths, disk check, machine info, and one-subprocess-per-measurement.
+
+Every measured step runs in a fresh `python -m bench.worker` process so that its peak RSS is its
+own (`os.wait4` returns the child's ru_maxrss; RUSAGE_CHILDREN would be the max over all children).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GB = 1e9
+
+
+class BenchError(RuntimeError):
+    """A measured step failed; the message is one line (plus the worker's log tail)."""
+
+
+class Skip(Exception):
+    """A section cannot run (a dependency is missing); the message is the reason."""
+
+
+def cache_root() -> Path:
+    env = os.environ.get("MINICPMV_BENCH_CACHE")
+    return Path(env) if env else REPO / ".cache" / "bench"
+
+
+def free_bytes(path: Path) -> int:
+    p = Path(path)
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def dir_bytes(path: Path) -> int:
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def evict_page_cache(path: Path) -> None:
+    """Drop a file's (or folder's) clean pages from the page cache, so a timed read starts cold
+    (posix_fadvise needs no privileges, unlike /proc/sys/vm/drop_caches)."""
+    p = Path(path)
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------- machine
+
+def machine_info() -> dict:
+    info: dict = {"platform": platform.platform(), "python": platform.python_version()}
+    cpu, phys, flags = "unknown", set(), set()
+    try:
+        block: dict[str, str] = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
+            if not line.strip():
+                if block:
+                    phys.add((block.get("physical id", "0"), block.get("core id", block.get("processor"))))
+                block = {}
+                continue
+            k, _, v = line.partition(":")
+            block[k.strip()] = v.strip()
+            if k.strip() == "model name":
+                cpu = v.strip()
+            if k.strip() == "flags":
+                flags = set(v.split())
+    except OSError:
+        cpu = platform.processor() or "unknown"
+    info["cpu"] = cpu
+    info["logical_cpus"] = os.cpu_count()
+    try:
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        info["usable_cpus"] = os.cpu_count()
+    info["physical_cores"] = len(phys) or None
+    info["cpu_features"] = sorted(f for f in flags if f in {"avx2", "fma", "f16c", "avx512f", "avx512_bf16",
+                                                             "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8"})
+    try:
+        mem = {l.split(":")[0]: int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines()}
+        info["memory_gb"] = round(mem["MemTotal"] * 1024 / GB, 1)
+    except (OSError, KeyError, ValueError):
+        info["memory_gb"] = None
+    versions = {}
+    for mod in ("torch", "numpy", "llama_cpp", "gguf"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 (report what is importable)
+            versions[mod] = None
+    info["versions"] = versions
+    return info
+
+
+def loadavg() -> tuple[float, float, float]:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (0.0, 0.0, 0.0)
+
+
+# --------------------------------------------------------------------------- subprocess measurement
+
+@dataclass
+class Measured:
+    result: dict            # what the worker returned
+    wall_s: float           # wall time of the whole subprocess (incl. interpreter start)
+    peak_rss_gb: float      # the subprocess's own peak resident set (ru_maxrss)
+
+
+def run_worker(task: str, args: dict, *, log: Path, timeout: float | None = None) -> Measured:
+    """Run `python -m bench.worker task` in a fresh process; return its JSON result and peak RSS."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as tf:
+        out = Path(tf.name)
+    cmd = [sys.executable, "-m", "bench.worker", task, json.dumps(args), str(out)]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as lf:
+        lf.write(f"\n=== {time.strftime('%H:%M:%S')} {task} {json.dumps(args)}\n")
+        lf.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=lf, stderr=subprocess.STDOUT)
+        deadline = None if timeout is None else t0 + timeout
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                proc.kill()
+                _, status, ru = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    try:
+        if proc.returncode != 0:
+            tail = "".join(Path(log).read_text(errors="replace").splitlines(True)[-15:])
+            why = "timed out" if deadline is not None and wall >= timeout else f"exit code {proc.returncode}"
+            raise BenchError(f"{task} failed ({why}); log {log}:\n{tail}")
+        result = json.loads(out.read_text() or "{}")
+    finally:
+        out.unlink(missing_ok=True)
+    # ru_maxrss is in KiB on Linux, bytes on macOS
+    scale = 1 if sys.platform == "darwin" else 1024
+    return Measured(result, wall, ru.ru_maxrss * scale / GB)

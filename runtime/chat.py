@@ -1,0 +1,499 @@
+"""`MiniCPMV`: image (and video-frame) chat on llama.cpp kernels, with the reference's prompt.
+
+    model = MiniCPMV.load("MiniCPM-V-4.5-Q4_K_M.gguf", "mmproj-MiniCPM-V-4.5-F16.gguf")
+    answer = model.chat([{"role": "user", "content": [Image.open("cat.jpg"), "What is this?"]}])
+    print(answer, answer.thinking, answer.stats.decode_tps)
+
+One turn: render the whole conversation exactly as the reference `chat()` does (prompt.py), tokenize
+the text pieces with llama.cpp, keep the KV cache up to the longest common prefix with what is
+already decoded (token ids and image-slot identities), encode the images that are not cached yet
+(vision.py, torch on the CPU), prefill from the first differing position (text as token batches,
+each 64-row image slot as one embedding batch), then sample until <|im_end|>/<|endoftext|>.
+
+Return value: `Answer`, a `str` holding the answer with the thinking removed and stripped; its
+`.thinking` is the reasoning text (empty when thinking is off), `.raw` is what the reference's
+`chat()` returns ("<think>\\n" + generated text when thinking), `.stats` the turn's counters and
+timings. `stream=True` returns a `ChatStream`: an iterator of `Piece` strings (each with a
+`.thinking` flag); after it is exhausted `.result` holds the `Answer`. `model.last` is the last
+`Answer` either way.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from .image import load_image, slice_image
+from .llama import (ContextOverflowError, ContextParams, LlamaContext, LlamaError, LlamaModel, Sampler,
+                    SamplingParams, default_threads)
+from .prompt import Media, Prompt, Slot, build_prompt
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+THINK_END = "</think>"
+
+
+class ModelFileError(ValueError):
+    """Missing, unreadable or mismatched model files; the message is one line."""
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclass
+class ChatStats:
+    """Counters and timings of one chat() turn (the tests assert on the counters)."""
+    prompt_tokens: int = 0          # positions in the full prompt (text tokens + 64 per slot)
+    prefill_start: int = 0          # first position decoded this turn (= reused KV length)
+    tokens_prefilled: int = 0       # positions decoded during prefill (text + embedding rows)
+    slots_prefilled: int = 0        # image slots decoded this turn
+    images_encoded: int = 0         # media items run through the vision encoder this turn
+    slots_encoded: int = 0          # overview/slice outputs computed this turn
+    vision_ms: list[float] = field(default_factory=list)   # per encoded slot
+    prefill_ms: float = 0.0         # LM prefill (excludes vision)
+    decode_tokens: int = 0
+    decode_ms: float = 0.0
+    ttft_ms: float = 0.0            # start of chat() to the first sampled token
+    finish_reason: str = ""         # "stop", "length" (max_new_tokens) or "context" (n_ctx full)
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.tokens_prefilled / (self.prefill_ms / 1e3) if self.prefill_ms > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_tokens / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["prefill_tps"], d["decode_tps"] = self.prefill_tps, self.decode_tps
+        return d
+
+
+class Answer(str):
+    """The answer text (thinking removed, stripped) with `.thinking`, `.raw` and `.stats`."""
+    thinking: str
+    raw: str
+    stats: ChatStats
+    tokens: list[int]
+
+    def __new__(cls, answer: str, thinking: str, raw: str, stats: ChatStats, tokens: list[int]):
+        obj = super().__new__(cls, answer)
+        obj.thinking, obj.raw, obj.stats, obj.tokens = thinking, raw, stats, tokens
+        return obj
+
+
+class Piece(str):
+    """One streamed text piece; `.thinking` is True for reasoning text."""
+    thinking: bool
+
+    def __new__(cls, text: str, thinking: bool):
+        obj = super().__new__(cls, text)
+        obj.thinking = thinking
+        return obj
+
+
+class ChatStream:
+    """Iterator of `Piece`s; `.result` is the `Answer` once the iterator is exhausted."""
+
+    def __init__(self, gen: Iterator[Piece]):
+        self._gen = gen
+        self.result: Answer | None = None
+
+    def __iter__(self) -> "ChatStream":
+        return self
+
+    def __next__(self) -> Piece:
+        return next(self._gen)
+
+
+# --------------------------------------------------------------------------- files
+
+def gguf_architecture(path: Path) -> str | None:
+    """general.architecture of a GGUF file (None if absent); raises ModelFileError if unreadable."""
+    import gguf
+    try:
+        r = gguf.GGUFReader(str(path), "r")
+    except Exception as e:  # noqa: BLE001 - the reader raises assorted errors on non-GGUF input
+        raise ModelFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    f = r.get_field("general.architecture")
+    return None if f is None else bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
+
+
+def find_model_files(folder: Path) -> tuple[Path, Path]:
+    """(language model, mmproj) GGUF files in `folder`, told apart by general.architecture."""
+    if not folder.is_dir():
+        raise ModelFileError(f"{folder}: model folder not found")
+    ggufs = sorted(folder.glob("*.gguf"))
+    lms, mms = [], []
+    for p in ggufs:
+        (mms if gguf_architecture(p) == "clip" else lms).append(p)
+    if not lms:
+        raise ModelFileError(f"{folder}: no language-model .gguf file in this folder")
+    if not mms:
+        raise ModelFileError(f"{folder}: no mmproj .gguf file (general.architecture = clip) in this folder")
+    if len(lms) > 1 or len(mms) > 1:
+        names = ", ".join(p.name for p in lms + mms)
+        raise ModelFileError(f"{folder}: several candidate files ({names}); pass --model and --mmproj")
+    return lms[0], mms[0]
+
+
+def _image_key(img: Image.Image) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{img.mode}{img.size}".encode())
+    h.update(img.tobytes())
+    return h.digest()
+
+
+# --------------------------------------------------------------------------- the model
+
+_UNSET = object()
+
+
+class MiniCPMV:
+    """MiniCPM-V 4.5: llama.cpp language model + torch vision encoder, one conversation's KV cache."""
+
+    def __init__(self, lm: LlamaModel, ctx: LlamaContext, vision, *, cache_bytes: int = 1 << 30):
+        self.lm, self.ctx, self.vision = lm, ctx, vision
+        self.query_num = getattr(vision, "query_num", 64) if vision is not None else 64
+        self.cache_bytes = cache_bytes
+        self._emb_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._kv: list = []                     # what each KV position holds (token id or slot row)
+        stops = {t for t in (lm.token_id(s) for s in STOP_TOKENS) if t is not None}
+        self.stop_ids = frozenset(stops)
+        self.think_end_id = lm.token_id(THINK_END)
+        self.last: Answer | None = None
+        self.stats = ChatStats()
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None, *,
+             n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int | None = None,
+             vision_dtype: str = "auto", n_batch: int = 512, verbose: bool = False) -> "MiniCPMV":
+        """Load the language model GGUF and the mmproj GGUF, or a folder holding both.
+
+        `n_gpu_layers` None = all layers on Metal on macOS, CPU elsewhere. Raises ModelFileError
+        (one line) for missing/unreadable files or a mmproj whose width does not match the LM.
+        """
+        model_path = Path(model_path)
+        if mmproj_path is None:
+            if not model_path.is_dir():
+                raise ModelFileError(f"{model_path}: give a folder holding both GGUF files, or also the mmproj path")
+            model_path, mmproj_path = find_model_files(model_path)
+        mmproj_path = Path(mmproj_path)
+        for p, what in ((model_path, "language model"), (mmproj_path, "mmproj")):
+            if not p.is_file():
+                raise ModelFileError(f"{p}: {what} file not found")
+        if gguf_architecture(mmproj_path) != "clip":
+            raise ModelFileError(f"{mmproj_path}: not a mmproj file (general.architecture is not 'clip')")
+        if gguf_architecture(model_path) == "clip":
+            raise ModelFileError(f"{model_path}: this is a mmproj file, not the language model")
+
+        from .vision import VisionEncoder
+        threads = n_threads or default_threads()
+        try:
+            vision = VisionEncoder.load(mmproj_path, dtype=vision_dtype, n_threads=threads)
+        except (ValueError, OSError) as e:
+            raise ModelFileError(str(e).splitlines()[0] if str(e) else f"{mmproj_path}: cannot load") from None
+        try:
+            lm = LlamaModel(model_path, n_gpu_layers=n_gpu_layers, verbose=verbose)
+        except LlamaError as e:
+            raise ModelFileError(str(e)) from None
+        if vision.embed_dim != lm.n_embd:
+            raise ModelFileError(f"{mmproj_path}: mmproj produces {vision.embed_dim}-wide embeddings but the "
+                                 f"language model {model_path.name} expects {lm.n_embd}; use the matching pair")
+        ctx = LlamaContext(lm, ContextParams(n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
+                                             embd_rows=vision.query_num))
+        return cls(lm, ctx, vision)
+
+    def close(self) -> None:
+        self.ctx.close()
+        self.lm.close()
+
+    def reset(self) -> None:
+        """Forget the KV cache (the image-embedding cache is kept)."""
+        self.ctx.clear()
+        self._kv = []
+
+    # -- prompt --------------------------------------------------------------------------------
+
+    def _to_pil(self, msgs: list[dict]) -> list[dict]:
+        """Content items -> str / PIL RGB images (paths and {'image': ...} dicts are loaded)."""
+        out = []
+        for m in msgs:
+            content = m.get("content")
+            items = [content] if isinstance(content, str) else list(content or [])
+            conv = []
+            for c in items:
+                if isinstance(c, dict):
+                    c = c.get("image", c.get("text", c))
+                if isinstance(c, Image.Image):
+                    conv.append(load_image(c, background=None))  # reference: plain convert("RGB")
+                elif isinstance(c, (os.PathLike, bytes)):
+                    conv.append(load_image(Path(os.fsdecode(c))))
+                else:
+                    conv.append(c)
+            out.append({"role": m.get("role"), "content": conv})
+        return out
+
+    def build_prompt(self, msgs: list[dict], *, enable_thinking: bool = False, system_prompt: str = "",
+                     max_slice_nums: int = 9, use_image_id: bool = True,
+                     temporal_ids: list[list[int]] | None = None) -> Prompt:
+        return build_prompt(self._to_pil(msgs), system_prompt=system_prompt, enable_thinking=enable_thinking,
+                            max_slice_nums=max_slice_nums, use_image_id=use_image_id,
+                            temporal_ids=temporal_ids, query_num=self.query_num)
+
+    def prompt_token_ids(self, prompt: Prompt, slot_id: int | None = None) -> list[int]:
+        """The prompt as the reference's input ids (slots as `<unk>` unless `slot_id` is given)."""
+        if slot_id is None:
+            slot_id = self.lm.token_id("<unk>")
+        return prompt.token_ids(self.lm.tokenize, slot_id, self.query_num)
+
+    # -- vision --------------------------------------------------------------------------------
+
+    def _media_key(self, m: Media, max_slice_nums: int) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{max_slice_nums}|{m.temporal_ids}|".encode())
+        for f in m.frames:
+            h.update(_image_key(f))
+        return h.digest()
+
+    def _encode(self, m: Media, max_slice_nums: int, stats: ChatStats) -> np.ndarray:
+        """[n_slots, query_num, n_embd] for one media item (image, or temporal group of frames)."""
+        sliced = [slice_image(f, max_slice_nums) for f in m.frames]
+        n_slots = len(sliced[0].images)
+        if n_slots != m.n_slots:
+            raise AssertionError(f"slicing gave {n_slots} slots, the placeholder {m.n_slots}")
+        t0 = time.perf_counter()
+        if m.temporal_ids is None:
+            emb = self.vision.encode_slices(sliced[0].pixel_values(), None)
+        else:  # slot g of a group = the g-th slice of every frame, attended jointly
+            per_frame = [s.pixel_values() for s in sliced]
+            pixels = [per_frame[f][g] for g in range(n_slots) for f in range(len(sliced))]
+            emb = self.vision.encode_slices(pixels, [list(m.temporal_ids)] * n_slots)
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        ms = (time.perf_counter() - t0) * 1e3
+        stats.images_encoded += 1
+        stats.slots_encoded += n_slots
+        stats.vision_ms += [ms / n_slots] * n_slots
+        return emb
+
+    def _embeddings(self, m: Media, key: bytes, max_slice_nums: int, stats: ChatStats) -> np.ndarray:
+        emb = self._emb_cache.get(key)
+        if emb is not None:
+            self._emb_cache.move_to_end(key)
+            return emb
+        emb = self._encode(m, max_slice_nums, stats)
+        self._emb_cache[key] = emb
+        total = sum(e.nbytes for e in self._emb_cache.values())
+        while total > self.cache_bytes and len(self._emb_cache) > 1:
+            _, old = self._emb_cache.popitem(last=False)
+            total -= old.nbytes
+        return emb
+
+    # -- prefill -------------------------------------------------------------------------------
+
+    def _units(self, prompt: Prompt, max_slice_nums: int) -> tuple[list, list[tuple[int, Slot, bytes]]]:
+        """Per-position keys of the prompt and (start position, slot, media key) of every slot."""
+        keys: list = []
+        slots = []
+        mkeys = [self._media_key(m, max_slice_nums) for m in prompt.media]
+        for seg in prompt.segments:
+            if isinstance(seg, Slot):
+                k = mkeys[seg.media]
+                slots.append((len(keys), seg, k))
+                keys += [(k, seg.index, r) for r in range(self.query_num)]
+            else:
+                keys += self.lm.tokenize(seg)
+        return keys, slots
+
+    def _prefill(self, prompt: Prompt, max_slice_nums: int, stats: ChatStats) -> None:
+        keys, slots = self._units(prompt, max_slice_nums)
+        n = len(keys)
+        stats.prompt_tokens = n
+        if n + 1 > self.ctx.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt needs {n} tokens ({len(slots)} image slots x {self.query_num} + "
+                f"{n - len(slots) * self.query_num} text tokens) plus room to answer, but the context "
+                f"holds n_ctx={self.ctx.n_ctx}; raise n_ctx (--ctx) or use fewer images/slices (--max-slices)")
+        # longest common prefix with the cache; always re-decode at least the last position
+        old = self._kv
+        lcp = 0
+        lim = min(len(old), n - 1)
+        while lcp < lim and old[lcp] == keys[lcp]:
+            lcp += 1
+        while lcp > 0 and isinstance(keys[lcp], tuple) and keys[lcp][2] != 0:
+            lcp -= 1  # never start inside an image slot
+        if not self.ctx.truncate(lcp):
+            lcp = 0
+        self._kv = old[:lcp]
+        stats.prefill_start = lcp
+
+        # vision for the slots that will be decoded (cached embeddings are reused)
+        embs: dict[bytes, np.ndarray] = {}
+        for start, slot, k in slots:
+            if start + self.query_num > lcp and k not in embs:
+                embs[k] = self._embeddings(prompt.media[slot.media], k, max_slice_nums, stats)
+
+        t0 = time.perf_counter()
+        slot_at = {start: (slot, k) for start, slot, k in slots}
+        pos = lcp
+        try:
+            self._decode_range(keys, slot_at, embs, pos, n, stats)
+        except BaseException:
+            self.reset()  # a failed batch may have left part of itself in the cache
+            raise
+        stats.tokens_prefilled = n - lcp
+        stats.prefill_ms = (time.perf_counter() - t0) * 1e3
+
+    def _decode_range(self, keys: list, slot_at: dict, embs: dict, pos: int, n: int, stats: ChatStats) -> None:
+        while pos < n:
+            if pos in slot_at:
+                slot, k = slot_at[pos]
+                rows = embs[k][slot.index]
+                self.ctx.decode_embd(rows, pos, logits_last=pos + len(rows) == n)
+                stats.slots_prefilled += 1
+                pos += len(rows)
+            else:
+                end = pos
+                while end < n and not isinstance(keys[end], tuple):
+                    end += 1
+                self.ctx.decode_tokens(keys[pos:end], pos, logits_last=end == n)
+                pos = end
+            self._kv = keys[:pos]
+
+    def prefill(self, msgs: list[dict], *, enable_thinking: bool = False, system_prompt: str = "",
+                max_slice_nums: int = 9, use_image_id: bool = True,
+                temporal_ids: list[list[int]] | None = None) -> np.ndarray:
+        """Prefill the conversation (reusing the cache) and return a copy of the next-token logits."""
+        prompt = self.build_prompt(msgs, enable_thinking=enable_thinking, system_prompt=system_prompt,
+                                   max_slice_nums=max_slice_nums, use_image_id=use_image_id,
+                                   temporal_ids=temporal_ids)
+        self.stats = ChatStats()
+        self._prefill(prompt, max_slice_nums, self.stats)
+        return self.ctx.logits().copy()
+
+    # -- chat ----------------------------------------------------------------------------------
+
+    def chat(self, msgs: list[dict], *, enable_thinking: bool = False, stream: bool = False,
+             max_new_tokens: int = 2048, temperature: float | None = None, top_p: float | None = None,
+             top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
+             system_prompt: str = "", max_slice_nums: int = 9, use_image_id: bool = True,
+             temporal_ids: list[list[int]] | None = None, greedy: bool = False,
+             show_thinking: bool = True) -> "Answer | ChatStream":
+        """Answer the last user message of `msgs` (the reference's `chat()` semantics).
+
+        msgs: [{'role': 'user'|'assistant', 'content': str | [str | PIL.Image | Path, ...]}], first
+        role user. Sampling defaults (None) follow the reference: without thinking temperature 0.7,
+        top_p 0.8, top_k 100, repetition_penalty 1.03; with thinking only temperature 0.7 (top_p 1,
+        top_k off, no penalty). `greedy` takes the argmax (keeps a given repetition_penalty).
+        Video: pass the frames as images with `temporal_ids` (groups of frame ids; see
+        runtime.video.load_video), use_image_id=False and max_slice_nums=1 as the model card does.
+        stream=True returns a ChatStream of Pieces; show_thinking=False leaves reasoning out of it.
+        """
+        t_start = time.perf_counter()
+        defaults = (0.7, 1.0, 0, 1.0) if enable_thinking else (0.7, 0.8, 100, 1.03)
+        sp = SamplingParams(
+            temperature=defaults[0] if temperature is None else temperature,
+            top_p=defaults[1] if top_p is None else top_p,
+            top_k=defaults[2] if top_k is None else top_k,
+            repetition_penalty=defaults[3] if repetition_penalty is None else repetition_penalty,
+            penalty_last_n=max(1, max_new_tokens), seed=seed, greedy=greedy)
+        prompt = self.build_prompt(msgs, enable_thinking=enable_thinking, system_prompt=system_prompt,
+                                   max_slice_nums=max_slice_nums, use_image_id=use_image_id,
+                                   temporal_ids=temporal_ids)
+        stats = ChatStats()
+        self.stats = stats
+        self._prefill(prompt, max_slice_nums, stats)
+        gen = self._generate(sp, max_new_tokens, enable_thinking, show_thinking, stats, t_start)
+        if stream:
+            s = ChatStream(gen)
+
+            def run():
+                self.last = yield from gen
+                s.result = self.last
+            s._gen = run()
+            return s
+        while True:
+            try:
+                next(gen)
+            except StopIteration as e:
+                self.last = e.value
+                return e.value
+
+    def _generate(self, sp: SamplingParams, max_new_tokens: int, thinking: bool, show_thinking: bool,
+                  stats: ChatStats, t_start: float):
+        """Sample/decode loop; yields Pieces, returns the Answer."""
+        ctx, lm, kv = self.ctx, self.lm, self._kv
+        sampler = Sampler(lm.n_vocab, sp)
+        stops, is_eog, piece = self.stop_ids, lm.is_eog, lm.piece
+        think_end = self.think_end_id
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        n_ctx = ctx.n_ctx
+        pos = len(kv)
+        in_think = thinking
+        think_parts: list[str] = []
+        answer_parts: list[str] = []
+        tokens: list[int] = []
+        lead = True       # strip the newlines that open the answer (template: lstrip after </think>)
+        if thinking and show_thinking:
+            yield Piece("<think>\n", True)  # the prompt opened the block, as the reference's stream
+        stats.finish_reason = "length"
+        t0 = time.perf_counter()
+        try:
+            for _ in range(max_new_tokens):
+                tok = sampler.sample(ctx)
+                if not tokens:
+                    stats.ttft_ms = (time.perf_counter() - t_start) * 1e3
+                if tok in stops or is_eog(tok):
+                    stats.finish_reason = "stop"
+                    break
+                tokens.append(tok)
+                if in_think and tok == think_end:
+                    in_think = False
+                    text = utf8.decode(b"", final=True)
+                    think_parts.append(text)
+                    if show_thinking:
+                        yield Piece(text + THINK_END, True)
+                else:
+                    text = utf8.decode(piece(tok))
+                    if in_think:
+                        think_parts.append(text)
+                        if show_thinking and text:
+                            yield Piece(text, True)
+                    else:
+                        if lead and thinking:
+                            text = text.lstrip("\n")
+                        if text:
+                            lead = False
+                            answer_parts.append(text)
+                            yield Piece(text, False)
+                if pos >= n_ctx:
+                    stats.finish_reason = "context"
+                    break
+                ctx.decode_one(tok, pos)
+                kv.append(tok)
+                pos += 1
+            tail = utf8.decode(b"", final=True)
+            if tail:
+                (think_parts if in_think else answer_parts).append(tail)
+                if not in_think or show_thinking:
+                    yield Piece(tail, in_think)
+        finally:
+            sampler.close()
+            stats.decode_tokens = len(tokens)
+            stats.decode_ms = (time.perf_counter() - t0) * 1e3
+        generated = lm.detokenize(tokens)
+        raw = ("<think>\n" if thinking else "") + generated.strip()  # the reference's return value
+        if thinking and think_end is not None and think_end not in tokens:
+            # unfinished reasoning (length limit): everything is thinking, no answer yet
+            return Answer("", "".join(think_parts).strip(), raw, stats, tokens)
+        return Answer("".join(answer_parts).strip(), "".join(think_parts).strip(), raw, stats, tokens)
