@@ -127,37 +127,52 @@ class Measured:
     peak_rss_gb: float      # the subprocess's own peak resident set (ru_maxrss)
 
 
-def run_worker(task: str, args: dict, *, log: Path, timeout: float | None = None) -> Measured:
-    """Run `python -m bench.worker task` in a fresh process; return its JSON result and peak RSS."""
-    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as tf:
-        out = Path(tf.name)
-    cmd = [sys.executable, "-m", "bench.worker", task, json.dumps(args), str(out)]
+def run_cmd(cmd: list[str], *, log: Path, timeout: float | None = None) -> tuple[int, float, float]:
+    """Run a command (output appended to `log`); return (exit code, wall seconds, peak RSS in GB)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as lf:
-        lf.write(f"\n=== {time.strftime('%H:%M:%S')} {task} {json.dumps(args)}\n")
+        lf.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n")
         lf.flush()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=lf, stderr=subprocess.STDOUT)
-        deadline = None if timeout is None else t0 + timeout
+        timed_out = False
         while True:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if deadline is not None and time.perf_counter() > deadline:
+            if timeout is not None and time.perf_counter() - t0 > timeout:
                 proc.kill()
                 _, status, ru = os.wait4(proc.pid, 0)
+                timed_out = True
                 break
             time.sleep(0.05)
         wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.returncode = os.waitstatus_to_exitcode(status)   # already reaped: keep Popen from waiting
+    rc = -9999 if timed_out else proc.returncode
+    # ru_maxrss is in KiB on Linux, bytes on macOS
+    return rc, wall, ru.ru_maxrss * (1 if sys.platform == "darwin" else 1024) / GB
+
+
+def log_tail(log: Path, n: int = 15) -> str:
     try:
-        if proc.returncode != 0:
-            tail = "".join(Path(log).read_text(errors="replace").splitlines(True)[-15:])
-            why = "timed out" if deadline is not None and wall >= timeout else f"exit code {proc.returncode}"
-            raise BenchError(f"{task} failed ({why}); log {log}:\n{tail}")
+        return "".join(Path(log).read_text(errors="replace").splitlines(True)[-n:])
+    except OSError:
+        return ""
+
+
+def run_worker(task: str, args: dict, *, log: Path, timeout: float | None = None) -> Measured:
+    """Run `python -m bench.worker task` in a fresh process; return its JSON result and peak RSS."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as tf:
+        out = Path(tf.name)
+    try:
+        rc, wall, rss = run_cmd([sys.executable, "-m", "bench.worker", task, json.dumps(args), str(out)],
+                                log=log, timeout=timeout)
+        if rc != 0:
+            why = "timed out" if rc == -9999 else f"exit code {rc}"
+            raise BenchError(f"{task} failed ({why}); log {log}:\n{log_tail(log)}")
         result = json.loads(out.read_text() or "{}")
     finally:
         out.unlink(missing_ok=True)
-    # ru_maxrss is in KiB on Linux, bytes on macOS
-    scale = 1 if sys.platform == "darwin" else 1024
-    return Measured(result, wall, ru.ru_maxrss * scale / GB)
+    if "skip" in result:
+        raise Skip(result["skip"])
+    return Measured(result, wall, rss)

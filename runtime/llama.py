@@ -34,12 +34,16 @@ class ContextOverflowError(LlamaError):
 
 # --------------------------------------------------------------------------- logging and backend
 
-_log_state = {"verbose": False, "init": False}
+_log_state = {"verbose": False, "init": False, "last": 0}
+_LOG_DEBUG, _LOG_CONT = 4, 5
 
 
 @ll.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    if _log_state["verbose"] and text:
+    # verbose: info, warnings and errors (debug lines come per decode call and slow generation)
+    if level != _LOG_CONT:
+        _log_state["last"] = level
+    if _log_state["verbose"] and text and _log_state["last"] != _LOG_DEBUG:
         sys.stderr.write(text.decode("utf-8", errors="replace"))
         sys.stderr.flush()
 

@@ -154,7 +154,8 @@ class ReferenceVision:
         att = (q @ k.transpose(-1, -2)) * hd ** -0.5
         if mask is not None:
             att = att + mask
-        att = torch.softmax(att, dim=-1, dtype=torch.float32).to(self.dtype)
+        # the reference's softmax runs in float32 at least (a no-op for float32 / float64 weights)
+        att = torch.softmax(att, dim=-1, dtype=torch.promote_types(self.dtype, torch.float32)).to(self.dtype)
         o = (att @ v).transpose(1, 2).reshape(B, L, Hv)
         x = x + self._lin(o, pre + "self_attn.out_proj")
         h = F.layer_norm(x, (Hv,), W[pre + "layer_norm2.weight"], W[pre + "layer_norm2.bias"], eps)

@@ -1,0 +1,307 @@
+"""`minicpm-run`: chat with MiniCPM-V 4.5 about images and videos from the command line.
+
+    minicpm-run --model-dir OUT photo.jpg "What is in the image?"
+    minicpm-run -m MiniCPM-V-4.5-Q4_K_M.gguf --mmproj mmproj-MiniCPM-V-4.5-F16.gguf clip.mp4 "Describe the video."
+    minicpm-run --model-dir OUT photo.jpg          # no question: interactive chat about photo.jpg
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"minicpm-run: error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _video_module():
+    """minicpmv.runtime.video, or None when video support (PyAV) is unavailable."""
+    try:
+        from minicpmv.runtime import video
+    except ImportError:
+        return None
+    return video
+
+
+@dataclass
+class Conversation:
+    """Messages so far plus one temporal group per image/frame (videos make the groups)."""
+    msgs: list = field(default_factory=list)
+    groups: list = field(default_factory=list)
+    pending: list = field(default_factory=list)      # images/frames for the next user message
+    pending_groups: list = field(default_factory=list)
+    has_video: bool = False
+
+    def add_media(self, path: Path, opts: "Opts") -> str:
+        from minicpmv.runtime.image import load_image
+        video = _video_module()
+        if video is not None and video.is_video_path(path):
+            v = video.load_video(path, fps=opts.fps, packing=opts.packing, max_frames=opts.max_frames,
+                           progress=opts.verbose)
+            self.pending += list(v.frames)
+            self.pending_groups += [list(g) for g in v.temporal_ids]
+            self.has_video = True
+            return f"{path}: {len(v.frames)} frames in {len(v.temporal_ids)} groups"
+        img = load_image(path)
+        self.pending.append(img)
+        self.pending_groups.append([-1])
+        return f"{path}: {img.width}x{img.height}"
+
+    def ask(self, question: str) -> None:
+        self.msgs.append({"role": "user", "content": [*self.pending, question]})
+        self.groups += self.pending_groups
+        self.pending, self.pending_groups = [], []
+
+    def answered(self, answer: str) -> None:
+        self.msgs.append({"role": "assistant", "content": answer})
+
+    def reset(self) -> None:
+        self.msgs, self.groups, self.has_video = [], [], False
+
+
+@dataclass
+class Opts:
+    think: bool
+    stream: bool
+    max_tokens: int
+    temperature: Optional[float]
+    top_p: Optional[float]
+    top_k: Optional[int]
+    repeat_penalty: Optional[float]
+    greedy: bool
+    seed: Optional[int]
+    system: str
+    max_slices: Optional[int]
+    image_id: Optional[bool]
+    as_json: bool
+    verbose: bool
+    fps: float
+    packing: Optional[int]
+    max_frames: int
+
+
+def chat_kwargs(conv: Conversation, o: Opts) -> dict:
+    """Per-call options; a conversation with a video follows the model card's video settings
+    (use_image_id False, one slice per frame) unless the user overrides them."""
+    video = conv.has_video
+    kw = dict(enable_thinking=o.think, max_new_tokens=o.max_tokens, temperature=o.temperature,
+              top_p=o.top_p, top_k=o.top_k, repetition_penalty=o.repeat_penalty, seed=o.seed,
+              greedy=o.greedy, system_prompt=o.system,
+              max_slice_nums=o.max_slices if o.max_slices is not None else (1 if video else 9),
+              use_image_id=o.image_id if o.image_id is not None else not video)
+    if video:
+        kw["temporal_ids"] = conv.groups
+    return kw
+
+
+def print_stats(stats, out=sys.stderr) -> None:
+    v = stats.vision_ms
+    if v:
+        print(f"vision: {len(v)} slices encoded, {sum(v) / len(v):.1f} ms per slice "
+              f"({stats.images_encoded} images)", file=out)
+    print(f"prefill: {stats.tokens_prefilled} tokens (from position {stats.prefill_start} of "
+          f"{stats.prompt_tokens}) in {stats.prefill_ms:.0f} ms, {stats.prefill_tps:.1f} tok/s", file=out)
+    print(f"decode: {stats.decode_tokens} tokens in {stats.decode_ms:.0f} ms, {stats.decode_tps:.1f} tok/s; "
+          f"time to first token {stats.ttft_ms:.0f} ms; finish: {stats.finish_reason}", file=out)
+
+
+def answer_once(model, conv: Conversation, o: Opts) -> str:
+    """Run one turn, print it, return the answer text."""
+    kw = chat_kwargs(conv, o)
+    tty = sys.stdout.isatty()
+    if o.as_json:
+        a = model.chat(conv.msgs, **kw)
+        typer.echo(json.dumps({"answer": str(a), "thinking": a.thinking, "finish_reason": a.stats.finish_reason,
+                               "timings": a.stats.as_dict()}, ensure_ascii=False))
+    elif o.stream:
+        s = model.chat(conv.msgs, stream=True, **kw)
+        thinking_open = False
+        for p in s:
+            if p.thinking:
+                if not thinking_open and tty:
+                    sys.stdout.write(DIM)
+                thinking_open = True
+                sys.stdout.write(p)
+            else:
+                if thinking_open:
+                    sys.stdout.write((RESET if tty else "") + "\n\n")
+                    thinking_open = False
+                sys.stdout.write(p)
+            sys.stdout.flush()
+        if thinking_open and tty:
+            sys.stdout.write(RESET)
+        sys.stdout.write("\n")
+        a = s.result
+    else:
+        a = model.chat(conv.msgs, **kw)
+        if a.thinking:
+            t = f"<think>\n{a.thinking}\n</think>"
+            typer.echo(f"{DIM}{t}{RESET}\n" if tty else t + "\n")
+        typer.echo(str(a))
+    if o.verbose:
+        print_stats(a.stats)
+    return str(a)
+
+
+def interactive(model, conv: Conversation, o: Opts) -> None:
+    typer.echo("Interactive chat. Commands: /image PATH (image or video for the next question), /reset, "
+               "/think (toggle thinking), /quit", err=True)
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            typer.echo("", err=True)
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit", "/q"):
+            return
+        if line == "/reset":
+            conv.reset()
+            conv.pending, conv.pending_groups = [], []
+            model.reset()
+            typer.echo("(conversation cleared)", err=True)
+            continue
+        if line == "/think":
+            o.think = not o.think
+            typer.echo(f"(thinking {'on' if o.think else 'off'})", err=True)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if not path:
+                typer.echo("usage: /image PATH", err=True)
+                continue
+            try:
+                typer.echo(f"(added {conv.add_media(Path(path).expanduser(), o)})", err=True)
+            except (ValueError, OSError) as e:
+                typer.echo(f"error: {e}", err=True)
+            continue
+        if line.startswith("/"):
+            typer.echo(f"unknown command {line.split()[0]}; commands: /image PATH, /reset, /think, /quit", err=True)
+            continue
+        conv.ask(line)
+        try:
+            conv.answered(answer_once(model, conv, o))
+        except (ValueError, RuntimeError) as e:
+            conv.msgs.pop()
+            typer.echo(f"error: {e}", err=True)
+        except KeyboardInterrupt:
+            conv.msgs.pop()
+            typer.echo("\n(interrupted)", err=True)
+
+
+def _is_file(arg: str) -> bool:
+    try:
+        return Path(arg).is_file()
+    except (OSError, ValueError):  # e.g. a long question is "File name too long"
+        return False
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def run(
+    inputs: List[str] = typer.Argument(None, metavar="[IMAGE|VIDEO ...] [QUESTION]",
+                                       help="Image or video files, then the question. Without a question "
+                                            "(the last argument is a file, or nothing is given) an "
+                                            "interactive chat starts."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Language-model GGUF file."),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Vision projector (mmproj) GGUF file."),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", "-d",
+                                             help="Folder holding both GGUF files (told apart by their metadata)."),
+    think: bool = typer.Option(False, "--think/--no-think", help="Thinking mode: the model reasons before answering."),
+    no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer at the end instead of streaming it."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "--temp", min=0.0,
+                                                help="Sampling temperature (default 0.7)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0,
+                                          help="Nucleus sampling (default 0.8; 1.0 with --think)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Top-k sampling, 0 = off (default 100; off with --think)."),
+    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", min=0.0,
+                                                   help="Repetition penalty (default 1.03; 1.0 with --think)."),
+    greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token (deterministic)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling (default: random)."),
+    system: str = typer.Option("", "--system", help="System prompt."),
+    max_slices: Optional[int] = typer.Option(None, "--max-slices", min=1,
+                                             help="Most slices per image (default 9; 1 for videos)."),
+    image_id: Optional[bool] = typer.Option(None, "--image-id/--no-image-id",
+                                            help="Number images in the prompt (default: on for images, off for videos)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: all cores)."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", "-c", min=256,
+                                      help="Context length in tokens (default 4096, more if a video needs it)."),
+    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", help="Layers on the GPU (-1 all; default: all on macOS, none elsewhere)."),
+    vision_dtype: str = typer.Option("auto", "--vision-dtype", help="Vision encoder precision: auto, bf16, f32."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, thinking, timings."),
+    fps: float = typer.Option(5.0, "--fps", min=0.01, help="Video: frames sampled per second."),
+    packing: Optional[int] = typer.Option(None, "--packing", min=1, max=6,
+                                          help="Video: frames per 64-token group (default: automatic, at most 3)."),
+    max_frames: int = typer.Option(180, "--max-frames", min=1, help="Video: most groups (64-token units) per video."),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Print llama.cpp's log, vision ms per slice, prefill and decode tokens/s."),
+) -> None:
+    """Ask MiniCPM-V 4.5 about images and videos, or chat interactively.
+
+    The prompt is the reference model's (chat template, image ids, 64 tokens per slice, up to 9 slices);
+    the language model runs on llama.cpp, the vision encoder on torch. Videos are sampled at --fps and
+    packed into groups of frames that share 64 tokens (3D resampler).
+    """
+    from minicpmv.runtime import MiniCPMV
+
+    inputs = list(inputs or [])
+    question = None
+    if inputs and not _is_file(inputs[-1]):
+        question = inputs.pop()
+    if model_dir is None and model is None:
+        fail("give the model: --model-dir DIR, or --model LM.gguf --mmproj MMPROJ.gguf")
+    if model_dir is not None and (model is not None or mmproj is not None):
+        fail("use either --model-dir or --model/--mmproj, not both")
+    if model is not None and mmproj is None:
+        fail("--mmproj is required with --model (or use --model-dir)")
+
+    o = Opts(think, not no_stream, max_tokens, temperature, top_p, top_k, repeat_penalty, greedy, seed,
+             system, max_slices, image_id, as_json, verbose, fps, packing, max_frames)
+    conv = Conversation()
+    try:
+        for f in inputs:
+            note = conv.add_media(Path(f), o)
+            if verbose:
+                typer.echo(note, err=True)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    n_ctx = ctx or 4096
+    if ctx is None and conv.has_video:  # ~70 positions per frame group + room to answer
+        n_ctx = max(4096, 72 * len(conv.pending_groups) + min(max_tokens, 4096) + 512)
+    try:
+        m = MiniCPMV.load(model_dir if model_dir is not None else model, mmproj, n_ctx=n_ctx, n_threads=threads,
+                          n_gpu_layers=gpu_layers, vision_dtype=vision_dtype, verbose=verbose)
+    except (ValueError, OSError, RuntimeError) as e:
+        fail(str(e))
+    if question is None:
+        if as_json:
+            fail("--json needs a question")
+        interactive(m, conv, o)
+        return
+    conv.ask(question)
+    try:
+        answer_once(m, conv, o)
+    except (ValueError, RuntimeError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""quant/: one-pass quantized GGUFs are byte-identical to llama.cpp's `llama_model_quantize` applied to
+our own BF16 GGUF of the same checkpoint (types and data of every tensor), with and without an
+importance matrix, including llama.cpp's row-size fallbacks. Plus the imatrix reader against the
+file format, bad input, and a dequantization sanity check."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter, Keys, quants
+
+from minicpmv import quant
+from minicpmv.convert.pipeline import convert
+from minicpmv.convert.synthetic import make_checkpoint
+from minicpmv.quant.policy import use_more_bits
+
+ALL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+             "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
+MATMULS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+def read_tensors(path: Path) -> tuple[dict[str, tuple[Q, bytes]], int]:
+    r = GGUFReader(path)
+    ftype = int(r.fields["general.file_type"].parts[-1][0])
+    return {t.name: (Q(t.tensor_type), t.data.tobytes()) for t in r.tensors}, ftype
+
+
+def one_pass(ckpt: Path, out: Path, type_name: str, imatrix: Path | None = None) -> Path:
+    return convert(ckpt, out, quant_type=type_name, imatrix=imatrix, write_mmproj=False,
+                   progress=False, threads=2).lm_path
+
+
+def assert_same_as_llama(ckpt: Path, bf16_gguf: Path, tmp: Path, type_name: str,
+                         imatrix: Path | None = None) -> dict[str, Q]:
+    """Our one-pass file vs llama_model_quantize(BF16 GGUF): same tensors, types, bytes, file type."""
+    ours, ours_ftype = read_tensors(one_pass(ckpt, tmp / "ours", type_name, imatrix))
+    ref_path = quant.quantize_model_with_llama_cpp(bf16_gguf, tmp / "ref.gguf", type_name,
+                                                   imatrix=imatrix, nthread=2)
+    ref, ref_ftype = read_tensors(ref_path)
+    assert sorted(ours) == sorted(ref)
+    assert ours_ftype == ref_ftype == int(quant.parse_type(type_name).ftype)
+    wrong_type = {n: (ours[n][0].name, ref[n][0].name) for n in ref if ours[n][0] != ref[n][0]}
+    assert not wrong_type, f"{type_name}: tensor types differ (ours, llama.cpp): {wrong_type}"
+    wrong_data = [n for n in ref if ours[n][1] != ref[n][1]]
+    assert not wrong_data, f"{type_name}: tensor bytes differ: {wrong_data}"
+    return {n: t for n, (t, _) in ours.items()}
+
+
+def bf16_gguf(ckpt: Path, out: Path) -> Path:
+    return one_pass(ckpt, out, "BF16")
+
+
+def matmul_widths(gguf_path: Path) -> dict[str, int]:
+    """GGUF name -> row length (ne[0]) of every language-model weight llama-imatrix covers."""
+    return {t.name: int(t.shape[0]) for t in GGUFReader(gguf_path).tensors
+            if t.name.startswith("blk.") and t.name.rsplit(".", 2)[-2] in MATMULS}
+
+
+def synthetic_imatrix(widths: dict[str, int], seed: int) -> dict[str, tuple[np.ndarray, float]]:
+    """name -> (sum of x^2 per column, count): what llama-imatrix accumulates (dense model: n_mat 1)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i, (name, n) in enumerate(sorted(widths.items())):
+        count = 0.0 if i == 3 else float(rng.integers(50, 500))   # one tensor never saw input
+        out[name] = ((rng.gamma(0.5, 2.0, n) * max(count, 1)).astype(np.float32), count)
+    return out
+
+
+def write_imatrix_gguf(path: Path, data: dict[str, tuple[np.ndarray, float]]) -> Path:
+    """llama-imatrix's GGUF layout: general.type=imatrix, imatrix.* keys, <name>.in_sum2 [n_mat, n]
+    and <name>.counts [n_mat, 1] (numpy order) F32, names sorted."""
+    w = GGUFWriter(path, "unused")
+    w.kv_data[0].pop(Keys.General.ARCHITECTURE)
+    w.add_type("imatrix")
+    w.add_array(Keys.IMatrix.DATASETS, ["calibration.txt"])
+    w.add_uint32(Keys.IMatrix.CHUNK_COUNT, 42)
+    w.add_uint32(Keys.IMatrix.CHUNK_SIZE, 512)
+    for name in sorted(data):
+        sums, count = data[name]
+        w.add_tensor(f"{name}.in_sum2", sums.reshape(1, -1))
+        w.add_tensor(f"{name}.counts", np.array([[count]], dtype=np.float32))
+        w.add_tensor(f"{name}.in_sum", np.zeros((1, sums.size), np.float32))   # newer files carry it; unused
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_imatrix_dat(path: Path, data: dict[str, tuple[np.ndarray, int]]) -> Path:
+    """llama-imatrix's legacy .dat: n_entries, then (name, ncall, nval, values * ncall), trailer."""
+    b = bytearray(struct.pack("<i", len(data)))
+    for name in sorted(data):
+        vals, ncall = data[name]
+        enc = name.encode()
+        b += struct.pack("<i", len(enc)) + enc + struct.pack("<ii", ncall, vals.size)
+        b += np.asarray(vals, "<f4").tobytes()
+    b += struct.pack("<i", 10) + struct.pack("<i", 8) + b"data.txt"
+    path.write_bytes(bytes(b))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures
+
+@pytest.fixture(scope="session")
+def tiny_bf16(tiny_lm_gguf) -> Path:
+    return tiny_lm_gguf("BF16")
+
+
+@pytest.fixture(scope="session")
+def medium(tmp_path_factory) -> tuple[Path, Path]:
+    """8 layers: use_more_bits picks layers 0, 3, 6, 7 and not the others."""
+    root = tmp_path_factory.mktemp("quant-medium")
+    ckpt = make_checkpoint(root / "ckpt", "medium")
+    return ckpt, bf16_gguf(ckpt, root / "bf16")
+
+
+@pytest.fixture(scope="session")
+def odd_width(tmp_path_factory) -> tuple[Path, Path]:
+    """hidden 288 (a multiple of 32, not of 256) and ffn 600 (not even a multiple of 32)."""
+    root = tmp_path_factory.mktemp("quant-odd")
+    ckpt = make_checkpoint(root / "ckpt", "tiny", hidden_size=288, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=72, intermediate_size=600)
+    return ckpt, bf16_gguf(ckpt, root / "bf16")
+
+
+# ------------------------------------------------------------------------------------------------
+# identity with llama_model_quantize
+
+@pytest.mark.parametrize("type_name", ALL_TYPES)
+def test_tiny_matches_llama_quantize(tiny_ckpt, tiny_bf16, tmp_path, type_name):
+    types = assert_same_as_llama(tiny_ckpt, tiny_bf16, tmp_path, type_name)
+    assert types["output_norm.weight"] == Q.F32 and types["blk.0.attn_q_norm.weight"] == Q.F32
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"])
+def test_medium_matches_llama_quantize(medium, tmp_path, type_name):
+    ckpt, bf16 = medium
+    types = assert_same_as_llama(ckpt, bf16, tmp_path, type_name)
+    # the mixture itself, written out (independent of the oracle)
+    more = {i for i in range(8) if use_more_bits(i, 8)}
+    assert more == {0, 3, 6, 7}
+    default = quant.parse_type(type_name).default
+    for i in range(8):
+        v, d = types[f"blk.{i}.attn_v.weight"], types[f"blk.{i}.ffn_down.weight"]
+        if type_name in ("Q4_K_M", "Q5_K_M"):
+            assert (v, d) == ((Q.Q6_K, Q.Q6_K) if i in more else (default, default)), i
+        elif type_name == "Q4_K_S":
+            assert v == (Q.Q5_K if i < 4 else Q.Q4_K) and d == (Q.Q5_K if i < 1 else Q.Q4_K), i
+        assert types[f"blk.{i}.attn_q.weight"] == default
+    assert types["output.weight"] == (Q.Q8_0 if type_name == "Q8_0" else Q.Q6_K)
+    assert types["token_embd.weight"] == default
+
+
+def test_row_size_fallbacks_match_llama_quantize(odd_width, tmp_path):
+    ckpt, bf16 = odd_width
+    expect = {  # type -> (288-wide matmuls, output.weight, 600-wide ffn_down)
+        "Q4_K_M": (Q.Q5_0, Q.Q8_0, Q.F16),
+        "Q5_K_S": (Q.Q5_1, Q.Q8_0, Q.F16),
+        "Q6_K": (Q.Q8_0, Q.Q8_0, Q.F16),
+        "Q4_0": (Q.Q4_0, Q.Q8_0, Q.F16),   # output: Q6_K -> Q8_0 fallback
+        "Q8_0": (Q.Q8_0, Q.Q8_0, Q.F16),
+    }
+    for type_name, (mat, out, down) in expect.items():
+        types = assert_same_as_llama(ckpt, bf16, tmp_path / type_name, type_name)
+        assert types["blk.1.attn_q.weight"] == mat and types["blk.1.ffn_gate.weight"] == mat
+        assert types["output.weight"] == out and types["blk.0.ffn_down.weight"] == down
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K_M", "Q4_0"])
+def test_medium_with_gguf_imatrix_matches_llama_quantize(medium, tmp_path, type_name):
+    ckpt, bf16 = medium
+    imat = write_imatrix_gguf(tmp_path / "imatrix.gguf", synthetic_imatrix(matmul_widths(bf16), seed=1))
+    types = assert_same_as_llama(ckpt, bf16, tmp_path, type_name, imatrix=imat)
+    if type_name == "Q4_0":   # llama.cpp: with an imatrix, Q4_0 gives ffn_down of layer < n/8 Q4_1
+        assert types["blk.0.ffn_down.weight"] == Q.Q4_1 and types["blk.1.ffn_down.weight"] == Q.Q4_0
+
+
+def test_tiny_with_legacy_imatrix_matches_llama_quantize(tiny_ckpt, tiny_bf16, tmp_path):
+    widths = matmul_widths(tiny_bf16)
+    rng = np.random.default_rng(2)
+    dat = write_imatrix_dat(tmp_path / "imatrix.dat", {
+        n: ((rng.gamma(0.5, 2.0, w) * 7).astype(np.float32), 7) for n, w in widths.items()})
+    assert_same_as_llama(tiny_ckpt, tiny_bf16, tmp_path, "Q4_K_S", imatrix=dat)
+
+
+# ------------------------------------------------------------------------------------------------
+# importance matrix reader
+
+def test_imatrix_reader_follows_the_file_formats(tmp_path):
+    widths = {"blk.0.attn_q.weight": 256, "blk.0.ffn_down.weight": 512, "blk.1.attn_k.weight": 256,
+              "blk.1.attn_v.weight": 256, "output.weight": 256}
+    data = synthetic_imatrix(widths, seed=3)
+    got = quant.load_imatrix(write_imatrix_gguf(tmp_path / "i.gguf", data), list(widths))
+    assert sorted(got) == sorted(widths)
+    for name, (sums, count) in data.items():
+        want = sums / np.float32(count) if count > 0 else np.ones_like(sums)
+        assert got[name].dtype == np.float32 and np.array_equal(got[name], want), name
+    assert (got[sorted(widths)[3]] == 1).all()   # count 0 -> neutral weights
+
+    legacy = {n: (sums, 5) for n, (sums, _) in data.items()}
+    got = quant.load_imatrix(write_imatrix_dat(tmp_path / "i.dat", legacy), list(widths))
+    for name, (vals, ncall) in legacy.items():
+        assert np.array_equal(got[name], vals / np.float32(ncall)), name
+    meta = quant.imatrix_metadata(tmp_path / "i.dat")
+    assert meta["quantize.imatrix.dataset"] == "data.txt" and meta["quantize.imatrix.chunks_count"] == 10
+    assert meta["quantize.imatrix.entries_count"] == len(widths)
+
+
+def test_imatrix_missing_tensor_is_named(tiny_ckpt, tiny_bf16, tmp_path):
+    data = synthetic_imatrix(matmul_widths(tiny_bf16), seed=4)
+    del data["blk.1.ffn_up.weight"]
+    imat = write_imatrix_gguf(tmp_path / "short.gguf", data)
+    with pytest.raises(ValueError, match=r"blk\.1\.ffn_up\.weight"):
+        one_pass(tiny_ckpt, tmp_path / "out", "Q4_K_M", imatrix=imat)
+    assert not list((tmp_path / "out").glob("*.gguf"))
+
+
+def test_imatrix_of_another_model_is_rejected(tmp_path):
+    imat = write_imatrix_gguf(tmp_path / "i.gguf", synthetic_imatrix({"blk.0.attn_q.weight": 128}, seed=5))
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight"):
+        quant.load_imatrix(imat, ["blk.0.attn_q.weight"], shapes={"blk.0.attn_q.weight": (256, 256)})
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError, match="junk.gguf"):
+        quant.load_imatrix(junk, ["blk.0.attn_q.weight"])
+
+
+# ------------------------------------------------------------------------------------------------
+# types, encoder
+
+def test_unknown_type_lists_valid_ones():
+    with pytest.raises(ValueError) as e:
+        quant.parse_type("Q4_K_X")
+    for name in ALL_TYPES:
+        assert name in str(e.value)
+    assert quant.parse_type("q4_k").name == "Q4_K_M"
+
+
+def test_encoder_is_ggml_and_dequantizes_close_to_input():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((96, 512)).astype(np.float32)
+    for t, tol in ((Q.Q4_K, 0.12), (Q.Q5_K, 0.06), (Q.Q6_K, 0.03), (Q.Q8_0, 0.01), (Q.Q4_0, 0.15)):
+        y = quant.encode(x, t, None, n_threads=1)
+        block, size = GGML_QUANT_SIZES[t]
+        assert y.dtype == np.uint8 and y.shape == (96, 512 // block * size)
+        back = quants.dequantize(y, t).reshape(x.shape)
+        rel = np.sqrt(((back - x) ** 2).mean() / (x ** 2).mean())
+        assert rel < tol, (t.name, rel)
+        # threads split rows only: same bytes
+        assert np.array_equal(quant.encode(x, t, None, n_threads=3), y)
+    # Q8_0 / Q4_0 against gguf-py's independent numpy quantizers
+    for t in (Q.Q8_0, Q.Q4_0):
+        assert np.array_equal(quant.encode(x, t), quants.quantize(x, t).view(np.uint8).reshape(96, -1))
+    assert np.array_equal(quant.encode(x, Q.F16).view(np.float16), x.astype(np.float16))
+    # the importance matrix reaches the kernel
+    w = rng.random(512).astype(np.float32)
+    assert not np.array_equal(quant.encode(x, Q.Q4_K, w), quant.encode(x, Q.Q4_K))
+    with pytest.raises(ValueError, match="block size"):
+        quant.encode(x[:, :288], Q.Q4_K)
+    bad = x.copy()
+    bad[5, 7] = np.nan
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight.*validation"):
+        quant.encode(bad, Q.F16, name="blk.0.attn_q.weight")

@@ -1,0 +1,369 @@
+"""MiniCPMV runtime on the tiny checkpoint (F32 language model + f32 mmproj).
+
+- pipeline parity: first-token logits vs llama.cpp's own mtmd pipeline (mtmd_tokenize +
+  mtmd_helper_eval_chunks) for the same prompt and a 448x448 image;
+- multi-turn: the second turn reuses the KV cache from the first differing token, re-encodes and
+  re-prefills no image, and matches a fresh session (logits and greedy answer), thinking on and off;
+- the legacy (OpenBMB / llama.cpp script) mmproj layout gives the same embeddings and logits;
+- streaming, video groups, context overflow, and the CLI's one-line errors for bad input.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import llama_cpp as L
+import llama_cpp.mtmd_cpp as M
+
+from minicpmv.runtime import ContextOverflowError, MiniCPMV, ModelFileError
+from minicpmv.runtime.prompt import IMAGE_TAG
+
+# pitfalls.md: llama.cpp's embedding path reproduces the reference to ~2e-3 of the logit range; mtmd
+# and our vision encoder differ only in float32 rounding for a 448x448 image (no resize, no slicing,
+# and side 32 has no NaViT bucket difference), so the same bound is generous.
+REL_TOL = 2e-3
+
+
+def picture(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A smooth picture with some noise (content matters only through the encoder)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h)], -1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / (b.max() - b.min()))
+
+
+@pytest.fixture(scope="module")
+def files(tiny_lm_gguf, tiny_mmproj_gguf):
+    return tiny_lm_gguf("F32"), tiny_mmproj_gguf("f32")
+
+
+def load(files, **kw) -> MiniCPMV:
+    lm, mm = files
+    kw = {"n_ctx": 2048, "n_threads": 2, "vision_dtype": "f32"} | kw
+    return MiniCPMV.load(lm, mm, **kw)
+
+
+@pytest.fixture(scope="module")
+def model(files):
+    m = load(files)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def fresh(files):
+    m = load(files)
+    yield m
+    m.close()
+
+
+# --------------------------------------------------------------------------- mtmd oracle
+
+@L.llama_log_callback
+def _quiet(level, text, user_data):
+    pass
+
+
+def mtmd_first_logits(lm_path, mm_path, prompt: str, image: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """llama.cpp's pipeline: mtmd_tokenize (prompt with the media marker) + mtmd_helper_eval_chunks;
+    returns the last position's logits and the token ids (image chunks as 64 x -1)."""
+    M.mtmd_helper_log_set(_quiet, ctypes.c_void_p(0))
+    mp = L.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    model = L.llama_model_load_from_file(str(lm_path).encode(), mp)
+    cp = L.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 1024, 512, 512, 2, 2
+    lctx = L.llama_init_from_model(model, cp)
+    p = M.mtmd_context_params_default()
+    p.use_gpu, p.n_threads, p.warmup, p.print_timings = False, 2, False, False
+    p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    mctx = M.mtmd_init_from_file(str(mm_path).encode(), model, p)
+    assert mctx, "mtmd could not load the mmproj"
+    img = np.ascontiguousarray(image, dtype=np.uint8)
+    bmp = M.mtmd_bitmap_init(img.shape[1], img.shape[0], img.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+    text = prompt.encode()
+    txt = M.mtmd_input_text(text, len(text), False, True)
+    chunks = M.mtmd_input_chunks_init()
+    try:
+        assert M.mtmd_tokenize(mctx, chunks, ctypes.byref(txt), (M.mtmd_bitmap_p_ctypes * 1)(bmp), 1) == 0
+        ids: list[int] = []
+        for i in range(M.mtmd_input_chunks_size(chunks)):
+            ch = M.mtmd_input_chunks_get(chunks, i)
+            if M.mtmd_input_chunk_get_type(ch) == 0:
+                n = ctypes.c_size_t(0)
+                toks = M.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                ids += [toks[j] for j in range(n.value)]
+            else:
+                ids += [-1] * M.mtmd_input_chunk_get_n_tokens(ch)
+        new_n_past = L.llama_pos(0)
+        assert M.mtmd_helper_eval_chunks(mctx, lctx, chunks, 0, 0, 512, True, ctypes.byref(new_n_past)) == 0
+        assert new_n_past.value == len(ids)
+        n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(lctx, -1), shape=(n_vocab,)).copy()
+    finally:
+        M.mtmd_input_chunks_free(chunks)
+        M.mtmd_bitmap_free(bmp)
+        M.mtmd_free(mctx)
+        L.llama_free(lctx)
+        L.llama_model_free(model)
+    return logits, ids
+
+
+def test_first_token_logits_match_mtmd_pipeline(model, files):
+    img = picture(448, 448, seed=1)
+    msgs = [{"role": "user", "content": [img, "What is in the image?"]}]
+    model.reset()
+    ours = model.prefill(msgs, use_image_id=False)
+    prompt = model.build_prompt(msgs, use_image_id=False)
+    assert model.stats.slots_prefilled == 1 and model.stats.prefill_start == 0
+    marker = M.mtmd_default_marker().decode()
+    theirs, their_ids = mtmd_first_logits(*files, prompt.text.replace(IMAGE_TAG, marker), np.asarray(img))
+    # same token sequence (mtmd writes <image>/</image> around its 64 embeddings itself)
+    assert model.prompt_token_ids(prompt, slot_id=-1) == their_ids
+    err = rel_err(ours, theirs)
+    print(f"first-token logits vs mtmd: max |diff| / range = {err:.2e}")
+    assert err < REL_TOL
+    assert int(ours.argmax()) == int(theirs.argmax())
+    # and the image matters: without it (text only) the logits are far from mtmd's
+    model.reset()
+    text_only = model.prefill([{"role": "user", "content": ["What is in the image?"]}], use_image_id=False)
+    assert rel_err(text_only, theirs) > 10 * REL_TOL
+
+
+# --------------------------------------------------------------------------- multi-turn
+
+def cached_prefix(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("think", [False, True])
+def test_second_turn_reuses_cache_and_matches_fresh_session(model, fresh, think):
+    img = picture(640, 480, seed=2)      # 2x1 grid: 3 slots
+    msgs1 = [{"role": "user", "content": [img, "Describe the picture."]}]
+    kw = dict(enable_thinking=think, greedy=True, max_new_tokens=6)
+    model.reset()
+    a1 = model.chat(msgs1, **kw)
+    assert a1.stats.images_encoded in (0, 1) and a1.stats.slots_prefilled == 3
+    in_cache = model.prompt_token_ids(model.build_prompt(msgs1, enable_thinking=think)) + a1.tokens
+
+    msgs2 = msgs1 + [{"role": "assistant", "content": [a1.raw]}, {"role": "user", "content": "Tell me more."}]
+    ids2 = model.prompt_token_ids(model.build_prompt(msgs2, enable_thinking=think))
+    a2 = model.chat(msgs2, **kw)
+    s = a2.stats
+    assert s.images_encoded == 0 and s.slots_encoded == 0 and s.slots_prefilled == 0
+    assert s.prefill_start == cached_prefix(in_cache, ids2)
+    assert s.prefill_start > 64 * 3 and s.tokens_prefilled == len(ids2) - s.prefill_start
+    assert s.prompt_tokens == len(ids2)
+
+    fresh.reset()
+    f2 = fresh.chat(msgs2, **kw)
+    assert f2.stats.prefill_start == 0 and f2.stats.slots_prefilled == 3
+    assert a2.tokens == f2.tokens and str(a2) == str(f2) and a2.thinking == f2.thinking
+
+    # first-token logits of the second turn: cached session vs fresh session
+    model.reset()
+    model.chat(msgs1, **kw)
+    cached = model.prefill(msgs2, enable_thinking=think)
+    assert model.stats.prefill_start == s.prefill_start and model.stats.images_encoded == 0
+    fresh.reset()
+    new = fresh.prefill(msgs2, enable_thinking=think)
+    err = rel_err(cached, new)
+    print(f"turn-2 logits cached vs fresh (think={think}): {err:.2e}")
+    assert err < 1e-4
+
+
+def test_images_are_not_reencoded_and_changes_are_seen(model):
+    a, b = picture(448, 448, seed=3), picture(448, 448, seed=4)
+    model.reset()
+    model.prefill([{"role": "user", "content": [a, "?"]}])
+    n_first = model.stats.images_encoded
+    model.reset()
+    model.prefill([{"role": "user", "content": [a, "?"]}])
+    assert model.stats.images_encoded == 0 and model.stats.slots_prefilled == 1  # cached embeddings
+    # a different image at the same place: re-encoded, and the cache stops before its slot
+    model.prefill([{"role": "user", "content": [b, "?"]}])
+    assert model.stats.images_encoded == 1 and model.stats.slots_prefilled == 1
+    assert model.stats.prefill_start < 20
+    assert n_first in (0, 1)
+
+
+def test_stream_matches_non_stream(model):
+    img = picture(448, 448, seed=5)
+    msgs = [{"role": "user", "content": [img, "Hi"]}]
+    for think in (False, True):
+        whole = model.chat(msgs, enable_thinking=think, greedy=True, max_new_tokens=12)
+        s = model.chat(msgs, enable_thinking=think, greedy=True, max_new_tokens=12, stream=True)
+        pieces = list(s)
+        assert s.result.tokens == whole.tokens and model.last is s.result
+        answer = "".join(p for p in pieces if not p.thinking)
+        assert answer.strip() == str(whole)
+        hidden = model.chat(msgs, enable_thinking=think, greedy=True, max_new_tokens=12, stream=True,
+                            show_thinking=False)
+        assert all(not p.thinking for p in hidden)
+        if think:
+            assert pieces[0] == "<think>\n" and pieces[0].thinking
+            assert whole.raw.startswith("<think>\n")
+
+
+def test_sampling_is_seeded(model):
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+    a = model.chat(msgs, seed=7, max_new_tokens=10, temperature=1.5)
+    b = model.chat(msgs, seed=7, max_new_tokens=10, temperature=1.5)
+    c = model.chat(msgs, seed=8, max_new_tokens=10, temperature=1.5)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+
+
+def test_video_groups_one_slot_per_group(model):
+    frames = [picture(448, 448, seed=10 + i) for i in range(5)]
+    groups = [[0, 1, 2], [3, 4]]
+    msgs = [{"role": "user", "content": frames + ["What happens?"]}]
+    model.reset()
+    logits = model.prefill(msgs, use_image_id=False, max_slice_nums=1, temporal_ids=groups)
+    st = model.stats
+    assert st.images_encoded == 2 and st.slots_encoded == 2 and st.slots_prefilled == 2
+    assert np.isfinite(logits).all()
+    # the group's slot is the resampler over all its frames (not the first frame alone)
+    from minicpmv.runtime.image import slice_image
+    pix = [slice_image(f, 1).pixel_values()[0] for f in frames]
+    joint = model.vision.encode_slices(pix[:3], [[0, 1, 2]])[0]
+    single = model.vision.encode_slices(pix[:1], None)[0]
+    key = next(k for k in model._emb_cache if model._emb_cache[k].shape[0] == 1
+               and np.allclose(model._emb_cache[k][0], joint, atol=1e-5))
+    assert key is not None and not np.allclose(joint, single, atol=1e-3)
+
+
+def test_context_overflow_is_a_clear_error(files):
+    small = load(files, n_ctx=256)
+    with pytest.raises(ContextOverflowError, match=r"needs \d+ tokens .*n_ctx=256"):
+        small.chat([{"role": "user", "content": [picture(1344, 1344), "?"]}], max_new_tokens=4)
+    small.close()
+
+
+# --------------------------------------------------------------------------- legacy mmproj layout
+
+def write_legacy_mmproj(src, dst):
+    """Our mmproj rewritten as llama.cpp's legacy MiniCPM-V script writes it: the vision MLP's fc1
+    stored as ffn_down and fc2 as ffn_up, and no general.type key."""
+    import gguf
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), "clip")
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.type"):
+            continue
+        vt = f.types[0]
+        if vt == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(f.name, f.contents(), vt, sub_type=f.types[-1])
+        else:
+            w.add_key_value(f.name, f.contents(), vt)
+    for t in r.tensors:
+        name = t.name
+        if ".ffn_up." in name:
+            name = name.replace(".ffn_up.", ".ffn_down.")
+        elif ".ffn_down." in name:
+            name = name.replace(".ffn_down.", ".ffn_up.")
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32
+        w.add_tensor(name, np.array(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_legacy_mmproj_layout_same_embeddings_and_logits(model, files, tmp_path):
+    lm, mm = files
+    legacy = write_legacy_mmproj(mm, tmp_path / "mmproj-model-f16.gguf")
+    old = load((lm, legacy))
+    try:
+        assert old.vision.legacy_ffn and not model.vision.legacy_ffn
+        img = picture(640, 480, seed=6)
+        from minicpmv.runtime.image import slice_image
+        pix = slice_image(img).pixel_values()
+        np.testing.assert_allclose(old.vision.encode_slices(pix), model.vision.encode_slices(pix), rtol=0, atol=1e-6)
+        msgs = [{"role": "user", "content": [img, "What is it?"]}]
+        model.reset()
+        ours = model.prefill(msgs)
+        theirs = old.prefill(msgs)
+        assert rel_err(theirs, ours) < 1e-6
+    finally:
+        old.close()
+
+
+# --------------------------------------------------------------------------- CLI and bad input
+
+def run_cli(args):
+    from typer.testing import CliRunner
+
+    from minicpmv.cli.run import app
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error_line(res) -> str:
+    assert res.exit_code != 0
+    lines = [x for x in res.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("minicpm-run: error: ")
+    return lines[0]
+
+
+def test_cli_answers_with_json(files, tmp_path):
+    import json
+    lm, mm = files
+    pic = tmp_path / "pic.png"
+    picture(448, 448, seed=9).save(pic)
+    res = run_cli(["--model", lm, "--mmproj", mm, pic, "What is it?", "--json", "--greedy", "--max-tokens", "5",
+                   "--threads", "2", "--vision-dtype", "f32"])
+    assert res.exit_code == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert set(out) >= {"answer", "thinking", "timings"}
+    t = out["timings"]
+    assert t["slots_encoded"] == 1 and len(t["vision_ms"]) == 1 and t["decode_tokens"] <= 5
+
+
+def test_cli_missing_model_files(tmp_path):
+    line = one_error_line(run_cli(["--model", tmp_path / "nope.gguf", "--mmproj", tmp_path / "mm.gguf", "hi"]))
+    assert "nope.gguf" in line and "not found" in line
+    line = one_error_line(run_cli(["--model-dir", tmp_path / "missing", "hi"]))
+    assert "missing" in line
+    (tmp_path / "empty").mkdir()
+    line = one_error_line(run_cli(["--model-dir", tmp_path / "empty", "hi"]))
+    assert "no language-model" in line
+
+
+def test_cli_mmproj_of_another_width(files, tmp_path):
+    from minicpmv.convert.pipeline import convert
+    from minicpmv.convert.synthetic import make_checkpoint
+    ck = make_checkpoint(tmp_path / "narrow", "tiny", hidden_size=128)
+    other = convert(ck, tmp_path / "narrow-out", mmproj_type="f32", write_lm=False, progress=False).mmproj_path
+    line = one_error_line(run_cli(["--model", files[0], "--mmproj", other, "hi"]))
+    assert "128" in line and "256" in line and other.name in line
+    with pytest.raises(ModelFileError):
+        MiniCPMV.load(files[0], other)
+
+
+def test_cli_unreadable_image(files, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("this is not a picture")
+    line = one_error_line(run_cli(["--model", files[0], "--mmproj", files[1], bad, "What is it?"]))
+    assert "bad.png" in line
+    line = one_error_line(run_cli(["--model", files[0], "--mmproj", files[1], tmp_path / "gone.jpg", "What?"]))
+    assert "gone.jpg" in line
+
+
+def test_cli_context_overflow(files, tmp_path):
+    pic = tmp_path / "big.png"
+    picture(1344, 1344).save(pic)
+    line = one_error_line(run_cli(["--model", files[0], "--mmproj", files[1], pic, "?", "--ctx", "256",
+                                   "--vision-dtype", "f32"]))
+    assert "n_ctx=256" in line and "needs" in line
