@@ -404,7 +404,9 @@ class Bench:
                 except Skip as e:
                     sec = {"status": str(e)}
                 except BenchError as e:
-                    sec = {"status": f"failed: {e}"}
+                    lines = str(e).splitlines()
+                    sec = {"status": f"failed: {lines[0]} ({lines[-1].strip() if len(lines) > 1 else ''})",
+                           "error": str(e)}
                 sec["finished"] = now()
                 res["sections"][name] = sec
                 tqdm.write(f"bench: {name}: {sec['status'] if sec['status'] != 'ok' else summary(sec)}", file=sys.stderr)

@@ -121,18 +121,26 @@ def _words(n: int, seed: int) -> str:
 
 
 def _prompt_text(lm, n_prompt: int, run: int) -> tuple[str, list[int]]:
-    """A user text whose chat prompt is exactly n_prompt tokens (starts with the run number so
-    that no two runs share a KV-cache prefix beyond the first few tokens)."""
-    words = n_prompt
-    while True:
-        text = f"Run {run}: " + _words(words, run)
-        toks = lm.tokenize(chatml(text))
-        if len(toks) <= n_prompt:
+    """A user text whose chat prompt is n_prompt tokens (or a token or two less: BPE merges make
+    some lengths unreachable). It starts with the run number so that no two runs share a KV-cache
+    prefix beyond the first few tokens."""
+    def make(k: int) -> tuple[str, list[int]]:
+        text = f"Run {run}: " + _words(k, run)
+        return text, lm.tokenize(chatml(text))
+
+    lo, hi = 1, n_prompt          # largest word count whose prompt fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(make(mid)[1]) <= n_prompt:
+            lo = mid
+        else:
+            hi = mid - 1
+    text, toks = make(lo)
+    while len(toks) < n_prompt:    # pad one short token at a time
+        t2 = lm.tokenize(chatml(text + " a"))
+        if len(t2) > n_prompt:
             break
-        words -= max(1, (len(toks) - n_prompt) // 2)
-    while len(toks) < n_prompt:
-        text += " the"
-        toks = lm.tokenize(chatml(text))
+        text, toks = text + " a", t2
     return text, toks
 
 

@@ -75,8 +75,6 @@ def encode(x: np.ndarray, t: Q, imatrix: np.ndarray | None = None, n_threads: in
             ok = all(pool.map(run, chunks))
     if not ok:
         raise ValueError(f"{label}: {t.name} data failed validation (NaN or infinite values in the input?)")
-    # keep the inputs alive until every thread is done (the raw pointers do not hold them)
-    del rows, imat
     return out
 
 

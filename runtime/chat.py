@@ -177,10 +177,14 @@ class MiniCPMV:
     @classmethod
     def load(cls, model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None, *,
              n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int | None = None,
-             vision_dtype: str = "auto", n_batch: int = 512, verbose: bool = False) -> "MiniCPMV":
+             vision_dtype: str = "auto", n_batch: int = 512, kv_type: str = "f16",
+             flash_attn: bool | None = None, verbose: bool = False) -> "MiniCPMV":
         """Load the language model GGUF and the mmproj GGUF, or a folder holding both.
 
-        `n_gpu_layers` None = all layers on Metal on macOS, CPU elsewhere. Raises ModelFileError
+        `n_gpu_layers` None = all layers on Metal on macOS, CPU elsewhere. llama.cpp's defaults keep
+        the KV cache in f16 and use flash attention (f16 math on the CPU), so logits move by ~1e-4 of
+        their range with how positions were batched; `kv_type="f32", flash_attn=False` makes them
+        reproducible to ~1e-7 (more memory, slower attention). Raises ModelFileError
         (one line) for missing/unreadable files or a mmproj whose width does not match the LM.
         """
         model_path = Path(model_path)
@@ -211,7 +215,8 @@ class MiniCPMV:
             raise ModelFileError(f"{mmproj_path}: mmproj produces {vision.embed_dim}-wide embeddings but the "
                                  f"language model {model_path.name} expects {lm.n_embd}; use the matching pair")
         ctx = LlamaContext(lm, ContextParams(n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
-                                             embd_rows=vision.query_num))
+                                             embd_rows=vision.query_num, kv_type=kv_type,
+                                             flash_attn=flash_attn))
         return cls(lm, ctx, vision)
 
     def close(self) -> None:

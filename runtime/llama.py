@@ -201,6 +201,11 @@ class ContextParams:
     n_batch: int = 512
     n_threads: int | None = None
     embd_rows: int = 64          # rows per embedding batch (one MiniCPM-V image slot)
+    kv_type: str = "f16"         # KV cache precision: "f16" (llama.cpp's default) or "f32"
+    flash_attn: bool | None = None   # None: llama.cpp decides (on for CPU); its CPU kernel is f16
+
+
+_KV_TYPES = {"f16": 1, "f32": 0}  # ggml_type ids
 
 
 class LlamaContext:
@@ -218,6 +223,10 @@ class LlamaContext:
         cp.n_threads = threads
         cp.n_threads_batch = threads
         cp.no_perf = True
+        if p.kv_type not in _KV_TYPES:
+            raise LlamaError(f"kv_type: {p.kv_type!r} is not one of {', '.join(_KV_TYPES)}")
+        cp.type_k = cp.type_v = _KV_TYPES[p.kv_type]
+        cp.flash_attn_type = -1 if p.flash_attn is None else int(bool(p.flash_attn))
         self.ctx = ll.llama_init_from_model(model.model, cp)
         if not self.ctx:
             raise LlamaError(f"cannot create a llama.cpp context with n_ctx={p.n_ctx} "

@@ -160,6 +160,24 @@ def test_medium_matches_llama_quantize(medium, tmp_path, type_name):
     assert types["token_embd.weight"] == default
 
 
+def test_36_layers_match_llama_quantize(tmp_path):
+    """The real depth: llama.cpp orders blk.10 after blk.9 (numeric), and use_more_bits(i, 36) is
+    {0-3, 6, 9, ..., 27, 30-35}. Narrow matrices keep it fast."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", num_hidden_layers=36)
+    types = assert_same_as_llama(ckpt, bf16_gguf(ckpt, tmp_path / "bf16"), tmp_path, "Q4_K_M")
+    q6 = [i for i in range(36) if types[f"blk.{i}.ffn_down.weight"] == Q.Q6_K]
+    assert q6 == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 31, 32, 33, 34, 35]
+    assert q6 == [i for i in range(36) if types[f"blk.{i}.attn_v.weight"] == Q.Q6_K]
+
+
+def test_tied_embeddings_take_the_output_rule():
+    spec = quant.parse_type("Q4_K_M")
+    tensors = [("token_embd.weight", (600, 256)), ("blk.0.attn_v.weight", (128, 256))]
+    assert quant.lm_tensor_types(tensors, spec, 1)[0] == Q.Q6_K
+    untied = tensors + [("output.weight", (600, 256))]
+    assert quant.lm_tensor_types(untied, spec, 1)[0] == Q.Q4_K
+
+
 def test_row_size_fallbacks_match_llama_quantize(odd_width, tmp_path):
     ckpt, bf16 = odd_width
     expect = {  # type -> (288-wide matmuls, output.weight, 600-wide ffn_down)
@@ -205,6 +223,8 @@ def test_imatrix_reader_follows_the_file_formats(tmp_path):
         want = sums / np.float32(count) if count > 0 else np.ones_like(sums)
         assert got[name].dtype == np.float32 and np.array_equal(got[name], want), name
     assert (got[sorted(widths)[3]] == 1).all()   # count 0 -> neutral weights
+    meta = quant.imatrix_metadata(tmp_path / "i.gguf")
+    assert meta["quantize.imatrix.dataset"] == "calibration.txt" and meta["quantize.imatrix.chunks_count"] == 42
 
     legacy = {n: (sums, 5) for n, (sums, _) in data.items()}
     got = quant.load_imatrix(write_imatrix_dat(tmp_path / "i.dat", legacy), list(widths))
