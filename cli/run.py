@@ -246,7 +246,8 @@ def run(
                                           help="Video: frames per 64-token group (default: automatic, at most 3)."),
     max_frames: int = typer.Option(180, "--max-frames", min=1, help="Video: most groups (64-token units) per video."),
     verbose: bool = typer.Option(False, "--verbose", "-v",
-                                 help="Print llama.cpp's log, vision ms per slice, prefill and decode tokens/s."),
+                                 help="Print timings: vision ms per slice, prefill and decode tokens/s."),
+    llama_log: bool = typer.Option(False, "--llama-log", help="Show llama.cpp's own log (silent by default)."),
 ) -> None:
     """Ask MiniCPM-V 4.5 about images and videos, or chat interactively.
 
@@ -282,7 +283,7 @@ def run(
         n_ctx = max(4096, 72 * len(conv.pending_groups) + min(max_tokens, 4096) + 512)
     try:
         m = MiniCPMV.load(model_dir if model_dir is not None else model, mmproj, n_ctx=n_ctx, n_threads=threads,
-                          n_gpu_layers=gpu_layers, vision_dtype=vision_dtype, verbose=verbose)
+                          n_gpu_layers=gpu_layers, vision_dtype=vision_dtype, verbose=llama_log)
     except (ValueError, OSError, RuntimeError) as e:
         fail(str(e))
     if question is None:

@@ -40,7 +40,8 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
             threads: int | None = None, progress: bool = True, write_lm: bool = True,
             write_mmproj: bool = True) -> ConvertResult:
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    spec = quant.parse_type(quant_type)
+    spec = quant.parse_type(quant_type) if write_lm else None
+    mm_spec = mmproj.parse_mmproj_type(mmproj_type)
     cfg = load_config(ckpt_dir)
     ckpt = Checkpoint(ckpt_dir)
     validate(ckpt, cfg)
@@ -49,8 +50,7 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
     if out_dir.resolve() == ckpt_dir.resolve():
         raise CheckpointError(f"{out_dir}: output folder is the checkpoint folder; choose another -o")
 
-    lm_path = out_dir / f"{MODEL_NAME}-{spec.name}.gguf"
-    mm_spec = mmproj.parse_mmproj_type(mmproj_type)
+    lm_path = out_dir / f"{MODEL_NAME}-{spec.name if spec else quant_type.upper()}.gguf"
     mm_path = out_dir / f"mmproj-{MODEL_NAME}-{mm_spec.upper()}.gguf"
     jobs: list[tuple[Path, str, object, list[TensorPlan], object]] = []
     if ollama:

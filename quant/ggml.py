@@ -45,6 +45,8 @@ def lib() -> ctypes.CDLL:
     _sig(so.ggml_validate_row_data, ctypes.c_bool, ty, ptr, sz)
     _sig(so.ggml_type_name, ctypes.c_char_p, ty)
     _sig(so.ggml_quantize_init, None, ty)
+    _sig(so.ggml_bf16_to_fp32_row, None, ptr, ptr, i64)
+    _sig(so.ggml_fp16_to_fp32_row, None, ptr, ptr, i64)
     return so
 
 
@@ -80,6 +82,12 @@ def validate_row_data(t: int, data: int, nbytes: int) -> bool:
 
 def type_name(t: int) -> str:
     return lib().ggml_type_name(t).decode()
+
+
+def to_f32_row(src_type: str, src: int, dst: int, n: int) -> None:
+    """n BF16 or F16 values at src -> float32 at dst (what llama-quantize does to a 16-bit input)."""
+    fn = lib().ggml_bf16_to_fp32_row if src_type == "BF16" else lib().ggml_fp16_to_fp32_row
+    fn(src, dst, n)
 
 
 def quantize_init(t: int) -> None:

@@ -68,40 +68,35 @@ def test_truncated_shard(ckpt_copy, tmp_path):
     assert no_outputs(tmp_path / "out")
 
 
-def _drop_tensor(ckpt: Path, name: str, rename_to: str | None = None) -> None:
-    """Rewrite the shard holding `name` without it (or under another name), fixing the index."""
-    import numpy as np
-    from safetensors.numpy import load_file, save_file
+def _rewrite_shard(ckpt: Path, holder: str, edit) -> None:
+    """Rewrite the bf16 shard holding tensor `holder`: `edit(dict name -> uint16 array)` changes it."""
+    from minicpmv.convert.checkpoint import Checkpoint
+    from minicpmv.convert.synthetic import write_safetensors
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
-    shard = ckpt / index["weight_map"][name]
-    assert name in read_safetensors_header(shard)
-    tensors = {k: v for k, v in load_file(shard).items()}
-    t = tensors.pop(name)
-    del index["weight_map"][name]
-    if rename_to:
-        tensors[rename_to] = np.asarray(t)
-        index["weight_map"][rename_to] = shard.name
-    save_file(tensors, shard)
+    shard_name = index["weight_map"][holder]
+    ck = Checkpoint(ckpt)
+    tensors = {n: ck.raw(n) for n in read_safetensors_header(ckpt / shard_name)}
+    ck.close()
+    edit(tensors)
+    write_safetensors(ckpt / shard_name, [(n, t.shape) for n, t in tensors.items()], lambda n, s: [tensors[n]])
+    index["weight_map"] = {n: f for n, f in index["weight_map"].items() if f != shard_name}
+    index["weight_map"] |= {n: shard_name for n in tensors}
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 def test_missing_tensor(ckpt_copy, tmp_path):
-    _drop_tensor(ckpt_copy, "llm.model.layers.1.mlp.up_proj.weight")
+    name = "llm.model.layers.1.mlp.up_proj.weight"
+    _rewrite_shard(ckpt_copy, name, lambda t: t.pop(name))
     res = run_convert(str(ckpt_copy), "-o", str(tmp_path / "out"))
-    assert_one_line_error(res, "missing tensor", "llm.model.layers.1.mlp.up_proj.weight")
+    assert_one_line_error(res, "missing tensor", name)
     assert no_outputs(tmp_path / "out")
 
 
 def test_unknown_tensor(ckpt_copy, tmp_path):
-    # keep the expected tensor, add an extra one that MiniCPM-V 4.5 does not have
-    from safetensors.numpy import load_file, save_file
-    index = json.loads((ckpt_copy / "model.safetensors.index.json").read_text())
-    shard = ckpt_copy / index["weight_map"]["llm.model.norm.weight"]
-    tensors = load_file(shard)
-    tensors["llm.model.extra_head.weight"] = tensors["llm.model.norm.weight"]
-    save_file(tensors, shard)
-    index["weight_map"]["llm.model.extra_head.weight"] = shard.name
-    (ckpt_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    # keep every expected tensor, add one that MiniCPM-V 4.5 does not have
+    def add(t):
+        t["llm.model.extra_head.weight"] = t["llm.model.norm.weight"]
+    _rewrite_shard(ckpt_copy, "llm.model.norm.weight", add)
     res = run_convert(str(ckpt_copy), "-o", str(tmp_path / "out"))
     assert_one_line_error(res, "unknown tensor", "llm.model.extra_head.weight")
     assert no_outputs(tmp_path / "out")
@@ -138,3 +133,20 @@ def test_help_is_complete():
     assert res.returncode == 0
     for opt in ("--out", "--quant", "--mmproj-type", "--imatrix", "--ollama", "--force", "--threads"):
         assert opt in res.stdout
+
+
+def test_one_run_writes_both_files_and_modelfile(tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    res = run_convert(str(tiny_ckpt), "-o", str(out), "--quant", "Q8_0", "--ollama")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "MiniCPM-V-4.5-Q8_0.gguf", "Modelfile", "mmproj-MiniCPM-V-4.5-F16.gguf"]
+    text = (out / "Modelfile").read_text()
+    assert "FROM ./MiniCPM-V-4.5-Q8_0.gguf" in text and "FROM ./mmproj-MiniCPM-V-4.5-F16.gguf" in text
+    # the Modelfile for files that already exist: refused while one exists, rewritten with --force
+    again = run_convert("--modelfile-only", str(out))
+    assert_one_line_error(again, "Modelfile", "--force")
+    (out / "Modelfile").unlink()
+    only = run_convert("--modelfile-only", str(out))
+    assert only.returncode == 0, only.stderr
+    assert (out / "Modelfile").read_text() == text
