@@ -102,11 +102,12 @@ def machine_info() -> dict:
     except (OSError, KeyError, ValueError):
         info["memory_gb"] = None
     versions = {}
-    for mod in ("torch", "numpy", "llama_cpp", "gguf"):
+    from importlib import metadata
+    for dist in ("torch", "numpy", "llama-cpp-python", "gguf", "av"):
         try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 (report what is importable)
-            versions[mod] = None
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
     info["versions"] = versions
     return info
 

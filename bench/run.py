@@ -48,7 +48,7 @@ class Scale:
 
 SCALES = {
     "full": Scale("full", 17.4, 16.4, 5.0, 0.9, runs=3, e2e_runs=2, est={
-        "checkpoint": 300, "convert_onepass": 420, "convert_bf16": 240, "llama_quantize": 360, "compare": 40,
+        "checkpoint": 420, "convert_onepass": 420, "convert_bf16": 240, "llama_quantize": 360, "compare": 40,
         "models": 900, "vision": 180, "llm": 420, "e2e": 660, "video": 420, "sizes": 360}),
     "medium": Scale("medium", 0.06, 0.05, 0.02, 0.02, runs=3, e2e_runs=3, est={
         "checkpoint": 2, "convert_onepass": 5, "convert_bf16": 4, "llama_quantize": 3, "compare": 1,
@@ -268,7 +268,9 @@ class Bench:
         notes = [f"same Q4_K_M GGUF, {self.threads} threads; llama.cpp = a bare `llama_decode` loop (one 512-token "
                  "batch, then greedy one-token decodes); ours = `MiniCPMV.chat` on a text-only message of the same "
                  "length (stream=True, default sampling: penalty, top-k, temperature, top-p), prefill = prompt "
-                 "tokens / time to first token, decode = (tokens - 1) / (total - time to first token).",
+                 "tokens / time to first token (ours: the runtime's own ttft counter, which includes building and tokenizing "
+                 "the prompt), decode = one-token `llama_decode` calls after the first token / (total - time to first "
+                 "token) (ours decodes every sampled token, the bare loop all but the last).",
                  f"{self.runs} runs after a warm-up; prompt tokens (bare, ours) {r['n_prompt']}; generated "
                  f"(asked, ours) {r.get('n_gen')}.",
                  f"per-run decode tok/s: bare {fmt_list(r['bare_decode_tps'])}, ours {fmt_list(r['ours_decode_tps'])}."]
@@ -396,6 +398,7 @@ class Bench:
                         res["sections"][name] = {"status": f"no model files: {str(e).splitlines()[0]}"}
                         continue
                 fn = getattr(self, f"sec_{name}")
+                t_sec = time.time()
                 try:
                     sec = fn()
                     sec["status"] = "ok"
@@ -408,6 +411,12 @@ class Bench:
                     sec = {"status": f"failed: {lines[0]} ({lines[-1].strip() if len(lines) > 1 else ''})",
                            "error": str(e)}
                 sec["finished"] = now()
+                sec["load"] = section_load(self.loads, t_sec)
+                if sec.get("notes") is not None and sec["load"]:
+                    sec["notes"].append(f"1-min load average during this section: mean {sec['load']['mean']:.2f}, "
+                                        f"max {sec['load']['max']:.2f} on {self.threads} threads"
+                                        + (" (other processes were competing for the CPU)"
+                                           if sec["load"]["max"] > self.threads + 1.0 else ""))
                 res["sections"][name] = sec
                 tqdm.write(f"bench: {name}: {sec['status'] if sec['status'] != 'ok' else summary(sec)}", file=sys.stderr)
         finally:
@@ -440,6 +449,11 @@ def summary(sec: dict) -> str:
         if r["ratio"] is not None:
             parts.append(f"{r['metric']}: {r['ratio']:.3g}x" + ("" if r["met"] is None else (" ok" if r["met"] else " MISSED")))
     return "; ".join(parts) or "done"
+
+
+def section_load(loads: list[tuple[float, float]], since: float) -> dict | None:
+    vals = [l for t, l in loads if t >= since]
+    return {"mean": sum(vals) / len(vals), "max": max(vals)} if vals else None
 
 
 def load_note(loads: list[tuple[float, float]], threads: int) -> str:
@@ -520,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for BENCHMARKS.md and results.json (default: the repo for --scale full, "
                          "the cache folder otherwise)")
+    ap.add_argument("--prepare", action="store_true",
+                    help="only generate the cached synthetic checkpoint and our Q4_K_M + f16 mmproj files, untimed")
     args = ap.parse_args(argv)
     if args.threads is None:
         from .common import machine_info as _mi
@@ -531,6 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs is not None and args.runs < 1:
         ap.error("--runs must be >= 1")
     b = Bench(args)
+    if args.prepare:
+        b.check_disk(["models"])
+        b.make_ckpt()
+        notes = b.make_models()
+        print(f"bench: ready: {b.ckpt}, {b.lm}, {b.mmproj}" + (f" ({notes[0]})" if notes else ""), file=sys.stderr)
+        return 0
     if args.out is None:
         md, js = (REPO / "BENCHMARKS.md", REPO / "bench" / "results.json") if args.scale == "full" else \
             (b.cache / f"{args.scale}-results" / "BENCHMARKS.md", b.cache / f"{args.scale}-results" / "results.json")

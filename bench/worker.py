@@ -325,7 +325,7 @@ def video(a: dict) -> dict:
     n_chunks = M.mtmd_input_chunks_size(sub)
     for i in range(n_chunks):
         ch = M.mtmd_input_chunks_get(sub, i)
-        new = L.llama_pos(0)
+        new = L.llama_pos(n_past)   # the helper adds to it
         last = i == n_chunks - 1
         if M.mtmd_input_chunk_get_type(ch) == 1:
             ta = time.perf_counter()
@@ -333,7 +333,8 @@ def video(a: dict) -> dict:
                 raise RuntimeError("mtmd_encode_chunk failed")
             vis += time.perf_counter() - ta
             rc = M.mtmd_helper_decode_image_chunk(mt.ctx, bare.ctx, ch, M.mtmd_get_output_embd(mt.ctx), n_past, 0,
-                                                  bare.n_batch, ctypes_byref(new), None, None)
+                                                  bare.n_batch, ctypes_byref(new),
+                                                  M.mtmd_helper_post_decode_callback(0), None)
         else:
             rc = M.mtmd_helper_eval_chunk_single(mt.ctx, bare.ctx, ch, n_past, 0, bare.n_batch, last, ctypes_byref(new))
         if rc != 0:

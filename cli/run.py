@@ -126,20 +126,18 @@ def answer_once(model, conv: Conversation, o: Opts) -> str:
                                "timings": a.stats.as_dict()}, ensure_ascii=False))
     elif o.stream:
         s = model.chat(conv.msgs, stream=True, **kw)
-        thinking_open = False
+        in_think, shown = False, ""
         for p in s:
-            if p.thinking:
-                if not thinking_open and tty:
-                    sys.stdout.write(DIM)
-                thinking_open = True
-                sys.stdout.write(p)
-            else:
-                if thinking_open:
-                    sys.stdout.write((RESET if tty else "") + "\n\n")
-                    thinking_open = False
-                sys.stdout.write(p)
+            if p.thinking and not in_think and tty:
+                sys.stdout.write(DIM)
+            if not p.thinking and in_think:   # reasoning done: close it on its own paragraph
+                gap = "\n" * max(0, 2 - (len(shown) - len(shown.rstrip("\n"))))
+                sys.stdout.write((RESET if tty else "") + gap)
+            in_think = p.thinking
+            shown = (shown + p)[-2:]
+            sys.stdout.write(p)
             sys.stdout.flush()
-        if thinking_open and tty:
+        if in_think and tty:
             sys.stdout.write(RESET)
         sys.stdout.write("\n")
         a = s.result
@@ -225,7 +223,8 @@ def run(
                                                 help="Sampling temperature (default 0.7)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0,
                                           help="Nucleus sampling (default 0.8; 1.0 with --think)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Top-k sampling, 0 = off (default 100; off with --think)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0,
+                                        help="Top-k sampling, 0 = off (default 100; off with --think)."),
     repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", min=0.0,
                                                    help="Repetition penalty (default 1.03; 1.0 with --think)."),
     greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token (deterministic)."),
@@ -234,11 +233,13 @@ def run(
     max_slices: Optional[int] = typer.Option(None, "--max-slices", min=1,
                                              help="Most slices per image (default 9; 1 for videos)."),
     image_id: Optional[bool] = typer.Option(None, "--image-id/--no-image-id",
-                                            help="Number images in the prompt (default: on for images, off for videos)."),
+                                            help="Number images in the prompt "
+                                                 "(default: on for images, off for videos)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: all cores)."),
     ctx: Optional[int] = typer.Option(None, "--ctx", "-c", min=256,
                                       help="Context length in tokens (default 4096, more if a video needs it)."),
-    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", help="Layers on the GPU (-1 all; default: all on macOS, none elsewhere)."),
+    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers",
+                                             help="Layers on the GPU (-1 all; default: all on macOS, none elsewhere)."),
     vision_dtype: str = typer.Option("auto", "--vision-dtype", help="Vision encoder precision: auto, bf16, f32."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, thinking, timings."),
     fps: float = typer.Option(5.0, "--fps", min=0.01, help="Video: frames sampled per second."),

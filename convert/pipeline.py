@@ -62,8 +62,12 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
         raw_cfg = json.loads((ckpt_dir / "config.json").read_text(encoding="utf-8"))
         vocab = load_vocab(ckpt_dir, cfg.text.vocab_size, raw_cfg)
         plans = lm.lm_plans(ckpt, cfg)
-        imat = quant.load_imatrix(imatrix, [p.name for p in plans]) if imatrix else None
-        types = quant.lm_tensor_types([(p.name, p.shape) for p in plans], spec, cfg.text.num_hidden_layers)
+        imat = quant.load_imatrix(imatrix, [p.name for p in plans], shapes={p.name: p.shape for p in plans}) \
+            if imatrix else None
+        # with an imatrix llama-quantize changes a few choices (e.g. Q4_0's first ffn_down -> Q4_1)
+        types = quant.lm_tensor_types([(p.name, p.shape) for p in plans], spec, cfg.text.num_hidden_layers,
+                                      has_imatrix=imat is not None)
+        imat_meta = quant.imatrix_metadata(imatrix) if imatrix else {}
         for p, t in zip(plans, types):
             p.ggml_type = t
             if imat is not None:
@@ -72,6 +76,8 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
 
         def lm_meta(w, vocab=vocab, n=n):
             lm.add_lm_metadata(w, cfg, vocab, name=MODEL_NAME, file_type=int(spec.ftype), n_params=n)
+            for k, v in imat_meta.items():  # the keys llama-quantize adds when it uses an imatrix
+                (w.add_string if isinstance(v, str) else w.add_uint32)(k, v)
         jobs.append((lm_path, LM_ARCH, lm_meta, plans, None))
 
     if write_mmproj:
@@ -87,7 +93,7 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
     bar = tqdm(total=total, unit="param", unit_scale=True, desc="converting", disable=not progress)
 
     def encode(x: np.ndarray, p: TensorPlan) -> np.ndarray:
-        return quant.encode(x, p.ggml_type, p.meta.get("imatrix"), n_threads=threads)
+        return quant.encode(x, p.ggml_type, p.meta.get("imatrix"), n_threads=threads, name=p.name)
 
     def tick(p: TensorPlan) -> None:
         bar.set_postfix_str(f"{p.name} {p.ggml_type.name}", refresh=False)

@@ -39,6 +39,7 @@ from .prompt import Media, Prompt, Slot, build_prompt
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 THINK_END = "</think>"
+VISION_BATCH_SLICES = 48   # slices (frames x slots) per vision call
 
 
 class ModelFileError(ValueError):
@@ -223,6 +224,12 @@ class MiniCPMV:
         self.ctx.close()
         self.lm.close()
 
+    def __enter__(self) -> "MiniCPMV":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def reset(self) -> None:
         """Forget the KV cache (the image-embedding cache is kept)."""
         self.ctx.clear()
@@ -242,8 +249,8 @@ class MiniCPMV:
                     c = c.get("image", c.get("text", c))
                 if isinstance(c, Image.Image):
                     conv.append(load_image(c, background=None))  # reference: plain convert("RGB")
-                elif isinstance(c, (os.PathLike, bytes)):
-                    conv.append(load_image(Path(os.fsdecode(c))))
+                elif isinstance(c, os.PathLike):
+                    conv.append(load_image(Path(c)))
                 else:
                     conv.append(c)
             out.append({"role": m.get("role"), "content": conv})
@@ -271,38 +278,39 @@ class MiniCPMV:
             h.update(_image_key(f))
         return h.digest()
 
-    def _encode(self, m: Media, max_slice_nums: int, stats: ChatStats) -> np.ndarray:
-        """[n_slots, query_num, n_embd] for one media item (image, or temporal group of frames)."""
-        sliced = [slice_image(f, max_slice_nums) for f in m.frames]
-        n_slots = len(sliced[0].images)
-        if n_slots != m.n_slots:
-            raise AssertionError(f"slicing gave {n_slots} slots, the placeholder {m.n_slots}")
-        t0 = time.perf_counter()
-        if m.temporal_ids is None:
-            emb = self.vision.encode_slices(sliced[0].pixel_values(), None)
-        else:  # slot g of a group = the g-th slice of every frame, attended jointly
+    def _encode(self, todo: list[Media], max_slice_nums: int, stats: ChatStats) -> list[np.ndarray]:
+        """[n_slots, query_num, n_embd] per media item, all items in one vision call (the encoder
+        batches slices up to its token budget). Slot g of a temporal group is the g-th slice of
+        every frame of the group, attended jointly; a still image's slots are groups [-1] (no
+        temporal term), exactly as the reference without temporal_ids."""
+        pixels: list[np.ndarray] = []
+        groups: list[list[int]] = []
+        for m in todo:
+            sliced = [slice_image(f, max_slice_nums) for f in m.frames]
+            if len(sliced[0].images) != m.n_slots:
+                raise AssertionError(f"slicing gave {len(sliced[0].images)} slots, the placeholder {m.n_slots}")
             per_frame = [s.pixel_values() for s in sliced]
-            pixels = [per_frame[f][g] for g in range(n_slots) for f in range(len(sliced))]
-            emb = self.vision.encode_slices(pixels, [list(m.temporal_ids)] * n_slots)
-        emb = np.ascontiguousarray(emb, dtype=np.float32)
+            for g in range(m.n_slots):
+                pixels += [pf[g] for pf in per_frame]
+                groups.append(list(m.temporal_ids) if m.temporal_ids is not None else [-1])
+        t0 = time.perf_counter()
+        emb = np.asarray(self.vision.encode_slices(pixels, groups), dtype=np.float32)
         ms = (time.perf_counter() - t0) * 1e3
-        stats.images_encoded += 1
-        stats.slots_encoded += n_slots
-        stats.vision_ms += [ms / n_slots] * n_slots
-        return emb
+        stats.images_encoded += len(todo)
+        stats.slots_encoded += len(groups)
+        stats.vision_ms += [ms / len(groups)] * len(groups)
+        out, k = [], 0
+        for m in todo:
+            out.append(np.ascontiguousarray(emb[k:k + m.n_slots]))
+            k += m.n_slots
+        return out
 
-    def _embeddings(self, m: Media, key: bytes, max_slice_nums: int, stats: ChatStats) -> np.ndarray:
-        emb = self._emb_cache.get(key)
-        if emb is not None:
-            self._emb_cache.move_to_end(key)
-            return emb
-        emb = self._encode(m, max_slice_nums, stats)
+    def _remember(self, key: bytes, emb: np.ndarray) -> None:
         self._emb_cache[key] = emb
         total = sum(e.nbytes for e in self._emb_cache.values())
         while total > self.cache_bytes and len(self._emb_cache) > 1:
             _, old = self._emb_cache.popitem(last=False)
             total -= old.nbytes
-        return emb
 
     # -- prefill -------------------------------------------------------------------------------
 
@@ -344,9 +352,23 @@ class MiniCPMV:
 
         # vision for the slots that will be decoded (cached embeddings are reused)
         embs: dict[bytes, np.ndarray] = {}
+        todo: dict[bytes, Media] = {}
         for start, slot, k in slots:
-            if start + self.query_num > lcp and k not in embs:
-                embs[k] = self._embeddings(prompt.media[slot.media], k, max_slice_nums, stats)
+            if start + self.query_num > lcp and k not in embs and k not in todo:
+                if k in self._emb_cache:
+                    self._emb_cache.move_to_end(k)
+                    embs[k] = self._emb_cache[k]
+                else:
+                    todo[k] = prompt.media[slot.media]
+        batch: list[tuple[bytes, Media]] = []
+        for i, (k, m) in enumerate(todo.items()):
+            batch.append((k, m))
+            # bounded batches: normalized pixels are 2.4 MB per 448x448 slice (long videos)
+            if sum(len(b.frames) * b.n_slots for _, b in batch) >= VISION_BATCH_SLICES or i == len(todo) - 1:
+                for (bk, _), e in zip(batch, self._encode([b for _, b in batch], max_slice_nums, stats)):
+                    embs[bk] = e
+                    self._remember(bk, e)
+                batch = []
 
         t0 = time.perf_counter()
         slot_at = {start: (slot, k) for start, slot, k in slots}
@@ -356,6 +378,7 @@ class MiniCPMV:
         except BaseException:
             self.reset()  # a failed batch may have left part of itself in the cache
             raise
+        self._kv = keys
         stats.tokens_prefilled = n - lcp
         stats.prefill_ms = (time.perf_counter() - t0) * 1e3
 
@@ -373,7 +396,6 @@ class MiniCPMV:
                     end += 1
                 self.ctx.decode_tokens(keys[pos:end], pos, logits_last=end == n)
                 pos = end
-            self._kv = keys[:pos]
 
     def prefill(self, msgs: list[dict], *, enable_thinking: bool = False, system_prompt: str = "",
                 max_slice_nums: int = 9, use_image_id: bool = True,
@@ -418,7 +440,7 @@ class MiniCPMV:
         stats = ChatStats()
         self.stats = stats
         self._prefill(prompt, max_slice_nums, stats)
-        gen = self._generate(sp, max_new_tokens, enable_thinking, show_thinking, stats, t_start)
+        gen = self._generate(self._kv, sp, max_new_tokens, enable_thinking, show_thinking, stats, t_start)
         if stream:
             s = ChatStream(gen)
 
@@ -434,10 +456,12 @@ class MiniCPMV:
                 self.last = e.value
                 return e.value
 
-    def _generate(self, sp: SamplingParams, max_new_tokens: int, thinking: bool, show_thinking: bool,
-                  stats: ChatStats, t_start: float):
-        """Sample/decode loop; yields Pieces, returns the Answer."""
-        ctx, lm, kv = self.ctx, self.lm, self._kv
+    def _generate(self, kv: list, sp: SamplingParams, max_new_tokens: int, thinking: bool,
+                  show_thinking: bool, stats: ChatStats, t_start: float):
+        """Sample/decode loop; yields Pieces, returns the Answer. `kv` is the cache contents this
+        turn was prefilled into: a later chat()/prefill()/reset() replaces self._kv, and a stream
+        of this turn resumed after that stops with an error instead of decoding into the new cache."""
+        ctx, lm = self.ctx, self.lm
         sampler = Sampler(lm.n_vocab, sp)
         stops, is_eog, piece = self.stop_ids, lm.is_eog, lm.piece
         think_end = self.think_end_id
@@ -475,8 +499,11 @@ class MiniCPMV:
                         if show_thinking and text:
                             yield Piece(text, True)
                     else:
-                        if lead and thinking:
-                            text = text.lstrip("\n")
+                        if lead and thinking:  # "\n\n" after </think>: part of the block's format
+                            body = text.lstrip("\n")
+                            if show_thinking and len(body) < len(text):
+                                yield Piece(text[:len(text) - len(body)], True)
+                            text = body
                         if text:
                             lead = False
                             answer_parts.append(text)
@@ -484,6 +511,9 @@ class MiniCPMV:
                 if pos >= n_ctx:
                     stats.finish_reason = "context"
                     break
+                if self._kv is not kv:
+                    raise RuntimeError("this chat() stream was resumed after a newer chat()/prefill()/reset() "
+                                       "call replaced its KV cache")
                 ctx.decode_one(tok, pos)
                 kv.append(tok)
                 pos += 1

@@ -13,8 +13,9 @@ Math follows the reference model (hf-reference.md §2-§3):
 
 All slices of a call run as one batch: linear layers work on the packed patch rows of every slice
 (no compute on padding); attention runs on a right-padded [B, heads, Lmax, head_dim] view with a
-key padding mask. In bf16 mode the linear layers (and attention inputs) are bf16 with float32
-accumulation, while the residual stream, LayerNorms and the softmax stay in float32.
+key padding mask. In bf16 mode the linear layers take bf16 inputs and weights (oneDNN, float32
+accumulation); the residual stream, LayerNorms and attention (scores, softmax, weighted sum) stay
+in float32.
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ class VisionEncoder:
             q = F.layer_norm(t[R_QUERY], (hp.embed_dim,), t[R_LN_Q + ".weight"], t[R_LN_Q + ".bias"], hp.eps)
             q = F.linear(q, t[R_ATTN_Q + ".weight"], t[R_ATTN_Q + ".bias"])
         h = hp.n_head_resampler
-        self.q_heads = q.reshape(hp.query_num, h, hp.embed_dim // h).transpose(0, 1).contiguous().to(dtype)
+        self.q_heads = q.reshape(hp.query_num, h, hp.embed_dim // h).transpose(0, 1).contiguous()  # f32
 
     # ----------------------------------------------------------------------- construction
 
@@ -333,12 +334,13 @@ class VisionEncoder:
                 padded = qkv.new_zeros(B * Lmax, 3 * d)
                 padded[pad_idx] = qkv
                 qkv = padded.view(B, Lmax, 3, nh, d // nh)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # [B, nh, Lmax, hd]
+            # float32 attention: torch's CPU flash kernel is no faster in bf16 at head_dim 72
+            q, k, v = _heads_f32(qkv.permute(2, 0, 3, 1, 4)).unbind(0)   # [B, nh, Lmax, hd]
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if uniform else mask)
             a = a.transpose(1, 2).reshape(B * Lmax, d)
             if not uniform:
                 a = a[pad_idx]
-            x = x + F.linear(a, blk.out_w, blk.out_b)
+            x = x + F.linear(a.to(dt), blk.out_w, blk.out_b)
             y = F.layer_norm(x, (d,), blk.ln2_w, blk.ln2_b, hp.eps).to(dt)
             y = F.gelu(F.linear(y, blk.fc1_w, blk.fc1_b), approximate="tanh")
             x = x + F.linear(y, blk.fc2_w, blk.fc2_b)
@@ -383,14 +385,21 @@ class VisionEncoder:
             kh = kh.view(G, Kmax, H, hd).transpose(1, 2)
             vh = vh.view(G, Kmax, H, hd).transpose(1, 2)
         q = self.q_heads.unsqueeze(0).expand(G, -1, -1, -1)
-        a = F.scaled_dot_product_attention(q, kh.contiguous(), vh.contiguous(), attn_mask=mask)
+        a = F.scaled_dot_product_attention(q, _heads_f32(kh), _heads_f32(vh), attn_mask=mask)
         a = a.transpose(1, 2).reshape(G * hp.query_num, D)
-        out = F.linear(a, self.o_w, self.o_b).float()
+        out = F.linear(a.to(dt), self.o_w, self.o_b).float()
         out = F.layer_norm(out, (D,), self.ln_post_w, self.ln_post_b, hp.eps)
         return F.linear(out.to(dt), self.proj_w).float().view(G, hp.query_num, D)
 
 
 # --------------------------------------------------------------------------- helpers
+
+def _heads_f32(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous float32 copy of a permuted head view (one pass: layout + dtype)."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    out.copy_(x)
+    return out
+
 
 def _chunk_groups(groups, sizes, budget: int):
     """Consecutive runs of whole groups whose patch count stays within `budget` (>= 1 group)."""

@@ -229,12 +229,23 @@ def test_stream_matches_non_stream(model):
         assert s.result.tokens == whole.tokens and model.last is s.result
         answer = "".join(p for p in pieces if not p.thinking)
         assert answer.strip() == str(whole)
+        # all pieces together are the reference's stream: "<think>\n" (thinking) + generated text
+        assert "".join(pieces) == ("<think>\n" if think else "") + model.lm.detokenize(whole.tokens)
         hidden = model.chat(msgs, enable_thinking=think, greedy=True, max_new_tokens=12, stream=True,
                             show_thinking=False)
         assert all(not p.thinking for p in hidden)
         if think:
             assert pieces[0] == "<think>\n" and pieces[0].thinking
             assert whole.raw.startswith("<think>\n")
+
+
+def test_stale_stream_refuses_to_continue(model):
+    msgs = [{"role": "user", "content": "Count to ten."}]
+    s = model.chat(msgs, greedy=True, max_new_tokens=50, stream=True)
+    next(s)
+    model.chat([{"role": "user", "content": "Something else."}], greedy=True, max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="newer chat"):
+        list(s)
 
 
 def test_sampling_is_seeded(model):

@@ -1,0 +1,293 @@
+"""Vision runtime (runtime/mmproj.py + runtime/vision.py) against two oracles:
+
+- tests/reference_vision.py, an independent torch transcription of the reference model that reads
+  the HF checkpoint (not the mmproj), run in float64;
+- llama.cpp's mtmd on the same mmproj file, for inputs where mtmd and the reference agree.
+
+Measured on the tiny checkpoint (embedding values reach ~4), max abs difference per slice:
+f32 compute vs the float64 reference 2.7e-6 (f32, f16 and bf16 mmproj: all hold the bf16 checkpoint
+values exactly), q8_0 mmproj 5.6e-2; bf16 compute 2.4e-2 (cosine 0.99998); mtmd on the f32 mmproj
+2.1e-4 (its patch conv runs in f16).
+"""
+
+from __future__ import annotations
+
+import math
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from minicpmv.convert.names import v_blk
+from minicpmv.runtime.mmproj import MmprojError, load_mmproj
+from minicpmv.runtime.vision import (
+    VisionEncoder, VisionInputError, _resolve_dtype, cpu_has_fast_bf16, navit_position_ids, physical_cores,
+    pos_embed_2d, temporal_embed,
+)
+
+import reference_vision as rv
+from reference_vision import ReferenceVision, to_pixels
+
+F32_TOL = 1e-4                     # f32 mmproj, f32 compute vs the float64 reference (max abs)
+BF16_TOL, BF16_COS = 0.06, 0.9999   # bf16 compute (bf16 matmul inputs, f32 accumulation)
+MTMD_TOL = 1e-3                    # mtmd computes its patch conv in f16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_ckpt) -> ReferenceVision:
+    return ReferenceVision(tiny_ckpt, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def enc32(tiny_mmproj_gguf) -> VisionEncoder:
+    return VisionEncoder.load(tiny_mmproj_gguf("f32"), dtype="f32", n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def enc16(tiny_mmproj_gguf) -> VisionEncoder:
+    return VisionEncoder.load(tiny_mmproj_gguf("f32"), dtype="bf16", n_threads=1)
+
+
+def pixels(sizes: list[tuple[int, int]], seed: int = 0) -> list[np.ndarray]:
+    """Normalized [3, h, w] slices from random uint8 images (h, w in pixels)."""
+    rng = np.random.default_rng(seed)
+    return [to_pixels(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# (H, W) in pixels: the brief's shapes plus a tiny one; all run in ONE batch
+MIXED = [(448, 448), (364, 546), (518, 392), (98, 70), (70, 98)]
+
+
+# ----------------------------------------------------------------------------------------------
+# images of different sizes in one batch
+
+def test_mixed_sizes_one_batch_f32(enc32, ref):
+    px = pixels(MIXED)
+    want = ref.embed(px).numpy()
+    got = enc32.encode_slices(px)
+    assert got.shape == (len(MIXED), 64, ref.embed_dim) and got.dtype == np.float32
+    err = np.abs(got - want).max(axis=(1, 2))
+    assert err.max() < F32_TOL, err
+    # one batch == each slice alone (padding and masks change nothing)
+    alone = np.concatenate([enc32.encode_slices([p]) for p in px])
+    assert np.abs(alone - got).max() < 1e-5
+
+
+def test_tower_output_matches_reference(enc32, ref):
+    px = pixels(MIXED[:3], seed=1)
+    for ours, theirs in zip(enc32.vision(px), ref.vision(px)):
+        assert ours.shape == tuple(theirs.shape)
+        assert np.abs(ours - theirs.numpy()).max() < F32_TOL
+
+
+def test_mixed_sizes_one_batch_bf16(enc16, ref):
+    px = pixels(MIXED, seed=2)
+    want = ref.embed(px).numpy()
+    got = enc16.encode_slices(px)
+    assert enc16.dtype == torch.bfloat16
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() < BF16_TOL and cosine(g, w) > BF16_COS
+
+
+@pytest.mark.parametrize("mtype, tol", [("f16", F32_TOL), ("bf16", F32_TOL), ("q8_0", 0.15)])
+def test_other_mmproj_types(tiny_mmproj_gguf, ref, mtype, tol):
+    """f16/bf16 hold the bf16 checkpoint values exactly; q8_0 is a lossy 8-bit copy."""
+    enc = VisionEncoder.load(tiny_mmproj_gguf(mtype), dtype="f32", n_threads=1)
+    px = pixels(MIXED[:2], seed=3)
+    got, want = enc.encode_slices(px), ref.embed(px).numpy()
+    assert np.abs(got - want).max() < tol
+    assert cosine(got, want) > (0.9995 if mtype == "q8_0" else 0.9999999)
+
+
+def test_q8_0_dequantized_once_like_gguf_py(tiny_mmproj_gguf):
+    path = tiny_mmproj_gguf("q8_0")
+    mm = load_mmproj(path)
+    reader = gguf.GGUFReader(str(path))
+    t = next(t for t in reader.tensors if t.name == v_blk("attn_q", 0) + ".weight")
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(mm.tensors[t.name].shape)
+    assert mm.tensors[t.name].dtype == torch.float32
+    assert np.array_equal(mm.tensors[t.name].numpy(), want)
+
+
+# ----------------------------------------------------------------------------------------------
+# video: temporal groups
+
+def test_video_groups(enc32, ref):
+    # groups of 1, 2, 3 and 6 frames; a -1 inside a group; frames of different sizes in one group
+    sizes = [(448, 448)] + [(224, 224)] * 2 + [(224, 224), (168, 224), (224, 224)] + [(112, 140)] * 6
+    tids = [[-1], [0, 5], [10, -1, 30], [40, 41, 42, 43, 44, 45]]
+    px = pixels(sizes, seed=4)
+    want = ref.embed(px, tids).numpy()
+    got = enc32.encode_slices(px, tids)
+    assert got.shape == (4, 64, ref.embed_dim)
+    assert np.abs(got - want).max() < F32_TOL
+    # temporal terms matter: dropping them changes the grouped outputs
+    plain = enc32.encode_slices(px, [[-1], [-1, -1], [-1, -1, -1], [-1] * 6])
+    assert np.abs(plain[1:] - got[1:]).max() > 1e-2 and np.abs(plain[0] - got[0]).max() < 1e-6
+
+
+def test_video_groups_bf16_and_large_ids(enc16, ref):
+    """Ids beyond the reference's initial 72000-row table (it grows on demand)."""
+    px = pixels([(140, 140)] * 4, seed=5)
+    tids = [[71999, 72000], [100000, 123456]]
+    want = ref.embed(px, tids).numpy()
+    got = enc16.encode_slices(px, tids)
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() < BF16_TOL and cosine(g, w) > BF16_COS
+
+
+def test_position_tables_equal_reference():
+    for h, w in [(32, 32), (26, 39), (80, 3)]:
+        assert np.array_equal(pos_embed_2d(h, w, 256).numpy(), rv.pos_embed_2d(256, h, w).reshape(h * w, 256))
+    ids = [0, 1, 9, 600, 71999, 80000]
+    assert np.array_equal(temporal_embed(ids, 256).numpy(), np.stack([rv.temporal_embed(256, t) for t in ids]))
+
+
+# ----------------------------------------------------------------------------------------------
+# NaViT position buckets
+
+def test_navit_buckets_follow_reference_not_floor():
+    for n, lower_at in {25: [5, 10, 15, 20], 49: [7, 14, 35, 42], 50: [5, 10, 15, 20, 30, 40],
+                        55: [11, 22, 33, 44]}.items():
+        ids = navit_position_ids(n, n, 70).view(n, n)
+        rows, cols = ids[:, 0] // 70, ids[0, :] % 70
+        assert torch.equal(rows, rv.navit_bucket_coords(n)) and torch.equal(cols, rows)
+        floor = torch.tensor([70 * i // n for i in range(n)])
+        assert (floor - rows).nonzero().flatten().tolist() == lower_at
+        assert torch.all(floor[lower_at] - rows[lower_at] == 1)
+    assert torch.equal(navit_position_ids(25, 32, 70), rv.navit_position_ids(25, 32))
+
+
+def test_navit_buckets_end_to_end(enc32, ref, tiny_ckpt):
+    """Slices with sides of 25/49/50/55 patches match the reference; the floor rule does not."""
+    px = pixels([(25 * 14, 50 * 14), (49 * 14, 55 * 14)], seed=6)
+    got = enc32.encode_slices(px)
+    assert np.abs(got - ref.embed(px).numpy()).max() < F32_TOL
+    floor_ref = ReferenceVision(tiny_ckpt, bucket_coords=lambda n, b: torch.tensor([b * i // n for i in range(n)]))
+    assert np.abs(got - floor_ref.embed(px).numpy()).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# mtmd (llama.cpp) on the same file and pixels
+
+def test_matches_mtmd(tiny_mmproj_gguf, tiny_lm_gguf, enc32):
+    from mtmd_harness import Mtmd, mtmd_preprocess
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(448, 448), (448, 896)]]
+    with Mtmd(tiny_mmproj_gguf("f32"), tiny_lm_gguf("F32")) as mt:
+        theirs = [e for img in images for e in mt.encode_image(img)]
+    # the pixels mtmd encodes (448x448 unchanged; 896x448 -> 448x224 overview + two 448x448 slices)
+    px = [to_pixels(x) for img in images for x in mtmd_preprocess(img)]
+    assert len(px) == len(theirs) == 4
+    ours = enc32.encode_slices(px)  # all chunks of both images in one batch
+    for o, t in zip(ours, theirs):
+        assert np.abs(o - t).max() < MTMD_TOL and cosine(o, t) > 0.99999
+
+
+# ----------------------------------------------------------------------------------------------
+# llama.cpp's legacy layout (fc1 stored as ffn_down, no general.type)
+
+def write_legacy(src, dst) -> None:
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), "clip")
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.type"):
+            continue
+        t = f.types
+        if t[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(name, f.contents(), t[0], sub_type=t[-1])
+        else:
+            w.add_key_value(name, f.contents(), t[0])
+    swap = {".ffn_up.": ".ffn_down.", ".ffn_down.": ".ffn_up."}
+    for t in r.tensors:
+        name = t.name
+        for a, b in swap.items():
+            if a in t.name:
+                name = t.name.replace(a, b)
+        w.add_tensor(name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_legacy_layout_gives_identical_embeddings(tiny_mmproj_gguf, tmp_path):
+    ours_path = tiny_mmproj_gguf("f16")
+    legacy_path = tmp_path / "mmproj-model-f16.gguf"
+    write_legacy(ours_path, legacy_path)
+    r = gguf.GGUFReader(str(legacy_path))
+    assert r.get_field("general.type") is None
+    n_embd = int(r.get_field("clip.vision.embedding_length").contents())
+    down = next(t for t in r.tensors if t.name == v_blk("ffn_down", 0) + ".weight")
+    assert int(down.shape[0]) == n_embd  # ggml ne[0] == hidden: fc1 stored as ffn_down
+
+    a = VisionEncoder.load(ours_path, dtype="f32", n_threads=1)
+    b = VisionEncoder.load(legacy_path, dtype="f32", n_threads=1)
+    assert not a.legacy_ffn and b.legacy_ffn
+    px = pixels([(448, 448), (98, 140)], seed=8)
+    assert np.array_equal(a.encode_slices(px), b.encode_slices(px))
+
+
+# ----------------------------------------------------------------------------------------------
+# API, options, bad input
+
+def test_attributes_and_options(enc32, enc16, tiny_ckpt):
+    assert enc32.embed_dim == 256 and enc32.query_num == 64 and enc32.image_size == 448 and enc32.patch_size == 14
+    assert enc32.dtype == torch.float32 and enc16.dtype == torch.bfloat16
+    # f32: every vision/resampler parameter once, except the query-side ones folded into the cached
+    # queries (Wq, bq, ln_q, query -> 64 x D). bf16 halves the matrices (vectors and the position
+    # table stay f32).
+    D = enc32.embed_dim
+    n_params = sum(int(np.prod(s)) for n, s in _ckpt_shapes(tiny_ckpt).items() if not n.startswith("llm."))
+    assert enc32.weights_nbytes == 4 * (n_params - D * D - 3 * D - 64 * D + 64 * D)
+    assert enc16.weights_nbytes < 0.8 * enc32.weights_nbytes
+    assert _resolve_dtype("auto") == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    assert 1 <= physical_cores() <= (__import__("os").cpu_count() or 1)
+
+
+def _ckpt_shapes(ckpt):
+    from minicpmv.convert.checkpoint import Checkpoint
+    ck = Checkpoint(ckpt)
+    return {n: ck.shape(n) for n in ck.names()}
+
+
+def test_bad_input(enc32, tiny_mmproj_gguf, tmp_path):
+    good = pixels([(28, 28)])[0]
+    with pytest.raises(VisionInputError, match=r"pixels\[1\]"):
+        enc32.encode_slices([good, good[:, :20]])
+    with pytest.raises(VisionInputError, match=r"pixels\[0\]"):
+        enc32.encode_slices([good[0]])
+    with pytest.raises(VisionInputError, match="no slices"):
+        enc32.encode_slices([])
+    with pytest.raises(VisionInputError, match="temporal_ids"):
+        enc32.encode_slices([good, good], [[1, 2, 3]])
+    with pytest.raises(VisionInputError, match="temporal_ids"):
+        enc32.encode_slices([good], [[-2]])
+    with pytest.raises(VisionInputError, match="dtype"):
+        VisionEncoder.load(tiny_mmproj_gguf("f32"), dtype="f16")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all")
+    with pytest.raises(MmprojError, match="junk.gguf"):
+        VisionEncoder.load(junk)
+    with pytest.raises(MmprojError, match="not found"):
+        VisionEncoder.load(tmp_path / "missing.gguf")
+
+
+def test_lm_gguf_is_not_an_mmproj(tiny_lm_gguf):
+    with pytest.raises(MmprojError, match="missing"):
+        load_mmproj(tiny_lm_gguf("F32"))
