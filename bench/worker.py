@@ -28,6 +28,24 @@ def chatml(user: str) -> str:
     return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
+class Runs:
+    """Up to `runs` measured repetitions, fewer if the next one would overrun `budget_s` seconds
+    (counted from the first measured run; at least one run is always made)."""
+
+    def __init__(self, runs: int, budget_s: float | None):
+        self.runs, self.budget = runs, budget_s
+        self.t0 = None
+
+    def __iter__(self):
+        self.t0 = time.perf_counter()
+        for r in range(self.runs):
+            if r and self.budget is not None:
+                spent = time.perf_counter() - self.t0
+                if spent + spent / r > self.budget:
+                    return
+            yield r
+
+
 # --------------------------------------------------------------------------- conversion
 
 def convert_onepass(a: dict) -> dict:
@@ -93,7 +111,7 @@ def vision(a: dict) -> dict:
         for dt in encs:
             run_ours(dt)
     res = {"mtmd_s": [], **{f"ours_{dt}_s": [] for dt in encs}}
-    for _ in range(runs):
+    for _ in Runs(runs, a.get("budget_s")):
         res["mtmd_s"].append(run_mtmd())
         for dt in encs:
             res[f"ours_{dt}_s"].append(run_ours(dt))
@@ -175,7 +193,7 @@ def llm(a: dict) -> dict:
     res: dict = {k: [] for k in ("bare_prefill_tps", "bare_decode_tps", "ours_prefill_tps", "ours_decode_tps")}
     res["ours_counters"] = []
     res["n_prompt"] = []
-    for r in range(runs):
+    for r in Runs(runs, a.get("budget_s")):
         text, toks = _prompt_text(bare, n_prompt, r)
         ttft, total, n_out = bare_once(toks, n_gen)
         res["bare_prefill_tps"].append(len(toks) / ttft)
@@ -255,7 +273,7 @@ def e2e(a: dict) -> dict:
             mtmd_once(small, 2)
     for k in ("ours_ttft_s", "ours_total_s", "mtmd_ttft_s", "mtmd_total_s", "ours_counters", "n_gen", "mtmd_n_tokens"):
         res[k] = []
-    for r in range(runs):
+    for r in Runs(runs, a.get("budget_s")):
         im = variant(img, r + 1)
         n_out = n_gen
         if model is not None:

@@ -10,6 +10,7 @@ Each tool runs as its own process, exactly as a user would call it.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     ckpt, gguf_dir = out / "checkpoint", out / "gguf"
+    if (ckpt / "config.json").is_file():  # a previous demo run: start over
+        shutil.rmtree(ckpt)
     step("1/3 tiny synthetic checkpoint", [py, "-m", "minicpmv.convert.synthetic", "--scale", "tiny", str(ckpt)])
     step("2/3 minicpm-convert", [py, "-m", "minicpmv.cli.convert", str(ckpt), "-o", str(gguf_dir),
                                  "--quant", "Q4_K_M", "--mmproj-type", "f16", "--force", "--quiet"])

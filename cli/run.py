@@ -21,6 +21,7 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
 def fail(msg: str, code: int = 2) -> None:
+    msg = " ".join(str(msg).split())  # always one line
     typer.echo(f"minicpm-run: error: {msg}", err=True)
     raise typer.Exit(code)
 
@@ -36,38 +37,41 @@ def _video_module():
 
 @dataclass
 class Conversation:
-    """Messages so far plus one temporal group per image/frame (videos make the groups)."""
+    """Messages so far, and the images/videos waiting for the next question."""
     msgs: list = field(default_factory=list)
-    groups: list = field(default_factory=list)
-    pending: list = field(default_factory=list)      # images/frames for the next user message
-    pending_groups: list = field(default_factory=list)
-    has_video: bool = False
+    pending: list = field(default_factory=list)
 
     def add_media(self, path: Path, opts: "Opts") -> str:
+        """Load an image (PIL) or a video (VideoFrames) once; the runtime takes both as content."""
         from minicpmv.runtime.image import load_image
         video = _video_module()
         if video is not None and video.is_video_path(path):
             v = video.load_video(path, fps=opts.fps, packing=opts.packing, max_frames=opts.max_frames,
-                           progress=opts.verbose)
-            self.pending += list(v.frames)
-            self.pending_groups += [list(g) for g in v.temporal_ids]
-            self.has_video = True
-            return f"{path}: {len(v.frames)} frames in {len(v.temporal_ids)} groups"
+                                 progress=opts.verbose)
+            self.pending.append(v)
+            return f"{path}: {len(v.frames)} frames in {len(v.temporal_ids)} groups of up to {v.plan.packing}"
         img = load_image(path)
         self.pending.append(img)
-        self.pending_groups.append([-1])
         return f"{path}: {img.width}x{img.height}"
+
+    @property
+    def n_groups(self) -> int:
+        """64-token units the pending media need (for sizing the context)."""
+        return sum(len(p.temporal_ids) if hasattr(p, "temporal_ids") else 10 for p in self.pending)
+
+    @property
+    def has_video(self) -> bool:
+        return any(hasattr(p, "temporal_ids") for p in self.pending)
 
     def ask(self, question: str) -> None:
         self.msgs.append({"role": "user", "content": [*self.pending, question]})
-        self.groups += self.pending_groups
-        self.pending, self.pending_groups = [], []
+        self.pending = []
 
     def answered(self, answer: str) -> None:
         self.msgs.append({"role": "assistant", "content": answer})
 
     def reset(self) -> None:
-        self.msgs, self.groups, self.has_video = [], [], False
+        self.msgs, self.pending = [], []
 
 
 @dataclass
@@ -91,21 +95,15 @@ class Opts:
     max_frames: int
 
 
-def chat_kwargs(conv: Conversation, o: Opts) -> dict:
-    """Per-call options; a conversation with a video follows the model card's video settings
-    (use_image_id False, one slice per frame) unless the user overrides them."""
-    video = conv.has_video
-    kw = dict(enable_thinking=o.think, max_new_tokens=o.max_tokens, temperature=o.temperature,
-              top_p=o.top_p, top_k=o.top_k, repetition_penalty=o.repeat_penalty, seed=o.seed,
-              greedy=o.greedy, system_prompt=o.system,
-              max_slice_nums=o.max_slices if o.max_slices is not None else (1 if video else 9),
-              use_image_id=o.image_id if o.image_id is not None else not video)
-    if video:
-        kw["temporal_ids"] = conv.groups
-    return kw
+def chat_kwargs(o: Opts) -> dict:
+    """Per-call options (slices and image ids default per conversation: see MiniCPMV.chat)."""
+    return dict(enable_thinking=o.think, max_new_tokens=o.max_tokens, temperature=o.temperature,
+                top_p=o.top_p, top_k=o.top_k, repetition_penalty=o.repeat_penalty, seed=o.seed,
+                greedy=o.greedy, system_prompt=o.system, max_slice_nums=o.max_slices, use_image_id=o.image_id)
 
 
-def print_stats(stats, out=sys.stderr) -> None:
+def print_stats(stats, out=None) -> None:
+    out = out or sys.stderr
     v = stats.vision_ms
     if v:
         print(f"vision: {len(v)} slices encoded, {sum(v) / len(v):.1f} ms per slice "
@@ -118,7 +116,7 @@ def print_stats(stats, out=sys.stderr) -> None:
 
 def answer_once(model, conv: Conversation, o: Opts) -> str:
     """Run one turn, print it, return the answer text."""
-    kw = chat_kwargs(conv, o)
+    kw = chat_kwargs(o)
     tty = sys.stdout.isatty()
     if o.as_json:
         a = model.chat(conv.msgs, **kw)
@@ -167,7 +165,6 @@ def interactive(model, conv: Conversation, o: Opts) -> None:
             return
         if line == "/reset":
             conv.reset()
-            conv.pending, conv.pending_groups = [], []
             model.reset()
             typer.echo("(conversation cleared)", err=True)
             continue
@@ -224,7 +221,7 @@ def run(
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0,
                                           help="Nucleus sampling (default 0.8; 1.0 with --think)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=0,
-                                        help="Top-k sampling, 0 = off (default 100; off with --think)."),
+                                        help="Top-k sampling, 0 = off (default 100; 50 with --think)."),
     repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", min=0.0,
                                                    help="Repetition penalty (default 1.03; 1.0 with --think)."),
     greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token (deterministic)."),
@@ -281,7 +278,7 @@ def run(
         fail(str(e))
     n_ctx = ctx or 4096
     if ctx is None and conv.has_video:  # ~70 positions per frame group + room to answer
-        n_ctx = max(4096, 72 * len(conv.pending_groups) + min(max_tokens, 4096) + 512)
+        n_ctx = max(4096, 72 * conv.n_groups + min(max_tokens, 4096) + 512)
     try:
         m = MiniCPMV.load(model_dir if model_dir is not None else model, mmproj, n_ctx=n_ctx, n_threads=threads,
                           n_gpu_layers=gpu_layers, vision_dtype=vision_dtype, verbose=llama_log)

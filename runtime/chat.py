@@ -8,7 +8,9 @@ One turn: render the whole conversation exactly as the reference `chat()` does (
 the text pieces with llama.cpp, keep the KV cache up to the longest common prefix with what is
 already decoded (token ids and image-slot identities), encode the images that are not cached yet
 (vision.py, torch on the CPU), prefill from the first differing position (text as token batches,
-each 64-row image slot as one embedding batch), then sample until <|im_end|>/<|endoftext|>.
+image slots as embedding batches of 64 rows each at their positions; by default the few tokens
+inside a placeholder go along as their embedding rows, so a whole image is one batch), then sample
+until <|im_end|>/<|endoftext|>.
 
 Return value: `Answer`, a `str` holding the answer with the thinking removed and stripped; its
 `.thinking` is the reasoning text (empty when thinking is off), `.raw` is what the reference's
@@ -32,14 +34,21 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from .gguf_info import GGUFFormatError, read_gguf_info
 from .image import load_image, slice_image
 from .llama import (ContextOverflowError, ContextParams, LlamaContext, LlamaError, LlamaModel, Sampler,
-                    SamplingParams, default_threads)
-from .prompt import Media, Prompt, Slot, build_prompt
+                    SamplingParams, TokenEmbeddings)
+from .prompt import Media, Prompt, PromptError, Slot, build_prompt
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# (temperature, top_p, top_k, repetition_penalty) of the reference chat(): it sets all four without
+# thinking; with thinking only the temperature, the rest being transformers' GenerationConfig
+# defaults of the inner Qwen3 model (built from config.json, which has no sampling keys).
+SAMPLING = (0.7, 0.8, 100, 1.03)
+THINKING_SAMPLING = (0.7, 1.0, 50, 1.0)
 THINK_END = "</think>"
 VISION_BATCH_SLICES = 48   # slices (frames x slots) per vision call
+FUSE_MAX_TEXT = 16         # text runs up to this long next to a slot are decoded as embedding rows
 
 
 class ModelFileError(ValueError):
@@ -55,6 +64,7 @@ class ChatStats:
     prefill_start: int = 0          # first position decoded this turn (= reused KV length)
     tokens_prefilled: int = 0       # positions decoded during prefill (text + embedding rows)
     slots_prefilled: int = 0        # image slots decoded this turn
+    prefill_batches: int = 0        # llama_decode calls of the prefill
     images_encoded: int = 0         # media items run through the vision encoder this turn
     slots_encoded: int = 0          # overview/slice outputs computed this turn
     vision_ms: list[float] = field(default_factory=list)   # per encoded slot
@@ -121,11 +131,11 @@ def gguf_architecture(path: Path) -> str | None:
     """general.architecture of a GGUF file (None if absent); raises ModelFileError if unreadable."""
     import gguf
     try:
-        r = gguf.GGUFReader(str(path), "r")
-    except Exception as e:  # noqa: BLE001 - the reader raises assorted errors on non-GGUF input
-        raise ModelFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    f = r.get_field("general.architecture")
-    return None if f is None else bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
+        info = read_gguf_info(path)
+    except (OSError, GGUFFormatError) as e:
+        raise ModelFileError(f"{path}: not a readable GGUF file ({e})") from None
+    arch = info.metadata.get(gguf.Keys.General.ARCHITECTURE)
+    return arch if isinstance(arch, str) else None
 
 
 def find_model_files(folder: Path) -> tuple[Path, Path]:
@@ -146,6 +156,29 @@ def find_model_files(folder: Path) -> tuple[Path, Path]:
     return lms[0], mms[0]
 
 
+def _looks_like_file(s: str) -> bool:
+    """A content string naming an existing image or video file (by its extension) is that file
+    (README usage: ["photo.jpg", "What is in the image?"]); any other string is text."""
+    if not s or len(s) > 4096 or "\n" in s:
+        return False
+    suffix = Path(s).suffix.lower()
+    video = _video_module()
+    known = suffix in Image.registered_extensions() or (video is not None and suffix in video.VIDEO_EXTENSIONS)
+    try:
+        return known and Path(s).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _video_module():
+    """minicpmv.runtime.video, or None when video support (PyAV) is unavailable."""
+    try:
+        from . import video
+    except ImportError:
+        return None
+    return video
+
+
 def _image_key(img: Image.Image) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{img.mode}{img.size}".encode())
@@ -155,17 +188,18 @@ def _image_key(img: Image.Image) -> bytes:
 
 # --------------------------------------------------------------------------- the model
 
-_UNSET = object()
-
-
 class MiniCPMV:
     """MiniCPM-V 4.5: llama.cpp language model + torch vision encoder, one conversation's KV cache."""
 
-    def __init__(self, lm: LlamaModel, ctx: LlamaContext, vision, *, cache_bytes: int = 1 << 30):
+    def __init__(self, lm: LlamaModel, ctx: LlamaContext, vision, *, cache_bytes: int = 1 << 30,
+                 fuse_placeholders: bool = True):
         self.lm, self.ctx, self.vision = lm, ctx, vision
+        self.fuse_placeholders = fuse_placeholders
+        self.tok_embd = TokenEmbeddings(lm.path, lm.n_embd)
         self.query_num = getattr(vision, "query_num", 64) if vision is not None else 64
         self.cache_bytes = cache_bytes
         self._emb_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._videos: dict = {}
         self._kv: list = []                     # what each KV position holds (token id or slot row)
         stops = {t for t in (lm.token_id(s) for s in STOP_TOKENS) if t is not None}
         self.stop_ids = frozenset(stops)
@@ -179,14 +213,17 @@ class MiniCPMV:
     def load(cls, model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None, *,
              n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int | None = None,
              vision_dtype: str = "auto", n_batch: int = 512, kv_type: str = "f16",
-             flash_attn: bool | None = None, verbose: bool = False) -> "MiniCPMV":
+             flash_attn: bool | None = None, fuse_placeholders: bool = True,
+             verbose: bool = False) -> "MiniCPMV":
         """Load the language model GGUF and the mmproj GGUF, or a folder holding both.
 
         `n_gpu_layers` None = all layers on Metal on macOS, CPU elsewhere. llama.cpp's defaults keep
         the KV cache in f16 and use flash attention (f16 math on the CPU), so logits move by ~1e-4 of
         their range with how positions were batched; `kv_type="f32", flash_attn=False` makes them
-        reproducible to ~1e-7 (more memory, slower attention). Raises ModelFileError
-        (one line) for missing/unreadable files or a mmproj whose width does not match the LM.
+        reproducible to ~1e-7 (more memory, slower attention). `fuse_placeholders=False` decodes
+        every text run as tokens and every slot as its own 64-row batch (mtmd's layout). Raises
+        ModelFileError (one line) for missing/unreadable files or a mmproj whose width does not
+        match the language model.
         """
         model_path = Path(model_path)
         if mmproj_path is None:
@@ -202,8 +239,8 @@ class MiniCPMV:
         if gguf_architecture(model_path) == "clip":
             raise ModelFileError(f"{model_path}: this is a mmproj file, not the language model")
 
-        from .vision import VisionEncoder
-        threads = n_threads or default_threads()
+        from .vision import VisionEncoder, physical_cores
+        threads = n_threads or physical_cores()  # llama.cpp and torch both prefer physical cores
         try:
             vision = VisionEncoder.load(mmproj_path, dtype=vision_dtype, n_threads=threads)
         except (ValueError, OSError) as e:
@@ -216,9 +253,8 @@ class MiniCPMV:
             raise ModelFileError(f"{mmproj_path}: mmproj produces {vision.embed_dim}-wide embeddings but the "
                                  f"language model {model_path.name} expects {lm.n_embd}; use the matching pair")
         ctx = LlamaContext(lm, ContextParams(n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
-                                             embd_rows=vision.query_num, kv_type=kv_type,
-                                             flash_attn=flash_attn))
-        return cls(lm, ctx, vision)
+                                             kv_type=kv_type, flash_attn=flash_attn))
+        return cls(lm, ctx, vision, fuse_placeholders=fuse_placeholders)
 
     def close(self) -> None:
         self.ctx.close()
@@ -237,29 +273,76 @@ class MiniCPMV:
 
     # -- prompt --------------------------------------------------------------------------------
 
-    def _to_pil(self, msgs: list[dict]) -> list[dict]:
-        """Content items -> str / PIL RGB images (paths and {'image': ...} dicts are loaded)."""
-        out = []
+    def _item(self, c):
+        """One content item -> str, PIL RGB image or VideoFrames (paths and dicts are loaded)."""
+        if isinstance(c, dict):
+            if "video" in c:
+                return self._video(c["video"], **{k: c[k] for k in ("fps", "packing", "max_frames") if k in c})
+            c = c.get("image", c.get("text", c))
+        if isinstance(c, Image.Image):
+            return load_image(c, background=None)  # the reference: a plain convert("RGB")
+        if isinstance(c, str) and not _looks_like_file(c):
+            return c
+        if isinstance(c, (str, os.PathLike)):
+            video = _video_module()
+            if video is not None and video.is_video_path(c):
+                return self._video(c)
+            return load_image(Path(c))
+        return c  # VideoFrames, or something build_prompt will reject with a clear message
+
+    def _video(self, path, fps: float = 5, packing: int | None = None, max_frames: int = 180):
+        """Decoded once per (file, size, mtime, sampling): later turns reuse the frames."""
+        video = _video_module()
+        if video is None:
+            raise ValueError(f"{path}: video input needs PyAV (pip install av)")
+        p = Path(path)
+        st = p.stat() if p.is_file() else None
+        key = (str(p.resolve()), st and st.st_size, st and st.st_mtime_ns, fps, packing, max_frames)
+        v = self._videos.get(key)
+        if v is None:
+            v = video.load_video(p, fps=fps, packing=packing, max_frames=max_frames)
+            self._videos = {key: v}  # keep the last video only (frames are large)
+        return v
+
+    def _expand(self, msgs: list[dict]) -> tuple[list[dict], list[list[int]] | None]:
+        """Load every content item; videos become their frames. Returns the messages and, when a
+        video is present, the temporal groups of every image in order (a still image is its own
+        group [-1], i.e. no temporal term, as the reference without temporal_ids)."""
+        out, groups, has_video = [], [], False
         for m in msgs:
             content = m.get("content")
             items = [content] if isinstance(content, str) else list(content or [])
             conv = []
             for c in items:
-                if isinstance(c, dict):
-                    c = c.get("image", c.get("text", c))
+                c = self._item(c)
                 if isinstance(c, Image.Image):
-                    conv.append(load_image(c, background=None))  # reference: plain convert("RGB")
-                elif isinstance(c, os.PathLike):
-                    conv.append(load_image(Path(c)))
+                    conv.append(c)
+                    groups.append([-1])
+                elif hasattr(c, "frames") and hasattr(c, "temporal_ids"):  # runtime.video.VideoFrames
+                    conv += list(c.frames)
+                    groups += [list(g) for g in c.temporal_ids]
+                    has_video = True
                 else:
                     conv.append(c)
             out.append({"role": m.get("role"), "content": conv})
-        return out
+        return out, (groups if has_video else None)
 
     def build_prompt(self, msgs: list[dict], *, enable_thinking: bool = False, system_prompt: str = "",
-                     max_slice_nums: int = 9, use_image_id: bool = True,
+                     max_slice_nums: int | None = None, use_image_id: bool | None = None,
                      temporal_ids: list[list[int]] | None = None) -> Prompt:
-        return build_prompt(self._to_pil(msgs), system_prompt=system_prompt, enable_thinking=enable_thinking,
+        """The reference's prompt for `msgs`. Defaults: max_slice_nums 9 and use_image_id True, or
+        1 and False when the conversation holds a video (the model card's video settings)."""
+        msgs, video_groups = self._expand(msgs)
+        if video_groups is not None:
+            if temporal_ids is not None:
+                raise PromptError("give videos either as video items or as frames with temporal_ids, not both")
+            temporal_ids = video_groups
+        video = video_groups is not None
+        if max_slice_nums is None:
+            max_slice_nums = 1 if video else 9
+        if use_image_id is None:
+            use_image_id = not video
+        return build_prompt(msgs, system_prompt=system_prompt, enable_thinking=enable_thinking,
                             max_slice_nums=max_slice_nums, use_image_id=use_image_id,
                             temporal_ids=temporal_ids, query_num=self.query_num)
 
@@ -328,7 +411,8 @@ class MiniCPMV:
                 keys += self.lm.tokenize(seg)
         return keys, slots
 
-    def _prefill(self, prompt: Prompt, max_slice_nums: int, stats: ChatStats) -> None:
+    def _prefill(self, prompt: Prompt, stats: ChatStats) -> None:
+        max_slice_nums = prompt.max_slice_nums
         keys, slots = self._units(prompt, max_slice_nums)
         n = len(keys)
         stats.prompt_tokens = n
@@ -371,41 +455,85 @@ class MiniCPMV:
                 batch = []
 
         t0 = time.perf_counter()
-        slot_at = {start: (slot, k) for start, slot, k in slots}
-        pos = lcp
+        b0 = self.ctx.n_batches
         try:
-            self._decode_range(keys, slot_at, embs, pos, n, stats)
+            self._decode_range(keys, embs, lcp, n, stats)
         except BaseException:
             self.reset()  # a failed batch may have left part of itself in the cache
             raise
         self._kv = keys
+        stats.prefill_batches = self.ctx.n_batches - b0
         stats.tokens_prefilled = n - lcp
         stats.prefill_ms = (time.perf_counter() - t0) * 1e3
 
-    def _decode_range(self, keys: list, slot_at: dict, embs: dict, pos: int, n: int, stats: ChatStats) -> None:
+    def _runs(self, keys: list, pos: int, n: int) -> list[tuple[bool, int, int]]:
+        """Split positions pos..n into (as_embeddings, start, end) decode runs.
+
+        Slot rows are embeddings. With `fuse_placeholders`, a short text run touching a slot (the
+        "<image>", "</image><slice>", "</slice>\n<slice>" ... tokens of a placeholder) is sent as
+        its embedding rows too, so a whole image goes through one embedding batch instead of one
+        decode call per text run; long text stays token batches."""
+        runs: list[list] = []
         while pos < n:
-            if pos in slot_at:
-                slot, k = slot_at[pos]
-                rows = embs[k][slot.index]
-                self.ctx.decode_embd(rows, pos, logits_last=pos + len(rows) == n)
-                stats.slots_prefilled += 1
-                pos += len(rows)
+            emb = isinstance(keys[pos], tuple)
+            end = pos
+            while end < n and isinstance(keys[end], tuple) == emb:
+                end += 1
+            runs.append([emb, pos, end])
+            pos = end
+        if self.fuse_placeholders and self.tok_embd.available:
+            for i, r in enumerate(runs):
+                near_slot = (i > 0 and runs[i - 1][0]) or (i + 1 < len(runs) and runs[i + 1][0])
+                if not r[0] and near_slot and r[2] - r[1] <= FUSE_MAX_TEXT:
+                    r[0] = None  # text as embeddings (None: not a slot, but fused)
+            merged: list[list] = []
+            for r in runs:
+                if merged and merged[-1][0] is not False and r[0] is not False:
+                    merged[-1][2] = r[2]
+                else:
+                    merged.append(list(r))
+            runs = merged
+        return [(r[0] is not False, r[1], r[2]) for r in runs]
+
+    def _rows(self, keys: list, embs: dict, s: int, e: int) -> np.ndarray:
+        """Embedding rows for positions s..e: slot rows from the vision output, tokens from token_embd."""
+        out = np.empty((e - s, self.lm.n_embd), dtype=np.float32)
+        pos = s
+        while pos < e:
+            k = keys[pos]
+            if isinstance(k, tuple):
+                mk, idx, r0 = k
+                r1 = min(r0 + (e - pos), self.query_num)
+                out[pos - s:pos - s + r1 - r0] = embs[mk][idx][r0:r1]
+                pos += r1 - r0
             else:
                 end = pos
-                while end < n and not isinstance(keys[end], tuple):
+                while end < e and not isinstance(keys[end], tuple):
                     end += 1
-                self.ctx.decode_tokens(keys[pos:end], pos, logits_last=end == n)
+                out[pos - s:end - s] = self.tok_embd.rows(keys[pos:end])
                 pos = end
+        return out
+
+    def _decode_range(self, keys: list, embs: dict, pos: int, n: int, stats: ChatStats) -> None:
+        cap = self.ctx.embd_capacity
+        for emb, s, e in self._runs(keys, pos, n):
+            if not emb:
+                self.ctx.decode_tokens(keys[s:e], s, logits_last=e == n)
+                continue
+            for c in range(s, e, cap):  # bounded memory: rows are built one batch at a time
+                ce = min(e, c + cap)
+                self.ctx.decode_embd(self._rows(keys, embs, c, ce), c, logits_last=ce == n)
+            stats.slots_prefilled += sum(1 for p in range(s, e) if isinstance(keys[p], tuple) and keys[p][2] == 0)
 
     def prefill(self, msgs: list[dict], *, enable_thinking: bool = False, system_prompt: str = "",
-                max_slice_nums: int = 9, use_image_id: bool = True,
+                max_slice_nums: int | None = None, use_image_id: bool | None = None,
                 temporal_ids: list[list[int]] | None = None) -> np.ndarray:
         """Prefill the conversation (reusing the cache) and return a copy of the next-token logits."""
         prompt = self.build_prompt(msgs, enable_thinking=enable_thinking, system_prompt=system_prompt,
                                    max_slice_nums=max_slice_nums, use_image_id=use_image_id,
                                    temporal_ids=temporal_ids)
         self.stats = ChatStats()
-        self._prefill(prompt, max_slice_nums, self.stats)
+        self._prefill(prompt, self.stats)
         return self.ctx.logits().copy()
 
     # -- chat ----------------------------------------------------------------------------------
@@ -413,33 +541,39 @@ class MiniCPMV:
     def chat(self, msgs: list[dict], *, enable_thinking: bool = False, stream: bool = False,
              max_new_tokens: int = 2048, temperature: float | None = None, top_p: float | None = None,
              top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
-             system_prompt: str = "", max_slice_nums: int = 9, use_image_id: bool = True,
+             system_prompt: str = "", max_slice_nums: int | None = None, use_image_id: bool | None = None,
              temporal_ids: list[list[int]] | None = None, greedy: bool = False,
              show_thinking: bool = True) -> "Answer | ChatStream":
         """Answer the last user message of `msgs` (the reference's `chat()` semantics).
 
-        msgs: [{'role': 'user'|'assistant', 'content': str | [str | PIL.Image | Path, ...]}], first
-        role user. Sampling defaults (None) follow the reference: without thinking temperature 0.7,
-        top_p 0.8, top_k 100, repetition_penalty 1.03; with thinking only temperature 0.7 (top_p 1,
-        top_k off, no penalty). `greedy` takes the argmax (keeps a given repetition_penalty).
-        Video: pass the frames as images with `temporal_ids` (groups of frame ids; see
-        runtime.video.load_video), use_image_id=False and max_slice_nums=1 as the model card does.
-        stream=True returns a ChatStream of Pieces; show_thinking=False leaves reasoning out of it.
+        msgs: [{'role': 'user'|'assistant', 'content': str | [item, ...]}], first role user. Items:
+        text (str), images (PIL.Image, a Path, a str naming an existing image file, or
+        {'image': ...}) and videos (a video file path, {'video': path, 'fps': 5, 'packing': None,
+        'max_frames': 180}, or a runtime.video.VideoFrames). A video becomes its sampled frames
+        packed in temporal groups (one 64-token slot per group) with the model card's video
+        settings (max_slice_nums 1, use_image_id False) unless given; the reference's own form,
+        frames as images plus `temporal_ids`, works too.
+        Sampling defaults (None) follow the reference: without thinking temperature 0.7, top_p 0.8,
+        top_k 100, repetition_penalty 1.03; with thinking the reference passes only temperature 0.7,
+        so its inner language model's transformers defaults fill in: top_p 1.0, top_k 50, no
+        penalty. `greedy` takes the argmax (keeps a given repetition_penalty).
+        Returns an `Answer` (str: the answer without its reasoning; `.thinking`, `.raw`, `.stats`);
+        stream=True returns a ChatStream of Pieces (show_thinking=False leaves reasoning out).
         """
         t_start = time.perf_counter()
-        defaults = (0.7, 1.0, 0, 1.0) if enable_thinking else (0.7, 0.8, 100, 1.03)
+        defaults = THINKING_SAMPLING if enable_thinking else SAMPLING
         sp = SamplingParams(
             temperature=defaults[0] if temperature is None else temperature,
             top_p=defaults[1] if top_p is None else top_p,
             top_k=defaults[2] if top_k is None else top_k,
             repetition_penalty=defaults[3] if repetition_penalty is None else repetition_penalty,
-            penalty_last_n=max(1, max_new_tokens), seed=seed, greedy=greedy)
+            seed=seed, greedy=greedy)
         prompt = self.build_prompt(msgs, enable_thinking=enable_thinking, system_prompt=system_prompt,
                                    max_slice_nums=max_slice_nums, use_image_id=use_image_id,
                                    temporal_ids=temporal_ids)
         stats = ChatStats()
         self.stats = stats
-        self._prefill(prompt, max_slice_nums, stats)
+        self._prefill(prompt, stats)
         gen = self._generate(self._kv, sp, max_new_tokens, enable_thinking, show_thinking, stats, t_start)
         if stream:
             s = ChatStream(gen)

@@ -23,7 +23,7 @@ import torch
 
 from minicpmv.convert.names import (
     MINICPMV_VERSION, PROJECTOR_TYPE, R_ATTN_K, R_ATTN_OUT, R_ATTN_Q, R_ATTN_V, R_KV, R_LN_KV,
-    R_LN_POST, R_LN_Q, R_POS_EMBED_K, R_PROJ, R_QUERY, V_PATCH_EMBD, V_POS_EMBD, V_POST_LN,
+    R_LN_POST, R_LN_Q, R_PROJ, R_QUERY, V_PATCH_EMBD, V_POS_EMBD, V_POST_LN,
     ClipKeys, v_blk,
 )
 
@@ -55,9 +55,21 @@ class VisionHParams:
 class Mmproj:
     path: Path
     hparams: VisionHParams
-    tensors: dict[str, torch.Tensor]   # our naming (fc1 = ffn_up), float32, numpy shape order
+    # our naming (fc1 = ffn_up) -> the file's tensor (dequantized on access) or a float32 tensor
+    tensors: dict[str, gguf.ReaderTensor | torch.Tensor]
     legacy_ffn: bool                   # the file stored fc1/fc2 under swapped names
     source_types: dict[str, str]       # tensor name (as in the file) -> ggml type name
+
+    def get(self, name: str) -> torch.Tensor:
+        """float32 tensor in numpy shape order (a fresh copy for file tensors)."""
+        t = self.tensors[name]
+        return t if isinstance(t, torch.Tensor) else _dequantize(t)
+
+    def take(self, name: str) -> torch.Tensor:
+        """`get`, then forget the tensor: loading holds one dequantized tensor at a time."""
+        t = self.get(name)
+        del self.tensors[name]
+        return t
 
 
 def _dequantize(t: gguf.ReaderTensor) -> torch.Tensor:
@@ -181,7 +193,8 @@ def _expected_names(n_layer: int) -> list[str]:
 
 
 def load_mmproj(path: str | Path) -> Mmproj:
-    """Read and dequantize every tensor the vision path uses."""
+    """Read the hyper-parameters and find every tensor the vision path uses (dequantized later,
+    one at a time, by `Mmproj.get` / `Mmproj.take`)."""
     path = Path(path)
     if not path.is_file():
         raise MmprojError(f"{path}: mmproj file not found")
@@ -199,20 +212,20 @@ def load_mmproj(path: str | Path) -> Mmproj:
             return name.replace(".ffn_up", ".ffn_tmp").replace(".ffn_down", ".ffn_up").replace(".ffn_tmp", ".ffn_down")
         return name
 
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, gguf.ReaderTensor | torch.Tensor] = {}
     types: dict[str, str] = {}
     for name in _expected_names(hp.n_layer):
         src = file_name(name)
         if src not in by_name:
             raise MmprojError(f"{path}: tensor {src} is missing")
-        tensors[name] = _dequantize(by_name[src])
+        tensors[name] = by_name[src]
         types[src] = by_name[src].tensor_type.name
-    _check_shapes(tensors, hp, path)
-    del reader, by_name  # drop the memory map
+    _check_shapes({n: shapes[file_name(n)] for n in tensors}, hp, path)
+    # the reader's memory map stays open while any ReaderTensor is referenced
     return Mmproj(path=path, hparams=hp, tensors=tensors, legacy_ffn=legacy, source_types=types)
 
 
-def _check_shapes(t: dict[str, torch.Tensor], hp: VisionHParams, path: Path) -> None:
+def _check_shapes(shapes: dict[str, tuple[int, ...]], hp: VisionHParams, path: Path) -> None:
     d, f, e, p = hp.n_embd, hp.n_ff, hp.embed_dim, hp.patch_size
     want = {
         V_PATCH_EMBD + ".weight": (d, 3, p, p), V_POS_EMBD + ".weight": (hp.pos_buckets ** 2, d),
@@ -221,8 +234,6 @@ def _check_shapes(t: dict[str, torch.Tensor], hp: VisionHParams, path: Path) -> 
         v_blk("attn_q", 0) + ".weight": (d, d), R_ATTN_Q + ".weight": (e, e),
     }
     for name, shape in want.items():
-        if tuple(t[name].shape) != shape:
-            raise MmprojError(f"{path}: tensor {name} has shape {tuple(t[name].shape)}, expected {shape}")
+        if shapes[name] != shape:
+            raise MmprojError(f"{path}: tensor {name} has shape {shapes[name]}, expected {shape}")
 
-
-__all__ = ["Mmproj", "MmprojError", "VisionHParams", "load_mmproj", "R_POS_EMBED_K"]

@@ -57,6 +57,7 @@ class Prompt:
     segments: list[str | Slot]            # text pieces and slots, in order
     media: list[Media] = field(default_factory=list)
     text: str = ""                        # the rendered chat template, before tag expansion
+    max_slice_nums: int = 9               # the slicing the placeholders were built for
 
     def token_ids(self, tokenize, slot_id: int, query_num: int = QUERY_NUM) -> list[int]:
         """Flat token ids with every slot shown as `query_num` copies of `slot_id` (the reference's
@@ -220,7 +221,7 @@ def expand(text: str, images: list[Image.Image], *, max_slice_nums: int = 9, use
                     segs.append(Slot(m, 1 + r * cols + c))
                     add_text("</slice>")
     add_text(chunks[-1])
-    return Prompt(segs, media, text)
+    return Prompt(segs, media, text, max_slice_nums)
 
 
 def build_prompt(msgs: list[dict], *, system_prompt: str = "", enable_thinking: bool = False,

@@ -13,9 +13,9 @@ Math follows the reference model (hf-reference.md §2-§3):
 
 All slices of a call run as one batch: linear layers work on the packed patch rows of every slice
 (no compute on padding); attention runs on a right-padded [B, heads, Lmax, head_dim] view with a
-key padding mask. In bf16 mode the linear layers take bf16 inputs and weights (oneDNN, float32
-accumulation); the residual stream, LayerNorms and attention (scores, softmax, weighted sum) stay
-in float32.
+key padding mask. In bf16 mode the linear layers and attention take bf16 inputs (oneDNN and
+torch's flash attention, both accumulating in float32); the residual stream and LayerNorms stay in
+float32.
 """
 
 from __future__ import annotations
@@ -135,20 +135,52 @@ def temporal_embed(ids: list[int], embed_dim: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- weights
 
+# Pre-pack matmul weights into oneDNN's blocked layout (what torch's inductor does when freezing):
+# ~10% faster than F.linear in bf16 and f32 on AVX-512, and fc1 gets GELU fused. Falls back to
+# F.linear when this torch build lacks the ops.
+USE_ONEDNN_PACKING = True
+
+
+def _onednn_available() -> bool:
+    try:
+        return (torch.backends.mkldnn.is_available()
+                and callable(torch.ops.mkldnn._reorder_linear_weight)
+                and callable(torch.ops.mkldnn._linear_pointwise))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class Linear:
+    """y = x @ w.T + b (optionally tanh-GELU) on 2-D inputs in the compute dtype."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype,
+                 gelu: bool = False, pack: bool = False):
+        self.nbytes = w.numel() * dtype.itemsize + (b.numel() * dtype.itemsize if b is not None else 0)
+        self.gelu = gelu
+        w = w.to(dtype).contiguous()
+        self.b = b.to(dtype).contiguous() if b is not None else None
+        self.packed = pack
+        self.w = torch.ops.mkldnn._reorder_linear_weight(w, None) if pack else w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            if self.gelu:
+                return torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "gelu", [], "tanh")
+            return torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
+        y = F.linear(x, self.w, self.b)
+        return F.gelu(y, approximate="tanh") if self.gelu else y
+
+
 @dataclass
 class Block:
     ln1_w: torch.Tensor
     ln1_b: torch.Tensor
-    qkv_w: torch.Tensor   # q|k|v fused: [3d, d]
-    qkv_b: torch.Tensor
-    out_w: torch.Tensor
-    out_b: torch.Tensor
+    qkv: Linear          # q|k|v fused: [3d, d]
+    out: Linear
     ln2_w: torch.Tensor
     ln2_b: torch.Tensor
-    fc1_w: torch.Tensor
-    fc1_b: torch.Tensor
-    fc2_w: torch.Tensor
-    fc2_b: torch.Tensor
+    fc1: Linear          # with tanh GELU
+    fc2: Linear
 
 
 def _resolve_dtype(dtype: str) -> torch.dtype:
@@ -175,51 +207,51 @@ class VisionEncoder:
         self.query_num = hp.query_num
         self.image_size = hp.image_size
         self.patch_size = hp.patch_size
-        t = mm.tensors
-        f32 = torch.float32
+        t = mm  # consumed: each tensor is dequantized, converted and dropped in turn (bounds peak memory)
+        pack = USE_ONEDNN_PACKING and _onednn_available()
+        self.packed = pack
 
-        def w(name: str) -> torch.Tensor:   # matmul weight in compute dtype
-            return t[name].to(dtype).contiguous()
+        def vec(name: str) -> torch.Tensor:   # LayerNorm parameters and tables stay float32
+            return t.take(name).float().contiguous()
 
-        def v(name: str) -> torch.Tensor:   # vector (bias / norm) in float32
-            return t[name].to(f32).contiguous()
+        def lin(base: str, bias: bool = True, gelu: bool = False) -> Linear:
+            return Linear(t.take(base + ".weight"), t.take(base + ".bias") if bias else None, dtype, gelu, pack)
 
-        # Biases of matmuls live in the compute dtype (added inside the fused linear).
-        def b(name: str) -> torch.Tensor:
-            return t[name].to(dtype).contiguous()
+        def fused(*bases: str) -> Linear:
+            w = torch.cat([t.take(b + ".weight") for b in bases])
+            b = torch.cat([t.take(b + ".bias") for b in bases])
+            return Linear(w, b, dtype, pack=pack)
 
         d, p = hp.n_embd, hp.patch_size
-        self.patch_w = t[V_PATCH_EMBD + ".weight"].reshape(d, 3 * p * p).to(dtype).contiguous()
-        self.patch_b = b(V_PATCH_EMBD + ".bias")
-        self.pos_embd = v(V_POS_EMBD + ".weight")
+        patch_w = t.take(V_PATCH_EMBD + ".weight").reshape(d, 3 * p * p)  # the 14x14 conv as a linear
+        self.patch = Linear(patch_w, t.take(V_PATCH_EMBD + ".bias"), dtype, pack=pack)
+        self.pos_embd = vec(V_POS_EMBD + ".weight")
         self.blocks: list[Block] = []
         for i in range(hp.n_layer):
-            n = lambda kind, s: v_blk(kind, i) + s  # noqa: E731
-            qkv_w = torch.cat([t[n(k, ".weight")] for k in ("attn_q", "attn_k", "attn_v")])
-            qkv_b = torch.cat([t[n(k, ".bias")] for k in ("attn_q", "attn_k", "attn_v")])
             self.blocks.append(Block(
-                ln1_w=v(n("ln1", ".weight")), ln1_b=v(n("ln1", ".bias")),
-                qkv_w=qkv_w.to(dtype).contiguous(), qkv_b=qkv_b.to(dtype).contiguous(),
-                out_w=w(n("attn_out", ".weight")), out_b=b(n("attn_out", ".bias")),
-                ln2_w=v(n("ln2", ".weight")), ln2_b=v(n("ln2", ".bias")),
-                fc1_w=w(n("ffn_up", ".weight")), fc1_b=b(n("ffn_up", ".bias")),
-                fc2_w=w(n("ffn_down", ".weight")), fc2_b=b(n("ffn_down", ".bias")),
+                ln1_w=vec(v_blk("ln1", i) + ".weight"), ln1_b=vec(v_blk("ln1", i) + ".bias"),
+                qkv=fused(v_blk("attn_q", i), v_blk("attn_k", i), v_blk("attn_v", i)),
+                out=lin(v_blk("attn_out", i)),
+                ln2_w=vec(v_blk("ln2", i) + ".weight"), ln2_b=vec(v_blk("ln2", i) + ".bias"),
+                fc1=lin(v_blk("ffn_up", i), gelu=True),
+                fc2=lin(v_blk("ffn_down", i)),
             ))
-        self.post_ln_w, self.post_ln_b = v(V_POST_LN + ".weight"), v(V_POST_LN + ".bias")
+        self.post_ln_w, self.post_ln_b = vec(V_POST_LN + ".weight"), vec(V_POST_LN + ".bias")
 
-        self.kv_w = w(R_KV + ".weight")
-        self.ln_kv_w, self.ln_kv_b = v(R_LN_KV + ".weight"), v(R_LN_KV + ".bias")
-        self.k_w, self.k_b = w(R_ATTN_K + ".weight"), b(R_ATTN_K + ".bias")
-        self.v_w, self.v_b = w(R_ATTN_V + ".weight"), b(R_ATTN_V + ".bias")
-        self.o_w, self.o_b = w(R_ATTN_OUT + ".weight"), b(R_ATTN_OUT + ".bias")
-        self.ln_post_w, self.ln_post_b = v(R_LN_POST + ".weight"), v(R_LN_POST + ".bias")
-        self.proj_w = w(R_PROJ + ".weight")   # [out, in]: x @ proj_hf == F.linear(x, proj_w)
         # The queries do not depend on the input: ln_q(query) @ Wq^T + bq once, in float32.
         with torch.inference_mode():
-            q = F.layer_norm(t[R_QUERY], (hp.embed_dim,), t[R_LN_Q + ".weight"], t[R_LN_Q + ".bias"], hp.eps)
-            q = F.linear(q, t[R_ATTN_Q + ".weight"], t[R_ATTN_Q + ".bias"])
+            q = F.layer_norm(t.take(R_QUERY), (hp.embed_dim,), t.take(R_LN_Q + ".weight"),
+                             t.take(R_LN_Q + ".bias"), hp.eps)
+            q = F.linear(q, t.take(R_ATTN_Q + ".weight"), t.take(R_ATTN_Q + ".bias"))
         h = hp.n_head_resampler
-        self.q_heads = q.reshape(hp.query_num, h, hp.embed_dim // h).transpose(0, 1).contiguous()  # f32
+        self.q_heads = q.reshape(hp.query_num, h, hp.embed_dim // h).transpose(0, 1).contiguous()
+        self.kv = lin(R_KV, bias=False)
+        self.ln_kv_w, self.ln_kv_b = vec(R_LN_KV + ".weight"), vec(R_LN_KV + ".bias")
+        self.k = lin(R_ATTN_K)
+        self.v = lin(R_ATTN_V)
+        self.o = lin(R_ATTN_OUT)
+        self.ln_post_w, self.ln_post_b = vec(R_LN_POST + ".weight"), vec(R_LN_POST + ".bias")
+        self.proj = lin(R_PROJ, bias=False)  # [out, in]: x @ proj_hf == F.linear(x, proj.weight)
 
     # ----------------------------------------------------------------------- construction
 
@@ -235,13 +267,15 @@ class VisionEncoder:
 
     @property
     def weights_nbytes(self) -> int:
-        """Resident bytes of the loaded weights (tower, position table, resampler, cached queries)."""
-        tensors = [self.patch_w, self.patch_b, self.pos_embd, self.post_ln_w, self.post_ln_b,
-                   self.kv_w, self.ln_kv_w, self.ln_kv_b, self.k_w, self.k_b, self.v_w, self.v_b,
-                   self.o_w, self.o_b, self.ln_post_w, self.ln_post_b, self.proj_w, self.q_heads]
+        """Resident bytes of the loaded weights: matmul weights in the compute dtype, LayerNorm
+        parameters and the position table in float32, and the cached float32 queries."""
+        linears = [self.patch, self.kv, self.k, self.v, self.o, self.proj]
+        vectors = [self.pos_embd, self.post_ln_w, self.post_ln_b, self.ln_kv_w, self.ln_kv_b,
+                   self.ln_post_w, self.ln_post_b, self.q_heads]
         for blk in self.blocks:
-            tensors += list(vars(blk).values())
-        return sum(x.numel() * x.element_size() for x in tensors)
+            linears += [blk.qkv, blk.out, blk.fc1, blk.fc2]
+            vectors += [blk.ln1_w, blk.ln1_b, blk.ln2_w, blk.ln2_b]
+        return sum(x.nbytes for x in linears) + sum(x.numel() * x.element_size() for x in vectors)
 
     # ----------------------------------------------------------------------- public API
 
@@ -316,7 +350,7 @@ class VisionEncoder:
             .reshape(3, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h * w, 3 * p * p)
             for a, (h, w) in zip(pixels, sizes)])
         ids = torch.cat([navit_position_ids(h, w, hp.pos_buckets) for h, w in sizes])
-        x = F.linear(patches.to(dt), self.patch_w, self.patch_b).float() + self.pos_embd[ids]
+        x = self.patch(patches.to(dt)).float() + self.pos_embd[ids]
 
         # Packed row r of slice b sits at padded row b*Lmax + l.
         uniform = all(n == Lmax for n in lens)
@@ -327,23 +361,22 @@ class VisionEncoder:
                 mask[b, 0, 0, :n] = True
         for blk in self.blocks:
             y = F.layer_norm(x, (d,), blk.ln1_w, blk.ln1_b, hp.eps).to(dt)
-            qkv = F.linear(y, blk.qkv_w, blk.qkv_b)                      # [N, 3d]
+            qkv = blk.qkv(y)                                              # [N, 3d]
             if uniform:
                 qkv = qkv.view(B, Lmax, 3, nh, d // nh)
             else:
                 padded = qkv.new_zeros(B * Lmax, 3 * d)
                 padded[pad_idx] = qkv
                 qkv = padded.view(B, Lmax, 3, nh, d // nh)
-            # float32 attention: torch's CPU flash kernel is no faster in bf16 at head_dim 72
-            q, k, v = _heads_f32(qkv.permute(2, 0, 3, 1, 4)).unbind(0)   # [B, nh, Lmax, hd]
+            # torch's CPU flash attention accumulates in float32 (scores, softmax, sum) for bf16 too
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # [B, nh, Lmax, hd]
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if uniform else mask)
             a = a.transpose(1, 2).reshape(B * Lmax, d)
             if not uniform:
                 a = a[pad_idx]
-            x = x + F.linear(a.to(dt), blk.out_w, blk.out_b)
+            x = x + blk.out(a)
             y = F.layer_norm(x, (d,), blk.ln2_w, blk.ln2_b, hp.eps).to(dt)
-            y = F.gelu(F.linear(y, blk.fc1_w, blk.fc1_b), approximate="tanh")
-            x = x + F.linear(y, blk.fc2_w, blk.fc2_b)
+            x = x + blk.fc2(blk.fc1(y))
         return F.layer_norm(x, (d,), self.post_ln_w, self.post_ln_b, hp.eps)
 
     # ----------------------------------------------------------------------- resampler
@@ -354,7 +387,7 @@ class VisionEncoder:
         hp, dt = self.hparams, self.dtype
         D, H = hp.embed_dim, hp.n_head_resampler
         lens = [h * w for h, w in sizes]
-        x = F.layer_norm(F.linear(feats.to(dt), self.kv_w).float(), (D,), self.ln_kv_w, self.ln_kv_b, hp.eps)
+        x = F.layer_norm(self.kv(feats.to(dt)).float(), (D,), self.ln_kv_w, self.ln_kv_b, hp.eps)
         keys = x + torch.cat([pos_embed_2d(h, w, D) for h, w in sizes])
         if temporal:
             ids = [t for _, g in groups for t in g]
@@ -362,8 +395,8 @@ class VisionEncoder:
                 rows = temporal_embed([max(t, 0) for t in ids], D)
                 rows[torch.tensor([t < 0 for t in ids])] = 0.0
                 keys = keys + torch.repeat_interleave(rows, torch.tensor(lens), dim=0)
-        k = F.linear(keys.to(dt), self.k_w, self.k_b)
-        v = F.linear(x.to(dt), self.v_w, self.v_b)
+        k = self.k(keys.to(dt))
+        v = self.v(x.to(dt))
 
         # Each group's keys are one contiguous run of packed rows (its frames, frame-major).
         offs = np.cumsum([0] + lens)
@@ -384,21 +417,15 @@ class VisionEncoder:
                 mask[g, 0, 0, :e - s] = True
             kh = kh.view(G, Kmax, H, hd).transpose(1, 2)
             vh = vh.view(G, Kmax, H, hd).transpose(1, 2)
-        q = self.q_heads.unsqueeze(0).expand(G, -1, -1, -1)
-        a = F.scaled_dot_product_attention(q, _heads_f32(kh), _heads_f32(vh), attn_mask=mask)
+        q = self.q_heads.to(dt).unsqueeze(0).expand(G, -1, -1, -1)
+        a = F.scaled_dot_product_attention(q, kh.contiguous(), vh.contiguous(), attn_mask=mask)
         a = a.transpose(1, 2).reshape(G * hp.query_num, D)
-        out = F.linear(a.to(dt), self.o_w, self.o_b).float()
+        out = self.o(a).float()
         out = F.layer_norm(out, (D,), self.ln_post_w, self.ln_post_b, hp.eps)
-        return F.linear(out.to(dt), self.proj_w).float().view(G, hp.query_num, D)
+        return self.proj(out.to(dt)).float().view(G, hp.query_num, D)
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _heads_f32(x: torch.Tensor) -> torch.Tensor:
-    """Contiguous float32 copy of a permuted head view (one pass: layout + dtype)."""
-    out = torch.empty(x.shape, dtype=torch.float32)
-    out.copy_(x)
-    return out
 
 
 def _chunk_groups(groups, sizes, budget: int):

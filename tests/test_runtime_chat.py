@@ -121,25 +121,57 @@ def mtmd_first_logits(lm_path, mm_path, prompt: str, image: np.ndarray) -> tuple
     return logits, ids
 
 
-def test_first_token_logits_match_mtmd_pipeline(model, files):
-    img = picture(448, 448, seed=1)
+@pytest.mark.parametrize("fuse,size", [(True, (448, 448)), (False, (448, 448)), (True, (896, 448))])
+def test_first_token_logits_match_mtmd_pipeline(model, files, fuse, size):
+    """fuse=False decodes as mtmd does (text runs as tokens, each slot its own 64-row batch);
+    fuse=True (default) sends the placeholder's tokens as embedding rows with the slot. 896x448 is
+    sliced (overview 630x322 + two 448x448 slices) identically by mtmd and the reference: its
+    refined image keeps the aspect, so mtmd's letter-boxing is a no-op (pitfalls.md)."""
+    img = picture(*size, seed=1)
     msgs = [{"role": "user", "content": [img, "What is in the image?"]}]
+    model.fuse_placeholders = fuse
     model.reset()
     ours = model.prefill(msgs, use_image_id=False)
     prompt = model.build_prompt(msgs, use_image_id=False)
-    assert model.stats.slots_prefilled == 1 and model.stats.prefill_start == 0
+    assert model.stats.slots_prefilled == (1 if size == (448, 448) else 3) and model.stats.prefill_start == 0
     marker = M.mtmd_default_marker().decode()
     theirs, their_ids = mtmd_first_logits(*files, prompt.text.replace(IMAGE_TAG, marker), np.asarray(img))
     # same token sequence (mtmd writes <image>/</image> around its 64 embeddings itself)
     assert model.prompt_token_ids(prompt, slot_id=-1) == their_ids
     err = rel_err(ours, theirs)
-    print(f"first-token logits vs mtmd: max |diff| / range = {err:.2e}")
+    print(f"first-token logits vs mtmd ({size[0]}x{size[1]}, fuse={fuse}): max |diff| / range = {err:.2e}")
     assert err < REL_TOL
     assert int(ours.argmax()) == int(theirs.argmax())
     # and the image matters: without it (text only) the logits are far from mtmd's
     model.reset()
     text_only = model.prefill([{"role": "user", "content": ["What is in the image?"]}], use_image_id=False)
     assert rel_err(text_only, theirs) > 10 * REL_TOL
+    model.fuse_placeholders = True
+
+
+@pytest.mark.parametrize("lm_type", ["Q4_K_M", "Q8_0"])
+def test_fused_placeholder_rows_equal_llamacpp_token_embeddings(tiny_lm_gguf, tiny_mmproj_gguf, lm_type):
+    """Placeholder tokens sent as gguf-py-dequantized token_embd rows give the logits llama.cpp
+    gives for the same token ids (f32 KV, no flash attention: batching leaves no noise)."""
+    m = MiniCPMV.load(tiny_lm_gguf(lm_type), tiny_mmproj_gguf("f32"), n_ctx=2048, n_threads=2,
+                      vision_dtype="f32", kv_type="f32", flash_attn=False)
+    try:
+        msgs = [{"role": "user", "content": [picture(896, 448, seed=12), "Which side is brighter?"]}]
+        m.fuse_placeholders = False
+        tokens = m.prefill(msgs)
+        assert m.stats.slots_prefilled == 3
+        assert m.stats.prefill_batches == 3 + 4   # 3 slots; text before, between (2), after
+        m.reset()
+        m.fuse_placeholders = True
+        fused = m.prefill(msgs)
+        assert m.tok_embd.available and m.stats.slots_prefilled == 3
+        # the short text before the image joins it; the question after it is a token batch
+        assert m.stats.prefill_batches == 2
+        err = rel_err(fused, tokens)
+        print(f"fused vs token batches ({lm_type}): {err:.2e}")
+        assert err < 1e-5
+    finally:
+        m.close()
 
 
 # --------------------------------------------------------------------------- multi-turn
@@ -248,6 +280,51 @@ def test_stale_stream_refuses_to_continue(model):
         list(s)
 
 
+def test_greedy_with_repetition_penalty_follows_transformers_rule(model):
+    """Each pick = argmax of the logits with every generated id penalised as transformers'
+    RepetitionPenaltyLogitsProcessor does (negative * p, positive / p)."""
+    msgs = [{"role": "user", "content": "Say something."}]
+    pen = 0.2   # < 1 rewards repeats: a random model never repeats within 40 tokens otherwise
+    a = model.chat(msgs, greedy=True, repetition_penalty=pen, max_new_tokens=40)
+    plain = model.chat(msgs, greedy=True, repetition_penalty=1.0, max_new_tokens=40)
+    logits = model.prefill(msgs)
+    seen: list[int] = []
+    pos = model.stats.prompt_tokens
+    for tok in a.tokens:
+        lg = logits.copy()
+        ids = np.array(sorted(set(seen)), dtype=np.int64)
+        if len(ids):
+            v = lg[ids]
+            lg[ids] = np.where(v < 0, v * pen, v / pen)
+        assert int(lg.argmax()) == tok
+        seen.append(tok)
+        model.ctx.decode_tokens([tok], pos)
+        pos += 1
+        logits = model.ctx.logits().copy()
+    # the penalty mattered here: it made greedy repeat itself where plain greedy does not
+    assert len(set(a.tokens)) < len(a.tokens) and a.tokens != plain.tokens
+    model.reset()
+
+
+def test_reference_sampling_defaults(model, monkeypatch):
+    """Without thinking the reference sets T 0.7, top_p 0.8, top_k 100, penalty 1.03; with thinking
+    only T 0.7, so transformers' defaults (top_p 1.0, top_k 50, penalty 1.0) apply; callers override."""
+    import minicpmv.runtime.chat as chat_mod
+    seen = []
+    real = chat_mod.Sampler
+
+    def spy(n_vocab, params):
+        seen.append(params)
+        return real(n_vocab, params)
+    monkeypatch.setattr(chat_mod, "Sampler", spy)
+    msgs = [{"role": "user", "content": "Hi"}]
+    model.chat(msgs, max_new_tokens=1)
+    model.chat(msgs, max_new_tokens=1, enable_thinking=True)
+    model.chat(msgs, max_new_tokens=1, enable_thinking=True, top_k=7, repetition_penalty=1.2)
+    got = [(p.temperature, p.top_p, p.top_k, p.repetition_penalty) for p in seen]
+    assert got == [(0.7, 0.8, 100, 1.03), (0.7, 1.0, 50, 1.0), (0.7, 1.0, 7, 1.2)]
+
+
 def test_sampling_is_seeded(model):
     msgs = [{"role": "user", "content": "Tell me a story."}]
     a = model.chat(msgs, seed=7, max_new_tokens=10, temperature=1.5)
@@ -319,7 +396,7 @@ def test_legacy_mmproj_layout_same_embeddings_and_logits(model, files, tmp_path)
     old = load((lm, legacy))
     try:
         assert old.vision.legacy_ffn and not model.vision.legacy_ffn
-        img = picture(640, 480, seed=6)
+        img = picture(448, 448, seed=6)
         from minicpmv.runtime.image import slice_image
         pix = slice_image(img).pixel_values()
         np.testing.assert_allclose(old.vision.encode_slices(pix), model.vision.encode_slices(pix), rtol=0, atol=1e-6)
@@ -399,3 +476,98 @@ def test_cli_context_overflow(files, tmp_path):
     line = one_error_line(run_cli(["--model", files[0], "--mmproj", files[1], pic, "?", "--ctx", "256",
                                    "--vision-dtype", "f32"]))
     assert "n_ctx=256" in line and "needs" in line
+
+
+def test_model_folder_is_told_apart_by_metadata(files, tmp_path):
+    lm, mm = files
+    d = tmp_path / "models"
+    d.mkdir()
+    (d / "a.gguf").symlink_to(mm)          # names say nothing: metadata decides
+    (d / "b.gguf").symlink_to(lm)
+    with MiniCPMV.load(d, n_ctx=512, n_threads=1, vision_dtype="f32") as m:
+        assert m.lm.path.name == "b.gguf" and m.vision.path.name == "a.gguf"
+    (d / "c.gguf").symlink_to(lm)
+    with pytest.raises(ModelFileError, match="several candidate files"):
+        MiniCPMV.load(d)
+
+
+def test_cli_interactive_session(files, tmp_path):
+    pic = tmp_path / "pic.png"
+    picture(448, 448, seed=11).save(pic)
+    from typer.testing import CliRunner
+
+    from minicpmv.cli.run import app
+    script = f"/image {pic}\nWhat is it?\n/think\nWhy?\n/nope\n/reset\nHello\n/quit\n"
+    res = CliRunner().invoke(app, ["--model", str(files[0]), "--mmproj", str(files[1]), "--max-tokens", "4",
+                                   "--greedy", "--vision-dtype", "f32", "-v"], input=script)
+    assert res.exit_code == 0, res.stderr
+    err = res.stderr
+    assert "(added" in err and "(thinking on)" in err and "unknown command /nope" in err
+    assert "(conversation cleared)" in err
+    # turn 2 reused the cache (prefill from a later position), the turn after /reset started over
+    starts = [int(x.split("from position ")[1].split()[0]) for x in err.splitlines() if "from position" in x]
+    assert len(starts) == 3 and starts[0] == 0 and starts[1] > 64 and starts[2] == 0
+
+
+def test_content_paths_and_video_items(model, tmp_path):
+    from video_fixtures import make_video
+
+    from minicpmv.runtime.video import load_video
+    pic = tmp_path / "pic.png"
+    img = picture(448, 448, seed=13)
+    img.save(pic)
+    a = model.build_prompt([{"role": "user", "content": [img, "What?"]}])
+    for item in (pic, str(pic), {"image": str(pic)}):
+        b = model.build_prompt([{"role": "user", "content": [item, "What?"]}])
+        assert model.prompt_token_ids(b) == model.prompt_token_ids(a)
+    # a string that is not a file stays text
+    t = model.build_prompt([{"role": "user", "content": ["no-such-file.png", "What?"]}])
+    assert not t.media and "no-such-file.png" in t.text
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    t = model.build_prompt([{"role": "user", "content": [str(notes), "What?"]}])
+    assert not t.media and str(notes) in t.text
+
+    clip = make_video(tmp_path / "clip.mp4", 12, 6, size=(64, 48))   # 2 s at 6 fps
+    v = load_video(clip, fps=5, packing=2)
+    ref = model.build_prompt([{"role": "user", "content": list(v.frames) + ["What happens?"]}],
+                             use_image_id=False, max_slice_nums=1, temporal_ids=v.temporal_ids)
+    for item in ({"video": clip, "packing": 2}, {"video": str(clip), "packing": 2}, v):
+        p = model.build_prompt([{"role": "user", "content": [item, "What happens?"]}])
+        assert model.prompt_token_ids(p) == model.prompt_token_ids(ref)
+        assert [m.temporal_ids for m in p.media] == [list(g) for g in v.temporal_ids]
+    p = model.build_prompt([{"role": "user", "content": [str(clip), "What happens?"]}])
+    assert len(p.media) == len(load_video(clip).temporal_ids) and "<image_id>" not in p.text
+    model.reset()
+    model.prefill([{"role": "user", "content": [{"video": clip, "packing": 2}, "What happens?"]}])
+    assert model.stats.images_encoded == len(v.temporal_ids) == model.stats.slots_prefilled
+    with pytest.raises(ValueError, match="not both"):
+        model.build_prompt([{"role": "user", "content": [v, "?"]}], temporal_ids=[[0]])
+
+
+def test_gguf_peek_matches_gguf_py(files, tmp_path):
+    import gguf
+
+    from minicpmv.runtime.gguf_info import GGUFFormatError, read_gguf_info
+    for path in files:
+        info = read_gguf_info(path)
+        r = gguf.GGUFReader(str(path))
+        for f in r.fields.values():
+            if f.name.startswith("GGUF.") or f.types[0] == gguf.GGUFValueType.ARRAY:
+                continue
+            assert info.metadata[f.name] == pytest.approx(f.contents()), f.name
+        for t in r.tensors:
+            mine = info.tensors[t.name]
+            assert mine.offset == t.data_offset and mine.ggml_type == t.tensor_type
+            assert list(mine.shape) == [int(x) for x in t.shape]
+        emb = next((t for t in r.tensors if t.name == "token_embd.weight"), None)
+        if emb is not None:
+            ids = [0, 5, int(emb.shape[1]) - 1]
+            ref = gguf.quants.dequantize(np.asarray(emb.data)[ids], emb.tensor_type)
+            np.testing.assert_array_equal(info.rows("token_embd.weight", ids), ref.reshape(len(ids), -1))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 10)
+    with pytest.raises(GGUFFormatError):
+        read_gguf_info(bad)
+    with pytest.raises(ModelFileError, match="not a readable GGUF"):
+        MiniCPMV.load(bad, files[1])

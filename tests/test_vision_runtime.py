@@ -12,7 +12,7 @@ values exactly), q8_0 mmproj 5.6e-2; bf16 compute 2.4e-2 (cosine 0.99998); mtmd 
 
 from __future__ import annotations
 
-import math
+import os
 
 import gguf
 import numpy as np
@@ -119,9 +119,10 @@ def test_q8_0_dequantized_once_like_gguf_py(tiny_mmproj_gguf):
     reader = gguf.GGUFReader(str(path))
     t = next(t for t in reader.tensors if t.name == v_blk("attn_q", 0) + ".weight")
     assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
-    want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(mm.tensors[t.name].shape)
-    assert mm.tensors[t.name].dtype == torch.float32
-    assert np.array_equal(mm.tensors[t.name].numpy(), want)
+    got = mm.get(t.name)
+    want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(got.shape)
+    assert got.dtype == torch.float32 and tuple(got.shape) == tuple(reversed(t.shape.tolist()))
+    assert np.array_equal(got.numpy(), want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +247,21 @@ def test_legacy_layout_gives_identical_embeddings(tiny_mmproj_gguf, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # API, options, bad input
 
+def test_unpacked_linears_and_small_batches_agree(tiny_mmproj_gguf, enc32, monkeypatch):
+    """oneDNN-packed weights vs plain F.linear; a token budget that splits the call into several
+    tower batches (whole groups stay together) changes nothing."""
+    import minicpmv.runtime.vision as vision
+    px = pixels([(224, 224), (98, 70), (224, 224), (140, 140), (70, 98)], seed=9)
+    tids = [[-1], [3, 4], [7], [-1]]
+    want = enc32.encode_slices(px, tids)
+    monkeypatch.setattr(vision, "USE_ONEDNN_PACKING", False)
+    plain = VisionEncoder.load(tiny_mmproj_gguf("f32"), dtype="f32", n_threads=1)
+    assert not plain.packed
+    assert np.abs(plain.encode_slices(px, tids) - want).max() < 1e-5
+    monkeypatch.setattr(vision, "MAX_BATCH_TOKENS", 300)
+    assert np.abs(enc32.encode_slices(px, tids) - want).max() < 1e-5
+
+
 def test_attributes_and_options(enc32, enc16, tiny_ckpt):
     assert enc32.embed_dim == 256 and enc32.query_num == 64 and enc32.image_size == 448 and enc32.patch_size == 14
     assert enc32.dtype == torch.float32 and enc16.dtype == torch.bfloat16
@@ -257,7 +273,7 @@ def test_attributes_and_options(enc32, enc16, tiny_ckpt):
     assert enc32.weights_nbytes == 4 * (n_params - D * D - 3 * D - 64 * D + 64 * D)
     assert enc16.weights_nbytes < 0.8 * enc32.weights_nbytes
     assert _resolve_dtype("auto") == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
-    assert 1 <= physical_cores() <= (__import__("os").cpu_count() or 1)
+    assert 1 <= physical_cores() <= (os.cpu_count() or 1)
 
 
 def _ckpt_shapes(ckpt):
