@@ -1,11 +1,14 @@
 """`make bench`: every figure of BENCHMARKS.md, ours vs llama.cpp, in one run.
 
     python -m bench.run [--only conversion,vision,llm,e2e,video,sizes] [--threads N]
-                        [--scale full|medium] [--runs N]
+                        [--scale full|medium] [--runs N] [--budget-min M] [--out DIR] [--prepare]
 
 The full-size synthetic checkpoint (~17.4 GB bf16) is generated once into the cache folder
-(.cache/bench, or $MINICPMV_BENCH_CACHE). Every measured step runs in its own subprocess
-(bench.worker) so its peak RSS is its own. `--scale medium` checks the whole harness in a minute.
+(.cache/bench, or $MINICPMV_BENCH_CACHE); `--prepare` only does that (and converts our Q4_K_M +
+f16 mmproj, untimed). Every measured step runs in its own subprocess (bench.worker) so its peak
+RSS is its own. Repetitions are cut when the next one would not leave time for the remaining
+sections within --budget-min (60 at full scale). `--scale medium` checks the whole harness in a
+few minutes and writes its report under the cache folder, not into the repository.
 """
 
 from __future__ import annotations
@@ -49,11 +52,13 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale("full", 17.4, 16.4, 5.0, 0.9, runs=3, e2e_runs=2, est={
-        "checkpoint": 420, "convert_onepass": 420, "convert_bf16": 240, "llama_quantize": 360, "compare": 40,
-        "models": 900, "vision": 180, "llm": 420, "e2e": 660, "video": 420, "sizes": 360},
-        floor={"vision": 90, "llm": 200, "e2e": 330, "video": 420, "sizes": 360},
-        fixed={"vision": 60, "llm": 60, "e2e": 150}),
+    # seconds on the 2-core EPYC (AVX512-BF16) this was written on, extrapolated to an idle machine from
+    # single runs made while other jobs were loading it
+    "full": Scale("full", 17.4, 16.4, 5.0, 1.1, runs=3, e2e_runs=2, video_subset=6, est={
+        "checkpoint": 420, "convert_onepass": 480, "convert_bf16": 200, "llama_quantize": 480, "compare": 60,
+        "models": 900, "vision": 150, "llm": 420, "e2e": 600, "video": 330, "sizes": 300},
+        floor={"vision": 100, "llm": 200, "e2e": 400, "video": 330, "sizes": 300},
+        fixed={"vision": 70, "llm": 60, "e2e": 120}),
     "medium": Scale("medium", 0.06, 0.05, 0.02, 0.02, runs=3, e2e_runs=3, est={
         "checkpoint": 2, "convert_onepass": 5, "convert_bf16": 4, "llama_quantize": 3, "compare": 1,
         "models": 8, "vision": 10, "llm": 15, "e2e": 15, "video": 30, "sizes": 15}),
@@ -212,15 +217,17 @@ class Bench:
         self.sizes["Q4_K_M LM GGUF, ours (one pass)"] = Path(m1.result["lm"]).stat().st_size
         self.sizes["f16 mmproj GGUF"] = Path(m1.result["mmproj"]).stat().st_size
         evict_page_cache(self.ckpt)
-        m2 = self.worker("convert_bf16", {"ckpt": str(self.ckpt), "out": str(two), "threads": T})
-        bf16 = Path(m2.result["lm"])
-        self.sizes["BF16 LM GGUF (two-step intermediate)"] = bf16.stat().st_size
-        llama_q4 = two / "llama-Q4_K_M.gguf"
-        m3 = self.worker("llama_quantize", {"src": str(bf16), "dst": str(llama_q4), "threads": T})
-        bf16.unlink()      # free 16 GB as soon as it is measured
-        self.sizes["Q4_K_M LM GGUF, llama_model_quantize"] = llama_q4.stat().st_size
-        same = self.step("compare", compare_tensors, Path(m1.result["lm"]), llama_q4)
-        shutil.rmtree(two, ignore_errors=True)
+        try:
+            m2 = self.worker("convert_bf16", {"ckpt": str(self.ckpt), "out": str(two), "threads": T})
+            bf16 = Path(m2.result["lm"])
+            self.sizes["BF16 LM GGUF (two-step intermediate)"] = bf16.stat().st_size
+            llama_q4 = two / "llama-Q4_K_M.gguf"
+            m3 = self.worker("llama_quantize", {"src": str(bf16), "dst": str(llama_q4), "threads": T})
+            bf16.unlink()      # free 16 GB as soon as it is measured
+            self.sizes["Q4_K_M LM GGUF, llama_model_quantize"] = llama_q4.stat().st_size
+            same = self.step("compare", compare_tensors, Path(m1.result["lm"]), llama_q4)
+        finally:
+            shutil.rmtree(two, ignore_errors=True)   # the two-step files are not needed later
 
         t_one = m1.result["seconds"]
         t_two = m2.result["seconds"] + m3.result["seconds"]
@@ -306,14 +313,19 @@ class Bench:
             label = "time to first token" if what == "ttft" else f"total time ({median(r['n_gen']):.0f} tokens generated)"
             rows.append(row(label, median(o), median(b), unit="s", ratio=ratio,
                             target=f"<= {target}x" if target else "", met=(ratio <= target) if target else None))
-        vis = [c.get("vision_ms") or c.get("vision_s") for c in r["ours_counters"]]
+        c0 = r["ours_counters"][0] if r["ours_counters"] else {}
         notes = [f"1344x1344 picture, ctx 4096, {self.threads} threads, same Q4_K_M + f16 mmproj. llama.cpp = "
                  "`mtmd_tokenize` + `mtmd_helper_eval_chunks` (its clip encodes every chunk, then decodes), then a "
-                 "greedy decode loop of as many tokens as ours generated; ours = `MiniCPMV.chat` (stream=True), one "
-                 "pixel changed per run so no encoding is reused; preprocessing included on both sides.",
+                 "greedy decode loop making as many one-token decodes as ours asks for; ours = `MiniCPMV.chat` "
+                 "(stream=True, vision dtype auto), one pixel changed per run so no encoding is reused; preprocessing "
+                 "included on both sides; the side that goes first alternates from run to run.",
                  f"{len(r['ours_ttft_s'])} runs after a warm-up with a 448x448 picture; mtmd prompt tokens "
-                 f"{r['mtmd_n_tokens'][:1]}; ours counters of the first run: {r['ours_counters'][:1]}.",
+                 f"{r['mtmd_n_tokens'][:1]}, ours {c0.get('prompt_tokens')} (ours adds `<image_id>0</image_id>` as the reference does).",
                  f"per-run TTFT: ours {fmt_list(r['ours_ttft_s'])} s, mtmd {fmt_list(r['mtmd_ttft_s'])} s."]
+        if c0.get("vision_slots"):
+            notes.append(f"ours, first run: vision {c0['vision_ms_total'] / 1e3:.1f} s for {c0['vision_slots']} slices "
+                         f"({c0['vision_ms_total'] / 1e3 / c0['vision_slots']:.2f} s each), LM prefill "
+                         f"{c0.get('prefill_ms', 0) / 1e3:.1f} s for {c0.get('tokens_prefilled')} positions.")
         return {"rows": rows, "notes": notes, "raw": r}
 
     def sec_video(self) -> dict:
@@ -349,7 +361,7 @@ class Bench:
                  "has no temporal packing for this projector): `mtmd_tokenize` with one marker per frame, "
                  "`mtmd_encode_chunk` + `mtmd_helper_decode_image_chunk` per chunk.",
                  f"Measured on the first {r['subset_frames']} frames ({r['subset_groups']} groups) with one generated "
-                 "token; whole-video vision time scaled by frames, prefill by prompt tokens (a lower bound for both, "
+                 "token, once, after a one-frame warm-up on both sides; whole-video vision time scaled by frames, prefill by prompt tokens (a lower bound for both, "
                  "more so for the longer one-frame-per-image prompt). The whole video at full size would take far "
                  "beyond the 60-minute budget on this machine (every frame is a ~1 TFLOP vision pass).",
                  f"one frame per image needs {mt_} tokens: more than a 4096 (or 8192/16384) context holds." if mt_ and mt_ > 4096 else "",
@@ -389,6 +401,15 @@ class Bench:
                                 "warmup": 0, "sides": ["mtmd"]})
         rows.append(row("peak RSS, 1344x1344 question, Q4_K_M + f16 mmproj, ctx 4096", rss_ours, m.peak_rss_gb,
                         unit="GB", target="ours <= 7 GB", met=(rss_ours <= 7.0) if rss_ours is not None else None))
+        try:
+            mem = self.worker("rss_after_load", {"lm": str(self.lm), "mmproj": str(self.mmproj),
+                                                 "threads": self.threads, "n_ctx": 4096}).result
+            notes.append(f"ours right after `MiniCPMV.load` (ctx 4096, before any inference): resident "
+                         f"{mem['VmRSS']:.2f} GB = {mem['RssAnon']:.2f} GB anonymous (vision weights "
+                         f"{mem['vision_weights_gb']:.2f} GB, llama.cpp's buffers, KV cache) + {mem['RssFile']:.2f} GB of "
+                         f"mmapped files (the LM GGUF {self.lm.stat().st_size / GB:.2f} GB).")
+        except (BenchError, Skip) as e:
+            notes.append(f"memory breakdown after load: not measured ({str(e).splitlines()[0]})")
         notes.append("llama.cpp figure: llama-mtmd-cli cannot be built from llama-cpp-python's sources here, so its "
                      "pipeline (`mtmd_tokenize` + `mtmd_helper_eval_chunks` + decode loop, same files, ctx 4096, "
                      "same threads) runs in a subprocess and its peak RSS is reported; llama-mtmd-cli itself "
@@ -397,7 +418,7 @@ class Bench:
 
     # ------------------------------------------------------------------ driver
 
-    def run(self, sections: list[str]) -> dict:
+    def run(self, sections: list[str], on_section=None) -> dict:
         s = self.scale
         self.plan = list(sections)
         self.t_start = time.perf_counter()
@@ -445,6 +466,10 @@ class Bench:
                                         + (" (other processes were competing for the CPU)"
                                            if sec["load"]["max"] > self.threads + 1.0 else ""))
                 res["sections"][name] = sec
+                if on_section is not None:
+                    res["in_progress"] = True
+                    on_section(res)
+                    res.pop("in_progress")
                 tqdm.write(f"bench: {name}: {sec['status'] if sec['status'] != 'ok' else summary(sec)}", file=sys.stderr)
         finally:
             self.bar.close()
@@ -597,22 +622,32 @@ def main(argv: list[str] | None = None) -> int:
             (b.cache / f"{args.scale}-results" / "BENCHMARKS.md", b.cache / f"{args.scale}-results" / "results.json")
     else:
         md, js = args.out / "BENCHMARKS.md", args.out / "results.json"
-    res = b.run(sections)
-    # keep sections of an earlier run of the same scale that this run did not redo
+    old: dict = {}
     if js.is_file():
         import json
         try:
             old = json.loads(js.read_text())
-            if old.get("scale") == res["scale"]:
-                for k, v in old.get("sections", {}).items():
-                    if k not in res["sections"]:
-                        v.setdefault("notes", []).append(f"(from an earlier run, finished {v.get('finished', '?')})")
-                        res["sections"][k] = v
         except (ValueError, OSError):
-            pass
-    res["sections"] = {k: res["sections"][k] for k in SECTIONS if k in res["sections"]}
-    res["closing"] = closing(res)
-    report.write(res, md, js)
+            old = {}
+
+    def save(res: dict) -> None:
+        """Write the report (after every section, so a late failure keeps the earlier figures);
+        sections of an earlier run of the same scale that this run does not redo are kept."""
+        out = dict(res)
+        secs = dict(res["sections"])
+        if old.get("scale") == res["scale"]:
+            for k, v in old.get("sections", {}).items():
+                if k not in secs and k not in b.plan:
+                    v = dict(v)
+                    v["notes"] = list(v.get("notes", [])) + [f"(from an earlier run, finished {v.get('finished', '?')})"]
+                    secs[k] = v
+        out["sections"] = {k: secs[k] for k in SECTIONS if k in secs}
+        out["closing"] = closing(out)
+        report.write(out, md, js)
+        res["closing"] = out["closing"]
+
+    res = b.run(sections, on_section=save)
+    save(res)
     print(f"bench: wrote {md} and {js} ({res['elapsed_min']:.1f} min)", file=sys.stderr)
     for c in res["closing"]:
         print(f"  {c}", file=sys.stderr)
