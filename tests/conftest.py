@@ -16,34 +16,44 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny")
 
 
+def _converted(tmp_path_factory, ckpt: Path, **kw):
+    """Factory: type name -> path of a conversion of `ckpt` (made once per session per type)."""
+    from minicpmv.convert.pipeline import convert
+    lm = "quant_type" in kw
+    cache: dict[str, Path] = {}
+
+    def make(type_name: str) -> Path:
+        key = type_name.upper() if lm else type_name.lower()
+        if key not in cache:
+            out = tmp_path_factory.mktemp(("lm-" if lm else "mmproj-") + key)
+            res = convert(ckpt, out, progress=False, **{k: key for k in kw}, write_lm=lm, write_mmproj=not lm)
+            cache[key] = res.lm_path if lm else res.mmproj_path
+        return cache[key]
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_gguf(tmp_path_factory, tiny_ckpt):
     """Factory: language-model type name (F32, F16, BF16, Q8_0, Q4_K_M, ...) -> converted GGUF path."""
-    cache: dict[str, Path] = {}
-
-    def make(outtype: str = "F32") -> Path:
-        from minicpmv.convert.pipeline import convert
-        key = outtype.upper()
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"lm-{key}")
-            cache[key] = convert(tiny_ckpt, out, quant_type=key, write_mmproj=False, progress=False).lm_path
-        return cache[key]
-    return make
+    make = _converted(tmp_path_factory, tiny_ckpt, quant_type=None)
+    return lambda outtype="F32": make(outtype)
 
 
 @pytest.fixture(scope="session")
 def tiny_mmproj_gguf(tmp_path_factory, tiny_ckpt):
     """Factory: mmproj type name (f32, f16, bf16, q8_0) -> converted mmproj GGUF path."""
-    cache: dict[str, Path] = {}
+    make = _converted(tmp_path_factory, tiny_ckpt, mmproj_type=None)
+    return lambda mmproj_type="f32": make(mmproj_type)
 
-    def make(mmproj_type: str = "f32") -> Path:
-        from minicpmv.convert.pipeline import convert
-        key = mmproj_type.lower()
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"mmproj-{key}")
-            cache[key] = convert(tiny_ckpt, out, mmproj_type=key, write_lm=False, progress=False).mmproj_path
-        return cache[key]
-    return make
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch on one thread for a module (use as an autouse alias): the machine is shared."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def hf_tokenizer_dir(ckpt: Path, dest: Path) -> Path:

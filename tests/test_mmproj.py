@@ -38,12 +38,7 @@ MIN_COS = {"f32": 0.999999, "f16": 0.99999, "bf16": 0.9995, "q8_0": 0.998}
 SIZES = [(448, 448), (756, 518), (896, 448), (1000, 700)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # torch on one thread: the machine is shared
 
 
 def make_image(w: int, h: int, seed: int = 0) -> np.ndarray:

@@ -34,12 +34,7 @@ BF16_TOL, BF16_COS = 0.06, 0.9999   # bf16 compute (bf16 matmul inputs, f32 accu
 MTMD_TOL = 1e-3                    # mtmd computes its patch conv in f16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # torch on one thread: the machine is shared
 
 
 @pytest.fixture(scope="module")
