@@ -47,7 +47,7 @@ class Conversation:
         video = _video_module()
         if video is not None and video.is_video_path(path):
             v = video.load_video(path, fps=opts.fps, packing=opts.packing, max_frames=opts.max_frames,
-                                 progress=opts.verbose)
+                                 progress=opts.verbose or sys.stderr.isatty())
             self.pending.append(v)
             return f"{path}: {len(v.frames)} frames in {len(v.temporal_ids)} groups of up to {v.plan.packing}"
         img = load_image(path)
@@ -284,6 +284,7 @@ def run(
                           n_gpu_layers=gpu_layers, vision_dtype=vision_dtype, verbose=llama_log)
     except (ValueError, OSError, RuntimeError) as e:
         fail(str(e))
+    m.progress = o.verbose or sys.stderr.isatty()  # long videos: a bar while frames are encoded
     if question is None:
         if as_json:
             fail("--json needs a question")

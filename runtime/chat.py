@@ -198,6 +198,7 @@ class MiniCPMV:
         self.tok_embd = TokenEmbeddings(lm.path, lm.n_embd)
         self.query_num = getattr(vision, "query_num", 64) if vision is not None else 64
         self.cache_bytes = cache_bytes
+        self.progress = False  # a progress bar (stderr) while many slices/frames are encoded
         self._emb_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._videos: dict = {}
         self._kv: list = []                     # what each KV position holds (token id or slot row)
@@ -377,7 +378,8 @@ class MiniCPMV:
                 pixels += [pf[g] for pf in per_frame]
                 groups.append(list(m.temporal_ids) if m.temporal_ids is not None else [-1])
         t0 = time.perf_counter()
-        emb = np.asarray(self.vision.encode_slices(pixels, groups), dtype=np.float32)
+        emb = np.asarray(self.vision.encode_slices(pixels, groups, progress=self.progress and len(groups) > 8),
+                         dtype=np.float32)
         ms = (time.perf_counter() - t0) * 1e3
         stats.images_encoded += len(todo)
         stats.slots_encoded += len(groups)

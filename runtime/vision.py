@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 import torch
 import torch.nn.functional as F
 
@@ -316,21 +317,24 @@ class VisionEncoder:
 
     # ----------------------------------------------------------------------- public API
 
-    def encode_slices(self, pixels: list[np.ndarray],
-                      temporal_ids: list[list[int]] | None = None) -> np.ndarray:
+    def encode_slices(self, pixels: list[np.ndarray], temporal_ids: list[list[int]] | None = None,
+                      progress: bool = False) -> np.ndarray:
         """Normalized [3, H, W] float32 slices (H, W multiples of the patch size) -> [G, 64, D]
         float32, one row per group: each slice alone without `temporal_ids`; with them, one group
         per list (consecutive slices, frame-major, id -1 = no temporal term)."""
         sizes = self._check_pixels(pixels)
         groups = self._check_groups(temporal_ids, len(pixels))
         out = []
-        with _threads(self.n_threads), torch.inference_mode():
+        bar = tqdm(total=len(groups), unit="group" if temporal_ids else "slice", desc="vision",
+                   disable=not progress, leave=False)
+        with bar, _threads(self.n_threads), torch.inference_mode():
             for chunk in _chunk_groups(groups, sizes, MAX_BATCH_TOKENS):
                 first = chunk[0][0]
                 last = chunk[-1][0] + len(chunk[-1][1])
                 feats = self._tower(pixels[first:last], sizes[first:last])
                 rel = [(s - first, ids) for s, ids in chunk]
                 out.append(self._resample(feats, sizes[first:last], rel, temporal_ids is not None))
+                bar.update(len(chunk))
         return torch.cat(out).float().numpy()
 
     def vision(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
