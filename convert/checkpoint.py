@@ -171,6 +171,12 @@ class Checkpoint:
         ref = self.ref(name)
         return self._to_f32(ref, self._read(ref)).reshape(ref.shape)
 
+    def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as stored (bf16 as uint16 bit patterns): the quantizer widens them
+        chunk by chunk on its worker threads, so the reading thread only does I/O."""
+        ref = self.ref(name)
+        return self._read(ref, start, stop).reshape(stop - start, ref.shape[-1])
+
     def f32_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a tensor viewed as [rows, last dim], as float32."""
         ref = self.ref(name)

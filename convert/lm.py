@@ -23,7 +23,7 @@ def lm_plans(ckpt: Checkpoint, cfg: MiniCPMVConfig) -> list[TensorPlan]:
         gname = names.lm_tensor_name(hf)
         assert gname is not None, hf
         plans.append(TensorPlan(gname, ckpt.shape(hf), (lambda n=hf: ckpt.f32(n)), source=hf,
-                                load_rows=(lambda a, b, n=hf: ckpt.f32_rows(n, a, b))))
+                                load_rows=(lambda a, b, n=hf: ckpt.raw_rows(n, a, b))))
     order = {"token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}
     plans.sort(key=lambda p: (order.get(p.name, 1), _layer_of(p.name)))
     return plans

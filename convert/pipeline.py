@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 from tqdm import tqdm
 
 from minicpmv import quant
@@ -93,7 +94,8 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
     bar = tqdm(total=total, unit="param", unit_scale=True, desc="converting", disable=not progress)
 
     def encode(x: np.ndarray, p: TensorPlan) -> np.ndarray:
-        return quant.encode(x, p.ggml_type, p.meta.get("imatrix"), n_threads=threads, name=p.name)
+        src = GGMLQuantizationType.BF16 if x.dtype == np.uint16 else None  # raw bf16 rows (raw_rows)
+        return quant.encode(x, p.ggml_type, p.meta.get("imatrix"), n_threads=threads, name=p.name, src_type=src)
 
     def tick(p: TensorPlan) -> None:
         bar.set_postfix_str(f"{p.name} {p.ggml_type.name}", refresh=False)

@@ -17,8 +17,9 @@ class TensorPlan:
     ggml_type: GGMLQuantizationType = GGMLQuantizationType.F32
     source: str = ""                          # checkpoint tensor(s) it comes from, for messages
     meta: dict = field(default_factory=dict)
-    # Optional: rows [start, stop) of the tensor viewed as [n_rows, row_len], as float32. Large
-    # tensors that need no transform set it so the writer can stream them in row blocks.
+    # Optional: rows [start, stop) of the tensor viewed as [n_rows, row_len], as float32 or as the
+    # checkpoint stores them (bf16 as uint16 bits, f16). Tensors that need no transform set it so
+    # the writer can stream them in row blocks.
     load_rows: Callable[[int, int], np.ndarray] | None = None
 
     @property

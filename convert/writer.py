@@ -94,26 +94,52 @@ def _row_blocks(p: TensorPlan) -> Iterator[tuple[np.ndarray, bool]]:
 
 
 def _blocks(plans: list[TensorPlan], encode: Encoder) -> Iterator[tuple[TensorPlan, np.ndarray, bool]]:
-    """Read+encode the next block in a thread while the current one is written (I/O overlap)."""
-    q: queue.Queue = queue.Queue(maxsize=1)
+    """Three stages run at once: a reader thread loads block i+2 (I/O), an encoder thread
+    quantizes block i+1 (on its own worker threads), and the caller writes block i."""
+    read_q: queue.Queue = queue.Queue(maxsize=1)
+    out_q: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
-    def work():
+    def put(q: queue.Queue, item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def reader():
         try:
             for p in plans:
                 for x, last in _row_blocks(p):
-                    if stop.is_set():
+                    if not put(read_q, (p, x, last)):
                         return
-                    q.put((p, encode(x, p), last))
-            q.put(None)
-        except BaseException as e:  # hand the error to the writing thread
-            q.put(e)
+            put(read_q, None)
+        except BaseException as e:  # hand the error on
+            put(read_q, e)
 
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
+    def encoder():
+        while True:
+            item = read_q.get()
+            if item is None or isinstance(item, BaseException):
+                put(out_q, item)
+                return
+            p, x, last = item
+            try:
+                data = encode(x, p)
+            except BaseException as e:
+                put(out_q, e)
+                return
+            if not put(out_q, (p, data, last)):
+                return
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (reader, encoder)]
+    for t in threads:
+        t.start()
     try:
         while True:
-            item = q.get()
+            item = out_q.get()
             if item is None:
                 return
             if isinstance(item, BaseException):
@@ -121,9 +147,12 @@ def _blocks(plans: list[TensorPlan], encode: Encoder) -> Iterator[tuple[TensorPl
             yield item
     finally:
         stop.set()
-        while t.is_alive():
+        for q in (read_q, out_q):  # unblock a stage waiting on a full or empty queue
             try:
-                q.get(timeout=0.1)
+                while True:
+                    q.get_nowait()
             except queue.Empty:
                 pass
-        t.join()
+        read_q.put_nowait(None) if read_q.empty() else None
+        for t in threads:
+            t.join(timeout=30)

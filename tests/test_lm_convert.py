@@ -219,3 +219,25 @@ def test_streaming_in_row_blocks_gives_the_same_file(tiny_lm_gguf, tiny_ckpt, tm
     monkeypatch.setattr(writer, "BLOCK_ELEMENTS", 3000)  # forces many blocks per matrix
     small = convert(tiny_ckpt, tmp_path, quant_type="Q8_0", write_mmproj=False, progress=False).lm_path
     assert small.read_bytes() == tiny_lm_gguf("Q8_0").read_bytes()
+
+
+def test_writer_failure_mid_stream_leaves_nothing(tmp_path, monkeypatch):
+    """A read error in the middle of a streamed tensor aborts cleanly: no output, no temp file."""
+    from gguf import GGMLQuantizationType
+
+    from minicpmv.convert import writer
+    from minicpmv.convert.plan import TensorPlan
+    monkeypatch.setattr(writer, "BLOCK_ELEMENTS", 64)
+
+    def rows(a, b):
+        if a >= 32:
+            raise OSError("disk went away")
+        return np.ones((b - a, 32), np.float32)
+    plans = [TensorPlan("a.weight", (8, 32), lambda: np.zeros((8, 32), np.float32)),
+             TensorPlan("b.weight", (64, 32), lambda: rows(0, 64), load_rows=rows)]
+    for p in plans:
+        p.ggml_type = GGMLQuantizationType.F32
+    out = tmp_path / "x.gguf"
+    with pytest.raises(OSError, match="disk went away"):
+        writer.write_gguf(out, "qwen3", lambda w: None, plans, lambda x, p: x.astype(np.float32).view(np.uint8))
+    assert list(tmp_path.iterdir()) == []
