@@ -7,7 +7,6 @@ with one progress bar over every tensor of both files.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +52,7 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
 
     lm_path = out_dir / f"{MODEL_NAME}-{spec.name if spec else quant_type.upper()}.gguf"
     mm_path = out_dir / f"mmproj-{MODEL_NAME}-{mm_spec.upper()}.gguf"
-    jobs: list[tuple[Path, str, object, list[TensorPlan], object]] = []
+    jobs: list[tuple[Path, str, object, list[TensorPlan]]] = []
     if ollama:
         from .modelfile import MODELFILE_NAME
         check_output(out_dir / MODELFILE_NAME, force)  # refuse before spending minutes converting
@@ -79,7 +78,7 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
             lm.add_lm_metadata(w, cfg, vocab, name=MODEL_NAME, file_type=int(spec.ftype), n_params=n)
             for k, v in imat_meta.items():  # the keys llama-quantize adds when it uses an imatrix
                 (w.add_string if isinstance(v, str) else w.add_uint32)(k, v)
-        jobs.append((lm_path, LM_ARCH, lm_meta, plans, None))
+        jobs.append((lm_path, LM_ARCH, lm_meta, plans))
 
     if write_mmproj:
         check_output(mm_path, force)
@@ -87,10 +86,10 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
 
         def mm_meta(w):
             mmproj.add_mmproj_metadata(w, cfg, mm_spec, name=MODEL_NAME)
-        jobs.append((mm_path, MMPROJ_ARCH, mm_meta, mplans, None))
+        jobs.append((mm_path, MMPROJ_ARCH, mm_meta, mplans))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    total = sum(p.n_elements for _, _, _, plans_, _ in jobs for p in plans_)
+    total = sum(p.n_elements for _, _, _, plans_ in jobs for p in plans_)
     bar = tqdm(total=total, unit="param", unit_scale=True, desc="converting", disable=not progress)
 
     def encode(x: np.ndarray, p: TensorPlan) -> np.ndarray:
@@ -103,7 +102,7 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
 
     written: list[Path] = []
     try:
-        for path, arch, meta, plans_, _ in jobs:
+        for path, arch, meta, plans_ in jobs:
             write_gguf(path, arch, meta, plans_, encode, force=force, on_tensor=tick)
             written.append(path)
     except BaseException:
@@ -119,7 +118,3 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
         from .modelfile import write_modelfile
         modelfile = write_modelfile(out_dir, lm_path, mm_path, force=force)
     return ConvertResult(lm_path if write_lm else None, mm_path if write_mmproj else None, modelfile)
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
