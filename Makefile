@@ -1,12 +1,25 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install test demo bench clean
+.PHONY: install system-deps test demo bench clean
 
 # CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
-install:
+install: system-deps
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
+
+# System tools that only the tests' oracles need (a C++ compiler for the llama.cpp probes, Go for
+# Ollama's text/template). Installed with apt-get when run as root; otherwise the missing ones are named.
+SYSTEM_TOOLS := g++:g++ go:golang-go
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing test tools:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else \
+		echo "note: the test oracles also need:$$missing (install them with your package manager)"; \
+	fi
 
 test:
 	$(PYTHON) -m pytest -q tests

@@ -69,33 +69,14 @@ def evict_page_cache(path: Path) -> None:
 # --------------------------------------------------------------------------- machine
 
 def machine_info() -> dict:
-    info: dict = {"platform": platform.platform(), "python": platform.python_version()}
-    cpu, phys, flags = "unknown", set(), set()
-    try:
-        block: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
-            if not line.strip():
-                if block:
-                    phys.add((block.get("physical id", "0"), block.get("core id", block.get("processor"))))
-                block = {}
-                continue
-            k, _, v = line.partition(":")
-            block[k.strip()] = v.strip()
-            if k.strip() == "model name":
-                cpu = v.strip()
-            if k.strip() == "flags":
-                flags = set(v.split())
-    except OSError:
-        cpu = platform.processor() or "unknown"
-    info["cpu"] = cpu
-    info["logical_cpus"] = os.cpu_count()
-    try:
-        info["usable_cpus"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        info["usable_cpus"] = os.cpu_count()
-    info["physical_cores"] = len(phys) or None
-    info["cpu_features"] = sorted(f for f in flags if f in {"avx2", "fma", "f16c", "avx512f", "avx512_bf16",
-                                                             "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8"})
+    from minicpmv.cpu import cpu_info
+    from minicpmv.runtime.buffers import plan_for_this_machine
+    cpu = cpu_info()
+    info: dict = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu.model,
+                  "logical_cpus": os.cpu_count(), "usable_cpus": cpu.logical_cpus,
+                  "physical_cores": cpu.physical_cores, "cpu_features": sorted(cpu.reported_flags)}
+    plan = plan_for_this_machine()
+    info["weight_buffers"] = f"{plan.mode}: {plan.reason}"
     try:
         mem = {l.split(":")[0]: int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines()}
         info["memory_gb"] = round(mem["MemTotal"] * 1024 / GB, 1)

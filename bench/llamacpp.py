@@ -17,6 +17,8 @@ import numpy as np
 import llama_cpp as L
 import llama_cpp.mtmd_cpp as M
 
+from minicpmv.runtime.llama import LlamaError, load_model
+
 IMAGE_CHUNK = 1
 _LOG_TAIL: list[str] = []
 
@@ -40,12 +42,10 @@ def log_tail() -> str:
 class BareLM:
     def __init__(self, path: str, *, n_ctx: int, n_threads: int, n_batch: int = 512, vocab_only: bool = False):
         quiet()
-        mp = L.llama_model_default_params()
-        mp.n_gpu_layers = 0
-        mp.vocab_only = vocab_only
-        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
-        if not self.model:
-            raise RuntimeError(f"llama.cpp cannot load {path}: {log_tail()}")
+        try:  # the runtime's loader: the same weight buffers (runtime/buffers.py) on both sides
+            self.model, self.buffers = load_model(path, vocab_only=vocab_only, read_file=False)
+        except LlamaError:
+            raise RuntimeError(f"llama.cpp cannot load {path}: {log_tail()}") from None
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.ctx = None

@@ -53,7 +53,8 @@ def markdown(res: dict) -> str:
            f"| cores | {m.get('physical_cores')} physical, {m.get('usable_cpus')} usable logical |",
            f"| memory | {m.get('memory_gb')} GB |",
            f"| CPU features | {', '.join(m.get('cpu_features') or []) or '—'} |",
-           f"| software | " + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items()) + " |",
+           "| software | " + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items()) + " |",
+           f"| llama.cpp weight buffers | {m.get('weight_buffers', '—')} |",
            f"| load average | {res.get('load_note', '—')} |", "",
            "Ratios are ours / llama.cpp, computed run by run (the two sides' runs are interleaved in one "
            "process) and then the median taken; each figure is the median of the runs after a warm-up "

@@ -246,6 +246,9 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Print timings: vision ms per slice, prefill and decode tokens/s."),
     llama_log: bool = typer.Option(False, "--llama-log", help="Show llama.cpp's own log (silent by default)."),
+    version: bool = typer.Option(False, "--version", is_eager=True,
+                                 help="Print a system report for bug reports (versions, CPU, llama.cpp build, "
+                                      "weight buffers, vision precision, threads) and exit."),
 ) -> None:
     """Ask MiniCPM-V 4.5 about images and videos, or chat interactively.
 
@@ -253,6 +256,10 @@ def run(
     the language model runs on llama.cpp, the vision encoder on torch. Videos are sampled at --fps and
     packed into groups of frames that share 64 tokens (3D resampler).
     """
+    if version:
+        from minicpmv.runtime.system_report import format_report, system_report
+        typer.echo(format_report(system_report()))
+        return
     from minicpmv.runtime import MiniCPMV
 
     inputs = list(inputs or [])

@@ -34,6 +34,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from minicpmv.cpu import default_threads
+
 from .gguf_info import GGUFFormatError, read_gguf_info
 from .image import load_image, slice_image
 from .llama import (ContextOverflowError, ContextParams, LlamaContext, LlamaError, LlamaModel, Sampler,
@@ -240,8 +242,8 @@ class MiniCPMV:
         if gguf_architecture(model_path) == "clip":
             raise ModelFileError(f"{model_path}: this is a mmproj file, not the language model")
 
-        from .vision import VisionEncoder, physical_cores
-        threads = n_threads or physical_cores()  # llama.cpp and torch both prefer physical cores
+        from .vision import VisionEncoder
+        threads = n_threads or default_threads()
         try:
             vision = VisionEncoder.load(mmproj_path, dtype=vision_dtype, n_threads=threads)
         except (ValueError, OSError) as e:

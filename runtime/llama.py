@@ -22,6 +22,9 @@ import numpy as np
 
 import llama_cpp as ll
 
+from minicpmv.cpu import default_threads
+
+from .buffers import BufferPlan, WeightBuffers, weight_buffers
 from .gguf_info import read_gguf_info
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
@@ -38,36 +41,36 @@ class ContextOverflowError(LlamaError):
 # --------------------------------------------------------------------------- logging and backend
 
 _log_state = {"verbose": False, "init": False, "last": 0}
-_LOG_DEBUG, _LOG_CONT = 4, 5
+_LOG_DEBUG, _LOG_CONT = 1, 5   # enum ggml_log_level (ggml.h)
 
 
 @ll.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    # verbose: info, warnings and errors (debug lines come per decode call and slow generation)
+    # verbose=True: info, warnings and errors (debug lines come per decode call and slow
+    # generation); verbose="debug": everything
     if level != _LOG_CONT:
         _log_state["last"] = level
-    if _log_state["verbose"] and text and _log_state["last"] != _LOG_DEBUG:
+    v = _log_state["verbose"]
+    if v and text and (v == "debug" or _log_state["last"] != _LOG_DEBUG):
         sys.stderr.write(text.decode("utf-8", errors="replace"))
         sys.stderr.flush()
 
 
-def init_backend(verbose: bool = False) -> None:
-    """Route llama.cpp's log through us (silent unless verbose) and initialise the backend once.
+def init_backend(verbose: bool | str = False) -> None:
+    """Route llama.cpp's log through us (silent unless verbose; "debug" for every line) and
+    initialise the backend once.
 
     llama-cpp-python installs a callback at import that prints everything; this replaces it.
     """
     _log_state["verbose"] = verbose
     ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
+    _backend_init()
+
+
+def _backend_init() -> None:
     if not _log_state["init"]:
         ll.llama_backend_init()
         _log_state["init"] = True
-
-
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
 
 
 def default_gpu_layers() -> int:
@@ -77,28 +80,44 @@ def default_gpu_layers() -> int:
 
 # --------------------------------------------------------------------------- model and vocabulary
 
+def load_model(path: str | os.PathLike, *, n_gpu_layers: int = 0, vocab_only: bool = False,
+               read_file: bool | None = None, buffers: BufferPlan | None = None) -> tuple[int, WeightBuffers]:
+    """llama_model_load_from_file with this project's settings; every load goes through here
+    (runtime, tests' oracles, bench), so the weight buffer choice (buffers.py) is made once.
+
+    `read_file` (default: on for CPU-only loads): read the file instead of memory-mapping it. CPU
+    only, llama.cpp repacks the K-quant weights into a CPU-friendly copy; with the file mapped, the
+    pages it read stay resident next to that copy (8.3 GB for the 8B Q4_K_M model); reading keeps one
+    copy (5.0 GB). With a GPU (Metal) the mapping is what lets the weights be used in place.
+    `buffers` forces a weight buffer plan (default: buffers.plan_for_this_machine()).
+    Returns (llama_model_p, the buffer choice); raises LlamaError if llama.cpp refuses the file.
+    """
+    _backend_init()
+    mp = ll.llama_model_default_params()
+    mp.n_gpu_layers = n_gpu_layers
+    mp.vocab_only = vocab_only
+    if read_file if read_file is not None else (n_gpu_layers == 0 and not vocab_only):
+        mp.load_mode = ll.LLAMA_LOAD_MODE_NONE
+    wb = weight_buffers(mp, path, plan=buffers)
+    model = ll.llama_model_load_from_file(str(path).encode(), mp)
+    if not model:
+        raise LlamaError(f"{path}: llama.cpp cannot load this file as a language model "
+                         "(run with --verbose for llama.cpp's log)")
+    return model, wb
+
+
 class LlamaModel:
     """A loaded GGUF language model and its vocabulary."""
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int | None = None,
-                 vocab_only: bool = False, verbose: bool = False):
+                 vocab_only: bool = False, verbose: bool | str = False, buffers: BufferPlan | None = None):
         init_backend(verbose)
         self.path = Path(path)
         if not self.path.is_file():
             raise LlamaError(f"{self.path}: no such model file")
-        mp = ll.llama_model_default_params()
-        mp.n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
-        mp.vocab_only = vocab_only
-        if mp.n_gpu_layers == 0 and not vocab_only:
-            # CPU only: llama.cpp repacks the K-quant weights into a CPU-friendly copy; with the file
-            # memory-mapped, the mapped pages it read stay resident next to that copy (8.3 GB for
-            # the 8B Q4_K_M model). Reading the file instead keeps one copy (5.0 GB). With a GPU
-            # (Metal) the default mmap is what lets the weights be used in place.
-            mp.load_mode = ll.LLAMA_LOAD_MODE_NONE
-        self.model = ll.llama_model_load_from_file(str(self.path).encode(), mp)
-        if not self.model:
-            raise LlamaError(f"{self.path}: llama.cpp cannot load this file as a language model "
-                             "(run with --verbose for llama.cpp's log)")
+        n_gpu = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
+        self.model, self.buffers = load_model(self.path, n_gpu_layers=n_gpu, vocab_only=vocab_only,
+                                              buffers=buffers)
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         # n_embd_inp is the width of input embedding rows; 0 for vocab-only loads (pitfalls.md)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +43,8 @@ from minicpmv.convert.names import (
     V_PATCH_EMBD, V_POS_EMBD, V_POST_LN, v_blk,
 )
 
+from minicpmv.cpu import cpu_info, default_threads
+
 from .mmproj import Mmproj, VisionHParams, load_mmproj
 
 # Tokens per tower batch: bounds activation memory for long videos (the reference runs 16 slices
@@ -53,45 +54,6 @@ MAX_BATCH_TOKENS = 16 * 1024
 
 class VisionInputError(ValueError):
     """Bad pixels or temporal ids passed to the encoder (one line naming the argument)."""
-
-
-# --------------------------------------------------------------------------- CPU facts
-
-def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 / AMX-BF16 on x86 Linux, or Apple silicon."""
-    if platform.system() == "Darwin":
-        return platform.machine() == "arm64"
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
-
-
-def physical_cores() -> int:
-    """Distinct (package, core) pairs in /proc/cpuinfo; os.cpu_count() elsewhere."""
-    n = os.cpu_count() or 1
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return n
-    cores, phys = set(), "0"
-    for line in text.splitlines():
-        key, _, val = line.partition(":")
-        key = key.strip()
-        if key == "physical id":
-            phys = val.strip()
-        elif key == "core id":
-            cores.add((phys, val.strip()))
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:
-        allowed = n
-    return max(1, min(len(cores) or n, allowed))
 
 
 # --------------------------------------------------------------------------- position tables
@@ -197,9 +159,16 @@ class Block:
     fc2: Linear
 
 
+def auto_dtype() -> tuple[torch.dtype, str]:
+    """What `dtype="auto"` resolves to on this machine, and why (one line)."""
+    if cpu_info().has_fast_bf16:
+        return torch.bfloat16, "the CPU has bf16 dot products (AVX512-BF16/AMX-BF16, or Apple silicon)"
+    return torch.float32, "the CPU has no bf16 dot products"
+
+
 def _resolve_dtype(dtype: str) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        return auto_dtype()[0]
     if dtype in ("bf16", "bfloat16"):
         return torch.bfloat16
     if dtype in ("f32", "float32"):
@@ -290,7 +259,7 @@ class VisionEncoder:
         if n_threads is not None and n_threads < 1:
             raise VisionInputError(f"n_threads: {n_threads} must be >= 1")
         mm = load_mmproj(mmproj_path)
-        enc = cls(mm, cdtype, n_threads or physical_cores())
+        enc = cls(mm, cdtype, n_threads or default_threads())
         return enc
 
     def close(self) -> None:

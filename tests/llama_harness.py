@@ -8,6 +8,8 @@ from pathlib import Path
 import llama_cpp as L
 import numpy as np
 
+from minicpmv.runtime.llama import load_model
+
 _NO_LOG = L.llama_log_callback(lambda level, text, user: None)
 L.llama_log_set(_NO_LOG, ctypes.c_void_p())
 L.llama_backend_init()
@@ -17,12 +19,7 @@ class LlamaModel:
     """A loaded GGUF with one context; logits of every position of a token prompt."""
 
     def __init__(self, path: Path, n_ctx: int = 512, vocab_only: bool = False, n_threads: int = 2):
-        mp = L.llama_model_default_params()
-        mp.vocab_only = vocab_only
-        mp.n_gpu_layers = 0
-        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
-        if not self.model:
-            raise RuntimeError(f"llama.cpp failed to load {path}")
+        self.model, _ = load_model(path, vocab_only=vocab_only, read_file=False)
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.ctx = None

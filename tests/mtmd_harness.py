@@ -22,6 +22,8 @@ import numpy as np
 import llama_cpp
 import llama_cpp.mtmd_cpp as M
 
+from minicpmv.runtime.llama import LlamaError, load_model
+
 TEXT, IMAGE = 0, 1  # mtmd_input_chunk_type
 
 _LOG: list[str] = []
@@ -57,11 +59,10 @@ class Mtmd:
     def __init__(self, mmproj: Path, lm: Path, *, vocab_only: bool = True, n_threads: int = 1):
         _quiet()
         llama_cpp.llama_backend_init()
-        mp = llama_cpp.llama_model_default_params()
-        mp.vocab_only = vocab_only
-        self.model = llama_cpp.llama_model_load_from_file(str(lm).encode(), mp)
-        if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {lm}:\n{last_log()}")
+        try:
+            self.model, _ = load_model(lm, vocab_only=vocab_only, read_file=False)
+        except LlamaError:
+            raise RuntimeError(f"llama.cpp could not load {lm}:\n{last_log()}") from None
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         p = M.mtmd_context_params_default()
         p.use_gpu = False

@@ -20,6 +20,7 @@ import llama_cpp as L
 import llama_cpp.mtmd_cpp as M
 
 from minicpmv.runtime import ContextOverflowError, MiniCPMV, ModelFileError
+from minicpmv.runtime.llama import load_model
 from minicpmv.runtime.prompt import IMAGE_TAG
 
 # pitfalls.md: llama.cpp's embedding path reproduces the reference to ~2e-3 of the logit range; mtmd
@@ -80,9 +81,7 @@ def mtmd_first_logits(lm_path, mm_path, prompt: str, image: np.ndarray) -> tuple
     """llama.cpp's pipeline: mtmd_tokenize (prompt with the media marker) + mtmd_helper_eval_chunks;
     returns the last position's logits and the token ids (image chunks as 64 x -1)."""
     M.mtmd_helper_log_set(_quiet, ctypes.c_void_p(0))
-    mp = L.llama_model_default_params()
-    mp.n_gpu_layers = 0
-    model = L.llama_model_load_from_file(str(lm_path).encode(), mp)
+    model, _ = load_model(lm_path, read_file=False)
     cp = L.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 1024, 512, 512, 2, 2
     lctx = L.llama_init_from_model(model, cp)

@@ -15,10 +15,7 @@ from minicpmv.runtime.video import (VideoError, is_video_path, load_video, neare
                                     plan_video_sampling)
 from video_fixtures import make_video, make_wav, read_index
 
-try:
-    from scipy.spatial import cKDTree
-except ImportError:  # brute force; exact ties then resolve to the lower value
-    cKDTree = None
+from scipy.spatial import cKDTree  # the card's own nearest-neighbour search (its tie-breaking matters)
 
 
 # ------------------------------------------------------------ oracle: the card, step by step ----
@@ -47,10 +44,7 @@ def card_plan(n_frames: int, fps: float, choose_fps: float, force_packing=None,
 
     frame_idx_ts = frame_idx / fps
     scale = np.arange(0, video_duration, TIME_SCALE)
-    if cKDTree is not None:
-        _, nearest = cKDTree(scale[:, None]).query(frame_idx_ts[:, None])
-    else:
-        nearest = np.abs(frame_idx_ts[:, None] - scale[None, :]).argmin(axis=1)
+    _, nearest = cKDTree(scale[:, None]).query(frame_idx_ts[:, None])
     frame_ts_id = (scale[nearest] / TIME_SCALE).astype(np.int32)
     groups = [frame_ts_id[i:i + packing_nums].tolist() for i in range(0, len(frame_ts_id), packing_nums)]
     return frame_idx.tolist(), frame_ts_id.tolist(), groups, packing_nums
@@ -128,7 +122,6 @@ def test_plan_bad_arguments():
             plan_video_sampling(n, fps)
 
 
-@pytest.mark.skipif(cKDTree is None, reason="scipy not installed: no cKDTree oracle for exact ties")
 def test_nearest_scale_index_breaks_ties_like_ckdtree():
     ties = lower = higher = 0
     for n_scale in list(range(1, 120)) + [257, 1000, 4001, 36000]:
