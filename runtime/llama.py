@@ -101,7 +101,7 @@ class LlamaModel:
                              "(run with --verbose for llama.cpp's log)")
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
-        # n_embd_inp is the width of input embedding rows; 0 for vocab-only loads (pitfalls.md)
+        # n_embd_inp is the width of input embedding rows; 0 for vocab-only loads (docs/pitfalls.md §4)
         self.n_embd = ll.llama_model_n_embd_inp(self.model) or ll.llama_model_n_embd(self.model)
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)

@@ -4,7 +4,7 @@
     emb = enc.encode_slices([overview, s1, s2])         # [3, 64, D] float32
     emb = enc.encode_slices(frames, [[0, 5], [10, 15]])  # video: one 64-token group per list
 
-Math follows the reference model (hf-reference.md §2-§3):
+Math follows the reference model (docs/reference-model.md §2-§3):
 - tower: 14x14 patch embedding, NaViT position ids (float32 `arange` + `bucketize` exactly as the
   reference, which differs from floor(70*i/n) for some sides), pre-LN blocks with bidirectional
   attention, tanh GELU, post-LN;
