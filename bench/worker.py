@@ -24,7 +24,7 @@ VIDEO_QUESTION = "Describe the video."
 
 
 def chatml(user: str) -> str:
-    """The reference's prompt with thinking off (hf-reference.md §5.4)."""
+    """The reference's prompt with thinking off (docs/reference-model.md §5.3)."""
     return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 

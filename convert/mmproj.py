@@ -43,7 +43,7 @@ def parse_mmproj_type(name: str) -> str:
 # tensor types
 
 def tensor_type(name: str, shape: tuple[int, ...], mmproj_type: str) -> Q:
-    """GGML type of one mmproj tensor (llamacpp-reference §1.4-§1.5: what the CPU backend accepts).
+    """GGML type of one mmproj tensor (docs/llamacpp.md §2.4: what the CPU backend accepts).
 
     1-D tensors and `resampler.query` feed ggml_add/ggml_norm with an F32 activation -> F32.
     `pos_embed_k` is never read by llama.cpp; it stays the exact f32 table (as the legacy script).

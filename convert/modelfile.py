@@ -3,10 +3,10 @@
 `ollama create NAME -f OUT/Modelfile` imports both files: every local `FROM` is hashed and uploaded,
 and Ollama classifies each GGUF by its metadata (the mmproj by `general.architecture = clip` /
 `general.type = mmproj`), so the two FROM lines yield one model layer and one projector layer.
-Facts behind every choice here: shared/reference/ollama-and-users.md §1 and §4.
+Facts behind every choice here: docs/ollama.md.
 
 The TEMPLATE is a Go text/template over `.Messages` that reproduces the checkpoint's Jinja chat
-template (hf-reference.md §5.4) for the conversations Ollama can send: ChatML turns, past answers
+template (docs/reference-model.md §5.3) for the conversations Ollama can send: ChatML turns, past answers
 without their thinking, and the `enable_thinking` generation prompt driven by Ollama's `think`.
 """
 
@@ -21,7 +21,7 @@ from .writer import check_output, temp_path
 
 MODELFILE_NAME = "Modelfile"
 
-# Reference chat() sampling without thinking (hf-reference.md §6.2): T 0.7, top_p 0.8, top_k 100,
+# Reference chat() sampling without thinking (docs/reference-model.md §6.2): T 0.7, top_p 0.8, top_k 100,
 # repetition_penalty 1.03. (llama.cpp's MiniCPM-V docs suggest --repeat-penalty 1.05.)
 SAMPLING = (("temperature", "0.7"), ("top_p", "0.8"), ("top_k", "100"), ("repeat_penalty", "1.03"))
 
@@ -30,9 +30,10 @@ SAMPLING = (("temperature", "0.7"), ("top_p", "0.8"), ("top_k", "100"), ("repeat
 STOP = ("<|im_end|>", "<|endoftext|>")
 
 # Context window. One image costs up to ~665 tokens (overview + 3x3 slices of 64 query tokens each,
-# hf-reference.md §5.2); Ollama's own prompt budget assumes 768 per image. 8192 holds four fully
-# sliced images, the reference's max_new_tokens (2048) and some history or a thinking trace, for
-# ~1.1 GiB of f16 KV cache on Qwen3-8B (36 layers x 8 KV heads x 128 x 2 x 2 bytes = 144 KiB/token).
+# docs/reference-model.md §5.1); Ollama's own prompt budget assumes 768 per image
+# (docs/ollama.md §5). 8192 holds four fully sliced images, the reference's max_new_tokens (2048)
+# and some history or a thinking trace, for ~1.1 GiB of f16 KV cache on Qwen3-8B
+# (36 layers x 8 KV heads x 128 x 2 x 2 bytes = 144 KiB/token).
 # Ollama's default (4096 below 24 GiB VRAM, 2048 in older releases) cuts long thinking answers.
 NUM_CTX = 8192
 

@@ -1,6 +1,6 @@
 """Image loading and MiniCPM-V 4.5 slicing, faithful to the reference image processor.
 
-The reference (hub `image_processing_minicpmv.py`, hf-reference.md §4) turns one image into an
+The reference (hub `image_processing_minicpmv.py`, docs/reference-model.md §4) turns one image into an
 overview plus an optional grid of slices, every side a multiple of the 14-pixel patch:
 
 - `get_sliced_grid` picks (cols, rows) from the area ratio to 448^2 and the aspect ratio;
@@ -193,7 +193,7 @@ def slice_image(img: Image.Image, max_slice_nums: int = MAX_SLICE_NUMS,
 
 def image_placeholder(grid: tuple[int, int] | None, image_id: int | None,
                       query_num: int = QUERY_NUM, unk: str = "<unk>") -> str:
-    """The reference's prompt text for one image (hf-reference.md §5.2).
+    """The reference's prompt text for one image (docs/reference-model.md §5.1).
 
     `<image_id>i</image_id>` (when image_id is not None) + `<image>` + query_num*unk + `</image>`,
     then, with a grid, immediately (no newline) `rows` lines joined by "\\n", each `cols` times

@@ -120,7 +120,7 @@ class LlamaModel:
                                               buffers=buffers)
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
-        # n_embd_inp is the width of input embedding rows; 0 for vocab-only loads (pitfalls.md)
+        # n_embd_inp is the width of input embedding rows; 0 for vocab-only loads (docs/pitfalls.md §4)
         self.n_embd = ll.llama_model_n_embd_inp(self.model) or ll.llama_model_n_embd(self.model)
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -412,8 +412,8 @@ class Sampler:
     The repetition penalty is applied here, in place on llama.cpp's logits row, to the tokens
     generated so far (transformers penalises the generated ids when generating from input
     embeddings: divide positive logits, multiply negative ones). llama.cpp's penalties sampler
-    does the same but visits every vocabulary entry per token (~0.3 ms for 151k entries); this
-    visits only the distinct generated ids. The rest is one llama.cpp sampler chain.
+    does the same but visits every vocabulary entry (151k) per token; this visits only the
+    distinct generated ids. The rest is one llama.cpp sampler chain.
     """
 
     def __init__(self, n_vocab: int, params: SamplingParams):

@@ -1,6 +1,6 @@
 """Conversation -> the reference's prompt, as text pieces and image slots.
 
-The reference `chat()` (hf-reference.md §5.4/§5.5) does three things, reproduced here in order:
+The reference `chat()` (docs/reference-model.md §5) does three things, reproduced here in order:
 
 1. every message's content list becomes one string: images as the tag "(<image>./</image>)",
    strings as they are, joined with "\\n"; `system_prompt` becomes a leading system message;

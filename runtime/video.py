@@ -1,7 +1,7 @@
 """Video input: the model card's `encode_video` frame sampling, and PyAV decoding of only those frames.
 
 MiniCPM-V 4.5 packs up to `packing` consecutive frames into one resampler query (64 tokens per
-group). The model card (hf-reference.md §6.3) picks the frames and their temporal ids like this:
+group). The model card (docs/reference-model.md §7) picks the frames and their temporal ids like this:
 
     duration = n_frames / avg_fps
     if choose_fps * int(duration) <= MAX_NUM_FRAMES:   packing 1,

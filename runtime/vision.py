@@ -4,7 +4,7 @@
     emb = enc.encode_slices([overview, s1, s2])         # [3, 64, D] float32
     emb = enc.encode_slices(frames, [[0, 5], [10, 15]])  # video: one 64-token group per list
 
-Math follows the reference model (hf-reference.md §2-§3):
+Math follows the reference model (docs/reference-model.md §2-§3):
 - tower: 14x14 patch embedding, NaViT position ids (float32 `arange` + `bucketize` exactly as the
   reference, which differs from floor(70*i/n) for some sides), pre-LN blocks with bidirectional
   attention, tanh GELU, post-LN;
@@ -18,10 +18,9 @@ view with a key padding mask (torch's fused attention). bf16 mode: matmuls take 
 accumulate in float32 (oneDNN), attention runs per (slice, head) on the slice's own rows with the
 softmax computed in float32; the residual stream and LayerNorms stay in float32 in both modes.
 
-Speed (full-size tower + resampler, one 448x448 slice, this 2-core Zen4 with AVX512-BF16, CPU time
-on one core, other jobs sharing the machine): bf16 5.2 s, f32 9.8 s per slice against 13.5 s for
-llama.cpp's mtmd (f16 mmproj, flash attention auto), i.e. 0.39x and 0.73x. The bf16 matmuls run
-at ~220 GFLOP/s per core, about the CPU's peak.
+bf16 is the default ("auto") only where the CPU has bf16 dot products (AVX512-BF16/AMX, Apple
+silicon): there its matmuls run near the CPU's peak, well ahead of float32. Measured speeds against
+llama.cpp's mtmd are in BENCHMARKS.md §2.
 """
 
 from __future__ import annotations
@@ -107,8 +106,8 @@ def temporal_embed(ids: list[int], embed_dim: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- weights
 
 # Pre-pack matmul weights into oneDNN's blocked layout (what torch's inductor does when freezing):
-# ~10% faster than F.linear in bf16 and f32 on AVX-512, and fc1 gets GELU fused. Falls back to
-# F.linear when this torch build lacks the ops.
+# measurably faster than F.linear in bf16 and f32 on AVX-512, and fc1 gets GELU fused. Falls back
+# to F.linear when this torch build lacks the ops.
 USE_ONEDNN_PACKING = True
 
 
@@ -393,8 +392,8 @@ class VisionEncoder:
     def _attention_per_head(self, qkv: torch.Tensor, lens: list[int]) -> torch.Tensor:
         """bf16 self-attention, one (slice, head) at a time on its own rows (no padding, no mask):
         QK^T and PV are bf16 matmuls with float32 accumulation, the softmax is computed in float32
-        and rounded to bf16 (as the reference model run in bf16). At head_dim 72 this is ~1.6x
-        faster than torch's fused attention, which does not use the CPU's bf16 dot products.
+        and rounded to bf16 (as the reference model run in bf16). At head_dim 72 this beats torch's
+        fused attention, which does not use the CPU's bf16 dot products.
         The (slice, head) tasks are spread over single-threaded workers: hundreds of small
         multi-threaded ops would each end in a barrier, which stalls whenever the machine is busy."""
         d, nh = self.hparams.n_embd, self.hparams.n_head

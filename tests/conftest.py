@@ -72,7 +72,7 @@ def torch_one_thread():
 
 def hf_tokenizer_dir(ckpt: Path, dest: Path) -> Path:
     """A copy of the checkpoint's tokenizer files that transformers can load without remote code
-    (pitfalls.md: the checkpoint's tokenizer_config points at remote code via auto_map)."""
+    (docs/pitfalls.md §3: the checkpoint's tokenizer_config points at remote code via auto_map)."""
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer.json"):
         if (ckpt / f).is_file():

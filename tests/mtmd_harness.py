@@ -4,9 +4,9 @@
         chunks = mt.tokenize(rgb_uint8_hxwx3)          # [Chunk(kind, tokens, n_tokens), ...]
         embs = mt.encode_image(rgb_uint8_hxwx3)       # one [64, n_embd] array per image chunk
 
-Recipe from llamacpp-reference.md §5.7: a vocab-only language model is enough to tokenize and
+Recipe of docs/llamacpp.md §6.8: a vocab-only language model is enough to tokenize and
 encode (the vision graph never touches the LM weights). `mtmd_plan` re-states mtmd's slicing rules
-(llamacpp-reference §2.2) so tests can choose images whose preprocessing needs no resampling.
+(docs/llamacpp.md §4.2) so tests can choose images whose preprocessing needs no resampling.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Mtmd:
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             raise RuntimeError(f"mtmd could not load {mmproj}:\n{last_log()}")
-        # vocab_only models report n_embd_inp 0 (pitfalls.md): take the width from the mmproj itself
+        # vocab_only models report n_embd_inp 0 (docs/pitfalls.md §4): take the width from the mmproj itself
         r = gguf.GGUFReader(str(mmproj))
         proj = next(t for t in r.tensors if t.name == "resampler.proj.weight")
         self.n_embd = int(proj.shape[1])
@@ -162,7 +162,7 @@ class Mtmd:
 
 
 # ----------------------------------------------------------------------------------------------
-# mtmd's llava-uhd slicing rules (llamacpp-reference §2.2), to pick test images
+# mtmd's llava-uhd slicing rules (docs/llamacpp.md §4.2), to pick test images
 
 @dataclass(frozen=True)
 class SlicePlan:

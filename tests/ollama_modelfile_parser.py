@@ -1,6 +1,6 @@
 """A Modelfile validator that follows Ollama's parser rules (written for the tests, not shipped).
 
-Rules as documented in shared/reference/ollama-and-users.md §1.1-1.2 (Ollama parser/parser.go
+Rules as documented in docs/ollama.md §3 (ollama/ollama@fb30760 parser/parser.go
 `ParseFile`, `unquote`, `isValidCommand`; api/types.go `FormatParams`):
 - A rune-level state machine: blank/whitespace -> command name (letters only, case-insensitive)
   -> one space/tab -> value. `#` at the start of a line is a comment up to the newline.
@@ -27,7 +27,7 @@ COMMANDS = ("from", "license", "template", "system", "adapter", "draft", "render
             "parameter", "message", "requires")
 ROLES = ("system", "user", "assistant")
 
-# ollama-and-users.md §1.2 (api/types.go Options / Runner)
+# docs/ollama.md §3 (ollama/ollama@fb30760 api/types.go Options / Runner)
 INT_PARAMS = {"num_ctx", "num_batch", "num_gpu", "num_thread", "main_gpu", "draft_num_predict",
               "num_keep", "seed", "num_predict", "top_k", "repeat_last_n"}
 FLOAT_PARAMS = {"top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",

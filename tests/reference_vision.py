@@ -1,8 +1,8 @@
 """Independent torch implementation of MiniCPM-V 4.5's vision path (the test oracle).
 
-Written from hf-reference.md §2-§3 (the reference model's prose description), operating on the
-Hugging Face checkpoint tensors by their HF names; it shares no code with the converter or the
-runtime. Everything runs on the CPU in float32 (the reference's own precision) or float64.
+Written from docs/reference-model.md §2-§3 (the project's description of the reference model),
+operating on the Hugging Face checkpoint tensors by their HF names; it shares no code with the
+converter or the runtime. Everything runs on the CPU in float32 (the reference's own precision) or float64.
 
     ref = ReferenceVision(ckpt_dir)                  # dtype=torch.float64 for a tighter oracle
     px = [to_pixels(rgb_uint8_hxwx3), ...]           # normalized [3, H, W], H and W multiples of 14
@@ -29,7 +29,7 @@ RESAMPLER_HEAD_DIM = 128  # num_heads = embed_dim // 128
 
 
 def to_pixels(rgb: np.ndarray, mean: float = 0.5, std: float = 0.5) -> np.ndarray:
-    """uint8 [H, W, 3] -> float32 [3, H, W], (x/255 - mean)/std (hf-reference §4.5)."""
+    """uint8 [H, W, 3] -> float32 [3, H, W], (x/255 - mean)/std (docs/reference-model.md §4.4)."""
     x = np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
     x = (x - np.float32(mean)) / np.float32(std)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
@@ -38,7 +38,8 @@ def to_pixels(rgb: np.ndarray, mean: float = 0.5, std: float = 0.5) -> np.ndarra
 def navit_bucket_coords(n: int, buckets: int = 70) -> torch.Tensor:
     """Bucket index of each of n patch rows (or columns), with the reference's float32 arithmetic:
     a float32 step 1/n from an int32 count, torch.arange up to 1 - 1e-6, bucketize right=True
-    against arange(1/70, 1, 1/70) (hf-reference §2.4). Not always floor(70*i/n) (pitfalls.md)."""
+    against arange(1/70, 1, 1/70) (docs/reference-model.md §2.3). Not always floor(70*i/n)
+    (docs/pitfalls.md §1)."""
     boundaries = torch.arange(1 / buckets, 1.0, 1 / buckets)
     step = 1 / torch.tensor(n, dtype=torch.int32)
     frac = torch.arange(0, 1 - 1e-6, step)
@@ -61,14 +62,15 @@ def _sincos(dim: int, pos: np.ndarray) -> np.ndarray:
 
 
 def pos_embed_2d(dim: int, h: int, w: int) -> np.ndarray:
-    """float32 [h, w, dim]: first half encodes the column index, second half the row (§3.1)."""
+    """float32 [h, w, dim]: first half encodes the column index, second half the row
+    (docs/reference-model.md §3.2)."""
     cols = np.broadcast_to(np.arange(w, dtype=np.float32)[None, :], (h, w))
     rows = np.broadcast_to(np.arange(h, dtype=np.float32)[:, None], (h, w))
     return np.concatenate([_sincos(dim // 2, cols), _sincos(dim // 2, rows)], axis=-1)
 
 
 def temporal_embed(dim: int, t: int) -> np.ndarray:
-    """float32 [dim]: the temporal table row for id t (§3.2)."""
+    """float32 [dim]: the temporal table row for id t (docs/reference-model.md §3.3)."""
     return _sincos(dim, np.array([t], dtype=np.float32))[0]
 
 
@@ -91,10 +93,11 @@ class ReferenceVision:
         self.eps = v.layer_norm_eps
         self.embed_dim = self.cfg.text.hidden_size
 
-    # -- vision tower (§2) ---------------------------------------------------------------------
+    # -- vision tower (docs/reference-model.md §2) ----------------------------------------------
 
     def _strip(self, px: torch.Tensor) -> torch.Tensor:
-        """[3, H, W] -> [3, 14, L*14]: the patches side by side in raster order (§4.6)."""
+        """[3, H, W] -> [3, 14, L*14]: the patches side by side in raster order
+        (docs/reference-model.md §2.1)."""
         p = self.patch
         cols = F.unfold(px[None], kernel_size=p, stride=p)[0]          # [3*p*p, L]
         L = cols.shape[1]
@@ -162,7 +165,7 @@ class ReferenceVision:
         h = self._lin(F.gelu(self._lin(h, pre + "mlp.fc1"), approximate="tanh"), pre + "mlp.fc2")
         return x + h
 
-    # -- resampler (§3, batch path) ------------------------------------------------------------
+    # -- resampler (docs/reference-model.md §3.4-§3.5, batched path) ----------------------------
 
     def resample(self, features: list[torch.Tensor], tgt_sizes: list[tuple[int, int]],
                  temporal_ids: list[list[int]] | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ BICUBIC = Image.Resampling.BICUBIC
 
 
 # --------------------------------------------------------------------------- independent oracle
-# Written from the prose in hf-reference.md §4 without looking at runtime/image.py: integer
+# Written from docs/reference-model.md §4 without looking at runtime/image.py: integer
 # arithmetic for the half-to-even snapping, candidates ranked by (error, enumeration index).
 # The sqrt/truncation step keeps the reference's float64 arithmetic on purpose: exact rational
 # arithmetic gives different sizes for some inputs (see test_float_artifacts_are_reproduced).
@@ -71,9 +71,9 @@ def our_plan(W: int, H: int, max_slices: int = 9) -> dict:
 
 # --------------------------------------------------------------------------- llama.cpp mtmd plan
 # Re-implementation of mtmd_image_preprocessor_llava_uhd::get_slice_instructions + slice_image
-# (llama.cpp mtmd-image.cpp, llamacpp-reference.md §2.2-2.3): float32 arithmetic, std::round
-# (half away from zero), slicing whenever a side exceeds 448, unsliced images stretched to
-# 448x448, refined image letter-boxed (PAD_CEIL) onto black.
+# (ggml-org/llama.cpp@0c1e57098 tools/mtmd/mtmd-image.cpp, docs/llamacpp.md §4.2-§4.3): float32
+# arithmetic, std::round (half away from zero), slicing whenever a side exceeds 448, unsliced
+# images stretched to 448x448, refined image letter-boxed (PAD_CEIL) onto black.
 
 f32 = np.float32
 
@@ -119,8 +119,8 @@ def mtmd_slice_plan(W: int, H: int) -> dict:
 
 # --------------------------------------------------------------------------- worked examples
 
-# hf-reference.md §4.4 and the HF column of llamacpp-reference.md §2.5; "hand" = derived by hand
-# from the §4.2 formulas (shown in the comment), not given in the docs.
+# docs/reference-model.md §4.5; "hand" = derived by hand from the docs/reference-model.md §4.1
+# formulas (shown in the comment), not listed in the docs.
 WORKED = {
     (1344, 1344): dict(grid=(3, 3), overview=(448, 448), refined=(1344, 1344), slice=(448, 448)),
     (1920, 1080): dict(grid=(4, 2), overview=(602, 336), refined=(1680, 952), slice=(420, 476)),
@@ -312,8 +312,8 @@ def test_mtmd_agrees_on_these_sizes(W, H):
     assert (m["grid"], m["overview"], m["slice"], m["refined"]) == (r["grid"], r["overview"], r["slice"], r["refined"])
 
 
-def test_mtmd_plan_matches_llamacpp_reference_table():
-    # llamacpp-reference.md §2.5 (mtmd columns)
+def test_mtmd_plan_matches_documented_table():
+    # docs/llamacpp.md §4.5 (the mtmd plans)
     t = {(300, 200): (None, (448, 448), None), (448, 448): (None, (448, 448), None),
          (500, 400): ((2, 1), (504, 406), (350, 560)), (600, 300): ((2, 1), (602, 294), (448, 448)),
          (640, 480): ((2, 1), (518, 392), (364, 546)), (800, 600): ((2, 2), (518, 392), (518, 392)),

@@ -93,7 +93,7 @@ def test_metadata_keys_and_value_types(tiny_mmproj_gguf, tiny_ckpt, mtype):
     cfg = json.loads((tiny_ckpt / "config.json").read_text())
     vc = cfg["vision_config"]
     ftype = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}[mtype]
-    want = {  # llamacpp-reference §1.2: key -> (GGUF value types, value)
+    want = {  # docs/llamacpp.md §2.2: key -> (GGUF value types, value)
         "general.architecture": ([VT.STRING], "clip"),
         "general.type": ([VT.STRING], "mmproj"),
         "general.file_type": ([VT.UINT32], ftype),
@@ -129,7 +129,8 @@ def test_metadata_keys_and_value_types(tiny_mmproj_gguf, tiny_ckpt, mtype):
 
 
 def expected_tensors(n_layer: int) -> list[str]:
-    """Tensor names llama.cpp's clip loader reads for a `resampler` projector (§1.4), spelled out."""
+    """Tensor names llama.cpp's clip loader reads for a `resampler` projector, spelled out
+    (docs/llamacpp.md §2.3)."""
     v = ["v.patch_embd.weight", "v.patch_embd.bias", "v.position_embd.weight", "v.post_ln.weight", "v.post_ln.bias"]
     for i in range(n_layer):
         for k in ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down"):
@@ -294,7 +295,7 @@ def test_compared_images_need_no_slice_resampling():
 # ----------------------------------------------------------------------------------------------
 # documented differences between mtmd and the reference
 
-# pitfalls.md: sides where the reference's float32 bucketize is one lower than floor(70*i/n)
+# docs/pitfalls.md §1: sides where the reference's float32 bucketize is one lower than floor(70*i/n)
 BUCKET_DIFFS = {25: [5, 10, 15, 20], 49: [7, 14, 35, 42], 50: [5, 10, 15, 20, 30, 40], 55: [11, 22, 33, 44]}
 
 

@@ -5,7 +5,7 @@ cannot run without Go (and CI has no Go). So EXPECTED below holds, per conversat
 template renders, written out and reviewed by hand against the template. Three checks keep the
 table honest:
 1. every row is compared with the checkpoint's own Jinja chat template rendered by jinja2 for the
-   same conversation (the reference, hf-reference.md §5.4), after the one documented Ollama
+   same conversation (the reference, docs/reference-model.md §5.3), after the one documented Ollama
    difference (image tags, see `ollama_to_reference`);
 2. the table is pinned to the template text by a hash: changing TEMPLATE fails
    `test_table_is_pinned_to_template` until the table is re-reviewed;
@@ -137,7 +137,7 @@ def test_validator_accepts_legal_forms():
 
 
 def test_cookbook_json_stop_list_is_one_literal_string():
-    # OpenBMB's CookBook recipe (ollama-and-users.md §1.9): Ollama accepts it, but as ONE stop string
+    # OpenBMB's CookBook recipe (docs/ollama.md §3): Ollama accepts it, but as ONE stop string
     text = 'FROM ./m.gguf\nPARAMETER stop ["<|im_start|>","<|im_end|>"]\n'
     m = load(text)
     assert m.params["stop"] == ['["<|im_start|>","<|im_end|>"]']
@@ -270,7 +270,7 @@ def ollama_messages(turns: list[Turn]) -> list[dict]:
 
 
 def reference_messages(turns: list[Turn]) -> list[dict]:
-    """The same conversation as the reference chat() builds it (hf-reference.md §5.5): each image
+    """The same conversation as the reference chat() builds it (docs/reference-model.md §5.4, §6.3): each image
     is the tag "(<image>./</image>)", content items joined with "\\n"; an answer given with
     thinking is stored as chat() returns it, "<think>\\n...</think>\\n\\n" + answer."""
     out = []
@@ -458,7 +458,7 @@ def test_go_executes_table(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# GGUF metadata Ollama reads (ollama-and-users.md §1.5-1.6), and --modelfile-only detection
+# GGUF metadata Ollama reads (docs/ollama.md §2), and --modelfile-only detection
 
 
 def _kv(path: Path) -> dict[str, object]:

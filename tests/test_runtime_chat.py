@@ -23,7 +23,7 @@ from minicpmv.runtime import ContextOverflowError, MiniCPMV, ModelFileError
 from minicpmv.runtime.llama import load_model
 from minicpmv.runtime.prompt import IMAGE_TAG
 
-# pitfalls.md: llama.cpp's embedding path reproduces the reference to ~2e-3 of the logit range; mtmd
+# docs/pitfalls.md §6: llama.cpp's embedding path reproduces the reference to ~2e-3 of the logit range; mtmd
 # and our vision encoder differ only in float32 rounding for a 448x448 image (no resize, no slicing,
 # and side 32 has no NaViT bucket difference), so the same bound is generous.
 REL_TOL = 2e-3
@@ -125,7 +125,7 @@ def test_first_token_logits_match_mtmd_pipeline(model, files, fuse, size):
     """fuse=False decodes as mtmd does (text runs as tokens, each slot its own 64-row batch);
     fuse=True (default) sends the placeholder's tokens as embedding rows with the slot. 896x448 is
     sliced (overview 630x322 + two 448x448 slices) identically by mtmd and the reference: its
-    refined image keeps the aspect, so mtmd's letter-boxing is a no-op (pitfalls.md)."""
+    refined image keeps the aspect, so mtmd's letter-boxing is a no-op (docs/pitfalls.md §2)."""
     img = picture(*size, seed=1)
     msgs = [{"role": "user", "content": [img, "What is in the image?"]}]
     model.fuse_placeholders = fuse

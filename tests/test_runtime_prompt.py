@@ -3,7 +3,7 @@
 Our side: runtime.prompt builds the segments, llama.cpp (via runtime.llama, on a GGUF converted from
 a tiny checkpoint that carries the published tokenizer) tokenizes the text pieces, slots shown as
 the `<unk>` id. Reference side, written here independently from the reference's rules
-(hf-reference.md §5): the checkpoint's Jinja chat template rendered by transformers'
+(docs/reference-model.md §5): the checkpoint's Jinja chat template rendered by transformers'
 `apply_chat_template`, the processor's tag expansion (placeholder, image ids, slice rows, temporal
 groups) re-stated below, and the Hugging Face tokenizer of the same files.
 """
@@ -19,7 +19,7 @@ from PIL import Image
 from minicpmv.runtime.llama import LlamaModel
 from minicpmv.runtime.prompt import PromptError, build_prompt, render_chat
 
-UNK_ID = 128244  # hf-reference §5.1
+UNK_ID = 128244  # docs/reference-model.md §1.3
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def real(tmp_path_factory):
 # --------------------------------------------------------------------------- reference side
 
 def ref_grid(w: int, h: int, max_slice_nums: int) -> tuple[int, int] | None:
-    """get_sliced_grid of the reference image processor (hf-reference §4.3)."""
+    """get_sliced_grid of the reference image processor (docs/reference-model.md §4.2)."""
     log_ratio = math.log(w / h)
     multiple = min(math.ceil(w * h / (448 * 448)), max_slice_nums)
     if multiple <= 1:

@@ -1,5 +1,5 @@
 """Video frame sampling and decoding (runtime/video.py) against an independent re-derivation of the
-model card's encode_video (hf-reference.md §6.3) and against a plain decode-everything PyAV loop."""
+model card's encode_video (docs/reference-model.md §7) and against a plain decode-everything PyAV loop."""
 
 from __future__ import annotations
 
