@@ -15,6 +15,8 @@ from typing import List, Optional
 
 import typer
 
+from minicpmv.schema import MAX_SLICE_NUMS, REFERENCE_SAMPLING as S, THINKING_SAMPLING as TS, VIDEO_MAX_SLICE_NUMS
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -217,18 +219,20 @@ def run(
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer at the end instead of streaming it."),
     max_tokens: int = typer.Option(2048, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
     temperature: Optional[float] = typer.Option(None, "--temperature", "--temp", min=0.0,
-                                                help="Sampling temperature (default 0.7)."),
+                                                help=f"Sampling temperature (default {S.temperature})."),
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0,
-                                          help="Nucleus sampling (default 0.8; 1.0 with --think)."),
+                                          help=f"Nucleus sampling (default {S.top_p}; {TS.top_p} with --think)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=0,
-                                        help="Top-k sampling, 0 = off (default 100; 50 with --think)."),
+                                        help=f"Top-k sampling, 0 = off (default {S.top_k}; {TS.top_k} with --think)."),
     repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty", min=0.0,
-                                                   help="Repetition penalty (default 1.03; 1.0 with --think)."),
+                                                   help=f"Repetition penalty (default {S.repetition_penalty}; "
+                                                        f"{TS.repetition_penalty} with --think)."),
     greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token (deterministic)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling (default: random)."),
     system: str = typer.Option("", "--system", help="System prompt."),
     max_slices: Optional[int] = typer.Option(None, "--max-slices", min=1,
-                                             help="Most slices per image (default 9; 1 for videos)."),
+                                             help=f"Most slices per image (default {MAX_SLICE_NUMS}; "
+                                                  f"{VIDEO_MAX_SLICE_NUMS} for videos)."),
     image_id: Optional[bool] = typer.Option(None, "--image-id/--no-image-id",
                                             help="Number images in the prompt "
                                                  "(default: on for images, off for videos)."),
@@ -252,9 +256,10 @@ def run(
 ) -> None:
     """Ask MiniCPM-V 4.5 about images and videos, or chat interactively.
 
-    The prompt is the reference model's (chat template, image ids, 64 tokens per slice, up to 9 slices);
-    the language model runs on llama.cpp, the vision encoder on torch. Videos are sampled at --fps and
-    packed into groups of frames that share 64 tokens (3D resampler).
+    The prompt is the reference model's (chat template, image ids, an overview and up to --max-slices
+    slices per image, 64 tokens each); the language model runs on llama.cpp, the vision encoder on
+    torch. Videos are sampled at --fps and packed into groups of frames that share 64 tokens (3D
+    resampler).
     """
     if version:
         from minicpmv.runtime.system_report import format_report, system_report

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from minicpmv.schema import MAX_SLICE_NUMS, PATCH_SIZE, QUERY_NUM, SCALE_RESOLUTION
+
 
 class CheckpointError(ValueError):
     """Bad input: the message is one line naming the file, tensor or argument at fault."""
@@ -35,7 +37,7 @@ class VisionConfig:
     intermediate_size: int = 4304
     num_attention_heads: int = 16
     num_hidden_layers: int = 27
-    patch_size: int = 14
+    patch_size: int = PATCH_SIZE
     layer_norm_eps: float = 1e-6  # SiglipVisionConfig default (absent from config.json)
 
     @property
@@ -47,10 +49,10 @@ class VisionConfig:
 class MiniCPMVConfig:
     text: TextConfig
     vision: VisionConfig
-    query_num: int = 64
-    image_size: int = 448        # slice size (scale_resolution)
-    patch_size: int = 14
-    max_slice_nums: int = 9
+    query_num: int = QUERY_NUM
+    image_size: int = SCALE_RESOLUTION   # slice size (scale_resolution)
+    patch_size: int = PATCH_SIZE
+    max_slice_nums: int = MAX_SLICE_NUMS
     use_image_id: bool = True
     drop_vision_last_layer: bool = False
     version: float = 4.5
@@ -113,10 +115,10 @@ def parse_config(raw: dict, where: str = "config.json") -> MiniCPMVConfig:
     return MiniCPMVConfig(
         text=text,
         vision=vision,
-        query_num=int(raw.get("query_num", 64)),
-        image_size=int(raw.get("image_size", 448)),
+        query_num=int(raw.get("query_num", QUERY_NUM)),
+        image_size=int(raw.get("image_size", SCALE_RESOLUTION)),
         patch_size=int(raw.get("patch_size", vision.patch_size)),
-        max_slice_nums=int(slice_cfg.get("max_slice_nums", 9)),
+        max_slice_nums=int(slice_cfg.get("max_slice_nums", MAX_SLICE_NUMS)),
         use_image_id=bool(raw.get("use_image_id", True)),
         drop_vision_last_layer=bool(raw.get("drop_vision_last_layer", True)),
         version=version,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gguf
 
-from . import names
+from minicpmv import schema
+
 from .checkpoint import Checkpoint
 from .config import MiniCPMVConfig
+from .layout import dims
 from .plan import TensorPlan
 from .tokenizer import Vocab, add_vocab_metadata
 
@@ -15,23 +17,10 @@ def lm_plans(ckpt: Checkpoint, cfg: MiniCPMVConfig) -> list[TensorPlan]:
     """One plan per language-model tensor, in llama.cpp order (token_embd, blocks, output_norm, output).
 
     Types are left F32 here; the quantization policy assigns them (it needs the whole list)."""
-    hf_names = names.lm_expected_hf_names(cfg.text.num_hidden_layers)
-    if cfg.text.tie_word_embeddings:
-        hf_names.remove("llm.lm_head.weight")
-    plans = []
-    for hf in hf_names:
-        gname = names.lm_tensor_name(hf)
-        assert gname is not None, hf
-        plans.append(TensorPlan(gname, ckpt.shape(hf), (lambda n=hf: ckpt.f32(n)), source=hf,
-                                load_rows=(lambda a, b, n=hf: ckpt.raw_rows(n, a, b))))
-    order = {"token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}
-    plans.sort(key=lambda p: (order.get(p.name, 1), _layer_of(p.name)))
-    return plans
-
-
-def _layer_of(name: str) -> int:
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] == "blk" else -1
+    return [TensorPlan(t.gguf, ckpt.shape(t.hf), (lambda n=t.hf: ckpt.f32(n)), source=t.hf,
+                       load_rows=(lambda a, b, n=t.hf: ckpt.raw_rows(n, a, b)))
+            for t in schema.tensors(schema.LM, dims(cfg), layers=cfg.text.num_hidden_layers,
+                                    tied=cfg.text.tie_word_embeddings)]
 
 
 def add_lm_metadata(w: gguf.GGUFWriter, cfg: MiniCPMVConfig, vocab: Vocab, *, name: str,

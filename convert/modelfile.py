@@ -15,19 +15,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from minicpmv.schema import LM_ARCH, MMPROJ_ARCH, REFERENCE_SAMPLING, STOP_TOKENS
+
 from .config import CheckpointError
-from .names import LM_ARCH, MMPROJ_ARCH
 from .writer import check_output, temp_path
 
 MODELFILE_NAME = "Modelfile"
 
-# Reference chat() sampling without thinking (docs/reference-model.md §6.2): T 0.7, top_p 0.8, top_k 100,
-# repetition_penalty 1.03. (llama.cpp's MiniCPM-V docs suggest --repeat-penalty 1.05.)
-SAMPLING = (("temperature", "0.7"), ("top_p", "0.8"), ("top_k", "100"), ("repeat_penalty", "1.03"))
-
-# The reference generate() stops on both; Ollama needs one `PARAMETER stop` line per string
-# (a JSON list on one line would become ONE literal stop string).
-STOP = ("<|im_end|>", "<|endoftext|>")
+# Reference chat() sampling without thinking (docs/reference-model.md §6.2), as Ollama parameters.
+# (llama.cpp's MiniCPM-V docs suggest --repeat-penalty 1.05.)
+SAMPLING = (("temperature", REFERENCE_SAMPLING.temperature), ("top_p", REFERENCE_SAMPLING.top_p),
+            ("top_k", REFERENCE_SAMPLING.top_k), ("repeat_penalty", REFERENCE_SAMPLING.repetition_penalty))
 
 # Context window. One image costs up to ~665 tokens (overview + 3x3 slices of 64 query tokens each,
 # docs/reference-model.md §5.1); Ollama's own prompt budget assumes 768 per image
@@ -123,8 +121,10 @@ def render_modelfile(lm_file: str, mmproj_file: str, *, num_ctx: int = NUM_CTX,
         lines.append("")
         lines.append(f"SYSTEM {_quote_block(system, 'system prompt')}")
     lines.append("")
+    # the reference stops on both; Ollama needs one line per string (a JSON list on one line
+    # would become ONE literal stop string)
     lines.append("# one line per stop string")
-    lines += [f'PARAMETER stop "{s}"' for s in STOP]
+    lines += [f'PARAMETER stop "{s}"' for s in STOP_TOKENS]
     lines.append("# sampling of the reference chat(); llama.cpp's docs use repeat_penalty 1.05")
     lines += [f"PARAMETER {k} {v}" for k, v in SAMPLING]
     lines.append("# room for several fully sliced images (~665 tokens each) and a 2048-token answer")

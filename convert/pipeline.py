@@ -15,12 +15,12 @@ from gguf import GGMLQuantizationType
 from tqdm import tqdm
 
 from minicpmv import quant
+from minicpmv.schema import LM_ARCH, MMPROJ_ARCH
 
 from . import lm, mmproj
 from .checkpoint import Checkpoint
 from .config import CheckpointError, load_config
 from .layout import validate
-from .names import LM_ARCH, MMPROJ_ARCH
 from .plan import TensorPlan
 from .tokenizer import load_vocab
 from .writer import check_output, write_gguf

@@ -35,6 +35,8 @@ import numpy as np
 from PIL import Image
 
 from minicpmv.cpu import default_threads
+from minicpmv.schema import (MAX_SLICE_NUMS, QUERY_NUM, REFERENCE_SAMPLING, SLOT_TOKEN, STOP_TOKENS, THINK_END,
+                             THINK_START, THINKING_SAMPLING, VIDEO_MAX_SLICE_NUMS)
 
 from .gguf_info import GGUFFormatError, read_gguf_info
 from .image import load_image, slice_image
@@ -42,13 +44,6 @@ from .llama import (ContextOverflowError, ContextParams, LlamaContext, LlamaErro
                     SamplingParams, TokenEmbeddings)
 from .prompt import Media, Prompt, PromptError, Slot, build_prompt
 
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
-# (temperature, top_p, top_k, repetition_penalty) of the reference chat(): it sets all four without
-# thinking; with thinking only the temperature, the rest being transformers' GenerationConfig
-# defaults of the inner Qwen3 model (built from config.json, which has no sampling keys).
-SAMPLING = (0.7, 0.8, 100, 1.03)
-THINKING_SAMPLING = (0.7, 1.0, 50, 1.0)
-THINK_END = "</think>"
 VISION_BATCH_SLICES = 48   # slices (frames x slots) per vision call
 FUSE_MAX_TEXT = 16         # text runs up to this long next to a slot are decoded as embedding rows
 
@@ -198,7 +193,7 @@ class MiniCPMV:
         self.lm, self.ctx, self.vision = lm, ctx, vision
         self.fuse_placeholders = fuse_placeholders
         self.tok_embd = TokenEmbeddings(lm.path, lm.n_embd)
-        self.query_num = getattr(vision, "query_num", 64) if vision is not None else 64
+        self.query_num = getattr(vision, "query_num", QUERY_NUM) if vision is not None else QUERY_NUM
         self.cache_bytes = cache_bytes
         self.progress = False  # a progress bar (stderr) while many slices/frames are encoded
         self._emb_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
@@ -342,7 +337,7 @@ class MiniCPMV:
             temporal_ids = video_groups
         video = video_groups is not None
         if max_slice_nums is None:
-            max_slice_nums = 1 if video else 9
+            max_slice_nums = VIDEO_MAX_SLICE_NUMS if video else MAX_SLICE_NUMS
         if use_image_id is None:
             use_image_id = not video
         return build_prompt(msgs, system_prompt=system_prompt, enable_thinking=enable_thinking,
@@ -352,7 +347,7 @@ class MiniCPMV:
     def prompt_token_ids(self, prompt: Prompt, slot_id: int | None = None) -> list[int]:
         """The prompt as the reference's input ids (slots as `<unk>` unless `slot_id` is given)."""
         if slot_id is None:
-            slot_id = self.lm.token_id("<unk>")
+            slot_id = self.lm.token_id(SLOT_TOKEN)
         return prompt.token_ids(self.lm.tokenize, slot_id, self.query_num)
 
     # -- vision --------------------------------------------------------------------------------
@@ -565,12 +560,12 @@ class MiniCPMV:
         stream=True returns a ChatStream of Pieces (show_thinking=False leaves reasoning out).
         """
         t_start = time.perf_counter()
-        defaults = THINKING_SAMPLING if enable_thinking else SAMPLING
+        defaults = THINKING_SAMPLING if enable_thinking else REFERENCE_SAMPLING
         sp = SamplingParams(
-            temperature=defaults[0] if temperature is None else temperature,
-            top_p=defaults[1] if top_p is None else top_p,
-            top_k=defaults[2] if top_k is None else top_k,
-            repetition_penalty=defaults[3] if repetition_penalty is None else repetition_penalty,
+            temperature=defaults.temperature if temperature is None else temperature,
+            top_p=defaults.top_p if top_p is None else top_p,
+            top_k=defaults.top_k if top_k is None else top_k,
+            repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else repetition_penalty,
             seed=seed, greedy=greedy)
         prompt = self.build_prompt(msgs, enable_thinking=enable_thinking, system_prompt=system_prompt,
                                    max_slice_nums=max_slice_nums, use_image_id=use_image_id,
@@ -612,7 +607,7 @@ class MiniCPMV:
         tokens: list[int] = []
         lead = True       # strip the newlines that open the answer (template: lstrip after </think>)
         if thinking and show_thinking:
-            yield Piece("<think>\n", True)  # the prompt opened the block, as the reference's stream
+            yield Piece(THINK_START + "\n", True)  # the prompt opened the block, as the reference's stream
         stats.finish_reason = "length"
         t0 = time.perf_counter()
         try:
@@ -665,7 +660,7 @@ class MiniCPMV:
             stats.decode_tokens = len(tokens)
             stats.decode_ms = (time.perf_counter() - t0) * 1e3
         generated = lm.detokenize(tokens)
-        raw = ("<think>\n" if thinking else "") + generated.strip()  # the reference's return value
+        raw = (THINK_START + "\n" if thinking else "") + generated.strip()  # the reference's return value
         if thinking and think_end is not None and think_end not in tokens:
             # unfinished reasoning (length limit): everything is thinking, no answer yet
             return Answer("", "".join(think_parts).strip(), raw, stats, tokens)

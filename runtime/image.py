@@ -44,10 +44,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SCALE_RESOLUTION = 448
-PATCH_SIZE = 14
-MAX_SLICE_NUMS = 9
-QUERY_NUM = 64
+from minicpmv.schema import IMAGE_MEAN, IMAGE_STD, MAX_SLICE_NUMS, PATCH_SIZE, QUERY_NUM, SCALE_RESOLUTION
 
 # Refuse images above this many pixels before decoding them (a 100 MP RGB image is 300 MB).
 MAX_PIXELS = 100_000_000
@@ -118,9 +115,9 @@ def get_sliced_grid(size: tuple[int, int], max_slice_nums: int = MAX_SLICE_NUMS,
 # --------------------------------------------------------------------------- slicing
 
 def normalize(img: Image.Image) -> np.ndarray:
-    """RGB PIL image -> float32 [3, H, W], (x/255 - 0.5)/0.5 computed in float32 like the reference."""
+    """RGB PIL image -> float32 [3, H, W], (x/255 - mean)/std computed in float32 like the reference."""
     a = np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.float32)
-    a = (a / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
+    a = (a / np.float32(255.0) - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)
     return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 

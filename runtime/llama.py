@@ -23,6 +23,7 @@ import numpy as np
 import llama_cpp as ll
 
 from minicpmv.cpu import default_threads
+from minicpmv.schema import REFERENCE_SAMPLING
 
 from .buffers import BufferPlan, WeightBuffers, weight_buffers
 from .gguf_info import read_gguf_info
@@ -393,10 +394,10 @@ class LlamaContext:
 
 @dataclass
 class SamplingParams:
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 100
-    repetition_penalty: float = 1.03
+    temperature: float = REFERENCE_SAMPLING.temperature
+    top_p: float = REFERENCE_SAMPLING.top_p
+    top_k: int = REFERENCE_SAMPLING.top_k
+    repetition_penalty: float = REFERENCE_SAMPLING.repetition_penalty
     seed: int | None = None
     greedy: bool = False
 

@@ -21,13 +21,11 @@ import gguf
 import numpy as np
 import torch
 
-from minicpmv.convert.names import (
-    MINICPMV_VERSION, PROJECTOR_TYPE, R_ATTN_K, R_ATTN_OUT, R_ATTN_Q, R_ATTN_V, R_KV, R_LN_KV,
-    R_LN_POST, R_LN_Q, R_PROJ, R_QUERY, V_PATCH_EMBD, V_POS_EMBD, V_POST_LN,
+from minicpmv import schema
+from minicpmv.schema import (
+    MINICPMV_VERSION, PROJECTOR_TYPE, R_PROJ, R_QUERY, RESAMPLER_HEAD_DIM, V_PATCH_EMBD, V_POS_EMBD,
     ClipKeys, v_blk,
 )
-
-RESAMPLER_HEAD_DIM = 128  # reference: num_heads = embed_dim // 128 (clip.cpp hard-codes 128 too)
 
 
 class MmprojError(ValueError):
@@ -143,15 +141,15 @@ def read_hparams(reader: gguf.GGUFReader, shapes: dict[str, tuple[int, ...]], pa
     embed_dim = proj[0]
     if embed_dim % RESAMPLER_HEAD_DIM:
         raise MmprojError(f"{path}: {R_PROJ}.weight width {embed_dim} is not a multiple of {RESAMPLER_HEAD_DIM}")
-    mean = tuple(float(x) for x in get(ClipKeys.IMAGE_MEAN, [0.5, 0.5, 0.5]))
-    std = tuple(float(x) for x in get(ClipKeys.IMAGE_STD, [0.5, 0.5, 0.5]))
+    mean = tuple(float(x) for x in get(ClipKeys.IMAGE_MEAN, schema.IMAGE_MEAN))
+    std = tuple(float(x) for x in get(ClipKeys.IMAGE_STD, schema.IMAGE_STD))
     hp = VisionHParams(
         n_embd=n_embd,
         n_ff=int(get(ClipKeys.FEED_FORWARD_LENGTH, max(up))),
         n_head=int(n_head),
         n_layer=n_layer,
         patch_size=int(get(ClipKeys.PATCH_SIZE, patch[-1])),
-        image_size=int(get(ClipKeys.IMAGE_SIZE, 448)),
+        image_size=int(get(ClipKeys.IMAGE_SIZE, schema.SCALE_RESOLUTION)),
         eps=float(get(ClipKeys.LAYERNORM_EPS, 1e-6)),
         pos_buckets=int(buckets),
         query_num=int(get(ClipKeys.MINICPMV_QUERY_NUM, 0) or query[0]),
@@ -181,15 +179,12 @@ def is_legacy_ffn(shapes: dict[str, tuple[int, ...]], n_embd: int, has_general_t
     return not has_general_type  # square MLP: only our files carry general.type
 
 
-def _expected_names(n_layer: int) -> list[str]:
-    names = [V_PATCH_EMBD + ".weight", V_PATCH_EMBD + ".bias", V_POS_EMBD + ".weight",
-             V_POST_LN + ".weight", V_POST_LN + ".bias", R_QUERY, R_KV + ".weight", R_PROJ + ".weight"]
-    for base in (R_LN_Q, R_LN_KV, R_LN_POST, R_ATTN_Q, R_ATTN_K, R_ATTN_V, R_ATTN_OUT):
-        names += [base + ".weight", base + ".bias"]
-    for i in range(n_layer):
-        for kind in ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down"):
-            names += [v_blk(kind, i) + ".weight", v_blk(kind, i) + ".bias"]
-    return names
+def expected_tensors(hp: VisionHParams) -> list[schema.Tensor]:
+    """The mmproj tensors the vision path reads, with the shapes `hp` implies (the schema's table;
+    `resampler.pos_embed_k` is left out: the runtime recomputes the sin-cos table)."""
+    dims = {"Hv": hp.n_embd, "Iv": hp.n_ff, "H": hp.embed_dim, "P": hp.patch_size,
+            "Np": hp.pos_buckets ** 2, "Q": hp.query_num}
+    return [t for t in schema.tensors(schema.MMPROJ, dims, layers=hp.n_layer) if not t.computed]
 
 
 def load_mmproj(path: str | Path) -> Mmproj:
@@ -214,26 +209,13 @@ def load_mmproj(path: str | Path) -> Mmproj:
 
     tensors: dict[str, gguf.ReaderTensor | torch.Tensor] = {}
     types: dict[str, str] = {}
-    for name in _expected_names(hp.n_layer):
-        src = file_name(name)
+    for t in expected_tensors(hp):
+        src = file_name(t.gguf)
         if src not in by_name:
             raise MmprojError(f"{path}: tensor {src} is missing")
-        tensors[name] = by_name[src]
+        if shapes[src] != t.shape:
+            raise MmprojError(f"{path}: tensor {t.gguf} has shape {shapes[src]}, expected {t.shape}")
+        tensors[t.gguf] = by_name[src]
         types[src] = by_name[src].tensor_type.name
-    _check_shapes({n: shapes[file_name(n)] for n in tensors}, hp, path)
     # the reader's memory map stays open while any ReaderTensor is referenced
     return Mmproj(path=path, hparams=hp, tensors=tensors, legacy_ffn=legacy, source_types=types)
-
-
-def _check_shapes(shapes: dict[str, tuple[int, ...]], hp: VisionHParams, path: Path) -> None:
-    d, f, e, p = hp.n_embd, hp.n_ff, hp.embed_dim, hp.patch_size
-    want = {
-        V_PATCH_EMBD + ".weight": (d, 3, p, p), V_POS_EMBD + ".weight": (hp.pos_buckets ** 2, d),
-        R_QUERY: (hp.query_num, e), R_KV + ".weight": (e, d), R_PROJ + ".weight": (e, e),
-        v_blk("ffn_up", 0) + ".weight": (f, d), v_blk("ffn_down", 0) + ".weight": (d, f),
-        v_blk("attn_q", 0) + ".weight": (d, d), R_ATTN_Q + ".weight": (e, e),
-    }
-    for name, shape in want.items():
-        if shapes[name] != shape:
-            raise MmprojError(f"{path}: tensor {name} has shape {shapes[name]}, expected {shape}")
-

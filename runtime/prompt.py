@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .image import QUERY_NUM, get_sliced_grid
+from minicpmv.schema import MAX_SLICE_NUMS, QUERY_NUM, THINK_END, THINK_START
+
+from .image import get_sliced_grid
 
 IMAGE_TAG = "(<image>./</image>)"
 
@@ -57,7 +59,7 @@ class Prompt:
     segments: list[str | Slot]            # text pieces and slots, in order
     media: list[Media] = field(default_factory=list)
     text: str = ""                        # the rendered chat template, before tag expansion
-    max_slice_nums: int = 9               # the slicing the placeholders were built for
+    max_slice_nums: int = MAX_SLICE_NUMS  # the slicing the placeholders were built for
 
     def token_ids(self, tokenize, slot_id: int, query_num: int = QUERY_NUM) -> list[int]:
         """Flat token ids with every slot shown as `query_num` copies of `slot_id` (the reference's
@@ -107,10 +109,10 @@ def flatten_messages(msgs: list[dict], system_prompt: str = "") -> tuple[list[di
 
 def _split_think(content: str) -> tuple[str, str]:
     """(reasoning, answer) of an assistant message, as the template splits it."""
-    if "</think>" not in content:
+    if THINK_END not in content:
         return "", content
-    answer = content.split("</think>")[-1].lstrip("\n")
-    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+    answer = content.split(THINK_END)[-1].lstrip("\n")
+    reasoning = content.split(THINK_END)[0].rstrip("\n").split(THINK_START)[-1].lstrip("\n")
     return reasoning, answer
 
 
@@ -140,7 +142,7 @@ def render_chat(messages: list[dict], *, enable_thinking: bool | None = False,
             reasoning, answer = _split_think(content)
             last = i == len(messages) - 1
             if i > last_query and (last or reasoning):
-                out.append(f"<|im_start|>assistant\n<think>\n{reasoning.strip(chr(10))}\n</think>\n\n"
+                out.append(f"<|im_start|>assistant\n{THINK_START}\n{reasoning.strip(chr(10))}\n{THINK_END}\n\n"
                            f"{answer.lstrip(chr(10))}")
             else:
                 out.append(f"<|im_start|>assistant\n{answer}")
@@ -148,9 +150,9 @@ def render_chat(messages: list[dict], *, enable_thinking: bool | None = False,
     if add_generation_prompt:
         out.append("<|im_start|>assistant\n")
         if enable_thinking is False:
-            out.append("<think>\n\n</think>\n\n")
+            out.append(f"{THINK_START}\n\n{THINK_END}\n\n")
         elif enable_thinking is True:
-            out.append("<think>\n")
+            out.append(f"{THINK_START}\n")
     return "".join(out)
 
 
@@ -171,7 +173,7 @@ def _group_frames(n_images: int, temporal_ids: list[list[int]] | None) -> list[t
     return out
 
 
-def expand(text: str, images: list[Image.Image], *, max_slice_nums: int = 9, use_image_id: bool = True,
+def expand(text: str, images: list[Image.Image], *, max_slice_nums: int = MAX_SLICE_NUMS, use_image_id: bool = True,
            temporal_ids: list[list[int]] | None = None, query_num: int = QUERY_NUM) -> Prompt:
     """Replace the image tags of a rendered prompt by placeholders made of text and `Slot`s."""
     chunks = text.split(IMAGE_TAG)
@@ -225,7 +227,7 @@ def expand(text: str, images: list[Image.Image], *, max_slice_nums: int = 9, use
 
 
 def build_prompt(msgs: list[dict], *, system_prompt: str = "", enable_thinking: bool = False,
-                 max_slice_nums: int = 9, use_image_id: bool = True,
+                 max_slice_nums: int = MAX_SLICE_NUMS, use_image_id: bool = True,
                  temporal_ids: list[list[int]] | None = None, query_num: int = QUERY_NUM) -> Prompt:
     """The reference's full prompt for `msgs` (content items: str or PIL images)."""
     messages, images = flatten_messages(msgs, system_prompt)

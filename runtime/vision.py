@@ -37,12 +37,12 @@ from tqdm import tqdm
 import torch
 import torch.nn.functional as F
 
-from minicpmv.convert.names import (
+from minicpmv.cpu import cpu_info, default_threads
+from minicpmv.schema import (
     R_ATTN_K, R_ATTN_OUT, R_ATTN_Q, R_ATTN_V, R_KV, R_LN_KV, R_LN_POST, R_LN_Q, R_PROJ, R_QUERY,
     V_PATCH_EMBD, V_POS_EMBD, V_POST_LN, v_blk,
 )
-
-from minicpmv.cpu import cpu_info, default_threads
+from minicpmv.sincos import sincos, sincos_2d
 
 from .mmproj import Mmproj, VisionHParams, load_mmproj
 
@@ -70,37 +70,15 @@ def navit_position_ids(h: int, w: int, buckets: int) -> torch.Tensor:
     return (bh[:, None] * buckets + bw).flatten()
 
 
-def _omega(dim: int) -> np.ndarray:
-    """Reference sin-cos frequencies for `dim` output channels (numpy float32 throughout)."""
-    omega = np.arange(dim // 2, dtype=np.float32)
-    omega /= dim / 2.0
-    return 1.0 / 10000 ** omega
-
-
-@functools.lru_cache(maxsize=8)
-def _sincos_1d(n: int, dim: int) -> torch.Tensor:
-    """[n, dim] float32: row p = [sin(p*w), cos(p*w)], the reference's per-axis encoding of the
-    2-D table (same numpy float32 ops, so values are bit-identical to its [70, 70, D] table)."""
-    grid = np.arange(n, dtype=np.float32)[None, :]
-    out = np.einsum("hw,d->hwd", grid, _omega(dim))
-    return torch.from_numpy(np.concatenate([np.sin(out), np.cos(out)], axis=-1)[0])
-
-
 def pos_embed_2d(h: int, w: int, embed_dim: int) -> torch.Tensor:
     """[h*w, D] float32 = reference pos_embed[:h, :w] flattened: column channels first, then row.
     Computed for any size (the reference grows its table for sides > 70)."""
-    half = embed_dim // 2
-    enc = _sincos_1d(max(h, w, 70), half)
-    col = enc[:w][None, :, :].expand(h, w, half)
-    row = enc[:h][:, None, :].expand(h, w, half)
-    return torch.cat([col, row], dim=-1).reshape(h * w, embed_dim)
+    return torch.from_numpy(sincos_2d(embed_dim, h, w).reshape(h * w, embed_dim))
 
 
 def temporal_embed(ids: list[int], embed_dim: int) -> torch.Tensor:
     """[len(ids), D] float32 rows of the reference temporal table (id in 0.1 s units)."""
-    pos = np.asarray(ids, dtype=np.float32)
-    out = np.einsum("m,d->md", pos, _omega(embed_dim))
-    return torch.from_numpy(np.concatenate([np.sin(out), np.cos(out)], axis=1))
+    return torch.from_numpy(sincos(np.asarray(ids, dtype=np.float32), embed_dim))
 
 
 # --------------------------------------------------------------------------- weights

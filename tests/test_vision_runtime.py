@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from minicpmv.convert.names import v_blk
+from minicpmv.schema import v_blk
 from minicpmv.cpu import cpu_info, default_threads
 from minicpmv.runtime.mmproj import MmprojError, load_mmproj
 from minicpmv.runtime.vision import (
