@@ -2,7 +2,7 @@
 
 Each shard's JSON header is parsed once; tensor data stays on disk until a tensor (or a block of its
 rows) is asked for, so reading a 17 GB bf16 checkpoint needs memory for one block at a time. bf16 is widened
-to float32 by a bit shift (bf16 is the top half of an f32), without torch.
+to float32 by gguf-py's BF16 dequantizer (exact: bf16 is the top half of an f32), without torch.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType, quants
 
 from .config import CheckpointError
 
@@ -43,21 +44,6 @@ class TensorRef:
     @property
     def n_elements(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
-
-
-def bf16_to_f32(raw_u16: np.ndarray) -> np.ndarray:
-    """Widen bf16 stored as uint16 to float32 (exact)."""
-    out = raw_u16.astype(np.uint32)
-    out <<= 16
-    return out.view(np.float32)
-
-
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bit patterns (uint16), round-to-nearest-even like torch and ggml."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    return np.where(nan, (u >> 16) | 0x40, rounded).astype(np.uint16)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
@@ -185,7 +171,7 @@ class Checkpoint:
     @staticmethod
     def _to_f32(ref: TensorRef, raw: np.ndarray) -> np.ndarray:
         if ref.dtype == "BF16":
-            return bf16_to_f32(raw)
+            return quants.dequantize(raw.view(np.uint8), GGMLQuantizationType.BF16)
         return raw.astype(np.float32, copy=False)
 
     def close(self) -> None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from minicpmv.schema import LM_ARCH, MMPROJ_ARCH, REFERENCE_SAMPLING, STOP_TOKENS
+from minicpmv.gguf_info import ModelFileError, find_model_files
+from minicpmv.schema import REFERENCE_SAMPLING, STOP_TOKENS
 
 from .config import CheckpointError
 from .writer import check_output, temp_path
@@ -161,50 +162,6 @@ def write_modelfile(out_dir: Path, lm_path: Path, mmproj_path: Path, force: bool
 # Modelfile for GGUF files that already exist (`minicpm-convert --modelfile-only DIR`)
 
 
-def gguf_architecture(path: Path) -> str:
-    """`general.architecture` of a GGUF file (CheckpointError if it is not a readable GGUF)."""
-    from gguf import GGUFReader
-
-    try:
-        field = GGUFReader(path).get_field("general.architecture")
-    except (ValueError, OSError, IndexError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
-    if field is None:
-        raise CheckpointError(f"{path}: GGUF has no general.architecture")
-    return str(field.contents())
-
-
-def find_gguf_pair(*paths: Path) -> tuple[Path, Path]:
-    """(language model, mmproj) among the given GGUF files and/or folders of `*.gguf` files,
-    told apart by metadata: the mmproj has general.architecture = clip, not by file names."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(q for q in p.glob("*.gguf") if q.is_file())
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise CheckpointError(f"{p}: no such file or folder")
-    if not files:
-        raise CheckpointError(f"{', '.join(map(str, paths)) or '(nothing)'}: no .gguf files found")
-    lms, mmprojs = [], []
-    for f in files:
-        arch = gguf_architecture(f)
-        if arch == MMPROJ_ARCH:
-            mmprojs.append(f)
-        elif arch == LM_ARCH:
-            lms.append(f)
-        else:
-            raise CheckpointError(f"{f}: general.architecture is {arch!r}; MiniCPM-V 4.5 needs "
-                                  f"{LM_ARCH!r} (language model) or {MMPROJ_ARCH!r} (mmproj)")
-    for kind, found in (("language-model (qwen3)", lms), ("mmproj (clip)", mmprojs)):
-        if len(found) != 1:
-            names = ", ".join(str(f) for f in found) or "none"
-            raise CheckpointError(f"{paths[0]}: need exactly one {kind} GGUF, found {names}; "
-                                  f"pass the two files explicitly")
-    return lms[0], mmprojs[0]
-
-
 def modelfile_for_existing(*paths: Path, out_dir: Path | None = None, force: bool = False,
                            num_ctx: int = NUM_CTX, system: str | None = None) -> Path:
     """Write a Modelfile for GGUF files that already exist, without converting.
@@ -213,7 +170,10 @@ def modelfile_for_existing(*paths: Path, out_dir: Path | None = None, force: boo
     Modelfile goes to `out_dir` (default: the folder given, else the language model's folder)."""
     if not paths:
         raise CheckpointError("modelfile: give a folder or the two GGUF files")
-    lm_path, mm_path = find_gguf_pair(*paths)
+    try:
+        lm_path, mm_path = find_model_files(*paths)
+    except ModelFileError as e:
+        raise CheckpointError(str(e)) from None
     if out_dir is None:
         first = Path(paths[0])
         out_dir = first if first.is_dir() else lm_path.parent

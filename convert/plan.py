@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
+
+from minicpmv.gguf_info import row_size
 
 
 @dataclass
@@ -37,11 +39,3 @@ class TensorPlan:
     @property
     def nbytes(self) -> int:
         return self.n_rows * row_size(self.ggml_type, self.row_len)
-
-
-def row_size(t: GGMLQuantizationType, n: int) -> int:
-    """Bytes of one row of n elements (ggml_row_size)."""
-    block, type_size = GGML_QUANT_SIZES[t]
-    if n % block:
-        raise ValueError(f"row of {n} elements is not a multiple of {t.name}'s block size {block}")
-    return n // block * type_size

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+from gguf import GGMLQuantizationType, quants
 
-from .checkpoint import f32_to_bf16_bits
 from .config import parse_config
 from .layout import expected_shapes
 
@@ -240,7 +240,7 @@ def make_checkpoint(out: Path | str, scale: str = "tiny", *, progress: bool = Fa
             x = rng.standard_normal(m, dtype=np.float32)
             x *= std
             x += mean
-            yield f32_to_bf16_bits(x)
+            yield quants.quantize(x, GGMLQuantizationType.BF16).view(np.uint16)  # round to nearest even
 
     shards = _shard_plan(shapes)
     bar = None

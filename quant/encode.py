@@ -10,21 +10,19 @@ ggml_validate_row_data (rejects NaN/inf).
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+
+from minicpmv.cpu import cpu_info
+from minicpmv.gguf_info import row_size
 
 from . import ggml
 
 MIN_CHUNK_ELEMENTS = 1 << 18   # below this a thread hand-off costs more than it saves
 MAX_CHUNK_ELEMENTS = 1 << 22   # bounds the float32 scratch of a 16-bit input (16 MB per chunk)
 _ITEMSIZE = {Q.F32: 4, Q.F16: 2, Q.BF16: 2}
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def encode(x: np.ndarray, t: Q, imatrix: np.ndarray | None = None, n_threads: int | None = None,
@@ -48,10 +46,10 @@ def encode(x: np.ndarray, t: Q, imatrix: np.ndarray | None = None, n_threads: in
     n_per_row = int(x.shape[-1]) if x.ndim else 1
     rows = x.reshape(-1, n_per_row)
     n_rows = rows.shape[0]
-    block = ggml.blck_size(t)
-    if n_per_row % block:
-        raise ValueError(f"{label}: row length {n_per_row} is not a multiple of {t.name}'s block size {block}")
-    row_bytes = ggml.row_size(t, n_per_row)
+    try:
+        row_bytes = row_size(t, n_per_row)
+    except ValueError as e:
+        raise ValueError(f"{label}: {e}") from None
     out = np.empty((n_rows, row_bytes), dtype=np.uint8)
     if n_rows == 0:
         return out
@@ -67,8 +65,9 @@ def encode(x: np.ndarray, t: Q, imatrix: np.ndarray | None = None, n_threads: in
     elif ggml.requires_imatrix(t):
         raise ValueError(f"{label}: GGML type {t.name} needs an importance matrix")
 
-    # chunks of whole rows that never straddle two matrices (each has its own imatrix row)
-    n_threads = max(1, n_threads or default_threads())
+    # chunks of whole rows that never straddle two matrices (each has its own imatrix row). Every
+    # usable logical CPU by default: the kernels are latency-bound enough that hyper-threads help.
+    n_threads = max(1, n_threads or cpu_info().logical_cpus)
     elems = min(MAX_CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, -(-rows.size // (4 * n_threads))))
     per_chunk = max(1, elems // n_per_row)
     chunks = [(r, min(r + per_chunk, (r // rows_per_mat + 1) * rows_per_mat, n_rows))

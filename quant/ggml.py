@@ -37,8 +37,6 @@ def lib() -> ctypes.CDLL:
     so = ctypes.CDLL(str(d / name))
     i64, sz, ptr, ty = ctypes.c_int64, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
     _sig(so.ggml_quantize_chunk, sz, ty, ptr, ptr, i64, i64, i64, ptr)
-    _sig(so.ggml_row_size, sz, ty, i64)
-    _sig(so.ggml_blck_size, i64, ty)
     _sig(so.ggml_type_size, sz, ty)
     _sig(so.ggml_is_quantized, ctypes.c_bool, ty)
     _sig(so.ggml_quantize_requires_imatrix, ctypes.c_bool, ty)
@@ -58,14 +56,6 @@ def _sig(fn, restype, *argtypes) -> None:
 def quantize_chunk(t: int, src: int, dst: int, nrows: int, n_per_row: int, imatrix: int | None) -> int:
     """ggml_quantize_chunk over `nrows` rows at raw addresses src (f32) -> dst; returns bytes written."""
     return lib().ggml_quantize_chunk(t, src, dst, 0, nrows, n_per_row, imatrix)
-
-
-def row_size(t: int, n: int) -> int:
-    return lib().ggml_row_size(t, n)
-
-
-def blck_size(t: int) -> int:
-    return lib().ggml_blck_size(t)
 
 
 def is_quantized(t: int) -> bool:

@@ -189,7 +189,7 @@ class WeightBuffers:
         buft = extra_buffer_types().get(REPACK_BUFT)
         if not buft:
             return
-        from .gguf_info import read_gguf_info
+        from minicpmv.gguf_info import read_gguf_info
         info = read_gguf_info(gguf_path)
         self.repacked = repack_tensors(((t.name, t.shape, t.ggml_type) for t in info.tensors.values()),
                                        system_features())

@@ -35,10 +35,10 @@ import numpy as np
 from PIL import Image
 
 from minicpmv.cpu import default_threads
-from minicpmv.schema import (MAX_SLICE_NUMS, QUERY_NUM, REFERENCE_SAMPLING, SLOT_TOKEN, STOP_TOKENS, THINK_END,
+from minicpmv.gguf_info import ModelFileError, find_model_files, gguf_architecture
+from minicpmv.schema import (MMPROJ_ARCH, MAX_SLICE_NUMS, QUERY_NUM, REFERENCE_SAMPLING, SLOT_TOKEN, STOP_TOKENS, THINK_END,
                              THINK_START, THINKING_SAMPLING, VIDEO_MAX_SLICE_NUMS)
 
-from .gguf_info import GGUFFormatError, read_gguf_info
 from .image import load_image, slice_image
 from .llama import (ContextOverflowError, ContextParams, LlamaContext, LlamaError, LlamaModel, Sampler,
                     SamplingParams, TokenEmbeddings)
@@ -46,10 +46,6 @@ from .prompt import Media, Prompt, PromptError, Slot, build_prompt
 
 VISION_BATCH_SLICES = 48   # slices (frames x slots) per vision call
 FUSE_MAX_TEXT = 16         # text runs up to this long next to a slot are decoded as embedding rows
-
-
-class ModelFileError(ValueError):
-    """Missing, unreadable or mismatched model files; the message is one line."""
 
 
 # --------------------------------------------------------------------------- results
@@ -123,35 +119,6 @@ class ChatStream:
 
 
 # --------------------------------------------------------------------------- files
-
-def gguf_architecture(path: Path) -> str | None:
-    """general.architecture of a GGUF file (None if absent); raises ModelFileError if unreadable."""
-    import gguf
-    try:
-        info = read_gguf_info(path)
-    except (OSError, GGUFFormatError) as e:
-        raise ModelFileError(f"{path}: not a readable GGUF file ({e})") from None
-    arch = info.metadata.get(gguf.Keys.General.ARCHITECTURE)
-    return arch if isinstance(arch, str) else None
-
-
-def find_model_files(folder: Path) -> tuple[Path, Path]:
-    """(language model, mmproj) GGUF files in `folder`, told apart by general.architecture."""
-    if not folder.is_dir():
-        raise ModelFileError(f"{folder}: model folder not found")
-    ggufs = sorted(folder.glob("*.gguf"))
-    lms, mms = [], []
-    for p in ggufs:
-        (mms if gguf_architecture(p) == "clip" else lms).append(p)
-    if not lms:
-        raise ModelFileError(f"{folder}: no language-model .gguf file in this folder")
-    if not mms:
-        raise ModelFileError(f"{folder}: no mmproj .gguf file (general.architecture = clip) in this folder")
-    if len(lms) > 1 or len(mms) > 1:
-        names = ", ".join(p.name for p in lms + mms)
-        raise ModelFileError(f"{folder}: several candidate files ({names}); pass --model and --mmproj")
-    return lms[0], mms[0]
-
 
 def _looks_like_file(s: str) -> bool:
     """A content string naming an existing image or video file (by its extension) is that file
@@ -232,9 +199,9 @@ class MiniCPMV:
         for p, what in ((model_path, "language model"), (mmproj_path, "mmproj")):
             if not p.is_file():
                 raise ModelFileError(f"{p}: {what} file not found")
-        if gguf_architecture(mmproj_path) != "clip":
-            raise ModelFileError(f"{mmproj_path}: not a mmproj file (general.architecture is not 'clip')")
-        if gguf_architecture(model_path) == "clip":
+        if gguf_architecture(mmproj_path) != MMPROJ_ARCH:
+            raise ModelFileError(f"{mmproj_path}: not a mmproj file (general.architecture is not {MMPROJ_ARCH!r})")
+        if gguf_architecture(model_path) == MMPROJ_ARCH:
             raise ModelFileError(f"{model_path}: this is a mmproj file, not the language model")
 
         from .vision import VisionEncoder

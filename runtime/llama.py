@@ -26,7 +26,7 @@ from minicpmv.cpu import default_threads
 from minicpmv.schema import REFERENCE_SAMPLING
 
 from .buffers import BufferPlan, WeightBuffers, weight_buffers
-from .gguf_info import read_gguf_info
+from minicpmv.gguf_info import read_gguf_info
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 

@@ -282,11 +282,10 @@ def test_encoder_is_ggml_and_dequantizes_close_to_input():
         assert np.array_equal(quant.encode(x, t), quants.quantize(x, t).view(np.uint8).reshape(96, -1))
     assert np.array_equal(quant.encode(x, Q.F16).view(np.float16), x.astype(np.float16))
     # 16-bit inputs are widened inside the workers: same bytes as from float32
-    from minicpmv.convert.checkpoint import bf16_to_f32, f32_to_bf16_bits
-    bits = f32_to_bf16_bits(x)
+    bits = quants.quantize(x, Q.BF16).view(np.uint16)
     for t in (Q.Q4_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32):
         assert np.array_equal(quant.encode(bits, t, src_type=Q.BF16, n_threads=2),
-                              quant.encode(bf16_to_f32(bits), t, n_threads=2)), t.name
+                              quant.encode(quants.dequantize(bits.view(np.uint8), Q.BF16), t, n_threads=2)), t.name
     assert np.array_equal(quant.encode(bits, Q.BF16, src_type=Q.BF16).view(np.uint16), bits)
     h = x.astype(np.float16)
     assert np.array_equal(quant.encode(h, Q.Q5_K), quant.encode(h.astype(np.float32), Q.Q5_K))

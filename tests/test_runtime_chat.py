@@ -547,7 +547,7 @@ def test_content_paths_and_video_items(model, tmp_path):
 def test_gguf_peek_matches_gguf_py(files, tmp_path):
     import gguf
 
-    from minicpmv.runtime.gguf_info import GGUFFormatError, read_gguf_info
+    from minicpmv.gguf_info import GGUFFormatError, read_gguf_info
     for path in files:
         info = read_gguf_info(path)
         r = gguf.GGUFReader(str(path))
