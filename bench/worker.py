@@ -75,7 +75,9 @@ def llama_quantize(a: dict) -> dict:
 # --------------------------------------------------------------------------- vision
 
 def vision(a: dict) -> dict:
-    from .llamacpp import BareLM, MtmdPipeline
+    from minicpmv.runtime.mtmd import Mtmd
+
+    from .llamacpp import BareLM
     from .media import picture
     VisionEncoder = ours.need("runtime.vision", "VisionEncoder")
     slice_image = ours.need("runtime.image", "slice_image")
@@ -85,8 +87,8 @@ def vision(a: dict) -> dict:
     assert len(pixels) == 1 and pixels[0].shape == (3, 448, 448)
 
     lm = BareLM(a["lm"], n_ctx=512, n_threads=T, vocab_only=True)
-    mt = MtmdPipeline(lm, a["mmproj"], n_threads=T, warmup=True)
-    chunks = mt.tokenize(chatml_marker_only(), [np.asarray(img)])
+    mt = Mtmd(a["mmproj"], lm.lm, n_threads=T, warmup=True)
+    chunks = mt.tokenize([np.asarray(img)])
     encs = {}
     load_s = {}
     for dt in a.get("dtypes", ["bf16", "f32"]):
@@ -96,7 +98,7 @@ def vision(a: dict) -> dict:
 
     def run_mtmd() -> float:
         t0 = time.perf_counter()
-        n = mt.encode_images(chunks)
+        n = chunks.encode_images()
         assert n == 1, f"mtmd made {n} chunks of a 448x448 image"
         return time.perf_counter() - t0
 
@@ -118,15 +120,10 @@ def vision(a: dict) -> dict:
     res["weights_nbytes"] = {dt: int(getattr(e, "weights_nbytes", 0) or 0) for dt, e in encs.items()}
     res["load_s"] = load_s
     res["mmproj_file_bytes"] = Path(a["mmproj"]).stat().st_size
-    mt.free_chunks(chunks)
+    chunks.free()
     mt.close()
     lm.close()
     return res
-
-
-def chatml_marker_only() -> str:
-    from .llamacpp import marker
-    return marker()
 
 
 # --------------------------------------------------------------------------- language model
@@ -228,7 +225,9 @@ def prompt_count(counters: dict) -> int | None:
 # --------------------------------------------------------------------------- end to end (image)
 
 def e2e(a: dict) -> dict:
-    from .llamacpp import BareLM, MtmdPipeline
+    from minicpmv.runtime.mtmd import Mtmd, marker
+
+    from .llamacpp import BareLM
     from .media import picture, variant
     from PIL import Image
     T, runs, n_gen, n_ctx = a["threads"], a["runs"], a["n_gen"], a.get("n_ctx", 4096)
@@ -245,9 +244,9 @@ def e2e(a: dict) -> dict:
     if "mtmd" in sides:
         t0 = time.perf_counter()
         bare = BareLM(a["lm"], n_ctx=n_ctx, n_threads=T)
-        mt = MtmdPipeline(bare, a["mmproj"], n_threads=T, warmup=True)
+        mt = Mtmd(a["mmproj"], bare.lm, n_threads=T, warmup=True)
         res["mtmd_load_s"] = time.perf_counter() - t0
-    prompt = chatml(f"{chatml_marker_only()}\n{QUESTION}")
+    prompt = chatml(f"{marker()}\n{QUESTION}")
 
     def ours_once(im, n: int):
         ours.reset(model)
@@ -257,13 +256,12 @@ def e2e(a: dict) -> dict:
     def mtmd_once(im, n: int):
         bare.clear()
         t0 = time.perf_counter()
-        chunks = mt.tokenize(prompt, [np.asarray(im)])
-        n_tok = mt.n_tokens(chunks)
-        n_past = mt.eval_chunks(chunks)
-        t_eval = time.perf_counter()
-        out, t_first = bare.generate(n_past, n)
-        t_end = time.perf_counter()
-        mt.free_chunks(chunks)
+        with mt.tokenize([np.asarray(im)], prompt) as chunks:
+            n_tok = chunks.n_tokens
+            n_past = chunks.eval(bare.ctx)
+            t_eval = time.perf_counter()
+            out, t_first = bare.generate(n_past, n)
+            t_end = time.perf_counter()
         return (t_eval - t0) + t_first, t_end - t0, len(out), n_tok
 
     if a.get("warmup", 1):
@@ -310,7 +308,9 @@ def video(a: dict) -> dict:
 
     Vision and prefill are measured on the first `subset` frames of the sampled sequence (a whole
     number of groups) and scaled linearly to the whole video; token counts are exact."""
-    from .llamacpp import BareLM, MtmdPipeline, marker
+    from minicpmv.runtime.mtmd import IMAGE, Mtmd, marker
+
+    from .llamacpp import BareLM
     load_video = ours.need("runtime.video", "load_video")
     MiniCPMV = ours.need("runtime", "MiniCPMV")
     T, n_ctx, packing = a["threads"], a.get("n_ctx", 4096), a["packing"]
@@ -326,18 +326,16 @@ def video(a: dict) -> dict:
     # exact LM token counts of the whole video, both ways
     res["ours_tokens"] = count_prompt_tokens(model, frames, groups, VIDEO_QUESTION)
     bare = BareLM(a["lm"], n_ctx=n_ctx, n_threads=T)
-    mt = MtmdPipeline(bare, a["mmproj"], n_threads=T, warmup=True)
+    mt = Mtmd(a["mmproj"], bare.lm, n_threads=T, warmup=True)
     arrays = [np.asarray(f.convert("RGB")) for f in frames]
-    chunks = mt.tokenize(chatml(marker() * len(arrays) + "\n" + VIDEO_QUESTION), arrays)
-    res["mtmd_tokens"] = mt.n_tokens(chunks)
-    mt.free_chunks(chunks)
+    with mt.tokenize(arrays, chatml(marker() * len(arrays) + "\n" + VIDEO_QUESTION)) as chunks:
+        res["mtmd_tokens"] = chunks.n_tokens
 
     # warm-up, both sides: one frame through the whole pipeline
     warm = [{"role": "user", "content": [frames[0], VIDEO_QUESTION]}]
     ours.timed_chat(model, warm, max_new_tokens=1, use_image_id=False, max_slice_nums=1, temporal_ids=[[groups[0][0]]])
-    wch = mt.tokenize(chatml(marker() + "\n" + VIDEO_QUESTION), arrays[:1])
-    mt.eval_chunks(wch)
-    mt.free_chunks(wch)
+    with mt.tokenize(arrays[:1], chatml(marker() + "\n" + VIDEO_QUESTION)) as wch:
+        wch.eval(bare.ctx)
 
     # measured: the first k frames, both ways, time to first token with one generated token
     ours.reset(model)
@@ -349,44 +347,26 @@ def video(a: dict) -> dict:
     res["ours_subset_tokens"] = prompt_count(r.counters) or count_prompt_tokens(model, frames[:k_frames], groups[:k_groups], VIDEO_QUESTION)
     res["ours_subset_vision_s"] = vision_seconds(r.counters)
 
-    import llama_cpp.mtmd_cpp as M
-    import llama_cpp as L
     bare.clear()
-    sub = mt.tokenize(chatml(marker() * k_frames + "\n" + VIDEO_QUESTION), arrays[:k_frames])
-    t0 = time.perf_counter()
-    vis = 0.0
-    n_past = 0
-    n_chunks = M.mtmd_input_chunks_size(sub)
-    for i in range(n_chunks):
-        ch = M.mtmd_input_chunks_get(sub, i)
-        new = L.llama_pos(n_past)   # the helper adds to it
-        last = i == n_chunks - 1
-        if M.mtmd_input_chunk_get_type(ch) == 1:
-            ta = time.perf_counter()
-            if M.mtmd_encode_chunk(mt.ctx, ch) != 0:
-                raise RuntimeError("mtmd_encode_chunk failed")
-            vis += time.perf_counter() - ta
-            rc = M.mtmd_helper_decode_image_chunk(mt.ctx, bare.ctx, ch, M.mtmd_get_output_embd(mt.ctx), n_past, 0,
-                                                  bare.n_batch, ctypes_byref(new),
-                                                  M.mtmd_helper_post_decode_callback(0), None)
-        else:
-            rc = M.mtmd_helper_eval_chunk_single(mt.ctx, bare.ctx, ch, n_past, 0, bare.n_batch, last, ctypes_byref(new))
-        if rc != 0:
-            raise RuntimeError(f"mtmd chunk {i} failed ({rc})")
-        n_past = int(new.value)
-    bare.generate(n_past, 1)
-    res["mtmd_subset_ttft_s"] = time.perf_counter() - t0
+    with mt.tokenize(arrays[:k_frames], chatml(marker() * k_frames + "\n" + VIDEO_QUESTION)) as sub:
+        t0 = time.perf_counter()
+        vis = 0.0
+        n_past = 0
+        for i, c in enumerate(sub):
+            if c.kind == IMAGE:   # encode timed apart from the decode
+                ta = time.perf_counter()
+                sub.encode(i)
+                vis += time.perf_counter() - ta
+                n_past = sub.decode_encoded(i, bare.ctx, n_past)
+            else:
+                n_past = sub.eval_chunk(i, bare.ctx, n_past, logits_last=i == len(sub) - 1)
+        bare.generate(n_past, 1)
+        res["mtmd_subset_ttft_s"] = time.perf_counter() - t0
     res["mtmd_subset_vision_s"] = vis
     res["mtmd_subset_tokens"] = n_past
-    mt.free_chunks(sub)
     mt.close()
     bare.close()
     return res
-
-
-def ctypes_byref(x):
-    import ctypes
-    return ctypes.byref(x)
 
 
 def video_parts(v) -> tuple[list, list[list[int]]]:

@@ -1,9 +1,11 @@
-"""A thin ctypes layer over llama.cpp (the `llama_cpp` low-level bindings of llama-cpp-python).
+"""The one ctypes layer over llama.cpp (the `llama_cpp` low-level bindings of llama-cpp-python).
 
-Only what the MiniCPM-V runtime needs: load a language model, make a context, tokenize with special
-tokens parsed, turn tokens back into UTF-8 text incrementally, decode token batches and 64-row
-embedding batches at explicit positions, read the last position's logits, sample with a chain, and
-cut the KV cache back to a prefix.
+What the MiniCPM-V runtime, the tests' oracles and the benchmark's llama.cpp side need: load a
+language model, make a context, tokenize with special tokens parsed, turn tokens back into UTF-8
+text incrementally, decode token batches and 64-row embedding batches at explicit positions, read
+the last position's logits (or every position's), sample with a chain, and cut the KV cache back to
+a prefix. llama.cpp's own multimodal pipeline (mtmd), for tests and benchmarks, builds on this in
+runtime/mtmd.py.
 
 Everything per-token is preallocated (one token batch, one embedding batch, one sampler chain per
 generation), so the Python cost of a decode step is a handful of ctypes stores and two C calls.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,18 +46,27 @@ class ContextOverflowError(LlamaError):
 
 _log_state = {"verbose": False, "init": False, "last": 0}
 _LOG_DEBUG, _LOG_CONT = 1, 5   # enum ggml_log_level (ggml.h)
+_log_tail: deque[str] = deque(maxlen=200)   # recent non-debug lines, for error messages
 
 
 @ll.llama_log_callback
-def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+def log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # verbose=True: info, warnings and errors (debug lines come per decode call and slow
     # generation); verbose="debug": everything
     if level != _LOG_CONT:
         _log_state["last"] = level
-    v = _log_state["verbose"]
-    if v and text and (v == "debug" or _log_state["last"] != _LOG_DEBUG):
-        sys.stderr.write(text.decode("utf-8", errors="replace"))
+    if not text or (_log_state["last"] == _LOG_DEBUG and _log_state["verbose"] != "debug"):
+        return
+    line = text.decode("utf-8", errors="replace")
+    _log_tail.append(line)
+    if _log_state["verbose"]:
+        sys.stderr.write(line)
         sys.stderr.flush()
+
+
+def recent_log(n: int = 20) -> str:
+    """The last `n` lines llama.cpp (or mtmd) logged, debug lines left out: what a failed call said."""
+    return "".join(list(_log_tail)[-n:])
 
 
 def init_backend(verbose: bool | str = False) -> None:
@@ -64,7 +76,7 @@ def init_backend(verbose: bool | str = False) -> None:
     llama-cpp-python installs a callback at import that prints everything; this replaces it.
     """
     _log_state["verbose"] = verbose
-    ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
+    ll.llama_log_set(log_callback, ctypes.c_void_p(0))
     _backend_init()
 
 
@@ -111,14 +123,15 @@ class LlamaModel:
     """A loaded GGUF language model and its vocabulary."""
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int | None = None,
-                 vocab_only: bool = False, verbose: bool | str = False, buffers: BufferPlan | None = None):
+                 vocab_only: bool = False, verbose: bool | str = False, buffers: BufferPlan | None = None,
+                 read_file: bool | None = None):
         init_backend(verbose)
         self.path = Path(path)
         if not self.path.is_file():
             raise LlamaError(f"{self.path}: no such model file")
         n_gpu = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
         self.model, self.buffers = load_model(self.path, n_gpu_layers=n_gpu, vocab_only=vocab_only,
-                                              buffers=buffers)
+                                              buffers=buffers, read_file=read_file)
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         # n_embd_inp is the width of input embedding rows; 0 for vocab-only loads (docs/pitfalls.md §4)
@@ -256,9 +269,9 @@ class _Batch:
         self._log_p[0] = 1
         self.batch.n_tokens = 1
 
-    def fill(self, n: int, pos0: int, logits_last: bool) -> None:
+    def fill(self, n: int, pos0: int, logits_last: bool, logits_all: bool = False) -> None:
         self.pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
-        self.logits[:n] = 0
+        self.logits[:n] = 1 if logits_all else 0
         if logits_last:
             self.logits[n - 1] = 1
         self.batch.n_tokens = n
@@ -312,8 +325,8 @@ class LlamaContext:
         self.n_threads = threads
         self.mem = ll.llama_get_memory(self.ctx)
         self._tok = _Batch(self.n_batch)
-        self._emb = _Batch(p.embd_rows or self.n_batch, model.n_embd)
-        self.embd_capacity = self._emb.capacity
+        self._emb: _Batch | None = None     # allocated on the first embedding batch
+        self.embd_capacity = p.embd_rows or self.n_batch
         self.n_vocab = model.n_vocab
         self.n_batches = 0   # llama_decode calls made by decode_tokens/decode_embd
 
@@ -339,15 +352,18 @@ class LlamaContext:
             raise ContextOverflowError(f"llama_decode: no room in the KV cache (n_ctx={self.n_ctx})")
         raise LlamaError(f"llama_decode failed with code {rc}")
 
-    def decode_tokens(self, tokens, pos0: int, *, logits_last: bool = True) -> None:
-        """Decode `tokens` at positions pos0.. in n_batch chunks; logits only for the last one."""
+    def decode_tokens(self, tokens, pos0: int, *, logits_last: bool = True, logits_all: bool = False) -> None:
+        """Decode `tokens` at positions pos0.. in n_batch chunks; logits only for the last one, or
+        with `logits_all` for every position (then all of them must fit in one batch)."""
         n_all = len(tokens)
+        if logits_all and n_all > self.n_batch:
+            raise LlamaError(f"logits of {n_all} positions need n_batch >= {n_all} (it is {self.n_batch})")
         b = self._tok
         toks = np.asarray(tokens, dtype=np.int32)
         for s in range(0, n_all, self.n_batch):
             n = min(self.n_batch, n_all - s)
             b.token[:n] = toks[s:s + n]
-            b.fill(n, pos0 + s, logits_last and s + n == n_all)
+            b.fill(n, pos0 + s, logits_last and s + n == n_all, logits_all)
             self._decode(b)
 
     def decode_one(self, token: int, pos: int) -> None:
@@ -364,6 +380,8 @@ class LlamaContext:
         if rows.ndim != 2 or rows.shape[1] != self.model.n_embd:
             raise LlamaError(f"embedding rows of shape {tuple(rows.shape)} do not match the language "
                              f"model's embedding width {self.model.n_embd}")
+        if self._emb is None:
+            self._emb = _Batch(self.embd_capacity, self.model.n_embd)
         b = self._emb
         n_all = rows.shape[0]
         for s in range(0, n_all, b.capacity):
@@ -378,6 +396,13 @@ class LlamaContext:
         if not ptr:
             raise LlamaError("no logits available (nothing decoded with logits)")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def all_logits(self, n: int) -> np.ndarray:
+        """[n, n_vocab] logits of the last `decode_tokens(..., logits_all=True)` call (a view)."""
+        ptr = ll.llama_get_logits(self.ctx)
+        if not ptr:
+            raise LlamaError("no logits available (nothing decoded with logits)")
+        return np.ctypeslib.as_array(ptr, shape=(n * self.n_vocab,)).reshape(n, self.n_vocab)
 
     def truncate(self, pos: int) -> bool:
         """Drop the KV cache from position `pos` on; False if llama.cpp cannot (then it is cleared)."""
@@ -425,6 +450,7 @@ class Sampler:
         self.penalty = float(p.repetition_penalty)
         if self.penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.penalty}")
+        self._track = self.penalty != 1.0   # the generated ids matter only for the penalty
         self._seen: set[int] = set()
         self._seen_ids = np.zeros(64, dtype=np.int64)
         if p.greedy or p.temperature <= 0:
@@ -440,13 +466,13 @@ class Sampler:
     def sample(self, ctx: LlamaContext) -> int:
         """Sample the next token from the last logits (and remember it for the penalty)."""
         n = len(self._seen)
-        if n and self.penalty != 1.0:
+        if n:
             row = np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx.ctx, -1), shape=(self.n_vocab,))
             ids = self._seen_ids[:n]
             v = row[ids]
             row[ids] = np.where(v < 0, v * self.penalty, v / self.penalty)
         tok = ll.llama_sampler_sample(self.chain, ctx.ctx, -1)
-        if tok not in self._seen:
+        if self._track and tok not in self._seen:
             if n == len(self._seen_ids):
                 self._seen_ids = np.concatenate([self._seen_ids, np.zeros_like(self._seen_ids)])
             self._seen_ids[n] = tok

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from minicpmv.convert.synthetic import make_checkpoint
+
+from .hf_tokenizer import hf_tokenizer_dir
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -68,20 +68,6 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def hf_tokenizer_dir(ckpt: Path, dest: Path) -> Path:
-    """A copy of the checkpoint's tokenizer files that transformers can load without remote code
-    (docs/pitfalls.md §3: the checkpoint's tokenizer_config points at remote code via auto_map)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer.json"):
-        if (ckpt / f).is_file():
-            shutil.copyfile(ckpt / f, dest / f)
-    cfg = json.loads((ckpt / "tokenizer_config.json").read_text(encoding="utf-8"))
-    cfg.pop("auto_map", None)
-    cfg["tokenizer_class"] = "Qwen2Tokenizer"
-    (dest / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
-    return dest
 
 
 @pytest.fixture(scope="session")

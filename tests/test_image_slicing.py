@@ -403,7 +403,7 @@ int main(int argc, char ** argv) {
 @pytest.fixture(scope="module")
 def mtmd_exe(tmp_path_factory):
     import llama_cpp
-    from llama_sources import llama_cpp_source_dir
+    from .llama_sources import llama_cpp_source_dir
     src = llama_cpp_source_dir()
     lib = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
     cxx = shutil.which("g++") or shutil.which("c++")

@@ -11,7 +11,9 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFValueType, Keys, TokenType
 
-from llama_harness import LlamaModel
+from minicpmv.runtime.llama import ContextParams, LlamaContext, LlamaModel
+
+from .hf_tokenizer import hf_tokenizer_dir
 
 PROMPT = ("<|im_start|>user\nWhat is in the image? Describe the picture in detail, please.<|im_end|>\n"
           "<|im_start|>assistant\n<think>\n\n</think>\n\nThe")
@@ -45,13 +47,37 @@ def prompt_ids(tiny_lm_gguf):
     return ids
 
 
+class Oracle:
+    """llama.cpp on the runtime's ctypes layer: logits of every position of a fresh decode."""
+
+    def __init__(self, path: Path, n_ctx: int = 512):
+        self.lm = LlamaModel(path, read_file=False)
+        self.ctx = LlamaContext(self.lm, ContextParams(n_ctx=n_ctx, n_batch=n_ctx, n_threads=2))
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """[n_tokens, n_vocab]"""
+        self.ctx.clear()
+        self.ctx.decode_tokens(tokens, 0, logits_all=True)
+        return self.ctx.all_logits(len(tokens)).copy()
+
+    def greedy(self, tokens: list[int], n_new: int) -> list[int]:
+        out = list(tokens)
+        for _ in range(n_new):
+            out.append(int(self.logits(out)[-1].argmax()))
+        return out[len(tokens):]
+
+    def close(self) -> None:
+        self.ctx.close()
+        self.lm.close()
+
+
 def hf_logits(model, ids: list[int]) -> np.ndarray:
     with torch.inference_mode():
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
 def test_f32_logits_match_transformers(tiny_lm_gguf, hf_qwen3, prompt_ids):
-    m = LlamaModel(tiny_lm_gguf("F32"))
+    m = Oracle(tiny_lm_gguf("F32"))
     ours = m.logits(prompt_ids)
     ref = hf_logits(hf_qwen3, prompt_ids)
     rng = float(ref.max() - ref.min())
@@ -70,7 +96,7 @@ def test_f32_logits_match_transformers(tiny_lm_gguf, hf_qwen3, prompt_ids):
 # F32 2.3e-4, F16 3.2e-4, BF16 2.3e-3, Q8_0 1.2e-2 (argmax agreement 100/100/100/95 %).
 @pytest.mark.parametrize("outtype,bound", [("F16", 1e-3), ("BF16", 5e-3), ("Q8_0", 2.5e-2)])
 def test_lower_precision_stays_close(tiny_lm_gguf, hf_qwen3, prompt_ids, outtype, bound):
-    m = LlamaModel(tiny_lm_gguf(outtype))
+    m = Oracle(tiny_lm_gguf(outtype))
     ours = m.logits(prompt_ids)
     m.close()
     ref = hf_logits(hf_qwen3, prompt_ids)
@@ -125,7 +151,6 @@ def real_vocab_gguf(tmp_path_factory):
 def test_real_vocab_tokenization_matches_hf(real_vocab_gguf, tmp_path_factory, text):
     from transformers import AutoTokenizer
 
-    from conftest import hf_tokenizer_dir
     ck, gguf_path = real_vocab_gguf
     tok = AutoTokenizer.from_pretrained(str(hf_tokenizer_dir(ck, tmp_path_factory.mktemp("rt"))))
     m = LlamaModel(gguf_path, vocab_only=True)

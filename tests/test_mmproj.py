@@ -24,8 +24,11 @@ from minicpmv.convert.config import CheckpointError
 from minicpmv.convert.mmproj import parse_mmproj_type
 from minicpmv.convert.pipeline import convert
 
-from mtmd_harness import IMAGE, TEXT, Mtmd, last_log, mtmd_plan, mtmd_preprocess
-from reference_vision import ReferenceVision, navit_bucket_coords, pos_embed_2d, to_pixels
+from minicpmv.runtime.llama import recent_log
+from minicpmv.runtime.mtmd import IMAGE, TEXT, Mtmd
+
+from .mtmd_slicing import mtmd_plan, mtmd_preprocess
+from .reference_vision import ReferenceVision, navit_bucket_coords, pos_embed_2d, to_pixels
 
 TYPES = ["f32", "f16", "bf16", "q8_0"]
 # max |mtmd - reference| over every chunk (embedding values reach ~3.5). Measured on the tiny
@@ -230,12 +233,11 @@ def expected_layout(w: int, h: int) -> list[str]:
 @pytest.mark.parametrize("size", [(1000, 700), (448, 448), (1344, 1344)])
 def test_token_layout(tiny_mmproj_gguf, lm, size):
     w, h = size
-    with Mtmd(tiny_mmproj_gguf("f16"), lm) as mt:
-        chunks = mt.tokenize(make_image(w, h))
+    with Mtmd.open(tiny_mmproj_gguf("f16"), lm) as mt, mt.tokenize([make_image(w, h)]) as chunks:
         seq = []
         for c in chunks:
             if c.kind == TEXT:
-                seq += [mt.piece(t) for t in c.tokens]
+                seq += [mt.lm.detokenize([t]) for t in c.tokens]
             else:
                 assert c.kind == IMAGE and (c.nx, c.ny) == (64, 1)
                 seq.append(f"IMG{c.n_tokens}")
@@ -246,8 +248,8 @@ def test_token_layout(tiny_mmproj_gguf, lm, size):
 
 def test_embedding_width_checked_by_mtmd(tiny_mmproj_gguf, lm, tmp_path):
     import llama_cpp
-    with Mtmd(tiny_mmproj_gguf("f16"), lm, vocab_only=False) as mt:  # full LM: mtmd compares widths
-        assert llama_cpp.llama_model_n_embd_inp(mt.model) == mt.n_embd == 256
+    with Mtmd.open(tiny_mmproj_gguf("f16"), lm, vocab_only=False) as mt:  # full LM: mtmd compares widths
+        assert llama_cpp.llama_model_n_embd_inp(mt.lm.model) == mt.n_embd == 256
         (emb,) = mt.encode_image(make_image(448, 448))
         assert emb.shape == (64, 256) and np.isfinite(emb).all()
     # an mmproj from a checkpoint whose LM is 128 wide is refused next to the 256-wide LM
@@ -256,14 +258,14 @@ def test_embedding_width_checked_by_mtmd(tiny_mmproj_gguf, lm, tmp_path):
                             num_key_value_heads=1, intermediate_size=256)
     narrow = convert(other, tmp_path / "out", quant_type="F32", write_lm=False, progress=False).mmproj_path
     with pytest.raises(RuntimeError, match="mtmd could not load"):
-        Mtmd(narrow, lm, vocab_only=False)
-    assert "mismatch between text model (n_embd = 256) and mmproj (n_embd = 128)" in last_log(200)
+        Mtmd.open(narrow, lm, vocab_only=False)
+    assert "mismatch between text model (n_embd = 256) and mmproj (n_embd = 128)" in recent_log(200)
 
 
 @pytest.mark.parametrize("mtype", TYPES)
 def test_mtmd_embeddings_match_reference(tiny_mmproj_gguf, lm, ref_out, mtype):
     worst, worst_cos = 0.0, 1.0
-    with Mtmd(tiny_mmproj_gguf(mtype), lm) as mt:
+    with Mtmd.open(tiny_mmproj_gguf(mtype), lm) as mt:
         for size in SIZES:
             got = mt.encode_image(make_image(*size))
             want = ref_out[size]
@@ -315,7 +317,7 @@ def test_mtmd_position_buckets_differ_end_to_end(tiny_mmproj_gguf, lm, ref, tiny
     px = [to_pixels(x) for x in mtmd_preprocess(img)]
     navit = ref.embed(px).numpy()
     floor = ReferenceVision(tiny_ckpt, dtype=torch.float64, bucket_coords=floor_buckets).embed(px).numpy()
-    with Mtmd(tiny_mmproj_gguf("f32"), lm) as mt:
+    with Mtmd.open(tiny_mmproj_gguf("f32"), lm) as mt:
         got = mt.encode_image(img)
     assert np.abs(got[0] - navit[0]).max() < BOUND["f32"]
     for g, a, b in zip(got[1:], navit[1:], floor[1:]):
@@ -333,7 +335,7 @@ def test_mtmd_letterboxes_slices_the_reference_stretches(tiny_mmproj_gguf, lm, r
     stretched = np.asarray(Image.fromarray(img).resize((tw, th), Image.BICUBIC))
     hf_slices = [stretched[r * sh:(r + 1) * sh, c * sw:(c + 1) * sw] for r in range(2) for c in range(2)]
     hf = ref.embed([to_pixels(x) for x in hf_slices]).numpy()
-    with Mtmd(tiny_mmproj_gguf("f32"), lm) as mt:
+    with Mtmd.open(tiny_mmproj_gguf("f32"), lm) as mt:
         got = mt.encode_image(img)
     assert np.abs(got[0] - ref_out[(w, h)][0]).max() < BOUND["f32"]
     for g, letterboxed, stretched_ in zip(got[1:], ref_out[(w, h)][1:], hf):
@@ -397,7 +399,7 @@ def test_unsupported_vision_geometry(tiny_ckpt):
 def test_reference_batching_and_temporal_groups(ref):
     """Batched slices of different sizes (padding + masks) equal one-by-one runs; a temporal group
     equals torch's own nn.MultiheadAttention over the group's unpadded keys concatenated."""
-    from reference_vision import temporal_embed
+    from .reference_vision import temporal_embed
     rng = np.random.default_rng(1)
     px = [rng.uniform(-1, 1, (3, 14 * h, 14 * w)).astype(np.float32) for h, w in ((3, 5), (4, 4), (2, 3))]
     sizes = [(3, 5), (4, 4), (2, 3)]

@@ -34,7 +34,7 @@ from minicpmv.convert import modelfile as mf
 from minicpmv.convert.config import CheckpointError
 from minicpmv.convert.writer import OutputExistsError
 
-from ollama_modelfile_parser import ModelfileError, load, lint, parse, validate
+from .ollama_modelfile_parser import ModelfileError, load, lint, parse, validate
 
 REFERENCE_TOKENIZER_CONFIG = Path(minicpmv.convert.__file__).parent / "reference_files" / "tokenizer_config.json"
 

@@ -10,17 +10,13 @@
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 from PIL import Image
 
-import llama_cpp as L
-import llama_cpp.mtmd_cpp as M
-
 from minicpmv.runtime import ContextOverflowError, MiniCPMV, ModelFileError
-from minicpmv.runtime.llama import load_model
+from minicpmv.runtime.llama import ContextParams, LlamaContext, LlamaModel
+from minicpmv.runtime.mtmd import TEXT, Mtmd, marker
 from minicpmv.runtime.prompt import IMAGE_TAG
 
 # docs/pitfalls.md §6: llama.cpp's embedding path reproduces the reference to ~2e-3 of the logit range; mtmd
@@ -72,51 +68,21 @@ def pair32(files):
 
 # --------------------------------------------------------------------------- mtmd oracle
 
-@L.llama_log_callback
-def _quiet(level, text, user_data):
-    pass
-
-
 def mtmd_first_logits(lm_path, mm_path, prompt: str, image: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """llama.cpp's pipeline: mtmd_tokenize (prompt with the media marker) + mtmd_helper_eval_chunks;
     returns the last position's logits and the token ids (image chunks as 64 x -1)."""
-    M.mtmd_helper_log_set(_quiet, ctypes.c_void_p(0))
-    model, _ = load_model(lm_path, read_file=False)
-    cp = L.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 1024, 512, 512, 2, 2
-    lctx = L.llama_init_from_model(model, cp)
-    p = M.mtmd_context_params_default()
-    p.use_gpu, p.n_threads, p.warmup, p.print_timings = False, 2, False, False
-    p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    mctx = M.mtmd_init_from_file(str(mm_path).encode(), model, p)
-    assert mctx, "mtmd could not load the mmproj"
-    img = np.ascontiguousarray(image, dtype=np.uint8)
-    bmp = M.mtmd_bitmap_init(img.shape[1], img.shape[0], img.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
-    text = prompt.encode()
-    txt = M.mtmd_input_text(text, len(text), False, True)
-    chunks = M.mtmd_input_chunks_init()
+    lm = LlamaModel(lm_path, read_file=False)
+    ctx = LlamaContext(lm, ContextParams(n_ctx=1024, n_batch=512, n_threads=2))
     try:
-        assert M.mtmd_tokenize(mctx, chunks, ctypes.byref(txt), (M.mtmd_bitmap_p_ctypes * 1)(bmp), 1) == 0
-        ids: list[int] = []
-        for i in range(M.mtmd_input_chunks_size(chunks)):
-            ch = M.mtmd_input_chunks_get(chunks, i)
-            if M.mtmd_input_chunk_get_type(ch) == 0:
-                n = ctypes.c_size_t(0)
-                toks = M.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
-                ids += [toks[j] for j in range(n.value)]
-            else:
-                ids += [-1] * M.mtmd_input_chunk_get_n_tokens(ch)
-        new_n_past = L.llama_pos(0)
-        assert M.mtmd_helper_eval_chunks(mctx, lctx, chunks, 0, 0, 512, True, ctypes.byref(new_n_past)) == 0
-        assert new_n_past.value == len(ids)
-        n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
-        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(lctx, -1), shape=(n_vocab,)).copy()
+        with Mtmd(mm_path, lm, n_threads=2, flash_attn=False) as mt, mt.tokenize([image], prompt) as chunks:
+            ids: list[int] = []
+            for c in chunks:
+                ids += c.tokens if c.kind == TEXT else [-1] * c.n_tokens
+            assert chunks.eval(ctx) == len(ids)
+            logits = ctx.logits().copy()
     finally:
-        M.mtmd_input_chunks_free(chunks)
-        M.mtmd_bitmap_free(bmp)
-        M.mtmd_free(mctx)
-        L.llama_free(lctx)
-        L.llama_model_free(model)
+        ctx.close()
+        lm.close()
     return logits, ids
 
 
@@ -133,8 +99,7 @@ def test_first_token_logits_match_mtmd_pipeline(model, files, fuse, size):
     ours = model.prefill(msgs, use_image_id=False)
     prompt = model.build_prompt(msgs, use_image_id=False)
     assert model.stats.slots_prefilled == (1 if size == (448, 448) else 3) and model.stats.prefill_start == 0
-    marker = M.mtmd_default_marker().decode()
-    theirs, their_ids = mtmd_first_logits(*files, prompt.text.replace(IMAGE_TAG, marker), np.asarray(img))
+    theirs, their_ids = mtmd_first_logits(*files, prompt.text.replace(IMAGE_TAG, marker()), np.asarray(img))
     # same token sequence (mtmd writes <image>/</image> around its 64 embeddings itself)
     assert model.prompt_token_ids(prompt, slot_id=-1) == their_ids
     err = rel_err(ours, theirs)
@@ -509,7 +474,7 @@ def test_cli_interactive_session(files, tmp_path):
 
 
 def test_content_paths_and_video_items(model, tmp_path):
-    from video_fixtures import make_video
+    from .video_fixtures import make_video
 
     from minicpmv.runtime.video import load_video
     pic = tmp_path / "pic.png"

@@ -13,8 +13,8 @@ from minicpmv.runtime import MiniCPMV
 from minicpmv.runtime.image import slice_image
 from minicpmv.runtime.video import load_video
 from minicpmv.runtime.vision import VisionEncoder
-from reference_vision import ReferenceVision
-from video_fixtures import make_video
+from .reference_vision import ReferenceVision
+from .video_fixtures import make_video
 
 F32_TOL = 1e-4
 

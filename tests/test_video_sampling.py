@@ -13,7 +13,7 @@ import pytest
 
 from minicpmv.runtime.video import (VideoError, is_video_path, load_video, nearest_scale_index,
                                     plan_video_sampling)
-from video_fixtures import make_video, make_wav, read_index
+from .video_fixtures import make_video, make_wav, read_index
 
 from scipy.spatial import cKDTree  # the card's own nearest-neighbour search (its tie-breaking matters)
 

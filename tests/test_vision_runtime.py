@@ -27,8 +27,8 @@ from minicpmv.runtime.vision import (
     pos_embed_2d, temporal_embed,
 )
 
-import reference_vision as rv
-from reference_vision import ReferenceVision, to_pixels
+from . import reference_vision as rv
+from .reference_vision import ReferenceVision, to_pixels
 
 F32_TOL = 1e-4                     # f32 mmproj, f32 compute vs the float64 reference (max abs)
 BF16_TOL, BF16_COS = 0.06, 0.9999   # bf16 compute (bf16 matmul inputs, f32 accumulation)
@@ -196,10 +196,12 @@ def test_navit_buckets_end_to_end(enc32, ref, tiny_ckpt):
 # mtmd (llama.cpp) on the same file and pixels
 
 def test_matches_mtmd(tiny_mmproj_gguf, tiny_lm_gguf, enc32):
-    from mtmd_harness import Mtmd, mtmd_preprocess
+    from minicpmv.runtime.mtmd import Mtmd
+
+    from .mtmd_slicing import mtmd_preprocess
     rng = np.random.default_rng(7)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(448, 448), (448, 896)]]
-    with Mtmd(tiny_mmproj_gguf("f32"), tiny_lm_gguf("F32")) as mt:
+    with Mtmd.open(tiny_mmproj_gguf("f32"), tiny_lm_gguf("F32")) as mt:
         theirs = [e for img in images for e in mt.encode_image(img)]
     # the pixels mtmd encodes (448x448 unchanged; 896x448 -> 448x224 overview + two 448x448 slices)
     px = [to_pixels(x) for img in images for x in mtmd_preprocess(img)]

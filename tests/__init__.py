@@ -1,0 +1,1 @@
+"""pytest suite: a package, so helper modules are imported explicitly (from .reference_vision import ...)."""
