@@ -237,7 +237,10 @@ def run(
                                       help="Context length in tokens (default 4096, more if a video needs it)."),
     gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers",
                                              help="Layers on the GPU (-1 all; default: all on macOS, none elsewhere)."),
-    vision_dtype: str = typer.Option("auto", "--vision-dtype", help="Vision encoder precision: auto, bf16, f32."),
+    vision_dtype: str = typer.Option("auto", "--vision-dtype",
+                                     help="Vision encoder precision: auto (bf16 where a quick measurement on this "
+                                          "machine finds it at least 15% faster than f32, measured once and "
+                                          "cached), bf16, f32."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, thinking, timings."),
     fps: float = typer.Option(5.0, "--fps", min=0.01, help="Video: frames sampled per second."),
     packing: Optional[int] = typer.Option(None, "--packing", min=1, max=6,
@@ -292,6 +295,9 @@ def run(
     except (ValueError, OSError, RuntimeError) as e:
         fail(str(e))
     m.progress = o.verbose or sys.stderr.isatty()  # long videos: a bar while frames are encoded
+    if verbose:
+        typer.echo(f"vision dtype: {m.vision.dtype_choice.describe()}", err=True)
+        typer.echo(f"weight buffers: {m.lm.buffers.plan.mode}: {m.lm.buffers.plan.reason}", err=True)
     if question is None:
         if as_json:
             fail("--json needs a question")
