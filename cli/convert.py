@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -9,6 +10,24 @@ from typing import Optional
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread like KeyboardInterrupt so that the conversion's
+    own cleanup runs (by default these signals end the process with its temporary files left)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame) -> None:
+    for sig in _SIGNALS + (signal.SIGINT,):   # a second signal must not cut the cleanup short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,13 +68,21 @@ def convert(
     if ckpt_dir is None or out is None:
         typer.echo("minicpm-convert: error: need CKPT_DIR and -o OUT (or --modelfile-only DIR)", err=True)
         raise typer.Exit(2)
+    for sig in _SIGNALS:
+        signal.signal(sig, _on_signal)
     try:
         res = run(ckpt_dir, out, quant_type=quant_type, mmproj_type=mmproj_type, imatrix=imatrix,
                   ollama=ollama, force=force, threads=threads, progress=not quiet,
-                  write_lm=not no_lm, write_mmproj=not no_mmproj)
+                  write_lm=not no_lm, write_mmproj=not no_mmproj,
+                  log=lambda msg: typer.echo(f"minicpm-convert: {msg}", err=True))
     except (ValueError, OSError) as e:  # CheckpointError, OutputExistsError, bad type names, I/O
         typer.echo(f"minicpm-convert: error: {e}", err=True)
         raise typer.Exit(2)
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        typer.echo(f"\nminicpm-convert: interrupted ({signal.Signals(signum).name}): no output written, "
+                   "temporary files removed", err=True)
+        raise typer.Exit(128 + signum)
     for p in (res.lm_path, res.mmproj_path, res.modelfile):
         if p is not None:
             typer.echo(str(p))
