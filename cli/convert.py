@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -11,9 +12,31 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread like KeyboardInterrupt so that the conversion's
+    own cleanup runs (by default these signals end the process with its temporary files left)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame) -> None:
+    for sig in _SIGNALS + (signal.SIGINT,):   # a second signal must not cut the cleanup short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def convert(
-    ckpt_dir: Optional[Path] = typer.Argument(None, help="Checkpoint folder: config.json, model-*.safetensors (+ index), tokenizer files."),
+    ckpt: Optional[str] = typer.Argument(None, metavar="CKPT_DIR|REPO_ID",
+                                         help="Checkpoint folder (config.json, model-*.safetensors + index, tokenizer "
+                                              "files), or a Hugging Face repo id such as openbmb/MiniCPM-V-4_5: its "
+                                              "safetensors, index, configs and tokenizer files are downloaded into "
+                                              "the Hugging Face cache (only those) and converted from there."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder for the GGUF files (created if missing)."),
     quant_type: str = typer.Option("Q4_K_M", "--quant", "--outtype", "-q",
                                    help="Language-model type: F32, F16, BF16, Q8_0, Q4_0, Q4_K_S, Q4_K_M, Q5_K_M, Q6_K."),
@@ -30,7 +53,8 @@ def convert(
         help="Convert nothing: write DIR/Modelfile for the language-model and mmproj GGUFs already in DIR "
              "(told apart by their metadata, e.g. OpenBMB's ggml-model-Q4_K_M.gguf + mmproj-model-f16.gguf)."),
 ) -> None:
-    """Convert a MiniCPM-V 4.5 checkpoint to a language-model GGUF and a vision mmproj GGUF.
+    """Convert a MiniCPM-V 4.5 checkpoint (a folder or a Hugging Face repo id) to a language-model GGUF and
+    a vision mmproj GGUF.
 
     Writes OUT/MiniCPM-V-4.5-<QUANT>.gguf and OUT/mmproj-MiniCPM-V-4.5-<TYPE>.gguf, streaming tensor by
     tensor (memory bounded by the largest tensor). Both load in stock llama.cpp (llama-mtmd-cli,
@@ -46,19 +70,52 @@ def convert(
             typer.echo(f"minicpm-convert: error: {e}", err=True)
             raise typer.Exit(2)
         return
-    if ckpt_dir is None or out is None:
-        typer.echo("minicpm-convert: error: need CKPT_DIR and -o OUT (or --modelfile-only DIR)", err=True)
+    if ckpt is None or out is None:
+        typer.echo("minicpm-convert: error: need CKPT_DIR (or a Hub repo id) and -o OUT (or --modelfile-only DIR)",
+                   err=True)
         raise typer.Exit(2)
+    ckpt_dir = checkpoint_folder(ckpt, quiet)   # a download killed halfway resumes next time
+    for sig in _SIGNALS:
+        signal.signal(sig, _on_signal)
     try:
         res = run(ckpt_dir, out, quant_type=quant_type, mmproj_type=mmproj_type, imatrix=imatrix,
                   ollama=ollama, force=force, threads=threads, progress=not quiet,
-                  write_lm=not no_lm, write_mmproj=not no_mmproj)
+                  write_lm=not no_lm, write_mmproj=not no_mmproj,
+                  log=lambda msg: typer.echo(f"minicpm-convert: {msg}", err=True))
     except (ValueError, OSError) as e:  # CheckpointError, OutputExistsError, bad type names, I/O
         typer.echo(f"minicpm-convert: error: {e}", err=True)
         raise typer.Exit(2)
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        typer.echo(f"\nminicpm-convert: interrupted ({signal.Signals(signum).name}): no output written, "
+                   "temporary files removed", err=True)
+        raise typer.Exit(128 + signum)
     for p in (res.lm_path, res.mmproj_path, res.modelfile):
         if p is not None:
             typer.echo(str(p))
+
+
+def checkpoint_folder(arg: str, quiet: bool) -> Path:
+    """A folder as given; an argument that is no folder but looks like OWNER/NAME is fetched from the Hub."""
+    from minicpmv.runtime.model_source import looks_like_repo_id
+    path = Path(arg).expanduser()
+    if path.exists() or not looks_like_repo_id(arg):
+        return path  # a missing folder is reported by the checkpoint reader
+    from minicpmv.runtime import hub
+    from huggingface_hub.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()  # its retry warnings would break the one-line error rule
+    try:
+        return hub.fetch_checkpoint(arg, say=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)),
+                                    progress=not quiet)
+    except ValueError as e:  # HubError, RepoFilesError
+        msg = str(e)
+        if isinstance(e, hub.RepoNotFoundError):  # "REPO: repository not found on the Hub ..."
+            msg = f"{arg}: no such folder, and {msg.split(': ', 1)[-1]}"
+        typer.echo(f"minicpm-convert: error: {' '.join(msg.split())}", err=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        typer.echo("minicpm-convert: download interrupted; run the same command again to resume", err=True)
+        raise typer.Exit(130)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ without their thinking, and the `enable_thinking` generation prompt driven by Ol
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from minicpmv.gguf_info import ModelFileError, find_model_files
 from minicpmv.schema import REFERENCE_SAMPLING, STOP_TOKENS
 
 from .config import CheckpointError
-from .writer import check_output, temp_path
+from .writer import OutputSet, check_output
 
 MODELFILE_NAME = "Modelfile"
 
@@ -134,27 +135,27 @@ def render_modelfile(lm_file: str, mmproj_file: str, *, num_ctx: int = NUM_CTX,
 
 
 def write_modelfile(out_dir: Path, lm_path: Path, mmproj_path: Path, force: bool = False, *,
-                    num_ctx: int = NUM_CTX, system: str | None = None) -> Path:
-    """Write OUT/Modelfile (temp file + rename) with FROM paths relative to OUT. Refuses to
-    overwrite an existing Modelfile unless force (raises writer.OutputExistsError)."""
+                    num_ctx: int = NUM_CTX, system: str | None = None,
+                    outputs: OutputSet | None = None) -> Path:
+    """Write OUT/Modelfile with FROM paths relative to OUT. Refuses to overwrite an existing
+    Modelfile unless force (raises writer.OutputExistsError). With `outputs`, the Modelfile joins that
+    set of files (renamed together with the GGUFs it names, which need not exist yet); otherwise it
+    is written atomically on its own."""
     out_dir = Path(out_dir)
     target = out_dir / MODELFILE_NAME
-    check_output(target, force)
-    for p in (lm_path, mmproj_path):
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"{p}: GGUF file not found")
+    if outputs is None:
+        check_output(target, force)
+        for p in (lm_path, mmproj_path):
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"{p}: GGUF file not found")
     base = os.path.abspath(out_dir)
     text = render_modelfile(os.path.relpath(os.path.abspath(lm_path), base),
                             os.path.relpath(os.path.abspath(mmproj_path), base),
                             num_ctx=num_ctx, system=system)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(target)
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    with (contextlib.nullcontext(outputs) if outputs is not None else OutputSet(force)) as outs:
+        with open(outs.add(target), "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

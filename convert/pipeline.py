@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -23,7 +24,7 @@ from .config import CheckpointError, load_config
 from .layout import validate
 from .plan import TensorPlan
 from .tokenizer import load_vocab
-from .writer import check_output, write_gguf
+from .writer import OutputSet, check_output, remove_stale_partials, write_gguf_file
 
 MODEL_NAME = "MiniCPM-V-4.5"
 
@@ -38,7 +39,10 @@ class ConvertResult:
 def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj_type: str = "f16",
             imatrix: Path | None = None, ollama: bool = False, force: bool = False,
             threads: int | None = None, progress: bool = True, write_lm: bool = True,
-            write_mmproj: bool = True) -> ConvertResult:
+            write_mmproj: bool = True, log: Callable[[str], None] | None = None) -> ConvertResult:
+    """Convert `ckpt_dir` into `out_dir`. Every output is written under a temporary name and the set
+    renamed at the end: an error, Ctrl-C or a handled signal leaves the folder as it was. `log`
+    receives one-line notes (e.g. leftovers of an interrupted run that were removed)."""
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     spec = quant.parse_type(quant_type) if write_lm else None
     mm_spec = mmproj.parse_mmproj_type(mmproj_type)
@@ -89,6 +93,10 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
         jobs.append((mm_path, MMPROJ_ARCH, mm_meta, mplans))
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    n_stale, freed = remove_stale_partials(out_dir)
+    if n_stale and log:
+        log(f"removed {n_stale} unfinished file{'s' if n_stale > 1 else ''} of an interrupted conversion "
+            f"from {out_dir} ({freed / 1e9:.2f} GB freed)")
     total = sum(p.n_elements for _, _, _, plans_ in jobs for p in plans_)
     bar = tqdm(total=total, unit="param", unit_scale=True, desc="converting", disable=not progress)
 
@@ -100,21 +108,14 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
         bar.set_postfix_str(f"{p.name} {p.ggml_type.name}", refresh=False)
         bar.update(p.n_elements)
 
-    written: list[Path] = []
+    modelfile = None
     try:
-        for path, arch, meta, plans_ in jobs:
-            write_gguf(path, arch, meta, plans_, encode, force=force, on_tensor=tick)
-            written.append(path)
-    except BaseException:
-        # nothing half-written: a later file's failure also removes the earlier files of this run
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
+        with OutputSet(force) as outs:
+            for path, arch, meta, plans_ in jobs:
+                write_gguf_file(outs.add(path), arch, meta, plans_, encode, on_tensor=tick)
+            if ollama:
+                from .modelfile import write_modelfile
+                modelfile = write_modelfile(out_dir, lm_path, mm_path, force=force, outputs=outs)
     finally:
         bar.close()
-
-    modelfile = None
-    if ollama:
-        from .modelfile import write_modelfile
-        modelfile = write_modelfile(out_dir, lm_path, mm_path, force=force)
     return ConvertResult(lm_path if write_lm else None, mm_path if write_mmproj else None, modelfile)

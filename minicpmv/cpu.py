@@ -34,13 +34,6 @@ class CpuInfo:
         return bool(self.flags & AMX_FLAGS)
 
     @property
-    def has_fast_bf16(self) -> bool:
-        """bf16 dot products in hardware: AVX512-BF16 / AMX-BF16 on x86, or Apple silicon."""
-        if self.system == "Darwin":
-            return self.machine == "arm64"
-        return bool(self.flags & {"avx512_bf16", "amx_bf16"})
-
-    @property
     def reported_flags(self) -> list[str]:
         return [f for f in REPORTED_FLAGS if f in self.flags]
 

@@ -35,14 +35,14 @@ def system_report() -> list[tuple[str, str]]:
 
     from .buffers import plan_for_this_machine, system_features
     from .llama import _backend_init, default_gpu_layers
-    from .vision import auto_dtype
+    from .vision_dtype import choose_vision_dtype
 
     _backend_init()
     cpu = cpu_info()
     features = system_features()
     gpu_layers = default_gpu_layers()
     plan = plan_for_this_machine(gpu_layers=gpu_layers)
-    dtype, why = auto_dtype()
+    vision = choose_vision_dtype("auto")
     mps = getattr(torch.backends, "mps", None)
     rows = [(d, _version(d)) for d in PACKAGES]
     rows += [
@@ -55,7 +55,7 @@ def system_report() -> list[tuple[str, str]]:
         ("llama.cpp build", " ".join(f"{k}={v}" for k, v in features.items() if v != "0") or "(no features)"),
         ("llama.cpp GPU offload", "yes" if ll.llama_supports_gpu_offload() else "no (CPU only)"),
         ("weight buffers", f"{plan.mode}: {plan.reason}"),
-        ("vision dtype auto", f"{'bf16' if dtype == torch.bfloat16 else 'f32'}: {why}"),
+        ("vision dtype auto", vision.describe()),
         ("threads", f"{default_threads()} (llama.cpp and torch), torch reports {torch.get_num_threads()}"),
         ("gpu layers default", "all (Metal)" if gpu_layers else "none (CPU)"),
         ("torch MPS", "available" if mps is not None and mps.is_available() else "not available"),

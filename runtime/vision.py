@@ -37,7 +37,7 @@ from tqdm import tqdm
 import torch
 import torch.nn.functional as F
 
-from minicpmv.cpu import cpu_info, default_threads
+from minicpmv.cpu import default_threads
 from minicpmv.schema import (
     R_ATTN_K, R_ATTN_OUT, R_ATTN_Q, R_ATTN_V, R_KV, R_LN_KV, R_LN_POST, R_LN_Q, R_PROJ, R_QUERY,
     V_PATCH_EMBD, V_POS_EMBD, V_POST_LN, v_blk,
@@ -45,6 +45,7 @@ from minicpmv.schema import (
 from minicpmv.sincos import sincos, sincos_2d
 
 from .mmproj import Mmproj, VisionHParams, load_mmproj
+from .vision_dtype import DtypeChoice, choose_vision_dtype
 
 # Tokens per tower batch: bounds activation memory for long videos (the reference runs 16 slices
 # per chunk); one image (at most 10 slices of ~1024 patches) always fits in a single batch.
@@ -136,23 +137,6 @@ class Block:
     fc2: Linear
 
 
-def auto_dtype() -> tuple[torch.dtype, str]:
-    """What `dtype="auto"` resolves to on this machine, and why (one line)."""
-    if cpu_info().has_fast_bf16:
-        return torch.bfloat16, "the CPU has bf16 dot products (AVX512-BF16/AMX-BF16, or Apple silicon)"
-    return torch.float32, "the CPU has no bf16 dot products"
-
-
-def _resolve_dtype(dtype: str) -> torch.dtype:
-    if dtype == "auto":
-        return auto_dtype()[0]
-    if dtype in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if dtype in ("f32", "float32"):
-        return torch.float32
-    raise VisionInputError(f"dtype: {dtype!r} is not one of auto, bf16, f32")
-
-
 class VisionEncoder:
     """Tower + resampler weights in compute dtype; `encode_slices` is the one entry point."""
 
@@ -162,6 +146,8 @@ class VisionEncoder:
         self.path: Path = mm.path
         self.legacy_ffn = mm.legacy_ffn
         self.dtype = dtype
+        # how the dtype was chosen (VisionEncoder.load sets it; a direct construction forces it)
+        self.dtype_choice = DtypeChoice("bf16" if dtype == torch.bfloat16 else "f32", "forced")
         self.n_threads = n_threads
         self.embed_dim = hp.embed_dim
         self.query_num = hp.query_num
@@ -232,11 +218,16 @@ class VisionEncoder:
     @classmethod
     def load(cls, mmproj_path: str | os.PathLike, *, dtype: str = "auto",
              n_threads: int | None = None) -> "VisionEncoder":
-        cdtype = _resolve_dtype(dtype)
         if n_threads is not None and n_threads < 1:
             raise VisionInputError(f"n_threads: {n_threads} must be >= 1")
+        threads = n_threads or default_threads()
+        try:
+            choice = choose_vision_dtype(dtype, threads)
+        except ValueError as e:
+            raise VisionInputError(str(e)) from None
         mm = load_mmproj(mmproj_path)
-        enc = cls(mm, cdtype, n_threads or default_threads())
+        enc = cls(mm, choice.torch_dtype, threads)
+        enc.dtype_choice = choice
         return enc
 
     def close(self) -> None:
@@ -341,78 +332,15 @@ class VisionEncoder:
         ids = torch.cat([navit_position_ids(h, w, hp.pos_buckets) for h, w in sizes])
         x = self.patch(patches.to(dt)).float() + self.pos_embd[ids]
 
-        attend = self._attention_per_head if dt == torch.bfloat16 else self._attention_padded
+        attend = attention_for(dt, hp.n_head, self._pool() if dt == torch.bfloat16 else None, self.n_threads)
         for blk in self.blocks:
-            y = F.layer_norm(x, (d,), blk.ln1_w, blk.ln1_b, hp.eps).to(dt)
-            x = x + blk.out(attend(blk.qkv(y), lens))
-            y = F.layer_norm(x, (d,), blk.ln2_w, blk.ln2_b, hp.eps).to(dt)
-            x = x + blk.fc2(blk.fc1(y))
+            x = block_forward(x, blk, lens, hp.eps, dt, attend)
         return F.layer_norm(x, (d,), self.post_ln_w, self.post_ln_b, hp.eps)
 
-    def _attention_padded(self, qkv: torch.Tensor, lens: list[int]) -> torch.Tensor:
-        """Self-attention of packed [N, 3d] rows (q pre-scaled): the slices right-padded to one
-        [B, heads, Lmax, hd] batch, padded keys masked, torch's fused (flash) attention."""
-        d, nh = self.hparams.n_embd, self.hparams.n_head
-        B, Lmax = len(lens), max(lens)
-        uniform = all(n == Lmax for n in lens)
-        if not uniform:  # packed row l of slice b -> padded row b*Lmax + l
-            pad_idx = torch.cat([torch.arange(n) + b * Lmax for b, n in enumerate(lens)])
-            padded = qkv.new_zeros(B * Lmax, 3 * d)
-            padded[pad_idx] = qkv
-            qkv = padded
-            mask = torch.arange(Lmax)[None, :] < torch.tensor(lens)[:, None]
-            mask = mask[:, None, None, :]                                # [B, 1, 1, Lmax], True = key
-        q, k, v = qkv.view(B, Lmax, 3, nh, d // nh).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if uniform else mask, scale=1.0)
-        a = a.transpose(1, 2).reshape(B * Lmax, d)
-        return a if uniform else a[pad_idx]
-
-    def _attention_per_head(self, qkv: torch.Tensor, lens: list[int]) -> torch.Tensor:
-        """bf16 self-attention, one (slice, head) at a time on its own rows (no padding, no mask):
-        QK^T and PV are bf16 matmuls with float32 accumulation, the softmax is computed in float32
-        and rounded to bf16 (as the reference model run in bf16). At head_dim 72 this beats torch's
-        fused attention, which does not use the CPU's bf16 dot products.
-        The (slice, head) tasks are spread over single-threaded workers: hundreds of small
-        multi-threaded ops would each end in a barrier, which stalls whenever the machine is busy."""
-        d, nh = self.hparams.n_embd, self.hparams.n_head
-        N = qkv.shape[0]
-        hd = d // nh
-        qkv = qkv.view(N, 3, nh, hd)
-        q, k = qkv[:, :2].permute(1, 2, 0, 3).contiguous()         # [nh, N, hd] each
-        vt = qkv[:, 2].permute(1, 2, 0).contiguous()                # [nh, hd, N]
-        out_t = torch.empty(nh, hd, N, dtype=qkv.dtype)              # (P V)^T per head
-        offs = np.cumsum([0] + lens)
-        tasks = [(slice(int(offs[i]), int(offs[i + 1])), h) for i in range(len(lens)) for h in range(nh)]
-
-        def run(part: list[tuple[slice, int]]) -> None:
-            with torch.inference_mode():
-                for rows, h in part:
-                    p = torch.softmax(F.linear(q[h, rows], k[h, rows]), dim=-1)   # [n, n]
-                    out_t[h, :, rows] = F.linear(vt[h, :, rows], p)            # V^T P^T
-
-        pool = self._pool()
-        if pool is None:
-            run(tasks)
-        else:
-            n = self.n_threads
-            for f in [pool.submit(run, tasks[i::n]) for i in range(n)]:
-                f.result()
-        return out_t.permute(2, 0, 1).reshape(N, d)
-
     def _pool(self) -> ThreadPoolExecutor | None:
-        """n_threads single-threaded torch workers (None when n_threads is 1)."""
-        if self.n_threads == 1:
-            return None
-        if self._workers is None:
-            self._workers = ThreadPoolExecutor(self.n_threads, thread_name_prefix="vision-attn",
-                                               initializer=torch.set_num_threads, initargs=(1,))
-            # start every worker now (a barrier keeps each one busy until all exist); their
-            # set_num_threads(1) also records a process-wide default for threads created later,
-            # which is put back here (the workers keep their own setting of 1)
-            barrier = threading.Barrier(self.n_threads)
-            for f in [self._workers.submit(barrier.wait) for _ in range(self.n_threads)]:
-                f.result()
-            torch.set_num_threads(self.n_threads)
+        """n_threads single-threaded torch workers for bf16 attention (None when n_threads is 1)."""
+        if self._workers is None and self.n_threads > 1:
+            self._workers = worker_pool(self.n_threads)
         return self._workers
 
     # ----------------------------------------------------------------------- resampler
@@ -447,6 +375,96 @@ class VisionEncoder:
         out = self.o(torch.cat(outs)).float()                             # [G*Q, D]
         out = F.layer_norm(out, (D,), self.ln_post_w, self.ln_post_b, hp.eps)
         return self.proj(out.to(dt)).float().view(G, Q, D)
+
+
+# --------------------------------------------------------------------------- one tower block
+# Module-level so that the dtype probe (vision_dtype.py) times exactly the code the encoder runs.
+
+def block_forward(x: torch.Tensor, blk: Block, lens: list[int], eps: float, dt: torch.dtype,
+                  attend) -> torch.Tensor:
+    """One pre-LN encoder block on packed float32 rows [N, d]; matmuls in `dt`."""
+    x = attention_block(x, blk.ln1_w, blk.ln1_b, blk.qkv, blk.out, lens, eps, dt, attend)
+    y = F.layer_norm(x, (x.shape[1],), blk.ln2_w, blk.ln2_b, eps).to(dt)
+    return x + blk.fc2(blk.fc1(y))
+
+
+def attention_block(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, qkv: Linear, out: Linear,
+                    lens: list[int], eps: float, dt: torch.dtype, attend) -> torch.Tensor:
+    """The attention half of a block: x + out(attention(qkv(LN1(x))))."""
+    y = F.layer_norm(x, (x.shape[1],), ln_w, ln_b, eps).to(dt)
+    return x + out(attend(qkv(y), lens))
+
+
+def attention_for(dt: torch.dtype, n_head: int, pool: ThreadPoolExecutor | None, n_workers: int):
+    """The self-attention the tower runs in `dt`: (packed qkv rows, slice lengths) -> [N, d]."""
+    if dt == torch.bfloat16:
+        return functools.partial(attention_per_head, n_head=n_head, pool=pool, n_workers=n_workers)
+    return functools.partial(attention_padded, n_head=n_head)
+
+
+def attention_padded(qkv: torch.Tensor, lens: list[int], n_head: int) -> torch.Tensor:
+    """Self-attention of packed [N, 3d] rows (q pre-scaled): the slices right-padded to one
+    [B, heads, Lmax, hd] batch, padded keys masked, torch's fused (flash) attention."""
+    d, nh = qkv.shape[1] // 3, n_head
+    B, Lmax = len(lens), max(lens)
+    uniform = all(n == Lmax for n in lens)
+    if not uniform:  # packed row l of slice b -> padded row b*Lmax + l
+        pad_idx = torch.cat([torch.arange(n) + b * Lmax for b, n in enumerate(lens)])
+        padded = qkv.new_zeros(B * Lmax, 3 * d)
+        padded[pad_idx] = qkv
+        qkv = padded
+        mask = torch.arange(Lmax)[None, :] < torch.tensor(lens)[:, None]
+        mask = mask[:, None, None, :]                                # [B, 1, 1, Lmax], True = key
+    q, k, v = qkv.view(B, Lmax, 3, nh, d // nh).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if uniform else mask, scale=1.0)
+    a = a.transpose(1, 2).reshape(B * Lmax, d)
+    return a if uniform else a[pad_idx]
+
+
+def attention_per_head(qkv: torch.Tensor, lens: list[int], n_head: int,
+                       pool: ThreadPoolExecutor | None, n_workers: int) -> torch.Tensor:
+    """bf16 self-attention, one (slice, head) at a time on its own rows (no padding, no mask):
+    QK^T and PV are bf16 matmuls with float32 accumulation, the softmax is computed in float32
+    and rounded to bf16 (as the reference model run in bf16). At head_dim 72 this beats torch's
+    fused attention, which does not use the CPU's bf16 dot products.
+    The (slice, head) tasks are spread over the n_workers single-threaded workers of `pool`: hundreds of small
+    multi-threaded ops would each end in a barrier, which stalls whenever the machine is busy."""
+    nh = n_head
+    N, d = qkv.shape[0], qkv.shape[1] // 3
+    hd = d // nh
+    qkv = qkv.view(N, 3, nh, hd)
+    q, k = qkv[:, :2].permute(1, 2, 0, 3).contiguous()         # [nh, N, hd] each
+    vt = qkv[:, 2].permute(1, 2, 0).contiguous()                # [nh, hd, N]
+    out_t = torch.empty(nh, hd, N, dtype=qkv.dtype)              # (P V)^T per head
+    offs = np.cumsum([0] + lens)
+    tasks = [(slice(int(offs[i]), int(offs[i + 1])), h) for i in range(len(lens)) for h in range(nh)]
+
+    def run(part: list[tuple[slice, int]]) -> None:
+        with torch.inference_mode():
+            for rows, h in part:
+                p = torch.softmax(F.linear(q[h, rows], k[h, rows]), dim=-1)   # [n, n]
+                out_t[h, :, rows] = F.linear(vt[h, :, rows], p)            # V^T P^T
+
+    if pool is None:
+        run(tasks)
+    else:
+        n = n_workers
+        for f in [pool.submit(run, tasks[i::n]) for i in range(n)]:
+            f.result()
+    return out_t.permute(2, 0, 1).reshape(N, d)
+
+
+def worker_pool(n_threads: int) -> ThreadPoolExecutor:
+    """n_threads single-threaded torch workers, all started now (a barrier keeps each one busy until
+    all exist). Their set_num_threads(1) also records a process-wide default for threads created
+    later, which is put back here (the workers keep their own setting of 1)."""
+    pool = ThreadPoolExecutor(n_threads, thread_name_prefix="vision-attn",
+                              initializer=torch.set_num_threads, initargs=(1,))
+    barrier = threading.Barrier(n_threads)
+    for f in [pool.submit(barrier.wait) for _ in range(n_threads)]:
+        f.result()
+    torch.set_num_threads(n_threads)
+    return pool
 
 
 # --------------------------------------------------------------------------- helpers

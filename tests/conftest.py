@@ -12,6 +12,18 @@ from minicpmv.convert.synthetic import make_checkpoint
 from .hf_tokenizer import hf_tokenizer_dir
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_user_cache(tmp_path_factory):
+    """Tests never read or write the user's cache folder (e.g. the vision dtype measurement)."""
+    old = os.environ.get("MINICPMV_CACHE")
+    os.environ["MINICPMV_CACHE"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MINICPMV_CACHE", None)
+    else:
+        os.environ["MINICPMV_CACHE"] = old
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """In CI (CI=true) a skipped test is a failure: a skip there means an install step is missing

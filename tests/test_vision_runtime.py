@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+from minicpmv.cpu import default_threads
 from minicpmv.schema import v_blk
-from minicpmv.cpu import cpu_info, default_threads
 from minicpmv.runtime.mmproj import MmprojError, load_mmproj
 from minicpmv.runtime.vision import (
-    VisionEncoder, VisionInputError, _resolve_dtype, navit_position_ids,
+    VisionEncoder, VisionInputError, navit_position_ids,
     pos_embed_2d, temporal_embed,
 )
 
@@ -284,7 +284,6 @@ def test_attributes_and_options(enc32, enc16, tiny_ckpt):
     folded = 64 * D + 2 * D + 2 * (D * D + D)
     assert enc32.weights_nbytes == 4 * (n_params - folded + (D // 128) * 64 * D)
     assert enc16.weights_nbytes < 0.8 * enc32.weights_nbytes
-    assert _resolve_dtype("auto") == (torch.bfloat16 if cpu_info().has_fast_bf16 else torch.float32)
     assert 1 <= default_threads() <= (os.cpu_count() or 1)
 
 

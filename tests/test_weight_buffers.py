@@ -147,3 +147,4 @@ def test_version_prints_the_system_report():
         assert rows.get(key), f"--version lacks {key!r}:\n{r.stdout}"
     from minicpmv.runtime.buffers import plan_for_this_machine
     assert rows["weight buffers"].startswith(plan_for_this_machine().mode + ":")
+    assert "ms in f32" in rows["vision dtype auto"] and "ms in bf16" in rows["vision dtype auto"]

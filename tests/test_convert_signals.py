@@ -1,0 +1,111 @@
+"""A killed conversion leaves the complete set or nothing (issue 20): SIGTERM and SIGHUP are handled
+like Ctrl-C, and leftovers of a process that died without cleanup (SIGKILL) are removed by the next
+run into the same folder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from minicpmv.convert.writer import TEMP_PREFIX
+
+# minicpm-convert with every quantizer call slowed down, so that a signal can land mid-file.
+DRIVER = textwrap.dedent("""
+    import sys, time
+    import minicpmv.quant as q
+    real = q.encode
+    def slow(*a, **k):
+        time.sleep(0.02)
+        return real(*a, **k)
+    q.encode = slow
+    from minicpmv.cli.convert import main
+    sys.argv = ["minicpm-convert"] + sys.argv[1:]
+    main()
+""")
+
+
+def start(ckpt: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(ckpt), "-o", str(out), "--quant", "Q8_0",
+                             "--ollama", "--quiet", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(out: Path, prefix: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until a temporary file whose final name starts with `prefix` exists (and has data)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            pytest.fail(f"conversion ended before the signal: {proc.stderr.read()}")
+        if out.is_dir():
+            for f in out.iterdir():
+                if f.name.startswith(TEMP_PREFIX) and f.name.split(".", 3)[-1].startswith(prefix) \
+                        and f.stat().st_size > 0:
+                    return
+        time.sleep(0.01)
+    pytest.fail(f"no temporary file for {prefix} appeared")
+
+
+def files(out: Path) -> list[str]:
+    return sorted(f.name for f in out.iterdir()) if out.exists() else []
+
+
+@pytest.mark.parametrize("sig, code, during", [
+    (signal.SIGTERM, 143, "mmproj-"),          # the LM is complete, the mmproj half written
+    (signal.SIGHUP, 129, "MiniCPM-V-4.5-"),    # the LM half written
+    (signal.SIGINT, 130, "mmproj-"),           # Ctrl-C
+])
+def test_signal_leaves_nothing(tiny_ckpt, tmp_path, sig, code, during):
+    out = tmp_path / "out"
+    proc = start(tiny_ckpt, out)
+    wait_for(out, during, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and signal.Signals(sig).name in lines[0] and "no output written" in lines[0], err
+    assert files(out) == []
+
+
+def test_force_keeps_the_old_set_until_the_new_one_is_complete(tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "minicpmv.cli.convert", str(tiny_ckpt), "-o", str(out), "--quant",
+                        "Q8_0", "--ollama", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    before = {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in files(out)}
+    assert len(before) == 3
+    proc = start(tiny_ckpt, out, "--force")
+    wait_for(out, "mmproj-", proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in files(out)} == before
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next(tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    proc = start(tiny_ckpt, out)
+    wait_for(out, "mmproj-", proc)
+    proc.send_signal(signal.SIGKILL)   # no cleanup possible: the temporary files stay
+    proc.communicate(timeout=60)
+    left = [f for f in files(out) if f.startswith(TEMP_PREFIX)]
+    assert len(left) == 2, files(out)
+    size = sum((out / f).stat().st_size for f in left)
+    # a temporary file of a process that is still alive is not touched
+    alive = out / f"{TEMP_PREFIX}{os.getppid()}.other.gguf"
+    alive.write_bytes(b"x" * 10)
+    r = subprocess.run([sys.executable, "-m", "minicpmv.cli.convert", str(tiny_ckpt), "-o", str(out), "--quant",
+                        "Q8_0", "--ollama", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "removed 2 unfinished files" in lines[0], r.stderr
+    assert f"({size / 1e9:.2f} GB freed)" in lines[0]
+    assert files(out) == sorted(["MiniCPM-V-4.5-Q8_0.gguf", "mmproj-MiniCPM-V-4.5-F16.gguf", "Modelfile",
+                                 alive.name])
