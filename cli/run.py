@@ -19,6 +19,7 @@ from typing import List, Optional
 import typer
 
 from minicpmv.runtime.model_source import DEFAULT_MODEL, ENV_VAR, ModelChoice, choose_model
+from minicpmv.runtime.video import DEFAULT_FPS, MAX_NUM_FRAMES, PACKING_LIMIT, VideoFrames
 from minicpmv.schema import MAX_SLICE_NUMS, REFERENCE_SAMPLING as S, THINKING_SAMPLING as TS, VIDEO_MAX_SLICE_NUMS
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -32,15 +33,6 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _video_module():
-    """minicpmv.runtime.video, or None when video support (PyAV) is unavailable."""
-    try:
-        from minicpmv.runtime import video
-    except ImportError:
-        return None
-    return video
-
-
 @dataclass
 class Conversation:
     """Messages so far, and the images/videos waiting for the next question."""
@@ -49,25 +41,22 @@ class Conversation:
 
     def add_media(self, path: Path, opts: "Opts") -> str:
         """Load an image (PIL) or a video (VideoFrames) once; the runtime takes both as content."""
-        from minicpmv.runtime.image import load_image
-        video = _video_module()
-        if video is not None and video.is_video_path(path):
-            v = video.load_video(path, fps=opts.fps, packing=opts.packing, max_frames=opts.max_frames,
-                                 progress=opts.verbose or sys.stderr.isatty())
-            self.pending.append(v)
-            return f"{path}: {len(v.frames)} frames in {len(v.temporal_ids)} groups of up to {v.plan.packing}"
-        img = load_image(path)
-        self.pending.append(img)
-        return f"{path}: {img.width}x{img.height}"
+        from minicpmv.runtime.content import load_media
+        m = load_media(path, fps=opts.fps, packing=opts.packing, max_frames=opts.max_frames,
+                       progress=opts.verbose or sys.stderr.isatty())
+        self.pending.append(m)
+        if isinstance(m, VideoFrames):
+            return f"{path}: {len(m.frames)} frames in {len(m.temporal_ids)} groups of up to {m.plan.packing}"
+        return f"{path}: {m.width}x{m.height}"
 
     @property
     def n_groups(self) -> int:
         """64-token units the pending media need (for sizing the context)."""
-        return sum(len(p.temporal_ids) if hasattr(p, "temporal_ids") else 10 for p in self.pending)
+        return sum(len(p.temporal_ids) if isinstance(p, VideoFrames) else 1 + MAX_SLICE_NUMS for p in self.pending)
 
     @property
     def has_video(self) -> bool:
-        return any(hasattr(p, "temporal_ids") for p in self.pending)
+        return any(isinstance(p, VideoFrames) for p in self.pending)
 
     def ask(self, question: str) -> None:
         self.msgs.append({"role": "user", "content": [*self.pending, question]})
@@ -295,10 +284,10 @@ def run(
                                           "machine finds it at least 15% faster than f32, measured once and "
                                           "cached), bf16, f32."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, thinking, timings."),
-    fps: float = typer.Option(5.0, "--fps", min=0.01, help="Video: frames sampled per second."),
-    packing: Optional[int] = typer.Option(None, "--packing", min=1, max=6,
+    fps: float = typer.Option(float(DEFAULT_FPS), "--fps", min=0.01, help="Video: frames sampled per second."),
+    packing: Optional[int] = typer.Option(None, "--packing", min=1, max=PACKING_LIMIT,
                                           help="Video: frames per 64-token group (default: automatic, at most 3)."),
-    max_frames: int = typer.Option(180, "--max-frames", min=1, help="Video: most groups (64-token units) per video."),
+    max_frames: int = typer.Option(MAX_NUM_FRAMES, "--max-frames", min=1, help="Video: most groups (64-token units) per video."),
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Print timings: vision ms per slice, prefill and decode tokens/s."),
     llama_log: bool = typer.Option(False, "--llama-log", help="Show llama.cpp's own log (silent by default)."),

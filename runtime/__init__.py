@@ -1,7 +1,10 @@
 """MiniCPM-V 4.5 runtime: llama.cpp language model + torch vision encoder + the reference's prompt."""
 
-from .chat import Answer, ChatStats, ChatStream, MiniCPMV, ModelFileError, Piece
+from minicpmv.gguf_info import ModelFileError
+
+from .chat import MiniCPMV
 from .llama import ContextOverflowError, LlamaError
+from .results import Answer, ChatStats, ChatStream, Piece
 
 __all__ = ["MiniCPMV", "Answer", "ChatStats", "ChatStream", "Piece", "ModelFileError",
            "ContextOverflowError", "LlamaError"]

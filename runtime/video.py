@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+DEFAULT_FPS = 5  # frames sampled per second: the model card's example (its encode_video default is 3)
 MAX_NUM_FRAMES = 180  # frames after packing (= groups) in the model card
 MAX_NUM_PACKING = 3  # model card default
 PACKING_LIMIT = 6  # the model card's valid range for MAX_NUM_PACKING is 1..6
@@ -67,7 +68,7 @@ class VideoFrames:
 
 # ---------------------------------------------------------------- sampling (pure) ----
 
-def plan_video_sampling(n_frames_total: int, avg_fps: float, choose_fps: float = 5,
+def plan_video_sampling(n_frames_total: int, avg_fps: float, choose_fps: float = DEFAULT_FPS,
                         force_packing: int | None = None, max_num_frames: int = MAX_NUM_FRAMES,
                         max_num_packing: int = MAX_NUM_PACKING) -> VideoPlan:
     """The model card's encode_video, minus the decoding. Python `round` (half to even) as there.
@@ -235,7 +236,7 @@ class _PacketIndex:
         return self.keyframe_ranks[i - 1] if i else -1
 
 
-def load_video(path: str | Path, fps: float = 5, packing: int | None = None, max_frames: int = MAX_NUM_FRAMES,
+def load_video(path: str | Path, fps: float = DEFAULT_FPS, packing: int | None = None, max_frames: int = MAX_NUM_FRAMES,
                progress: bool = False) -> VideoFrames:
     """Sample a video as the model card does and decode only the sampled frames.
 

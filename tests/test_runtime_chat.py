@@ -273,14 +273,14 @@ def test_greedy_with_repetition_penalty_follows_transformers_rule(model):
 def test_reference_sampling_defaults(model, monkeypatch):
     """Without thinking the reference sets T 0.7, top_p 0.8, top_k 100, penalty 1.03; with thinking
     only T 0.7, so transformers' defaults (top_p 1.0, top_k 50, penalty 1.0) apply; callers override."""
-    import minicpmv.runtime.chat as chat_mod
+    import minicpmv.runtime.generate as generate_mod
     seen = []
-    real = chat_mod.Sampler
+    real = generate_mod.Sampler
 
     def spy(n_vocab, params):
         seen.append(params)
         return real(n_vocab, params)
-    monkeypatch.setattr(chat_mod, "Sampler", spy)
+    monkeypatch.setattr(generate_mod, "Sampler", spy)
     msgs = [{"role": "user", "content": "Hi"}]
     model.chat(msgs, max_new_tokens=1)
     model.chat(msgs, max_new_tokens=1, enable_thinking=True)
@@ -311,8 +311,8 @@ def test_video_groups_one_slot_per_group(model):
     pix = [slice_image(f, 1).pixel_values()[0] for f in frames]
     joint = model.vision.encode_slices(pix[:3], [[0, 1, 2]])[0]
     single = model.vision.encode_slices(pix[:1], None)[0]
-    key = next(k for k in model._emb_cache if model._emb_cache[k].shape[0] == 1
-               and np.allclose(model._emb_cache[k][0], joint, atol=1e-5))
+    key = next(k for k, e in model.vision_cache.items() if e.shape[0] == 1
+               and np.allclose(e[0], joint, atol=1e-5))
     assert key is not None and not np.allclose(joint, single, atol=1e-3)
 
 
