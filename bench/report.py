@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 
@@ -14,6 +15,22 @@ def row(metric: str, ours, llama, *, unit: str = "", ratio=None, target: str = "
         ratio = ours / llama
     return {"metric": metric, "ours": ours, "llama": llama, "unit": unit, "ratio": ratio,
             "target": target, "met": met, "better": better, "note": note}
+
+
+def fmt_list(xs) -> str:
+    return "[" + ", ".join(f"{x:.3g}" for x in xs) + "]"
+
+
+def vars_m(m) -> dict:
+    return {"result": m.result, "wall_s": m.wall_s, "peak_rss_gb": m.peak_rss_gb}
+
+
+def summary(sec: dict) -> str:
+    parts = []
+    for r in sec["rows"]:
+        if r["ratio"] is not None:
+            parts.append(f"{r['metric']}: {r['ratio']:.3g}x" + ("" if r["met"] is None else (" ok" if r["met"] else " MISSED")))
+    return "; ".join(parts) or "done"
 
 
 def _fmt(v, unit: str = "") -> str:
@@ -86,6 +103,44 @@ def markdown(res: dict) -> str:
     if analysis.is_file():
         out += ["## Analysis", "", analysis.read_text().strip(), ""]
     return "\n".join(out)
+
+
+def closing(res: dict) -> list[str]:
+    """One line per target: the figure, the target, met or missed and by how much."""
+    out = []
+    for key, sec in res["sections"].items():
+        if sec.get("status") != "ok":
+            out.append(f"{key}: not run ({sec.get('status')})")
+            continue
+        for r in sec["rows"]:
+            if r["met"] is None:
+                continue
+            if "RSS" in r["metric"]:
+                val = f"{r['ours']:.3g} {r['unit']}" + (f" (llama.cpp {r['llama']:.3g} {r['unit']})" if r["llama"] else "")
+            else:
+                val = f"{r['ratio']:.3g}x (ours {r['ours']:.4g} {r['unit']}, llama.cpp {r['llama']:.4g} {r['unit']})"
+            verdict = "met" if r["met"] else "MISSED"
+            if not r["met"] and r["ratio"] is not None and "x" in r["target"] and "RSS" not in r["metric"]:
+                lim = float(re.findall(r"[0-9.]+", r["target"])[0])
+                verdict += f" (the ratio is {r['ratio'] / lim:.2f}x the target's {lim:g}x)"
+            out.append(f"{key}: {r['metric']}: {val}; target {r['target']}: {verdict}")
+    return out
+
+
+def merged(res: dict, old: dict, plan: list[str], order: list[str]) -> dict:
+    """`res` with the sections of an earlier run of the same scale that this run does not redo
+    (marked as such), in report order, and the closing lines."""
+    out = dict(res)
+    secs = dict(res["sections"])
+    if old.get("scale") == res["scale"]:
+        for k, v in old.get("sections", {}).items():
+            if k not in secs and k not in plan:
+                v = dict(v)
+                v["notes"] = list(v.get("notes", [])) + [f"(from an earlier run, finished {v.get('finished', '?')})"]
+                secs[k] = v
+    out["sections"] = {k: secs[k] for k in order if k in secs}
+    out["closing"] = closing(out)
+    return out
 
 
 def write(res: dict, md_path: Path, json_path: Path) -> None:

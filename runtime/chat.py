@@ -38,7 +38,7 @@ from .kv_cache import Sequence, SlotRun, TextRun, decode, plan_steps
 from .llama import (ContextOverflowError, ContextParams, LlamaContext, LlamaError, LlamaModel, SamplingParams,
                     TokenEmbeddings)
 from .prompt import Prompt, Slot
-from .results import Answer, ChatStats, ChatStream, Piece
+from .results import Answer, ChatStats, ChatStream
 from .vision_cache import EmbeddingCache, media_key
 
 class MiniCPMV:

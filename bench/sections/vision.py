@@ -1,0 +1,94 @@
+"""§2 Vision encoder: one 448x448 slice, ours (bf16 and f32 compute) vs mtmd's clip on the same f16 mmproj."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import ours
+from ..common import GB, median
+from ..measure import Runs
+from ..report import fmt_list, row
+from ..session import Session
+
+
+def run(bench: Session) -> dict:
+    m = bench.worker("vision", {"lm": str(bench.lm), "mmproj": str(bench.mmproj), "threads": bench.threads,
+                               "runs": bench.runs, "warmup": 1, "budget_s": bench.runs_budget("vision")})
+    r = m.result
+    mt = r["mtmd_s"]
+    rows = []
+    for dt_, target in (("bf16", 0.4), ("f32", 0.9)):
+        o = r[f"ours_{dt_}_s"]
+        ratio = median([a / b for a, b in zip(o, mt)])
+        rows.append(row(f"seconds per slice, ours {dt_} compute", median(o), median(mt), unit="s", ratio=ratio,
+                        target=f"<= {target}x", met=ratio <= target))
+    wb = r["weights_nbytes"]
+    for dt_ in ("bf16", "f32"):
+        if wb.get(dt_):
+            rows.append(row(f"vision weights resident, ours {dt_}", wb[dt_] / GB, r["mmproj_file_bytes"] / GB,
+                            unit="GB", note="llama.cpp: the f16 mmproj's tensors"))
+    notes = [f"same f16 mmproj, {bench.threads} threads both; mtmd = `mtmd_encode_chunk` of a 448x448 image "
+             "(one chunk, 1024 patches); ours = `VisionEncoder.encode_slices` of the same pixels; preprocessing "
+             "excluded on both sides.",
+             f"{len(mt)} runs after 1 warm-up; per-run seconds: mtmd {fmt_list(mt)}, bf16 "
+             f"{fmt_list(r['ours_bf16_s'])}, f32 {fmt_list(r['ours_f32_s'])}; load time of ours "
+             + ", ".join(f"{k} {v:.1f} s" for k, v in r["load_s"].items()) + ".",
+             f"vision worker peak RSS {m.peak_rss_gb:.2f} GB (both of our encoders and mtmd loaded together)."]
+    return {"rows": rows, "notes": notes, "raw": r}
+
+
+# --------------------------------------------------------------------------- measured (bench.worker)
+
+def measure(a: dict) -> dict:
+    from minicpmv.runtime.mtmd import Mtmd
+
+    from ..llamacpp import BareLM
+    from ..media import picture
+    VisionEncoder = ours.need("runtime.vision", "VisionEncoder")
+    slice_image = ours.need("runtime.image", "slice_image")
+    T, runs = a["threads"], a["runs"]
+    img = picture(448, 448, seed=1)
+    pixels = slice_image(img).pixel_values()
+    assert len(pixels) == 1 and pixels[0].shape == (3, 448, 448)
+
+    lm = BareLM(a["lm"], n_ctx=512, n_threads=T, vocab_only=True)
+    mt = Mtmd(a["mmproj"], lm.lm, n_threads=T, warmup=True)
+    chunks = mt.tokenize([np.asarray(img)])
+    encs = {}
+    load_s = {}
+    for dt in a.get("dtypes", ["bf16", "f32"]):
+        t0 = time.perf_counter()
+        encs[dt] = VisionEncoder.load(a["mmproj"], dtype=dt, n_threads=T)
+        load_s[dt] = time.perf_counter() - t0
+
+    def run_mtmd() -> float:
+        t0 = time.perf_counter()
+        n = chunks.encode_images()
+        assert n == 1, f"mtmd made {n} chunks of a 448x448 image"
+        return time.perf_counter() - t0
+
+    def run_ours(dt: str) -> float:
+        t0 = time.perf_counter()
+        out = encs[dt].encode_slices([pixels[0]])
+        _ = np.asarray(out[0] if isinstance(out, (list, tuple)) else out)
+        return time.perf_counter() - t0
+
+    for _ in range(a.get("warmup", 1)):
+        run_mtmd()
+        for dt in encs:
+            run_ours(dt)
+    res = {"mtmd_s": [], **{f"ours_{dt}_s": [] for dt in encs}}
+    for _ in Runs(runs, a.get("budget_s")):
+        res["mtmd_s"].append(run_mtmd())
+        for dt in encs:
+            res[f"ours_{dt}_s"].append(run_ours(dt))
+    res["weights_nbytes"] = {dt: int(getattr(e, "weights_nbytes", 0) or 0) for dt, e in encs.items()}
+    res["load_s"] = load_s
+    res["mmproj_file_bytes"] = Path(a["mmproj"]).stat().st_size
+    chunks.free()
+    mt.close()
+    lm.close()
+    return res
