@@ -180,7 +180,5 @@ class Checkpoint:
         self._fds.clear()
 
     def __del__(self) -> None:
-        try:
+        if getattr(self, "_fds", None):   # absent when __init__ raised
             self.close()
-        except Exception:
-            pass

@@ -48,8 +48,3 @@ def add_lm_metadata(w: gguf.GGUFWriter, cfg: MiniCPMVConfig, vocab: Vocab, *, na
 
 def n_params(plans: list[TensorPlan]) -> int:
     return int(sum(p.n_elements for p in plans))
-
-
-def default_lm_filename(name: str, type_name: str) -> str:
-    return f"{name}-{type_name.upper()}.gguf"
-

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from minicpmv.schema import IMAGE_MEAN, IMAGE_STD, MAX_SLICE_NUMS, PATCH_SIZE, QUERY_NUM, SCALE_RESOLUTION
+from minicpmv.schema import IMAGE_MEAN, IMAGE_STD, MAX_SLICE_NUMS, PATCH_SIZE, SCALE_RESOLUTION
 
 # Refuse images above this many pixels before decoding them (a 100 MP RGB image is 300 MB).
 MAX_PIXELS = 100_000_000
@@ -121,18 +121,6 @@ def normalize(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
-def patchify(pixels: np.ndarray, patch_size: int = PATCH_SIZE) -> np.ndarray:
-    """[3, H, W] -> [L, 3*p*p]: patches in raster order, each flattened (channel, row, col).
-
-    This is the vision tower's patch-embedding input (a conv with kernel = stride = p equals
-    patches @ weight.reshape(width, 3*p*p).T); the reference's [3, p, L*p] strip holds the same values.
-    """
-    c, h, w = pixels.shape
-    p = patch_size
-    x = pixels.reshape(c, h // p, p, w // p, p).transpose(1, 3, 0, 2, 4)
-    return np.ascontiguousarray(x.reshape((h // p) * (w // p), c * p * p))
-
-
 @dataclass
 class SlicedImage:
     """One image as the reference feeds it to the vision tower: overview first, then slices."""
@@ -153,10 +141,6 @@ class SlicedImage:
     def pixel_values(self) -> list[np.ndarray]:
         """Normalized float32 [3, H, W] per output image, overview first."""
         return [normalize(im) for im in self.images]
-
-    def placeholder(self, image_id: int | None = None, query_num: int = QUERY_NUM,
-                    unk: str = "<unk>") -> str:
-        return image_placeholder(self.grid, image_id, query_num, unk)
 
 
 def slice_image(img: Image.Image, max_slice_nums: int = MAX_SLICE_NUMS,
@@ -186,23 +170,6 @@ def slice_image(img: Image.Image, max_slice_nums: int = MAX_SLICE_NUMS,
     slices = [refined.crop((c * sw, r * sh, (c + 1) * sw, (r + 1) * sh))
               for r in range(gy) for c in range(gx)]
     return SlicedImage(grid, overview, slices, patch_size)
-
-
-def image_placeholder(grid: tuple[int, int] | None, image_id: int | None,
-                      query_num: int = QUERY_NUM, unk: str = "<unk>") -> str:
-    """The reference's prompt text for one image (docs/reference-model.md §5.1).
-
-    `<image_id>i</image_id>` (when image_id is not None) + `<image>` + query_num*unk + `</image>`,
-    then, with a grid, immediately (no newline) `rows` lines joined by "\\n", each `cols` times
-    `<slice>` + query_num*unk + `</slice>`. No trailing newline.
-    """
-    text = "" if image_id is None else f"<image_id>{image_id}</image_id>"
-    text += "<image>" + unk * query_num + "</image>"
-    if grid is not None:
-        cols, rows = grid
-        row = ("<slice>" + unk * query_num + "</slice>") * cols
-        text += "\n".join([row] * rows)
-    return text
 
 
 # --------------------------------------------------------------------------- loading

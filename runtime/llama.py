@@ -29,7 +29,7 @@ from minicpmv.cpu import default_threads
 from minicpmv.schema import REFERENCE_SAMPLING
 
 from .buffers import BufferPlan, WeightBuffers, weight_buffers
-from minicpmv.gguf_info import read_gguf_info
+from minicpmv.gguf_info import GGUFFormatError, read_gguf_info
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 
@@ -223,8 +223,8 @@ class TokenEmbeddings:
                 if t.shape[0] == self.n_embd:
                     info.rows(self.NAME, [0])  # is the type supported by gguf-py's dequantizer?
                     self._info, self._ok = info, True
-            except Exception:  # noqa: BLE001 - unusual file: fall back to token batches
-                pass
+            except (OSError, GGUFFormatError, KeyError, NotImplementedError):
+                pass  # unreadable file, no token_embd, or a type gguf-py cannot dequantize: token batches
         return self._ok
 
     def rows(self, ids: list[int]) -> np.ndarray:

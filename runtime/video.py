@@ -281,13 +281,15 @@ def is_video_path(path: str | Path) -> bool:
     try:  # anything Pillow reads is an image (PyAV would also open it as a 1-frame video)
         with Image.open(path):
             return False
-    except Exception:
-        pass
+    except Image.DecompressionBombError:
+        return False    # a (huge) image
+    except OSError:
+        pass            # not an image Pillow knows (UnidentifiedImageError): ask PyAV
     import av
     try:
         with av.open(str(path)) as container:
             return bool(container.streams.video)
-    except Exception:
+    except (av.FFmpegError, OSError, ValueError):
         return False
 
 

@@ -56,6 +56,16 @@ class VisionInputError(ValueError):
     """Bad pixels or temporal ids passed to the encoder (one line naming the argument)."""
 
 
+def patch_rows(pixels: np.ndarray, p: int) -> torch.Tensor:
+    """[3, H, W] pixels -> [(H/p)*(W/p), 3*p*p] float32: patches in raster order, each flattened
+    (channel, row, col), the layout of the reference's unfold, so the p x p patch convolution is one
+    matmul with its weight reshaped to [width, 3*p*p]."""
+    _, H, W = pixels.shape
+    h, w = H // p, W // p
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    return x.reshape(3, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h * w, 3 * p * p)
+
+
 # --------------------------------------------------------------------------- position tables
 
 @functools.lru_cache(maxsize=256)
@@ -325,10 +335,7 @@ class VisionEncoder:
         hp, dt = self.hparams, self.dtype
         p, d = hp.patch_size, hp.n_embd
         lens = [h * w for h, w in sizes]
-        patches = torch.cat([
-            torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-            .reshape(3, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h * w, 3 * p * p)
-            for a, (h, w) in zip(pixels, sizes)])
+        patches = torch.cat([patch_rows(a, p) for a in pixels])
         ids = torch.cat([navit_position_ids(h, w, hp.pos_buckets) for h, w in sizes])
         x = self.patch(patches.to(dt)).float() + self.pos_embd[ids]
 

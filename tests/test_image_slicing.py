@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 from minicpmv.runtime import image as mi
-from minicpmv.runtime.image import (ImageError, image_placeholder, load_image, slice_image,
+from minicpmv.runtime.image import (ImageError, load_image, slice_image,
                                     find_best_resize, get_refine_size, get_sliced_grid)
+from minicpmv.runtime.prompt import IMAGE_TAG, Slot, expand
 
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -174,7 +175,7 @@ def test_slice_image_sizes_and_tgt_sizes(W, H):
     assert [p.shape for p in pv] == [(3, t[0] * 14, t[1] * 14) for t in s.tgt_sizes]
     assert all(p.dtype == np.float32 for p in pv)
     if (W, H) in WORKED_UNK:
-        assert s.placeholder(0).count("<unk>") == WORKED_UNK[(W, H)]
+        assert placeholder((W, H), 0).count("<unk>") == WORKED_UNK[(W, H)]
 
 
 def test_tgt_sizes_of_worked_examples():
@@ -256,12 +257,13 @@ def test_non_rgb_pil_is_converted_like_the_reference():
     assert all(np.array_equal(x, y) for x, y in zip(a.pixel_values(), b.pixel_values()))
 
 
-def test_patchify_matches_unfold_layout():
+def test_patch_rows_match_unfold_layout():
     torch = pytest.importorskip("torch")
+    from minicpmv.runtime.vision import patch_rows
     px = np.random.default_rng(0).standard_normal((3, 28, 42)).astype(np.float32)
     # the reference's unfold gives [3*14*14, L] with rows ordered (channel, kh, kw)
     cols = torch.nn.functional.unfold(torch.from_numpy(px)[None], 14, stride=14)[0]
-    assert np.array_equal(mi.patchify(px), cols.T.numpy())
+    assert np.array_equal(patch_rows(px, 14).numpy(), cols.T.numpy())
 
 
 def test_only_needed_resizes(monkeypatch):
@@ -291,14 +293,25 @@ def test_large_image_is_fast():
 
 # --------------------------------------------------------------------------- placeholder
 
+def placeholder(size: tuple[int, int], image_id: int | None, query_num: int = 64, unk: str = "<unk>") -> str:
+    """The prompt text of one image of `size` as the runtime expands it (prompt.expand), every slot
+    written as `query_num` x `unk` like the reference; `image_id` is the image's index."""
+    n = 1 if image_id is None else image_id + 1
+    text = "".join(f"[{k}]{IMAGE_TAG}" for k in range(n))
+    p = expand(text, [Image.new("RGB", size)] * n, use_image_id=image_id is not None, query_num=query_num)
+    out = "".join(unk * query_num if isinstance(s, Slot) else s for s in p.segments)
+    return out.split(f"[{n - 1}]", 1)[1]
+
+
 def test_placeholder_text():
     u = "<unk>" * 64
-    assert image_placeholder(None, None) == "<image>" + u + "</image>"
-    assert image_placeholder(None, 0) == "<image_id>0</image_id><image>" + u + "</image>"
+    assert get_sliced_grid((1792, 896)) == (4, 2) and get_sliced_grid((896, 1344)) == (2, 3)
+    assert placeholder((448, 448), None) == "<image>" + u + "</image>"
+    assert placeholder((448, 448), 0) == "<image_id>0</image_id><image>" + u + "</image>"
     row = ("<slice>" + u + "</slice>") * 4
     want = "<image_id>12</image_id><image>" + u + "</image>" + row + "\n" + row
-    assert image_placeholder((4, 2), 12) == want
-    t = image_placeholder((2, 3), None, query_num=2, unk="#")
+    assert placeholder((1792, 896), 12) == want
+    t = placeholder((896, 1344), None, query_num=2, unk="#")
     assert t == "<image>##</image><slice>##</slice><slice>##</slice>\n" * 1 + \
         "<slice>##</slice><slice>##</slice>\n<slice>##</slice><slice>##</slice>"
     assert not t.endswith("\n") and t.count("\n") == 2
