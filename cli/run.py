@@ -19,7 +19,7 @@ from typing import List, Optional
 import typer
 
 from minicpmv.runtime.model_source import DEFAULT_MODEL, ENV_VAR, ModelChoice, choose_model
-from minicpmv.runtime.video import DEFAULT_FPS, MAX_NUM_FRAMES, PACKING_LIMIT, VideoFrames
+from minicpmv.runtime.video import DEFAULT_FPS, MAX_NUM_FRAMES, MAX_NUM_PACKING, PACKING_LIMIT, VideoFrames
 from minicpmv.schema import MAX_SLICE_NUMS, REFERENCE_SAMPLING as S, THINKING_SAMPLING as TS, VIDEO_MAX_SLICE_NUMS
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -286,7 +286,10 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, thinking, timings."),
     fps: float = typer.Option(float(DEFAULT_FPS), "--fps", min=0.01, help="Video: frames sampled per second."),
     packing: Optional[int] = typer.Option(None, "--packing", min=1, max=PACKING_LIMIT,
-                                          help="Video: frames per 64-token group (default: automatic, at most 3)."),
+                                          help=f"Video: frames per 64-token group (default: automatic, at most "
+                                               f"{MAX_NUM_PACKING} as the model card). Above {MAX_NUM_PACKING} is "
+                                               "this project's extension: the card caps packing at "
+                                               f"{MAX_NUM_PACKING}, this raises the cap."),
     max_frames: int = typer.Option(MAX_NUM_FRAMES, "--max-frames", min=1, help="Video: most groups (64-token units) per video."),
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Print timings: vision ms per slice, prefill and decode tokens/s."),

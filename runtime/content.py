@@ -57,7 +57,7 @@ class Content:
                 return self.video(c["video"], **{k: c[k] for k in ("fps", "packing", "max_frames") if k in c})
             c = c.get("image", c.get("text", c))
         if isinstance(c, Image.Image):
-            return load_image(c, background=None)  # the reference: a plain convert("RGB")
+            return load_image(c)
         if isinstance(c, str) and not names_a_file(c):
             return c
         if isinstance(c, (str, os.PathLike)):

@@ -186,9 +186,9 @@ def check_size(size: tuple[int, int], name: str, max_pixels: int = MAX_PIXELS) -
         raise ImageError(f"{name}: aspect ratio of {w}x{h} exceeds the limit of 1:{MAX_ASPECT}")
 
 
-def _to_rgb(img: Image.Image, background: tuple[int, int, int] | None) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. Alpha is composited over `background` (None: dropped, like
-    the reference's plain `.convert("RGB")`); 16/32-bit gray is scaled, not clipped."""
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB as the reference's plain `.convert("RGB")`: alpha is dropped, not
+    composited over a background (docs/architecture.md §4). 16/32-bit gray is scaled, not clipped."""
     mode = img.mode
     if mode.startswith("I") or mode == "F":
         a = np.asarray(img)
@@ -200,33 +200,28 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int] | None) -> Image.
             a = np.clip(a.astype(np.int64), 0, 65535)
             g = ((a * 255 + 32767) // 65535).astype(np.uint8)
         return Image.fromarray(g, "L").convert("RGB")
-    if mode == "La":  # premultiplied; PIL converts it only to LA
+    if mode == "La":  # premultiplied; PIL converts it only to LA (the reference's convert fails)
         img, mode = img.convert("LA"), "LA"
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in img.info
-    if has_alpha and background is not None:
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    if mode == "P" and has_alpha:  # avoid PIL's "convert to RGBA first" warning; alpha dropped
+    if mode == "P" and "transparency" in img.info:  # convert("RGB")'s pixels, without PIL's warning
         return img.convert("RGBA").convert("RGB")
     return img.convert("RGB") if mode != "RGB" else img
 
 
-def load_image(source: str | os.PathLike | Image.Image, *, max_pixels: int = MAX_PIXELS,
-               background: tuple[int, int, int] | None = (255, 255, 255)) -> Image.Image:
+def load_image(source: str | os.PathLike | Image.Image, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open a file (or take a PIL image) and return a decoded 8-bit RGB PIL image.
 
     Raises ImageError with one line naming the file for: a missing/unreadable or non-image file,
     a truncated image, an empty (0-pixel) image, more than `max_pixels` pixels (checked from the
     header before decoding; PIL's own bomb guard is turned into the same error) or an aspect
     ratio beyond 1:MAX_ASPECT. A 1x1 image is valid: slicing upscales it to 448x448 like the
-    reference. CMYK, palette (with transparency), L/LA/RGBA and 16-bit gray are converted to RGB.
+    reference. CMYK, palette (with transparency), L/LA/RGBA and 16-bit gray are converted to RGB,
+    alpha dropped as the reference does.
     """
     if isinstance(source, Image.Image):
         name = "<PIL image>"
         check_size(source.size, name, max_pixels)
         try:
-            return _to_rgb(source, background)
+            return _to_rgb(source)
         except (OSError, ValueError) as e:
             raise ImageError(f"{name}: cannot convert mode {source.mode} to RGB ({e})") from None
 
@@ -240,7 +235,7 @@ def load_image(source: str | os.PathLike | Image.Image, *, max_pixels: int = MAX
             with Image.open(path) as img:
                 check_size(img.size, name, max_pixels)   # header only, nothing decoded yet
                 img.load()
-                return _to_rgb(img, background)
+                return _to_rgb(img)
     except ImageError:
         raise
     except Image.DecompressionBombError:

@@ -243,7 +243,8 @@ def load_video(path: str | Path, fps: float = DEFAULT_FPS, packing: int | None =
     fps: frames per second to sample (the card's choose_fps). max_frames: MAX_NUM_FRAMES.
     packing: None -> the card's dynamic packing (at most 3 frames per group); N in 1..6 -> exactly
     N frames per group (force_packing = N) and up to max_frames * N frames for long videos
-    (MAX_NUM_PACKING = N). packing=1 is one frame per image.
+    (MAX_NUM_PACKING = N). packing=1 is one frame per image. N above the card's 3 is this project's
+    extension (docs/architecture.md §4): the card as published caps packing at 3.
 
     The frame count is the number of video packets (what decord, used by the card, counts);
     the container's nb_frames is not used because it is 0 in e.g. mkv/webm and may be stale.

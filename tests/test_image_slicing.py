@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -583,35 +584,49 @@ def test_mode_conversions(tmp_path):
     assert np.array_equal(got[..., 0], want) and np.array_equal(got[..., 0], got[..., 2])
     assert got[0, 0, 0] == 255 and got[0, 1, 0] == 0 and got[8, 8, 0] == 136
 
-    # palette with a transparent index: transparent pixels become the background
+    # alpha (a palette's transparent index, RGBA, LA) is dropped, not composited over a background:
+    # the reference opens every image as Image.open(path).convert("RGB") (docs/architecture.md §4)
     pal = Image.new("P", (8, 8), 0)
     pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
     pal.putpixel((1, 1), 1)
     pal.info["transparency"] = 0
     p = save(tmp_path, "pal.png", pal, transparency=0)
     got = np.asarray(load_image(p))
-    assert tuple(got[0, 0]) == (255, 255, 255) and tuple(got[1, 1]) == (200, 100, 50)
-    got = np.asarray(load_image(p, background=None))      # reference-style: alpha dropped
-    assert tuple(got[0, 0]) == (10, 20, 30)
-
-    # RGBA / LA: alpha-composited over white (within PIL's integer rounding)
+    assert tuple(got[0, 0]) == (10, 20, 30) and tuple(got[1, 1]) == (200, 100, 50)
     rgba = np.asarray(base.convert("RGBA")).copy()
     rgba[..., 3] = np.linspace(0, 255, 40, dtype=np.uint8)[None, :]
     p = save(tmp_path, "rgba.png", Image.fromarray(rgba, "RGBA"))
-    got = np.asarray(load_image(p)).astype(np.float64)
-    al = rgba[..., 3:4] / 255.0
-    want = rgba[..., :3] * al + 255 * (1 - al)
-    assert np.abs(got - want).max() <= 1.0
+    assert np.array_equal(np.asarray(load_image(p)), rgba[..., :3])
     la = Image.fromarray(rgba[..., [0, 3]], "LA")
     p = save(tmp_path, "la.png", la)
-    got = np.asarray(load_image(p)).astype(np.float64)
-    want = rgba[..., :1] * al + 255 * (1 - al)
-    assert np.abs(got - want).max() <= 1.0 and np.array_equal(got[..., 0], got[..., 1])
+    got = np.asarray(load_image(p))
+    assert np.array_equal(got[..., 0], rgba[..., 0]) and np.array_equal(got[..., 0], got[..., 1])
 
     # plain RGB round-trips untouched; PIL input works too
     p = save(tmp_path, "rgb.png", base)
     assert np.array_equal(np.asarray(load_image(p)), np.asarray(base))
     assert np.array_equal(np.asarray(load_image(base.convert("L"))), np.asarray(base.convert("L").convert("RGB")))
+
+
+def test_alpha_is_dropped_as_the_reference_does_on_every_path(tmp_path):
+    """Fidelity decision (docs/architecture.md §4): an image with transparency reaches the model as
+    the reference's Image.open(path).convert("RGB") gives it, whether it comes as a file (chat
+    content, CLI) or as a PIL image; transparent pixels keep their stored colour."""
+    from minicpmv.runtime.content import Content, load_media
+    rgba = np.random.default_rng(5).integers(0, 256, (30, 40, 4), dtype=np.uint8)
+    rgba[:10, :, 3] = 0                                    # fully transparent rows, dark colours kept
+    pal = Image.fromarray(rgba[..., :3]).quantize(16)
+    files = [save(tmp_path, "rgba.png", Image.fromarray(rgba, "RGBA")),
+             save(tmp_path, "la.png", Image.fromarray(rgba[..., [0, 3]], "LA")),
+             save(tmp_path, "pal.png", pal, transparency=3)]
+    content = Content()
+    for p in files:
+        with Image.open(p) as raw, warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # PIL: "palette images with transparency ... RGBA first"
+            want = np.asarray(raw.convert("RGB"))
+            pil = raw.copy()
+        for got in (load_image(p), load_image(pil), load_media(p), content.item(str(p)), content.item(pil)):
+            assert got.mode == "RGB" and np.array_equal(np.asarray(got), want), p.name
 
 
 def test_other_pil_modes_to_rgb():

@@ -11,8 +11,9 @@ import av
 import numpy as np
 import pytest
 
-from minicpmv.runtime.video import (VideoError, is_video_path, load_video, nearest_scale_index,
+from minicpmv.runtime.video import (MAX_NUM_PACKING, VideoError, is_video_path, load_video, nearest_scale_index,
                                     plan_video_sampling)
+
 from .video_fixtures import make_video, make_wav, read_index
 
 from scipy.spatial import cKDTree  # the card's own nearest-neighbour search (its tie-breaking matters)
@@ -203,6 +204,18 @@ def test_decoded_pixels_equal_full_decode(videos, name, fps):
         np.testing.assert_array_equal(np.asarray(im), everything[i], err_msg=f"frame {i}")
     if fps == 0.5:  # sparse sampling: whole GOPs are never decoded
         assert v.n_decoded < len(everything) // 2, v.n_decoded
+
+
+@pytest.mark.parametrize("n", [4, 5, 6])
+def test_packing_above_three_is_an_extension_of_the_card(n):
+    """Fidelity decision (docs/architecture.md §4): the published card runs MAX_NUM_PACKING = 3, so
+    its force_packing=n packs 3 frames; packing=n (load_video, --packing) raises the card's constant
+    to n (its stated range is 1..6) and packs n frames per 64-token group: an explicit extension."""
+    published = card_plan(960, 24.0, 5, force_packing=n)
+    assert published[3] == MAX_NUM_PACKING == 3
+    plan = plan_video_sampling(960, 24.0, 5, force_packing=n, max_num_packing=n)
+    assert plan.packing == n and all(len(g) == n for g in plan.groups[:-1]) and plan.groups != published[2]
+    assert_plan_is_card(plan, 960, 24.0, 5, force_packing=n, max_packing=n)
 
 
 def test_packing_option(videos):
