@@ -2,7 +2,7 @@
 
 Oracles: llama.cpp's mtmd (via llama-cpp-python) for loading, tokenization and encoding, and
 tests/reference_vision.py (an independent torch implementation of the reference model) for the
-numbers. Images are chosen so mtmd and the reference see the same pixels (see mtmd_harness).
+numbers. Images are chosen so mtmd and the reference see the same pixels (see tests/mtmd_slicing.py).
 """
 
 from __future__ import annotations
