@@ -22,7 +22,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 from gguf import GGMLQuantizationType, quants
@@ -35,28 +35,46 @@ REFERENCE_DIR = Path(__file__).with_name("reference_files")
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    intermediate_size: int
-    v_hidden: int
-    v_layers: int
-    v_heads: int
-    v_intermediate: int
+    """What a scale changes in the published config.json (its language-model keys and its
+    `vision_config` keys), and how the tokenizer and the weights are made."""
+    text: Mapping[str, int]
+    vision: Mapping[str, int]
     vocab: str = "tiny"           # "tiny" (trained here) or "real" (the published tokenizer)
     n_merges: int = 300
     seed: int = 0
+
+    def with_overrides(self, **overrides) -> "SyntheticSpec":
+        """Language-model keys by name (hidden_size=128), vision keys as vision_<key>, or fields."""
+        text, vision, fields = dict(self.text), dict(self.vision), {}
+        for k, v in overrides.items():
+            if k in text:
+                text[k] = v
+            elif k.startswith("vision_") and k[len("vision_"):] in vision:
+                vision[k[len("vision_"):]] = v
+            elif k in ("vocab", "n_merges", "seed"):
+                fields[k] = v
+            else:
+                raise TypeError(f"unknown synthetic checkpoint setting {k!r}")
+        return dataclasses.replace(self, text=text, vision=vision, **fields)
 
 
 SCALES: dict[str, SyntheticSpec] = {
     # hidden 256 so K-quants (256-blocks) apply; GQA 4:2; vision width 96 (a multiple of 32 but not
     # 256, like 1152) and ffn 200 (not a multiple of 32, like 4304) so the mmproj type rules bite.
-    "tiny": SyntheticSpec(256, 2, 4, 2, 64, 512, 96, 2, 4, 200),
+    "tiny": SyntheticSpec(
+        dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+             intermediate_size=512),
+        dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=200)),
     # several layers so llama-quantize's use_more_bits() picks some layers and not others.
-    "medium": SyntheticSpec(512, 8, 8, 2, 64, 1536, 96, 2, 4, 200),
-    "full": SyntheticSpec(4096, 36, 32, 8, 128, 12288, 1152, 27, 16, 4304, vocab="real"),
+    "medium": SyntheticSpec(
+        dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+             intermediate_size=1536),
+        dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=200)),
+    # the published shapes
+    "full": SyntheticSpec(
+        dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+             intermediate_size=12288),
+        dict(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304), vocab="real"),
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -199,20 +217,16 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...]]],
 
 def _config_json(spec: SyntheticSpec, vocab_size: int, remap: dict[int, int]) -> dict:
     cfg = json.loads((REFERENCE_DIR / "config.json").read_text())
-    cfg |= {"hidden_size": spec.hidden_size, "num_hidden_layers": spec.num_hidden_layers,
-            "max_window_layers": spec.num_hidden_layers, "num_attention_heads": spec.num_attention_heads,
-            "num_key_value_heads": spec.num_key_value_heads, "head_dim": spec.head_dim,
-            "intermediate_size": spec.intermediate_size, "vocab_size": vocab_size}
+    cfg |= dict(spec.text) | {"max_window_layers": spec.text["num_hidden_layers"], "vocab_size": vocab_size}
     for k in ("bos_token_id", "eos_token_id"):
         cfg[k] = remap.get(cfg[k], cfg[k])
-    cfg["vision_config"] |= {"hidden_size": spec.v_hidden, "num_hidden_layers": spec.v_layers,
-                             "num_attention_heads": spec.v_heads, "intermediate_size": spec.v_intermediate}
+    cfg["vision_config"] |= dict(spec.vision)
     return cfg
 
 
 def make_checkpoint(out: Path | str, scale: str = "tiny", *, progress: bool = False, **overrides) -> Path:
-    """Write a synthetic checkpoint folder; `overrides` replace fields of the scale's spec."""
-    spec = dataclasses.replace(SCALES[scale], **overrides)
+    """Write a synthetic checkpoint folder; `overrides` change the scale's spec (SyntheticSpec.with_overrides)."""
+    spec = SCALES[scale].with_overrides(**overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     remap = write_tokenizer(out, spec)

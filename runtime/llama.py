@@ -86,6 +86,15 @@ def _backend_init() -> None:
         _log_state["init"] = True
 
 
+def release(obj, attr: str, free) -> None:
+    """Free the llama.cpp handle held in `obj.<attr>` once (close() and __del__ may both run, and
+    __init__ may have failed before setting it)."""
+    handle = getattr(obj, attr, None)
+    if handle:
+        free(handle)
+        setattr(obj, attr, None)
+
+
 def default_gpu_layers() -> int:
     """All layers on the GPU on macOS (Metal is always built there), CPU elsewhere."""
     return -1 if sys.platform == "darwin" else 0
@@ -140,9 +149,7 @@ class LlamaModel:
         self._piece_buf = ctypes.create_string_buffer(256)
 
     def close(self) -> None:
-        if getattr(self, "model", None):
-            ll.llama_model_free(self.model)
-            self.model = None
+        release(self, "model", ll.llama_model_free)
 
     def __del__(self):
         self.close()
@@ -277,7 +284,7 @@ class _Batch:
         self.batch.n_tokens = n
 
     def free(self) -> None:
-        if self.batch is not None:
+        if self.batch is not None:   # a struct passed by value: truthy whatever it holds
             ll.llama_batch_free(self.batch)
             self.batch = None
 
@@ -334,9 +341,7 @@ class LlamaContext:
         for b in ("_tok", "_emb"):
             if getattr(self, b, None) is not None:
                 getattr(self, b).free()
-        if getattr(self, "ctx", None):
-            ll.llama_free(self.ctx)
-            self.ctx = None
+        release(self, "ctx", ll.llama_free)
 
     def __del__(self):
         self.close()
@@ -480,9 +485,7 @@ class Sampler:
         return tok
 
     def close(self) -> None:
-        if getattr(self, "chain", None):
-            ll.llama_sampler_free(self.chain)
-            self.chain = None
+        release(self, "chain", ll.llama_sampler_free)
 
     def __del__(self):
         self.close()

@@ -24,7 +24,7 @@ import numpy as np
 from minicpmv.gguf_info import read_gguf_info
 from minicpmv.schema import R_PROJ
 
-from .llama import LlamaContext, LlamaError, LlamaModel, log_callback, recent_log
+from .llama import LlamaContext, LlamaError, LlamaModel, log_callback, recent_log, release
 
 TEXT, IMAGE = 0, 1   # enum mtmd_input_chunk_type
 
@@ -80,9 +80,7 @@ class Mtmd:
         return mt
 
     def close(self) -> None:
-        if getattr(self, "ctx", None):
-            M.mtmd_free(self.ctx)
-            self.ctx = None
+        release(self, "ctx", M.mtmd_free)
         if getattr(self, "_owns_lm", False):
             self.lm.close()
 
@@ -132,9 +130,7 @@ class Chunks:
         return len(self.info)
 
     def free(self) -> None:
-        if self.handle is not None:
-            M.mtmd_input_chunks_free(self.handle)
-            self.handle = None
+        release(self, "handle", M.mtmd_input_chunks_free)
 
     def __enter__(self) -> "Chunks":
         return self
