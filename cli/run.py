@@ -20,7 +20,8 @@ import typer
 
 from minicpmv.runtime.model_source import DEFAULT_MODEL, ENV_VAR, ModelChoice, choose_model
 from minicpmv.runtime.video import DEFAULT_FPS, MAX_NUM_FRAMES, MAX_NUM_PACKING, PACKING_LIMIT, VideoFrames
-from minicpmv.schema import MAX_SLICE_NUMS, REFERENCE_SAMPLING as S, THINKING_SAMPLING as TS, VIDEO_MAX_SLICE_NUMS
+from minicpmv.schema import (MAX_SLICE_NUMS, REFERENCE_SAMPLING as S, THINK_END, THINK_START, THINKING_SAMPLING as TS,
+                             VIDEO_MAX_SLICE_NUMS)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -137,7 +138,7 @@ def answer_once(model, conv: Conversation, o: Opts) -> str:
     else:
         a = model.chat(conv.msgs, **kw)
         if a.thinking:
-            t = f"<think>\n{a.thinking}\n</think>"
+            t = f"{THINK_START}\n{a.thinking}\n{THINK_END}"
             typer.echo(f"{DIM}{t}{RESET}\n" if tty else t + "\n")
         typer.echo(str(a))
     if o.verbose:

@@ -29,7 +29,7 @@ import numpy as np
 
 from minicpmv.cpu import default_threads
 from minicpmv.gguf_info import ModelFileError, find_model_files, gguf_architecture
-from minicpmv.schema import (MMPROJ_ARCH, QUERY_NUM, REFERENCE_SAMPLING, SLOT_TOKEN, STOP_TOKENS, THINK_END,
+from minicpmv.schema import (ARCH_KEY, MMPROJ_ARCH, QUERY_NUM, REFERENCE_SAMPLING, SLOT_TOKEN, STOP_TOKENS, THINK_END,
                              THINKING_SAMPLING)
 
 from .content import Content
@@ -87,7 +87,7 @@ class MiniCPMV:
             if not p.is_file():
                 raise ModelFileError(f"{p}: {what} file not found")
         if gguf_architecture(mmproj_path) != MMPROJ_ARCH:
-            raise ModelFileError(f"{mmproj_path}: not a mmproj file (general.architecture is not {MMPROJ_ARCH!r})")
+            raise ModelFileError(f"{mmproj_path}: not a mmproj file ({ARCH_KEY} is not {MMPROJ_ARCH!r})")
         if gguf_architecture(model_path) == MMPROJ_ARCH:
             raise ModelFileError(f"{model_path}: this is a mmproj file, not the language model")
 
