@@ -6,7 +6,7 @@ PIP ?= $(PYTHON) -m pip
 # CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 install:
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,web]'
 
 test:
 	$(PYTHON) -m pytest -q tests
@@ -18,4 +18,4 @@ bench:
 	$(PYTHON) -m bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf demo-out .cache build *.egg-info
+	rm -rf demo-out .cache build *.egg-info test-artifacts
