@@ -6,11 +6,12 @@ PIP ?= $(PYTHON) -m pip
 # CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 install: system-deps
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,web]'
 
 # System tools that only the tests' oracles need (a C++ compiler for the llama.cpp probes, Go for
-# Ollama's text/template). Installed with apt-get when run as root; otherwise the missing ones are named.
-SYSTEM_TOOLS := g++:g++ go:golang-go
+# Ollama's text/template, Debian's Chromium for the chat page's browser test). Installed with apt-get
+# when run as root; otherwise the missing ones are named.
+SYSTEM_TOOLS := g++:g++ go:golang-go chromium:chromium
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
@@ -31,4 +32,4 @@ bench:
 	$(PYTHON) -m bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf demo-out .cache build *.egg-info
+	rm -rf demo-out .cache build *.egg-info test-artifacts

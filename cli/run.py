@@ -6,6 +6,7 @@
     minicpm-run -m MiniCPM-V-4.5-Q4_K_M.gguf --mmproj mmproj-MiniCPM-V-4.5-F16.gguf clip.mp4 "Describe the video."
     minicpm-run --model-dir OUT photo.jpg          # no question: interactive chat about photo.jpg
     minicpm-run --list-cached                      # what the Hub cache holds
+    minicpm-run --web                              # a chat page at http://127.0.0.1:7860
 """
 
 from __future__ import annotations
@@ -26,12 +27,32 @@ from minicpmv.schema import (MAX_SLICE_NUMS, REFERENCE_SAMPLING as S, THINK_END,
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
+WEB_CTX = 8192  # --web: room for a few images or a short video per conversation (a video is ~70 per group)
 
 
 def fail(msg: str, code: int = 2) -> None:
     msg = " ".join(str(msg).split())  # always one line
     typer.echo(f"minicpm-run: error: {msg}", err=True)
     raise typer.Exit(code)
+
+
+def load_media(path: Path, opts: "Opts", progress: bool = False):
+    """An image (PIL RGB) or a video (VideoFrames: sampled and packed per --fps/--packing/--max-frames),
+    loaded once; the runtime takes both as content. Raises ValueError/OSError with one line."""
+    from minicpmv.runtime import content
+    return content.load_media(path, fps=opts.fps, packing=opts.packing, max_frames=opts.max_frames,
+                              progress=progress)
+
+
+def is_video(item) -> bool:
+    return isinstance(item, VideoFrames)
+
+
+def describe_media(item) -> str:
+    """"640x480", or "15 frames in 5 groups of up to 3" for a video."""
+    if is_video(item):
+        return f"{len(item.frames)} frames in {len(item.temporal_ids)} groups of up to {item.plan.packing}"
+    return f"{item.width}x{item.height}"
 
 
 @dataclass
@@ -41,26 +62,22 @@ class Conversation:
     pending: list = field(default_factory=list)
 
     def add_media(self, path: Path, opts: "Opts") -> str:
-        """Load an image (PIL) or a video (VideoFrames) once; the runtime takes both as content."""
-        from minicpmv.runtime.content import load_media
-        m = load_media(path, fps=opts.fps, packing=opts.packing, max_frames=opts.max_frames,
-                       progress=opts.verbose or sys.stderr.isatty())
-        self.pending.append(m)
-        if isinstance(m, VideoFrames):
-            return f"{path}: {len(m.frames)} frames in {len(m.temporal_ids)} groups of up to {m.plan.packing}"
-        return f"{path}: {m.width}x{m.height}"
+        """Load an image or a video once (see load_media); returns a note on what was loaded."""
+        item = load_media(path, opts, progress=opts.verbose or sys.stderr.isatty())
+        self.pending.append(item)
+        return f"{path}: {describe_media(item)}"
 
     @property
     def n_groups(self) -> int:
         """64-token units the pending media need (for sizing the context)."""
-        return sum(len(p.temporal_ids) if isinstance(p, VideoFrames) else 1 + MAX_SLICE_NUMS for p in self.pending)
+        return sum(len(p.temporal_ids) if is_video(p) else 1 + MAX_SLICE_NUMS for p in self.pending)
 
     @property
     def has_video(self) -> bool:
-        return any(isinstance(p, VideoFrames) for p in self.pending)
+        return any(is_video(p) for p in self.pending)
 
     def ask(self, question: str) -> None:
-        self.msgs.append({"role": "user", "content": [*self.pending, question]})
+        self.msgs.append({"role": "user", "content": [*self.pending, *([question] if question else [])]})
         self.pending = []
 
     def answered(self, answer: str) -> None:
@@ -192,6 +209,11 @@ def interactive(model, conv: Conversation, o: Opts) -> None:
             typer.echo("\n(interrupted)", err=True)
 
 
+def model_title(model_path: Path, mmproj_path: Path, n_ctx: int) -> str:
+    """The page's subtitle: the two files (wherever they came from) and the context size."""
+    return f"{Path(model_path).name} + {Path(mmproj_path).name} · context {n_ctx} tokens"
+
+
 def _is_file(arg: str) -> bool:
     try:
         return Path(arg).is_file()
@@ -277,7 +299,8 @@ def run(
                                                  "(default: on for images, off for videos)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: all cores)."),
     ctx: Optional[int] = typer.Option(None, "--ctx", "-c", min=256,
-                                      help="Context length in tokens (default 4096, more if a video needs it)."),
+                                      help="Context length in tokens (default 4096, more if a video needs it; "
+                                           f"{WEB_CTX} with --web)."),
     gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers",
                                              help="Layers on the GPU (-1 all; default: all on macOS, none elsewhere)."),
     vision_dtype: str = typer.Option("auto", "--vision-dtype",
@@ -298,6 +321,13 @@ def run(
     version: bool = typer.Option(False, "--version", is_eager=True,
                                  help="Print a system report for bug reports (versions, CPU, llama.cpp build, "
                                       "weight buffers, vision precision, threads) and exit."),
+    web: bool = typer.Option(False, "--web",
+                             help="Start a local chat page (drop images and videos, see the reasoning) instead "
+                                  "of a terminal chat; needs pip install 'minicpmv[web]'. The other options "
+                                  "set the page's model and defaults."),
+    host: str = typer.Option("127.0.0.1", "--host", help="--web: address to listen on (other machines can "
+                                                         "reach the page unless it is a loopback address)."),
+    port: int = typer.Option(7860, "--port", min=1, max=65535, help="--web: port to listen on."),
 ) -> None:
     """Ask MiniCPM-V 4.5 about images and videos, or chat interactively.
 
@@ -330,7 +360,23 @@ def run(
     if choice.hub is None and (mmproj_quant is not None or refresh):
         fail(f"--{'mmproj-quant' if mmproj_quant is not None else 'refresh'} applies to a Hub repo; "
              f"the model comes from {choice.origin} here")
-    if question is None and as_json:
+    if web:
+        if inputs or question is not None:
+            fail("--web takes no files or question: drop them on the page")
+        if as_json:
+            fail("--json does not apply to --web")
+        try:
+            from minicpmv.cli import web as web_page
+        except ImportError as e:
+            fail(f"--web needs Gradio ({e}): pip install 'minicpmv[web]'")
+        if not web_page.is_loopback(host):
+            typer.echo(f"minicpm-run: warning: --host {host} makes the chat page reachable from other machines; "
+                       "it has no login", err=True)
+        try:
+            web_page.check_port(host, port)
+        except OSError as e:
+            fail(str(e))
+    elif question is None and as_json:
         fail("--json needs a question")
 
     o = Opts(think, not no_stream, max_tokens, temperature, top_p, top_k, repeat_penalty, greedy, seed,
@@ -343,7 +389,7 @@ def run(
                 typer.echo(note, err=True)
     except (ValueError, OSError) as e:
         fail(str(e))
-    n_ctx = ctx or 4096
+    n_ctx = ctx or (WEB_CTX if web else 4096)
     if ctx is None and conv.has_video:  # ~70 positions per frame group + room to answer
         n_ctx = max(4096, 72 * conv.n_groups + min(max_tokens, 4096) + 512)
     model_path, mmproj_path = choice.path, choice.mmproj
@@ -358,6 +404,14 @@ def run(
     if verbose:
         typer.echo(f"vision dtype: {m.vision.dtype_choice.describe()}", err=True)
         typer.echo(f"weight buffers: {m.lm.buffers.plan.mode}: {m.lm.buffers.plan.reason}", err=True)
+    if web:
+        try:
+            web_page.serve(m, o, host, port, title=model_title(m.lm.path, m.vision.path, n_ctx))
+        except OSError as e:  # the port was taken since check_port
+            fail(f"cannot listen on {host}:{port} ({e}): choose another --port or --host")
+        except KeyboardInterrupt:
+            pass
+        return
     if question is None:
         interactive(m, conv, o)
         return

@@ -72,6 +72,21 @@ def tiny_mmproj_gguf(tmp_path_factory, tiny_ckpt):
     return lambda mmproj_type="f32": make(mmproj_type)
 
 
+@pytest.fixture(scope="session")
+def tiny_real_vocab_ckpt(tmp_path_factory) -> Path:
+    """The tiny checkpoint with the published 151,748-token vocabulary: it decodes at a few hundred
+    tokens/s and rarely samples an end token, so an answer runs long enough to be stopped (the tiny
+    vocabulary's answers end by themselves within ~0.1 s)."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt-rv") / "tiny", "tiny", vocab="real")
+
+
+@pytest.fixture(scope="session")
+def tiny_real_vocab_gguf(tmp_path_factory, tiny_real_vocab_ckpt):
+    """(Q8_0 language model, f32 mmproj) GGUF paths of tiny_real_vocab_ckpt."""
+    lm = _converted(tmp_path_factory, tiny_real_vocab_ckpt, quant_type=None)("Q8_0")
+    return lm, _converted(tmp_path_factory, tiny_real_vocab_ckpt, mmproj_type=None)("f32")
+
+
 @pytest.fixture(scope="module")
 def torch_one_thread():
     """torch on one thread for a module (use as an autouse alias): the machine is shared."""

@@ -1,0 +1,132 @@
+"""The conversation logic behind `minicpm-run --web` (no browser), and the CLI's --web checks.
+
+The page itself is driven in a real browser by test_web_browser.py; here the stop path is checked
+where the browser cannot see it: the stream really ends (its generator's cleanup records the decode
+counters), a closed tab leaves the model usable, and a bad upload leaves the conversation as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from minicpmv.cli.run import Opts
+from minicpmv.cli.web_chat import LocalChat, Session
+from minicpmv.runtime import MiniCPMV
+
+OPTS = Opts(think=False, stream=True, max_tokens=2000, temperature=None, top_p=None, top_k=None,
+            repeat_penalty=None, greedy=True, seed=None, system="", max_slices=None, image_id=None,
+            as_json=False, verbose=False, fps=5.0, packing=None, max_frames=180)
+SHORT = dataclasses.replace(OPTS, max_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_real_vocab_gguf):
+    """Long answers (the real vocabulary rarely samples an end token) so that they can be stopped."""
+    m = MiniCPMV.load(*tiny_real_vocab_gguf, n_ctx=4096, n_threads=1)
+    yield LocalChat(m, OPTS)
+    m.close()
+
+
+def test_stop_ends_the_stream_and_keeps_the_partial_answer(chat):
+    s = Session()
+    assert chat.ask(s, "Tell me a long story.", [])
+    gen = chat.answer(s, OPTS)
+    for _ in range(4):   # a few redraws into the answer
+        next(gen)
+    assert s.busy and s.turns[-1].answer
+    chat.stop(s)
+    list(gen)
+    turn, stats = s.turns[-1], chat.model.stats
+    assert turn.done and not s.busy and turn.footer.endswith("stopped")
+    # the decode counters are written by the stream's own cleanup: it was closed, not abandoned
+    assert 0 < stats.decode_tokens < OPTS.max_tokens and f"decode {stats.decode_tokens} tok" in turn.footer
+    assert s.conv.msgs[-1] == {"role": "assistant", "content": turn.answer}
+
+    # the next question goes on from the cache (the first turn's prompt is not decoded again)
+    assert chat.ask(s, "Go on.", [])
+    list(chat.answer(s, SHORT))
+    assert chat.model.stats.prefill_start > 0 and s.turns[-1].answer
+    assert not chat.lock.locked()
+
+
+def test_a_closed_tab_ends_its_answer_and_frees_the_model(chat):
+    s = Session()
+    chat.ask(s, "Tell me a long story.", [])
+    gen = chat.answer(s, OPTS)
+    next(gen), next(gen)
+    gen.close()            # what Gradio does when the tab goes away
+    assert not s.busy and chat.answering == 0 and not chat.lock.locked()
+    assert chat.model.stats.decode_tokens > 0
+    assert s.turns[-1].footer == "stopped" and s.conv.msgs[-1] == {"role": "assistant", "content": s.turns[-1].answer}
+    other = Session()
+    assert chat.ask(other, "Hello", [])
+    list(chat.answer(other, SHORT))
+    assert other.turns[-1].footer and not other.error
+
+
+def test_bad_upload_names_the_file_and_keeps_the_conversation(chat, tmp_path):
+    s = Session()
+    chat.ask(s, "Hello", [])
+    list(chat.answer(s, SHORT))
+    msgs = list(s.conv.msgs)
+    bad = tmp_path / "upload-dir" / "photo.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    assert not chat.ask(s, "What is this?", [str(bad)])
+    assert s.error.startswith("photo.jpg: ") and str(bad.parent) not in s.error and "\n" not in s.error
+    assert s.conv.msgs == msgs and len(s.turns) == 1
+
+
+def test_a_full_context_drops_the_question_with_one_line(chat):
+    s = Session()
+    chat.ask(s, "Hello", [])
+    list(chat.answer(s, SHORT))
+    msgs = list(s.conv.msgs)
+    chat.ask(s, "word " * 5000, [])          # more than the 4096-token context
+    list(chat.answer(s, SHORT))
+    assert "n_ctx=4096" in s.error and "\n" not in s.error
+    assert s.conv.msgs == msgs and len(s.turns) == 1 and not s.busy
+
+
+def test_bad_sampling_setting_drops_the_question(chat):
+    s = Session()
+    chat.ask(s, "Hello", [])
+    chat.reject(s, "Temperature: 'hot' is not a number")
+    assert s.conv.msgs == [] and s.turns == [] and s.error.startswith("Temperature")
+
+
+# --------------------------------------------------------------------------- CLI
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minicpmv.cli.run", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_web_refuses_inputs_and_json():
+    for args, says in ((["photo.jpg", "What is it?"], "--web takes no files or question"),
+                       (["--json"], "--json does not apply to --web")):
+        res = run_cli("--web", "--model-dir", "models", *args)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"minicpm-run: error: {says}")
+
+
+def test_cli_web_warns_on_an_open_host_and_names_a_taken_port():
+    with socket.socket() as held:   # bound, never listening: the port is taken
+        held.bind(("0.0.0.0", 0))
+        port = held.getsockname()[1]
+        res = run_cli("--web", "--model-dir", "models", "--host", "0.0.0.0", "--port", str(port))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 2, res.stderr
+    assert lines[0].startswith("minicpm-run: warning: --host 0.0.0.0 makes the chat page reachable")
+    assert lines[1].startswith(f"minicpm-run: error: cannot listen on 0.0.0.0:{port} ")
+
+
+def test_is_loopback():
+    from minicpmv.cli.web import is_loopback
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1")
