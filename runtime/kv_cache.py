@@ -12,6 +12,7 @@ one decode call per text run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -24,19 +25,50 @@ FUSE_MAX_TEXT = 16   # text runs up to this long next to a slot are decoded as e
 @dataclass
 class TextRun:
     tokens: list[int]
+    is_slot: ClassVar[bool] = False
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def shared(self, other: "Run", limit: int) -> int:
+        """Leading positions equal in `other` (at most `limit`)."""
+        if other.is_slot:
+            return 0
+        n = 0
+        for x, y in zip(self.tokens, other.tokens):
+            if x != y or n >= limit:
+                break
+            n += 1
+        return n
+
+    def head(self, n: int) -> "TextRun":
+        return TextRun(self.tokens[:n])
+
+    def rows(self, lo: int, hi: int, embs: dict[bytes, np.ndarray], tok_embd: TokenEmbeddings) -> np.ndarray:
+        return tok_embd.rows(self.tokens[lo:hi])
 
 
 @dataclass(frozen=True)
 class SlotRun:
     media: bytes      # content key of the media item (vision_cache.media_key)
     index: int        # 0: the overview, 1..: the slices
-    rows: int         # embedding rows (the resampler's query_num)
+    size: int         # embedding rows (the resampler's query_num)
+    is_slot: ClassVar[bool] = True
 
     def __len__(self) -> int:
-        return self.rows
+        return self.size
+
+    def shared(self, other: "Run", limit: int) -> int:
+        """A slot is shared whole (the same media item and slot) or not at all."""
+        return self.size if other == self and self.size <= limit else 0
+
+    def head(self, n: int) -> "SlotRun":
+        if n != self.size:
+            raise ValueError(f"a cache prefix cannot end inside a slot ({n} of {self.size} rows)")
+        return self
+
+    def rows(self, lo: int, hi: int, embs: dict[bytes, np.ndarray], tok_embd: TokenEmbeddings) -> np.ndarray:
+        return embs[self.media][self.index][lo:hi]
 
 
 Run = TextRun | SlotRun
@@ -58,10 +90,10 @@ class Sequence:
     def add(self, run: Run) -> None:
         if not len(run):
             return
-        if isinstance(run, TextRun) and self.runs and isinstance(self.runs[-1], TextRun):
+        if not run.is_slot and self.runs and not self.runs[-1].is_slot:
             self.runs[-1].tokens += run.tokens
         else:
-            self.runs.append(TextRun(list(run.tokens)) if isinstance(run, TextRun) else run)
+            self.runs.append(run if run.is_slot else TextRun(list(run.tokens)))
         self.length += len(run)
 
     def append_token(self, token: int) -> None:
@@ -72,7 +104,7 @@ class Sequence:
         """(start position, slot) of every slot."""
         out, pos = [], 0
         for r in self.runs:
-            if isinstance(r, SlotRun):
+            if r.is_slot:
                 out.append((pos, r))
             pos += len(r)
         return out
@@ -82,18 +114,9 @@ class Sequence:
         ending inside a slot (a slot is reused whole or decoded whole)."""
         pos = 0
         for a, b in zip(self.runs, new.runs):
-            if isinstance(a, TextRun) and isinstance(b, TextRun):
-                n = 0
-                for x, y in zip(a.tokens, b.tokens):
-                    if x != y or pos + n >= limit:
-                        break
-                    n += 1
-                pos += n
-                if n < len(a) or n < len(b):
-                    break
-            elif a == b and pos + len(a) <= limit:
-                pos += len(a)
-            else:
+            n = a.shared(b, limit - pos)
+            pos += n
+            if n < len(a) or n < len(b):
                 break
         return pos
 
@@ -101,12 +124,9 @@ class Sequence:
         """The first n positions (n must not fall inside a slot)."""
         out, pos = Sequence(), 0
         for r in self.runs:
-            if pos + len(r) <= n:
-                out.add(TextRun(list(r.tokens)) if isinstance(r, TextRun) else r)
-            elif pos < n:
-                if isinstance(r, SlotRun):
-                    raise ValueError(f"position {n} falls inside a slot")
-                out.add(TextRun(r.tokens[:n - pos]))
+            if pos >= n:
+                break
+            out.add(r.head(min(len(r), n - pos)))
             pos += len(r)
         return out
 
@@ -147,9 +167,9 @@ def plan_steps(seq: Sequence, start: int, fuse: bool) -> list[Step]:
 
     def as_embeddings(i: int) -> bool:
         p = parts[i]
-        if isinstance(p.run, SlotRun):
+        if p.run.is_slot:
             return True
-        near_slot = any(0 <= j < len(parts) and isinstance(parts[j].run, SlotRun) for j in (i - 1, i + 1))
+        near_slot = any(0 <= j < len(parts) and parts[j].run.is_slot for j in (i - 1, i + 1))
         return fuse and near_slot and p.hi - p.lo <= FUSE_MAX_TEXT
 
     steps: list[Step] = []
@@ -170,11 +190,7 @@ def _rows(parts: list[Part], s: int, e: int, embs: dict[bytes, np.ndarray], tok_
         a, b = max(s, p.start), min(e, p.start + p.hi - p.lo)
         if a >= b:
             continue
-        lo, hi = p.lo + a - p.start, p.lo + b - p.start
-        if isinstance(p.run, SlotRun):
-            out[a - s:b - s] = embs[p.run.media][p.run.index][lo:hi]
-        else:
-            out[a - s:b - s] = tok_embd.rows(p.run.tokens[lo:hi])
+        out[a - s:b - s] = p.run.rows(p.lo + a - p.start, p.lo + b - p.start, embs, tok_embd)
     return out
 
 
@@ -191,4 +207,4 @@ def decode(ctx: LlamaContext, steps: list[Step], n: int, embs: dict[bytes, np.nd
         for c in range(step.start, step.end, cap):
             ce = min(step.end, c + cap)
             ctx.decode_embd(_rows(step.parts, c, ce, embs, tok_embd, ctx.model.n_embd), c, logits_last=ce == n)
-        stats.slots_prefilled += sum(1 for p in step.parts if isinstance(p.run, SlotRun) and p.lo == 0)
+        stats.slots_prefilled += sum(1 for p in step.parts if p.run.is_slot and p.lo == 0)
