@@ -57,7 +57,6 @@ class ImatrixCollector:
         self.totals = Stats()
         self.pending = Stats()
         self.error: BaseException | None = None
-        self.rows_seen = 0          # input rows collected for the pending item (all weights)
 
     # -- callback ------------------------------------------------------------------------------
 
@@ -99,7 +98,6 @@ class ImatrixCollector:
                 acc[(i3 % int(src0.ne[3])) * int(src0.ne[2]) + (i2 % int(src0.ne[2]))] += sq[i3, i2]
         counts = np.full(n_mat, (ne1 * ne2 * ne3) // n_mat, np.int64)   # ggml_nrows(src1) / n_mat
         self.pending.add(Stats({name: acc}, {name: counts}))
-        self.rows_seen += ne1 * ne2 * ne3
 
     # -- item bookkeeping ----------------------------------------------------------------------
 
@@ -117,7 +115,6 @@ class ImatrixCollector:
 
     def discard(self) -> None:
         self.pending = Stats()
-        self.rows_seen = 0
 
 
 def weight_name(raw: bytes) -> str:
