@@ -57,12 +57,14 @@ def imatrix(
 ) -> None:
     """Compute llama.cpp's importance matrix by running MiniCPM-V 4.5 on images, videos and text.
 
-    llama-imatrix runs text only; here the language model sees what it sees in use: the reference
-    chat prompt with the image slices' embeddings from the vision encoder. For every matmul weight of
-    the language model the sum of squared inputs per column and the count of input rows are collected
-    through llama.cpp's eval callback, exactly as llama-imatrix defines them, and written as its GGUF
-    (which minicpm-convert --imatrix and llama-quantize --imatrix read). OUT is rewritten after every
-    item: an interrupted run keeps its work; run again with --append to continue.
+    llama-imatrix runs text only; here the language model sees what it sees
+    in use: the reference chat prompt with the image slices' embeddings from
+    the vision encoder. For every matmul weight of the language model, the
+    sum of squared inputs per column and the count of input rows are
+    collected through llama.cpp's eval callback, exactly as llama-imatrix
+    defines them, and written as its GGUF (read by minicpm-convert --imatrix
+    and llama-quantize --imatrix). OUT is rewritten after every item: an
+    interrupted run keeps its work; run it again with --append to continue.
     """
     from minicpmv.quant.imatrix_compute import ImatrixJob, compute_imatrix
 

@@ -59,8 +59,8 @@ class ImatrixResult:
 
 
 def compute_imatrix(job: ImatrixJob) -> ImatrixResult:
-    """Run `job`; ValueError (one line) on bad input. KeyboardInterrupt leaves `out` holding the
-    items finished so far (see ImatrixInterrupted)."""
+    """Run `job`; ValueError (one line) on bad input, naming the item. An interruption (or a bad
+    item) leaves `out` holding the items finished before it."""
     items = read_calibration(job.calibration)
     out = Path(job.out)
     for p in (job.lm, job.mmproj, job.calibration):
@@ -97,7 +97,8 @@ def compute_imatrix(job: ImatrixJob) -> ImatrixResult:
                 collector.commit()
             except (ValueError, RuntimeError) as e:   # bad media, prompt too long, NaN activations
                 collector.discard()
-                raise ValueError(f"{it.where}: {' '.join(str(e).split())}") from None
+                msg = " ".join(str(e).split())
+                raise ValueError(msg if msg.startswith(it.where) else f"{it.where}: {msg}") from None
             except BaseException:
                 collector.discard()
                 raise

@@ -237,6 +237,22 @@ def test_append_resumes_and_adds_up(files, text_cal, text_matrix, tmp_path):
         np.testing.assert_allclose(twice.sums[name], 2 * full.sums[name], rtol=1e-5, err_msg=name)
 
 
+def test_a_bad_item_keeps_the_items_before_it(files, tmp_path):
+    """A picture that does not decode stops the run with its line named; the matrix holds the items
+    before it, and --append continues from there once the file is fixed."""
+    picture(tmp_path / "a.png", 0)
+    (tmp_path / "b.png").write_bytes(b"not a picture")
+    cal = write_jsonl(tmp_path / "c.jsonl", [{"image": "a.png", "text": q} for q in QUESTIONS[:2]]
+                      + [{"image": "b.png"}, {"text": QUESTIONS[2]}])
+    out = tmp_path / "m.gguf"
+    with pytest.raises(ValueError, match=r"c\.jsonl:3: .*b\.png"):
+        run(files, cal, out)
+    assert read_imatrix_sums(out).chunk_count == 2
+    picture(tmp_path / "b.png", 1)
+    res = run(files, cal, out, append=True)
+    assert (res.first, res.done, res.chunk_count) == (2, 2, 4)
+
+
 # --------------------------------------------------------------------------- calibration files, CLI
 
 def test_calibration_items(tmp_path):
