@@ -1,6 +1,6 @@
 """`make bench`: every figure of BENCHMARKS.md, ours vs llama.cpp, in one run.
 
-    python -m bench.run [--only conversion,vision,llm,e2e,video,sizes] [--threads N]
+    python -m bench.run [--only conversion,vision,llm,e2e,video,sizes,lowbit] [--threads N]
                         [--scale full|medium] [--runs N] [--budget-min M] [--out DIR] [--prepare]
 
 The full-size synthetic checkpoint (~17.4 GB bf16) is generated once into the cache folder
@@ -30,7 +30,7 @@ from .common import (GB, REPO, BenchError, Skip, cache_root, dir_bytes, evict_pa
                      loadavg, machine_info, median, run_cmd, run_worker, log_tail)
 from .report import row
 
-SECTIONS = ["conversion", "vision", "llm", "e2e", "video", "sizes"]
+SECTIONS = ["conversion", "vision", "llm", "e2e", "video", "sizes", "lowbit"]
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,12 @@ SCALES = {
     # single runs made while other jobs were loading it
     "full": Scale("full", 17.4, 16.4, 5.0, 1.1, runs=3, e2e_runs=2, video_subset=6, est={
         "checkpoint": 420, "convert_onepass": 480, "convert_bf16": 200, "llama_quantize": 480, "compare": 60,
-        "models": 900, "vision": 150, "llm": 420, "e2e": 600, "video": 330, "sizes": 300},
+        "models": 900, "vision": 150, "llm": 420, "e2e": 600, "video": 330, "sizes": 300, "lowbit": 23000},
         floor={"vision": 100, "llm": 200, "e2e": 400, "video": 330, "sizes": 300},
         fixed={"vision": 70, "llm": 60, "e2e": 120}),
     "medium": Scale("medium", 0.06, 0.05, 0.02, 0.02, runs=3, e2e_runs=3, est={
         "checkpoint": 2, "convert_onepass": 5, "convert_bf16": 4, "llama_quantize": 3, "compare": 1,
-        "models": 8, "vision": 10, "llm": 15, "e2e": 15, "video": 30, "sizes": 15}),
+        "models": 8, "vision": 10, "llm": 15, "e2e": 15, "video": 30, "sizes": 15, "lowbit": 300}),
 }
 
 LM_NAME = "MiniCPM-V-4.5-Q4_K_M.gguf"
@@ -368,6 +368,10 @@ class Bench:
                  f"ours counters (subset): {r.get('ours_subset_counters')}."]
         return {"rows": rows, "notes": [n for n in notes if n], "raw": r}
 
+    def sec_lowbit(self) -> dict:
+        from .lowbit import section
+        return section(self)
+
     def sec_sizes(self) -> dict:
         s = self.scale
         for label, p in (("synthetic bf16 checkpoint (safetensors)", self.ckpt),
@@ -556,7 +560,7 @@ def estimate(b: Bench, sections: list[str]) -> float:
             total += e[s] * f
         elif s == "e2e":
             total += e[s] * b.e2e_runs / b.scale.e2e_runs
-        elif s in ("video", "sizes"):
+        elif s in ("video", "sizes", "lowbit"):
             total += e[s]
     return total
 

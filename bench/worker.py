@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import Skip
-from . import ours
+from . import lowbit, ours
 
 QUESTION = "What is in the image? Describe the shapes and their colours."
 VIDEO_QUESTION = "Describe the video."
@@ -432,7 +432,7 @@ def rss_after_load(a: dict) -> dict:
 
 
 TASKS = {f.__name__: f for f in (convert_onepass, convert_bf16, llama_quantize, vision, llm, e2e, video,
-                                  rss_after_load)}
+                                  rss_after_load)} | lowbit.TASKS
 
 
 def main() -> int:

@@ -6,7 +6,8 @@ import gguf
 
 from . import names
 from .checkpoint import Checkpoint
-from .config import MiniCPMVConfig
+from .config import MiniCPMVConfig, parse_config
+from .layout import expected_shapes
 from .plan import TensorPlan
 from .tokenizer import Vocab, add_vocab_metadata
 
@@ -27,6 +28,21 @@ def lm_plans(ckpt: Checkpoint, cfg: MiniCPMVConfig) -> list[TensorPlan]:
     order = {"token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}
     plans.sort(key=lambda p: (order.get(p.name, 1), _layer_of(p.name)))
     return plans
+
+
+def published_lm_layout() -> tuple[MiniCPMVConfig, list[tuple[str, tuple[int, ...]]]]:
+    """The published 8B checkpoint's language-model tensors as (GGUF name, numpy shape), in the order
+    lm_plans writes them: names from its safetensors index, shapes from its config (both ship in
+    reference_files/). What the size table of --quant is computed from."""
+    import json
+    from .synthetic import REFERENCE_DIR
+    cfg = parse_config(json.loads((REFERENCE_DIR / "config.json").read_text(encoding="utf-8")))
+    index = json.loads((REFERENCE_DIR / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    shapes = expected_shapes(cfg)
+    out = [(names.lm_tensor_name(hf), shapes[hf]) for hf in index["weight_map"] if names.lm_tensor_name(hf)]
+    order = {"token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}
+    out.sort(key=lambda t: (order.get(t[0], 1), _layer_of(t[0])))
+    return cfg, out
 
 
 def _layer_of(name: str) -> int:

@@ -10,21 +10,18 @@ ggml_validate_row_data (rejects NaN/inf).
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+
+from minicpmv.cpu import cpu_info
 
 from . import ggml
 
 MIN_CHUNK_ELEMENTS = 1 << 18   # below this a thread hand-off costs more than it saves
 MAX_CHUNK_ELEMENTS = 1 << 22   # bounds the float32 scratch of a 16-bit input (16 MB per chunk)
 _ITEMSIZE = {Q.F32: 4, Q.F16: 2, Q.BF16: 2}
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def encode(x: np.ndarray, t: Q, imatrix: np.ndarray | None = None, n_threads: int | None = None,
@@ -68,7 +65,7 @@ def encode(x: np.ndarray, t: Q, imatrix: np.ndarray | None = None, n_threads: in
         raise ValueError(f"{label}: GGML type {t.name} needs an importance matrix")
 
     # chunks of whole rows that never straddle two matrices (each has its own imatrix row)
-    n_threads = max(1, n_threads or default_threads())
+    n_threads = max(1, n_threads or cpu_info().logical_cpus)   # like llama-quantize: every usable CPU
     elems = min(MAX_CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, -(-rows.size // (4 * n_threads))))
     per_chunk = max(1, elems // n_per_row)
     chunks = [(r, min(r + per_chunk, (r // rows_per_mat + 1) * rows_per_mat, n_rows))

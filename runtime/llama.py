@@ -16,6 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -248,6 +249,7 @@ class _Batch:
             self.embd = None
         # raw pointers for the one-token fast path (attribute access on the struct allocates)
         self._tok_p, self._pos_p, self._log_p = b.token, b.pos, b.logits
+        self.logits_all = False
 
     def set_one(self, token: int, pos: int) -> None:
         self._tok_p[0] = token
@@ -257,7 +259,7 @@ class _Batch:
 
     def fill(self, n: int, pos0: int, logits_last: bool) -> None:
         self.pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
-        self.logits[:n] = 0
+        self.logits[:n] = 1 if self.logits_all else 0
         if logits_last:
             self.logits[n - 1] = 1
         self.batch.n_tokens = n
@@ -278,6 +280,12 @@ class ContextParams:
     embd_rows: int | None = None  # rows per embedding batch (default n_batch)
     kv_type: str = "f16"         # KV cache precision: "f16" (llama.cpp's default) or "f32"
     flash_attn: bool | None = None   # None: llama.cpp decides (on for CPU); its CPU kernel is f16
+    # llama.cpp's eval callback (cb_eval): called with (address of a ggml_tensor of the graph, ask)
+    # as the graph is computed, see ggml_backend_sched_eval_callback; e.g. quant.imatrix_collect
+    cb_eval: Callable[[int, bool], bool] | None = None
+    # every decoded position computes its logits; otherwise llama.cpp's last layer keeps only the
+    # positions that output (what an eval callback sees of that layer changes with it)
+    logits_all: bool = False
 
 
 _KV_TYPES = {"f16": 1, "f32": 0}  # ggml_type ids
@@ -302,6 +310,13 @@ class LlamaContext:
             raise LlamaError(f"kv_type: {p.kv_type!r} is not one of {', '.join(_KV_TYPES)}")
         cp.type_k = cp.type_v = _KV_TYPES[p.kv_type]
         cp.flash_attn_type = -1 if p.flash_attn is None else int(bool(p.flash_attn))
+        self._cb_eval = None
+        if p.cb_eval is not None:
+            fn = p.cb_eval
+            # kept on self: llama.cpp holds the C pointer for the context's lifetime
+            self._cb_eval = ll.ggml_backend_sched_eval_callback(lambda t, ask, _ud: bool(fn(t or 0, bool(ask))))
+            cp.cb_eval = self._cb_eval
+            cp.cb_eval_user_data = None
         self.ctx = ll.llama_init_from_model(model.model, cp)
         if not self.ctx:
             raise LlamaError(f"cannot create a llama.cpp context with n_ctx={p.n_ctx} "
@@ -312,6 +327,7 @@ class LlamaContext:
         self.mem = ll.llama_get_memory(self.ctx)
         self._tok = _Batch(self.n_batch)
         self._emb = _Batch(p.embd_rows or self.n_batch, model.n_embd)
+        self._tok.logits_all = self._emb.logits_all = p.logits_all
         self.embd_capacity = self._emb.capacity
         self.n_vocab = model.n_vocab
         self.n_batches = 0   # llama_decode calls made by decode_tokens/decode_embd

@@ -18,25 +18,6 @@ PROMPT = ("<|im_start|>user\nWhat is in the image? Describe the picture in detai
 
 
 @pytest.fixture(scope="module")
-def hf_qwen3(tiny_ckpt):
-    """transformers' Qwen3ForCausalLM with the checkpoint's `llm.*` weights, float32."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from minicpmv.convert.checkpoint import Checkpoint
-    raw = json.loads((tiny_ckpt / "config.json").read_text())
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
-            "tie_word_embeddings", "attention_bias", "bos_token_id", "eos_token_id")
-    cfg = Qwen3Config(**{k: raw[k] for k in keys}, torch_dtype="float32")
-    model = Qwen3ForCausalLM(cfg).eval()
-    ck = Checkpoint(tiny_ckpt)
-    sd = {n[len("llm."):]: torch.from_numpy(ck.f32(n)) for n in ck.names() if n.startswith("llm.")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    return model
-
-
-@pytest.fixture(scope="module")
 def prompt_ids(tiny_lm_gguf):
     m = LlamaModel(tiny_lm_gguf("F32"), vocab_only=True)
     ids = m.tokenize(PROMPT)
