@@ -55,6 +55,7 @@ TITLES = {
     "e2e": "4a. End to end: 1344x1344 image question (640 image tokens)",
     "video": "4b. End to end: 60 s video, packing 3 vs one frame per image",
     "sizes": "5. Sizes on disk and peak RSS of the CLI",
+    "lowbit": "6. Low-bit types with and without an importance matrix: first-token KL divergence vs F16 (image prompts)",
 }
 
 
@@ -84,7 +85,10 @@ def markdown(res: dict) -> str:
         if sec.get("status") != "ok":
             out += [f"Not run: {sec.get('status')}", ""]
             continue
-        out += ["| figure | ours | llama.cpp | ratio | target | met? |", "|---|---|---|---|---|---|"]
+        if sec.get("table"):   # a section with its own table (lowbit)
+            out += sec["table"] + [""]
+        else:
+            out += ["| figure | ours | llama.cpp | ratio | target | met? |", "|---|---|---|---|---|---|"]
         for r in sec["rows"]:
             ratio = "—" if r["ratio"] is None else f"{r['ratio']:.3g}x"
             met = "—" if r["met"] is None else ("yes" if r["met"] else "**no**")

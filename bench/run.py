@@ -1,6 +1,6 @@
 """`make bench`: every figure of BENCHMARKS.md, ours vs llama.cpp, in one run.
 
-    python -m bench.run [--only conversion,vision,llm,e2e,video,sizes] [--threads N]
+    python -m bench.run [--only conversion,vision,llm,e2e,video,sizes,lowbit] [--threads N]
                         [--scale full|medium] [--runs N] [--budget-min M] [--out DIR] [--prepare]
 
 The full-size synthetic checkpoint (~17.4 GB bf16) is generated once into the cache folder

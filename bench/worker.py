@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .common import Skip
-from .sections import conversion, e2e, llm, sizes, video, vision
+from .sections import conversion, e2e, llm, lowbit, sizes, video, vision
 
 TASKS = {
     "convert_onepass": conversion.convert_onepass,
@@ -25,7 +25,7 @@ TASKS = {
     "e2e": e2e.measure,
     "video": video.measure,
     "rss_after_load": sizes.rss_after_load,
-}
+} | lowbit.TASKS
 
 
 def main() -> int:

@@ -30,7 +30,23 @@ def _on_signal(signum: int, frame) -> None:
 _SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def quant_table() -> str:
+    """--quant types with bits per weight and the size of the 8B language model (computed from the
+    published checkpoint's tensor shapes with the converter's own per-tensor rules)."""
+    from minicpmv.convert.lm import published_lm_layout
+    from minicpmv.quant.policy import SPECS
+    from minicpmv.quant.sizes import mixture_size
+    cfg, tensors = published_lm_layout()
+    t = cfg.text
+    sizes = [mixture_size(tensors, s, t.num_hidden_layers, t.num_attention_heads // t.num_key_value_heads)
+             for s in SPECS.values()]
+    lines = ["--quant types (bits per weight, 8B language-model GGUF; * needs --imatrix):", ""]
+    for m in sorted(sizes, key=lambda m: -m.bpw):
+        lines.append(f"{m.name:<8} {m.bpw:5.2f} bpw {m.nbytes / 1e9:6.2f} GB{'  *' if m.needs_imatrix else ''}")
+    return "\n".join(lines)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=quant_table())
 def convert(
     ckpt: Optional[str] = typer.Argument(None, metavar="CKPT_DIR|REPO_ID",
                                          help="Checkpoint folder (config.json, model-*.safetensors + index, tokenizer "
@@ -39,9 +55,11 @@ def convert(
                                               "the Hugging Face cache (only those) and converted from there."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder for the GGUF files (created if missing)."),
     quant_type: str = typer.Option("Q4_K_M", "--quant", "--outtype", "-q",
-                                   help="Language-model type: F32, F16, BF16, Q8_0, Q4_0, Q4_K_S, Q4_K_M, Q5_K_M, Q6_K."),
+                                   help="Language-model type (llama-quantize's names and per-tensor mixtures; "
+                                        "the list with sizes is below). Q3_K, Q4_K, Q5_K mean the _M mixtures."),
     mmproj_type: str = typer.Option("f16", "--mmproj-type", help="Vision projector type: f16, f32, bf16, q8_0."),
-    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="llama.cpp importance matrix (GGUF or legacy .dat) for the K-quants."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="llama.cpp importance matrix (GGUF or legacy .dat; e.g. from minicpm-imatrix). "
+                                                "Required by the types marked * below, used by all quantized types."),
     ollama: bool = typer.Option(False, "--ollama", help="Also write OUT/Modelfile for `ollama create`."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite existing output files."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Quantization threads (default: all cores)."),

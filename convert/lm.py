@@ -7,7 +7,7 @@ import gguf
 from minicpmv import schema
 
 from .checkpoint import Checkpoint
-from .config import MiniCPMVConfig
+from .config import MiniCPMVConfig, parse_config
 from .layout import dims
 from .plan import TensorPlan
 from .tokenizer import Vocab, add_vocab_metadata
@@ -19,8 +19,21 @@ def lm_plans(ckpt: Checkpoint, cfg: MiniCPMVConfig) -> list[TensorPlan]:
     Types are left F32 here; the quantization policy assigns them (it needs the whole list)."""
     return [TensorPlan(t.gguf, ckpt.shape(t.hf), (lambda n=t.hf: ckpt.f32(n)), source=t.hf,
                        load_rows=(lambda a, b, n=t.hf: ckpt.raw_rows(n, a, b)))
-            for t in schema.tensors(schema.LM, dims(cfg), layers=cfg.text.num_hidden_layers,
-                                    tied=cfg.text.tie_word_embeddings)]
+            for t in _lm_tensors(cfg)]
+
+
+def _lm_tensors(cfg: MiniCPMVConfig) -> list[schema.Tensor]:
+    return schema.tensors(schema.LM, dims(cfg), layers=cfg.text.num_hidden_layers, tied=cfg.text.tie_word_embeddings)
+
+
+def published_lm_layout() -> tuple[MiniCPMVConfig, list[tuple[str, tuple[int, ...]]]]:
+    """The published 8B checkpoint's language-model tensors as (GGUF name, numpy shape), in the order
+    lm_plans writes them: the schema's table sized by the published config.json (it ships in
+    reference_files/). What the size table of --quant is computed from."""
+    import json
+    from .synthetic import REFERENCE_DIR
+    cfg = parse_config(json.loads((REFERENCE_DIR / "config.json").read_text(encoding="utf-8")))
+    return cfg, [(t.gguf, t.shape) for t in _lm_tensors(cfg)]
 
 
 def add_lm_metadata(w: gguf.GGUFWriter, cfg: MiniCPMVConfig, vocab: Vocab, *, name: str,

@@ -69,8 +69,15 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
         imat = quant.load_imatrix(imatrix, [p.name for p in plans], shapes={p.name: p.shape for p in plans}) \
             if imatrix else None
         # with an imatrix llama-quantize changes a few choices (e.g. Q4_0's first ffn_down -> Q4_1)
-        types = quant.lm_tensor_types([(p.name, p.shape) for p in plans], spec, cfg.text.num_hidden_layers,
+        shapes = [(p.name, p.shape) for p in plans]
+        types = quant.lm_tensor_types(shapes, spec, cfg.text.num_hidden_layers,
+                                      n_gqa=cfg.text.num_attention_heads // cfg.text.num_key_value_heads,
                                       has_imatrix=imat is not None)
+        if imat is None:
+            need = quant.first_needing_imatrix(shapes, types, spec)
+            if need:
+                raise ValueError(f"--quant {spec.name} needs an importance matrix, as in llama-quantize (tensor "
+                                 f"{need[0]} would be {need[1].name}); pass --imatrix FILE (minicpm-imatrix makes one)")
         imat_meta = quant.imatrix_metadata(imatrix) if imatrix else {}
         for p, t in zip(plans, types):
             p.ggml_type = t

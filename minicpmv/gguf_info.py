@@ -58,6 +58,18 @@ class TensorInfo:
     def row_bytes(self) -> int:
         return row_size(self.ggml_type, self.shape[0])
 
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64))
+
+    @property
+    def n_elements(self) -> int:
+        return self.n_rows * self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_rows * self.row_bytes
+
 
 @dataclass
 class GGUFInfo:
@@ -68,8 +80,7 @@ class GGUFInfo:
     def rows(self, name: str, ids: list[int]) -> np.ndarray:
         """Rows `ids` of a 2-D tensor, dequantized to float32 [len(ids), shape[0]]."""
         t = self.tensors[name]
-        n_rows = int(np.prod(t.shape[1:], dtype=np.int64))
-        data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(n_rows, t.row_bytes))
+        data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.n_rows, t.row_bytes))
         return gguf.quants.dequantize(np.asarray(data[ids]), t.ggml_type).reshape(len(ids), t.shape[0]) \
             .astype(np.float32, copy=False)
 

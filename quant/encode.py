@@ -65,9 +65,8 @@ def encode(x: np.ndarray, t: Q, imatrix: np.ndarray | None = None, n_threads: in
     elif ggml.requires_imatrix(t):
         raise ValueError(f"{label}: GGML type {t.name} needs an importance matrix")
 
-    # chunks of whole rows that never straddle two matrices (each has its own imatrix row). Every
-    # usable logical CPU by default: the kernels are latency-bound enough that hyper-threads help.
-    n_threads = max(1, n_threads or cpu_info().logical_cpus)
+    # chunks of whole rows that never straddle two matrices (each has its own imatrix row)
+    n_threads = max(1, n_threads or cpu_info().logical_cpus)   # like llama-quantize: every usable CPU
     elems = min(MAX_CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, -(-rows.size // (4 * n_threads))))
     per_chunk = max(1, elems // n_per_row)
     chunks = [(r, min(r + per_chunk, (r // rows_per_mat + 1) * rows_per_mat, n_rows))

@@ -1,9 +1,11 @@
-"""Read a llama.cpp importance matrix (llama-imatrix output) into the per-column weights llama-quantize uses.
+"""llama.cpp importance matrices (llama-imatrix's files): read them into the per-column weights
+llama-quantize uses, read and write their raw sums and counts (minicpm-imatrix, appending).
 
 Two formats, told apart like llama.cpp does (a file that is not GGUF is read as legacy):
 - GGUF (`general.type = imatrix`): per weight `<name>.in_sum2` (ne = [n_cols, n_mat], sums of x^2) and
   `<name>.counts` (ne = [1, n_mat]); weights = in_sum2 / count per matrix, or 1 where count is 0.
   The keys imatrix.datasets / chunk_count / chunk_size must be present (llama-quantize exits otherwise).
+  Written as imatrix.cpp's save_imatrix does: names sorted, F32 tensors, no general.architecture.
 - legacy `.dat`: int32 n_entries, then per entry int32 name length, name, int32 ncall, int32 nval,
   float32[nval] (already per-chunk means times ncall); weights = values / ncall (as is if ncall <= 0).
 llama-imatrix only records `blk.*` matmul weights (output.weight only with --process-output), so those
@@ -13,16 +15,18 @@ as llama-quantize does.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGMLQuantizationType, Keys
+from gguf import GGUFReader, GGUFWriter, GGMLQuantizationType, Keys
 
 from .policy import allows_quantization
 
 _META_KEYS = (Keys.IMatrix.DATASETS, Keys.IMatrix.CHUNK_COUNT, Keys.IMatrix.CHUNK_SIZE)
+_GGUF_TYPE = "imatrix"   # general.type of llama-imatrix's files
 
 
 @dataclass
@@ -91,7 +95,25 @@ def load_imatrix(path: Path, tensor_names: list[str],
     return out
 
 
-def _read_gguf(path: Path) -> Imatrix:
+@dataclass
+class ImatrixSums:
+    """The raw content of a GGUF imatrix: per weight the float32 sums of squared inputs
+    [n_mat, n_cols] and the float32 counts [n_mat] (whole numbers), plus the imatrix.* keys."""
+    sums: dict[str, np.ndarray]
+    counts: dict[str, np.ndarray]
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+
+
+def read_imatrix_sums(path: Path) -> ImatrixSums:
+    """Raw sums and counts of a GGUF imatrix (what llama-imatrix --in-file accumulates onto)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: importance matrix file not found")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF importance matrix (a legacy .dat holds no raw sums)")
     try:
         r = GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
@@ -109,21 +131,60 @@ def _read_gguf(path: Path) -> Imatrix:
                         raise ValueError(f"{path}: {t.name} must be F32")
                     d[t.name[:-len(suffix)]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
                 break
-    out = {}
-    for name in sorted(set(sums) | set(counts)):
+    for name in set(sums) | set(counts):
         if name not in sums or name not in counts:
             raise ValueError(f"{path}: mismatched sums and counts for {name}")
-        s, c = sums[name], counts[name]
-        if c.size == 0 or s.size == 0:
+        c = counts[name]
+        if c.size == 0 or sums[name].size % c.size:
+            raise ValueError(f"{path}: {name} has {sums[name].size} sums for {c.size} counts")
+        sums[name] = sums[name].reshape(c.size, -1)
+    field_ = r.fields[Keys.IMatrix.DATASETS]
+    datasets = [str(bytes(field_.parts[i]), "utf-8") for i in field_.data]
+    return ImatrixSums(sums, counts, datasets, int(r.fields[Keys.IMatrix.CHUNK_COUNT].parts[-1][0]),
+                       int(r.fields[Keys.IMatrix.CHUNK_SIZE].parts[-1][0]))
+
+
+def write_imatrix(path: Path, im: ImatrixSums) -> Path:
+    """Write `im` as llama-imatrix's GGUF (atomically: a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        w = GGUFWriter(tmp, "imatrix")
+        w.kv_data[0].pop(Keys.General.ARCHITECTURE)   # imatrix.cpp writes general.type only
+        w.add_type(_GGUF_TYPE)
+        w.add_array(Keys.IMatrix.DATASETS, list(im.datasets))
+        w.add_uint32(Keys.IMatrix.CHUNK_COUNT, int(im.chunk_count))
+        w.add_uint32(Keys.IMatrix.CHUNK_SIZE, int(im.chunk_size))
+        for name in sorted(im.sums):
+            s = np.asarray(im.sums[name], np.float32)
+            c = np.asarray(im.counts[name], np.float32).reshape(-1)
+            if s.size == 0 or c.size == 0:
+                continue
+            w.add_tensor(f"{name}.in_sum2", s.reshape(c.size, -1))
+            w.add_tensor(f"{name}.counts", c.reshape(c.size, 1))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _read_gguf(path: Path) -> Imatrix:
+    raw = read_imatrix_sums(path)
+    out = {}
+    for name in sorted(raw.sums):
+        s, c = raw.sums[name], np.round(raw.counts[name])   # llama.cpp: std::lround of each count
+        if s.size == 0:
             continue
-        s = s.reshape(c.size, -1)
         # count 0: the tensor never saw input during calibration -> neutral weights of 1
         with np.errstate(divide="ignore", invalid="ignore"):
-            v = np.where(c[:, None] > 0, s / c[:, None], np.float32(1))
+            v = np.where(c[:, None] > 0, s / c[:, None].astype(np.float32), np.float32(1))
         out[name] = v.astype(np.float32).reshape(-1)
-    datasets = [str(bytes(r.fields[Keys.IMatrix.DATASETS].parts[i]), "utf-8")
-                for i in r.fields[Keys.IMatrix.DATASETS].data]
-    return Imatrix(out, datasets, int(r.fields[Keys.IMatrix.CHUNK_COUNT].parts[-1][0]))
+    return Imatrix(out, raw.datasets, raw.chunk_count)
 
 
 def _read_legacy(path: Path) -> Imatrix:

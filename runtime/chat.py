@@ -101,12 +101,17 @@ class MiniCPMV:
             lm = LlamaModel(model_path, n_gpu_layers=n_gpu_layers, verbose=verbose)
         except LlamaError as e:
             raise ModelFileError(str(e)) from None
-        if vision.embed_dim != lm.n_embd:
-            raise ModelFileError(f"{mmproj_path}: mmproj produces {vision.embed_dim}-wide embeddings but the "
-                                 f"language model {model_path.name} expects {lm.n_embd}; use the matching pair")
+        cls.check_pair(vision, lm)
         ctx = LlamaContext(lm, ContextParams(n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
                                              kv_type=kv_type, flash_attn=flash_attn))
         return cls(lm, ctx, vision, fuse_placeholders=fuse_placeholders)
+
+    @staticmethod
+    def check_pair(vision, lm: LlamaModel) -> None:
+        """ModelFileError unless the mmproj's embeddings are as wide as the language model's input."""
+        if vision is not None and vision.embed_dim != lm.n_embd:
+            raise ModelFileError(f"{vision.path}: mmproj produces {vision.embed_dim}-wide embeddings but the "
+                                 f"language model {lm.path.name} expects {lm.n_embd}; use the matching pair")
 
     def close(self) -> None:
         self.ctx.close()

@@ -19,6 +19,7 @@ import sys
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -269,6 +270,7 @@ class _Batch:
             self.embd = None
         # raw pointers for the one-token fast path (attribute access on the struct allocates)
         self._tok_p, self._pos_p, self._log_p = b.token, b.pos, b.logits
+        self.logits_all = False
 
     def set_one(self, token: int, pos: int) -> None:
         self._tok_p[0] = token
@@ -276,9 +278,9 @@ class _Batch:
         self._log_p[0] = 1
         self.batch.n_tokens = 1
 
-    def fill(self, n: int, pos0: int, logits_last: bool, logits_all: bool = False) -> None:
+    def fill(self, n: int, pos0: int, logits_last: bool) -> None:
         self.pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
-        self.logits[:n] = 1 if logits_all else 0
+        self.logits[:n] = 1 if self.logits_all else 0
         if logits_last:
             self.logits[n - 1] = 1
         self.batch.n_tokens = n
@@ -299,6 +301,12 @@ class ContextParams:
     embd_rows: int | None = None  # rows per embedding batch (default n_batch)
     kv_type: str = "f16"         # KV cache precision: "f16" (llama.cpp's default) or "f32"
     flash_attn: bool | None = None   # None: llama.cpp decides (on for CPU); its CPU kernel is f16
+    # llama.cpp's eval callback (cb_eval): called with (address of a ggml_tensor of the graph, ask)
+    # as the graph is computed, see ggml_backend_sched_eval_callback; e.g. quant.imatrix_collect
+    cb_eval: Callable[[int, bool], bool] | None = None
+    # every decoded position computes its logits; otherwise llama.cpp's last layer keeps only the
+    # positions that output (what an eval callback sees of that layer changes with it)
+    logits_all: bool = False
 
 
 _KV_TYPES = {"f16": 1, "f32": 0}  # ggml_type ids
@@ -323,6 +331,13 @@ class LlamaContext:
             raise LlamaError(f"kv_type: {p.kv_type!r} is not one of {', '.join(_KV_TYPES)}")
         cp.type_k = cp.type_v = _KV_TYPES[p.kv_type]
         cp.flash_attn_type = -1 if p.flash_attn is None else int(bool(p.flash_attn))
+        self._cb_eval = None
+        if p.cb_eval is not None:
+            fn = p.cb_eval
+            # kept on self: llama.cpp holds the C pointer for the context's lifetime
+            self._cb_eval = ll.ggml_backend_sched_eval_callback(lambda t, ask, _ud: bool(fn(t or 0, bool(ask))))
+            cp.cb_eval = self._cb_eval
+            cp.cb_eval_user_data = None
         self.ctx = ll.llama_init_from_model(model.model, cp)
         if not self.ctx:
             raise LlamaError(f"cannot create a llama.cpp context with n_ctx={p.n_ctx} "
@@ -332,6 +347,7 @@ class LlamaContext:
         self.n_threads = threads
         self.mem = ll.llama_get_memory(self.ctx)
         self._tok = _Batch(self.n_batch)
+        self._tok.logits_all = self.logits_all = p.logits_all
         self._emb: _Batch | None = None     # allocated on the first embedding batch
         self.embd_capacity = p.embd_rows or self.n_batch
         self.n_vocab = model.n_vocab
@@ -357,18 +373,16 @@ class LlamaContext:
             raise ContextOverflowError(f"llama_decode: no room in the KV cache (n_ctx={self.n_ctx})")
         raise LlamaError(f"llama_decode failed with code {rc}")
 
-    def decode_tokens(self, tokens, pos0: int, *, logits_last: bool = True, logits_all: bool = False) -> None:
-        """Decode `tokens` at positions pos0.. in n_batch chunks; logits only for the last one, or
-        with `logits_all` for every position (then all of them must fit in one batch)."""
+    def decode_tokens(self, tokens, pos0: int, *, logits_last: bool = True) -> None:
+        """Decode `tokens` at positions pos0.. in n_batch chunks; logits only for the last one (for
+        every position with ContextParams.logits_all)."""
         n_all = len(tokens)
-        if logits_all and n_all > self.n_batch:
-            raise LlamaError(f"logits of {n_all} positions need n_batch >= {n_all} (it is {self.n_batch})")
         b = self._tok
         toks = np.asarray(tokens, dtype=np.int32)
         for s in range(0, n_all, self.n_batch):
             n = min(self.n_batch, n_all - s)
             b.token[:n] = toks[s:s + n]
-            b.fill(n, pos0 + s, logits_last and s + n == n_all, logits_all)
+            b.fill(n, pos0 + s, logits_last and s + n == n_all)
             self._decode(b)
 
     def decode_one(self, token: int, pos: int) -> None:
@@ -387,6 +401,7 @@ class LlamaContext:
                              f"model's embedding width {self.model.n_embd}")
         if self._emb is None:
             self._emb = _Batch(self.embd_capacity, self.model.n_embd)
+            self._emb.logits_all = self.logits_all
         b = self._emb
         n_all = rows.shape[0]
         for s in range(0, n_all, b.capacity):
@@ -403,7 +418,11 @@ class LlamaContext:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def all_logits(self, n: int) -> np.ndarray:
-        """[n, n_vocab] logits of the last `decode_tokens(..., logits_all=True)` call (a view)."""
+        """[n, n_vocab] logits of the last decode call's n positions, in a context made with
+        ContextParams.logits_all (a view)."""
+        if not self.logits_all or n > self.n_batch:
+            raise LlamaError(f"logits of {n} positions need ContextParams(logits_all=True) and one batch "
+                             f"(n_batch {self.n_batch})")
         ptr = ll.llama_get_logits(self.ctx)
         if not ptr:
             raise LlamaError("no logits available (nothing decoded with logits)")

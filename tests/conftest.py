@@ -9,7 +9,7 @@ import pytest
 
 from minicpmv.convert.synthetic import make_checkpoint
 
-from .hf_tokenizer import hf_tokenizer_dir
+from .hf_oracles import hf_qwen3_of, hf_tokenizer_dir
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -101,3 +101,9 @@ def torch_one_thread():
 def hf_tokenizer(tmp_path_factory, tiny_ckpt):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(hf_tokenizer_dir(tiny_ckpt, tmp_path_factory.mktemp("hftok"))))
+
+
+@pytest.fixture(scope="session")
+def hf_qwen3(tiny_ckpt):
+    """transformers' Qwen3ForCausalLM with the tiny checkpoint's `llm.*` weights, float32."""
+    return hf_qwen3_of(tiny_ckpt)

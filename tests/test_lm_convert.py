@@ -13,29 +13,10 @@ from gguf import GGUFReader, GGUFValueType, Keys, TokenType
 
 from minicpmv.runtime.llama import ContextParams, LlamaContext, LlamaModel
 
-from .hf_tokenizer import hf_tokenizer_dir
+from .hf_oracles import hf_tokenizer_dir
 
 PROMPT = ("<|im_start|>user\nWhat is in the image? Describe the picture in detail, please.<|im_end|>\n"
           "<|im_start|>assistant\n<think>\n\n</think>\n\nThe")
-
-
-@pytest.fixture(scope="module")
-def hf_qwen3(tiny_ckpt):
-    """transformers' Qwen3ForCausalLM with the checkpoint's `llm.*` weights, float32."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from minicpmv.convert.checkpoint import Checkpoint
-    raw = json.loads((tiny_ckpt / "config.json").read_text())
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
-            "tie_word_embeddings", "attention_bias", "bos_token_id", "eos_token_id")
-    cfg = Qwen3Config(**{k: raw[k] for k in keys}, torch_dtype="float32")
-    model = Qwen3ForCausalLM(cfg).eval()
-    ck = Checkpoint(tiny_ckpt)
-    sd = {n[len("llm."):]: torch.from_numpy(ck.f32(n)) for n in ck.names() if n.startswith("llm.")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +33,12 @@ class Oracle:
 
     def __init__(self, path: Path, n_ctx: int = 512):
         self.lm = LlamaModel(path, read_file=False)
-        self.ctx = LlamaContext(self.lm, ContextParams(n_ctx=n_ctx, n_batch=n_ctx, n_threads=2))
+        self.ctx = LlamaContext(self.lm, ContextParams(n_ctx=n_ctx, n_batch=n_ctx, n_threads=2, logits_all=True))
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """[n_tokens, n_vocab]"""
         self.ctx.clear()
-        self.ctx.decode_tokens(tokens, 0, logits_all=True)
+        self.ctx.decode_tokens(tokens, 0)
         return self.ctx.all_logits(len(tokens)).copy()
 
     def greedy(self, tokens: list[int], n_new: int) -> list[int]:

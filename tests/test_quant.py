@@ -1,7 +1,8 @@
 """quant/: one-pass quantized GGUFs are byte-identical to llama.cpp's `llama_model_quantize` applied to
-our own BF16 GGUF of the same checkpoint (types and data of every tensor), with and without an
-importance matrix, including llama.cpp's row-size fallbacks. Plus the imatrix reader against the
-file format, bad input, and a dequantization sanity check."""
+our own BF16 GGUF of the same checkpoint (types and data of every tensor), for every type, with and
+without an importance matrix, including llama.cpp's row-size fallbacks and its refusals; the type
+mixture of the real 8B layout equals llama.cpp's own choice. Plus the imatrix reader against the
+file format, bad input, the size table, and a dequantization sanity check."""
 
 from __future__ import annotations
 
@@ -11,56 +12,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter, Keys, quants
+from gguf import GGML_QUANT_SIZES, GGUFWriter, Keys, quants
 
 from minicpmv import quant
-from minicpmv.convert.pipeline import convert
 from minicpmv.convert.synthetic import make_checkpoint
-from minicpmv.quant.policy import use_more_bits
+from minicpmv.quant.policy import SPECS, use_more_bits
 
-ALL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-             "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
-MATMULS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+from .quant_helpers import assert_same_as_llama, bf16_gguf, matmul_widths, one_pass
+
+ALL_TYPES = list(SPECS)
+QUANTIZED = [n for n, s in SPECS.items() if s.quantized]
+# llama-quantize refuses these without an importance matrix (tensor_requires_imatrix)
+NEED_IMATRIX = ["IQ3_XS", "IQ3_XXS", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
 
-def read_tensors(path: Path) -> tuple[dict[str, tuple[Q, bytes]], int]:
-    r = GGUFReader(path)
-    ftype = int(r.fields["general.file_type"].parts[-1][0])
-    return {t.name: (Q(t.tensor_type), t.data.tobytes()) for t in r.tensors}, ftype
-
-
-def one_pass(ckpt: Path, out: Path, type_name: str, imatrix: Path | None = None) -> Path:
-    return convert(ckpt, out, quant_type=type_name, imatrix=imatrix, write_mmproj=False,
-                   progress=False, threads=2).lm_path
-
-
-def assert_same_as_llama(ckpt: Path, bf16_gguf: Path, tmp: Path, type_name: str,
-                         imatrix: Path | None = None) -> dict[str, Q]:
-    """Our one-pass file vs llama_model_quantize(BF16 GGUF): same tensors, types, bytes, file type."""
-    ours, ours_ftype = read_tensors(one_pass(ckpt, tmp / "ours", type_name, imatrix))
-    ref_path = quant.quantize_model_with_llama_cpp(bf16_gguf, tmp / "ref.gguf", type_name,
-                                                   imatrix=imatrix, nthread=2)
-    ref, ref_ftype = read_tensors(ref_path)
-    assert sorted(ours) == sorted(ref)
-    assert ours_ftype == ref_ftype == int(quant.parse_type(type_name).ftype)
-    wrong_type = {n: (ours[n][0].name, ref[n][0].name) for n in ref if ours[n][0] != ref[n][0]}
-    assert not wrong_type, f"{type_name}: tensor types differ (ours, llama.cpp): {wrong_type}"
-    wrong_data = [n for n in ref if ours[n][1] != ref[n][1]]
-    assert not wrong_data, f"{type_name}: tensor bytes differ: {wrong_data}"
-    return {n: t for n, (t, _) in ours.items()}
-
-
-def bf16_gguf(ckpt: Path, out: Path) -> Path:
-    return one_pass(ckpt, out, "BF16")
-
-
-def matmul_widths(gguf_path: Path) -> dict[str, int]:
-    """GGUF name -> row length (ne[0]) of every language-model weight llama-imatrix covers."""
-    return {t.name: int(t.shape[0]) for t in GGUFReader(gguf_path).tensors
-            if t.name.startswith("blk.") and t.name.rsplit(".", 2)[-2] in MATMULS}
+def assert_both_refuse(ckpt: Path, bf16_gguf: Path, tmp: Path, type_name: str) -> None:
+    """Without an importance matrix: llama_model_quantize fails, we refuse naming the type, write nothing."""
+    with pytest.raises(RuntimeError):
+        quant.quantize_model_with_llama_cpp(bf16_gguf, tmp / "ref.gguf", type_name, nthread=2)
+    with pytest.raises(ValueError, match=rf"{type_name} needs an importance matrix.*--imatrix"):
+        one_pass(ckpt, tmp / "ours", type_name)
+    assert not (tmp / "ref.gguf").exists() and not list((tmp / "ours").glob("*"))
 
 
 def synthetic_imatrix(widths: dict[str, int], seed: int) -> dict[str, tuple[np.ndarray, float]]:
@@ -132,13 +107,72 @@ def odd_width(tmp_path_factory) -> tuple[Path, Path]:
     return ckpt, bf16_gguf(ckpt, root / "bf16")
 
 
+@pytest.fixture(scope="session")
+def tiny_imatrix(tiny_bf16, tmp_path_factory) -> Path:
+    return write_imatrix_gguf(tmp_path_factory.mktemp("imat") / "tiny.gguf",
+                              synthetic_imatrix(matmul_widths(tiny_bf16), seed=1))
+
+
+@pytest.fixture(scope="session")
+def deep_gqa4(tmp_path_factory) -> tuple[Path, Path]:
+    """16 narrow layers with n_head / n_head_kv = 4 (as the 8B model): the n_gqa >= 4 rules, and the
+    layer-position rules (n/16, n/8, the middle three quarters) each pick some layers and not others."""
+    root = tmp_path_factory.mktemp("quant-gqa4")
+    ckpt = make_checkpoint(root / "ckpt", "tiny", num_hidden_layers=16, num_attention_heads=4,
+                           num_key_value_heads=1, intermediate_size=256)
+    return ckpt, bf16_gguf(ckpt, root / "bf16")
+
+
 # ------------------------------------------------------------------------------------------------
 # identity with llama_model_quantize
 
 @pytest.mark.parametrize("type_name", ALL_TYPES)
 def test_tiny_matches_llama_quantize(tiny_ckpt, tiny_bf16, tmp_path, type_name):
+    """tiny's rows are multiples of 256: every type is used as such (no fallback)."""
+    if type_name in NEED_IMATRIX:
+        assert_both_refuse(tiny_ckpt, tiny_bf16, tmp_path, type_name)
+        return
     types = assert_same_as_llama(tiny_ckpt, tiny_bf16, tmp_path, type_name)
     assert types["output_norm.weight"] == Q.F32 and types["blk.0.attn_q_norm.weight"] == Q.F32
+    assert types["blk.1.attn_q.weight"] == SPECS[type_name].default
+
+
+@pytest.mark.parametrize("type_name", QUANTIZED)
+def test_tiny_with_imatrix_matches_llama_quantize(tiny_ckpt, tiny_bf16, tiny_imatrix, tmp_path, type_name):
+    types = assert_same_as_llama(tiny_ckpt, tiny_bf16, tmp_path, type_name, imatrix=tiny_imatrix)
+    assert SPECS[type_name].default in set(types.values())
+
+
+# the types whose rules look at n_gqa or at the layer position
+GQA4_CASES = [("Q2_K", False), ("Q3_K_M", False), ("IQ4_XS", False), ("IQ3_M", False),
+              ("IQ3_XS", True), ("IQ3_XXS", True), ("IQ2_M", True), ("IQ1_S", True)]
+
+
+@pytest.mark.parametrize("type_name,with_imatrix", GQA4_CASES)
+def test_gqa4_layers_match_llama_quantize(deep_gqa4, tmp_path, type_name, with_imatrix):
+    ckpt, bf16 = deep_gqa4
+    imat = write_imatrix_gguf(tmp_path / "i.gguf", synthetic_imatrix(matmul_widths(bf16), seed=7)) \
+        if with_imatrix else None
+    types = assert_same_as_llama(ckpt, bf16, tmp_path, type_name, imatrix=imat)
+    v = [types[f"blk.{i}.attn_v.weight"] for i in range(16)]
+    if type_name in ("Q2_K", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ1_S"):   # n_gqa >= 4: attn_v -> Q4_K
+        assert v == [Q.Q4_K] * 16
+    if type_name == "Q3_K_M":   # the first two attn_v Q5_K; ffn_down Q5_K below n/16 = 1
+        assert v == [Q.Q5_K] * 2 + [Q.Q4_K] * 14
+        assert [types[f"blk.{i}.ffn_down.weight"] for i in range(3)] == [Q.Q5_K, Q.Q4_K, Q.Q4_K]
+    if type_name == "IQ3_XS":   # ffn_up/gate IQ3_XXS for 2 <= layer < 14
+        up = [types[f"blk.{i}.ffn_up.weight"] == Q.IQ3_XXS for i in range(16)]
+        assert up == [False] * 2 + [True] * 12 + [False] * 2
+
+
+def test_36_layers_match_llama_quantize(tmp_path):
+    """The real depth: llama.cpp orders blk.10 after blk.9 (numeric), and use_more_bits(i, 36) is
+    {0-3, 6, 9, ..., 27, 30-35}. Narrow matrices keep it fast."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", num_hidden_layers=36)
+    types = assert_same_as_llama(ckpt, bf16_gguf(ckpt, tmp_path / "bf16"), tmp_path, "Q4_K_M")
+    q6 = [i for i in range(36) if types[f"blk.{i}.ffn_down.weight"] == Q.Q6_K]
+    assert q6 == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 31, 32, 33, 34, 35]
+    assert q6 == [i for i in range(36) if types[f"blk.{i}.attn_v.weight"] == Q.Q6_K]
 
 
 @pytest.mark.parametrize("type_name", ["Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"])
@@ -160,22 +194,12 @@ def test_medium_matches_llama_quantize(medium, tmp_path, type_name):
     assert types["token_embd.weight"] == default
 
 
-def test_36_layers_match_llama_quantize(tmp_path):
-    """The real depth: llama.cpp orders blk.10 after blk.9 (numeric), and use_more_bits(i, 36) is
-    {0-3, 6, 9, ..., 27, 30-35}. Narrow matrices keep it fast."""
-    ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", num_hidden_layers=36)
-    types = assert_same_as_llama(ckpt, bf16_gguf(ckpt, tmp_path / "bf16"), tmp_path, "Q4_K_M")
-    q6 = [i for i in range(36) if types[f"blk.{i}.ffn_down.weight"] == Q.Q6_K]
-    assert q6 == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 31, 32, 33, 34, 35]
-    assert q6 == [i for i in range(36) if types[f"blk.{i}.attn_v.weight"] == Q.Q6_K]
-
-
 def test_tied_embeddings_take_the_output_rule():
     spec = quant.parse_type("Q4_K_M")
     tensors = [("token_embd.weight", (600, 256)), ("blk.0.attn_v.weight", (128, 256))]
-    assert quant.lm_tensor_types(tensors, spec, 1)[0] == Q.Q6_K
+    assert quant.lm_tensor_types(tensors, spec, 1, n_gqa=2)[0] == Q.Q6_K
     untied = tensors + [("output.weight", (600, 256))]
-    assert quant.lm_tensor_types(untied, spec, 1)[0] == Q.Q4_K
+    assert quant.lm_tensor_types(untied, spec, 1, n_gqa=2)[0] == Q.Q4_K
 
 
 def test_row_size_fallbacks_match_llama_quantize(odd_width, tmp_path):
@@ -186,11 +210,19 @@ def test_row_size_fallbacks_match_llama_quantize(odd_width, tmp_path):
         "Q6_K": (Q.Q8_0, Q.Q8_0, Q.F16),
         "Q4_0": (Q.Q4_0, Q.Q8_0, Q.F16),   # output: Q6_K -> Q8_0 fallback
         "Q8_0": (Q.Q8_0, Q.Q8_0, Q.F16),
+        "Q3_K_S": (Q.Q4_0, Q.Q8_0, Q.F16),
+        "IQ4_XS": (Q.IQ4_NL, Q.Q8_0, Q.F16),
+        "IQ3_S": (Q.IQ4_NL, Q.Q8_0, Q.F16),
+        # every IQ2_XXS tensor falls back to a type that needs no imatrix: llama.cpp accepts it without one
+        "IQ2_XXS": (Q.IQ4_NL, Q.Q8_0, Q.F16),
     }
     for type_name, (mat, out, down) in expect.items():
         types = assert_same_as_llama(ckpt, bf16, tmp_path / type_name, type_name)
         assert types["blk.1.attn_q.weight"] == mat and types["blk.1.ffn_gate.weight"] == mat
         assert types["output.weight"] == out and types["blk.0.ffn_down.weight"] == down
+    imat = write_imatrix_gguf(tmp_path / "i.gguf", synthetic_imatrix(matmul_widths(bf16), seed=8))
+    types = assert_same_as_llama(ckpt, bf16, tmp_path / "IQ1_M", "IQ1_M", imatrix=imat)
+    assert types["token_embd.weight"] == Q.Q4_0   # Q2_K -> Q4_0
 
 
 @pytest.mark.parametrize("type_name", ["Q4_K_M", "Q4_0"])
@@ -208,6 +240,76 @@ def test_tiny_with_legacy_imatrix_matches_llama_quantize(tiny_ckpt, tiny_bf16, t
     dat = write_imatrix_dat(tmp_path / "imatrix.dat", {
         n: ((rng.gamma(0.5, 2.0, w) * 7).astype(np.float32), 7) for n, w in widths.items()})
     assert_same_as_llama(tiny_ckpt, tiny_bf16, tmp_path, "Q4_K_S", imatrix=dat)
+
+
+# ------------------------------------------------------------------------------------------------
+# type choice on the real layout (no weights): llama.cpp's own selection code as the oracle
+
+def _layouts():
+    from minicpmv.convert.lm import published_lm_layout
+    cfg, real = published_lm_layout()
+    t = cfg.text
+    yield "8B", real, dict(n_embd=t.hidden_size, n_ff=t.intermediate_size, n_layer=t.num_hidden_layers,
+                           n_head=t.num_attention_heads, n_head_kv=t.num_key_value_heads, head_dim=t.head_dim)
+    # the same 36 layers with n_gqa 2 and 288-wide rows (fallbacks), and with tied embeddings
+    odd = [(n, tuple(288 if d == 4096 else 576 if d == 1024 else d for d in shape)) for n, shape in real]
+    yield "gqa2-odd", odd, dict(n_embd=288, n_ff=12288, n_layer=36, n_head=8, n_head_kv=4, head_dim=36)
+    tied = [(n, s) for n, s in real if n != "output.weight"]
+    yield "tied", tied, dict(n_embd=t.hidden_size, n_ff=t.intermediate_size, n_layer=t.num_hidden_layers,
+                             n_head=t.num_attention_heads, n_head_kv=t.num_key_value_heads, head_dim=t.head_dim)
+
+
+@pytest.mark.parametrize("type_name", ALL_TYPES)
+def test_types_equal_llama_cpp_selection(type_name):
+    """llama_quant_compute_types (llama.cpp's selection, as if without an imatrix) on the 8B model's
+    399 tensors, on a 36-layer variant with n_gqa 2 and rows that need fallbacks, and with tied
+    embeddings; inputs BF16 as our two-step file."""
+    from .llama_quant_types import llama_types
+    spec = SPECS[type_name]
+    for label, tensors, hp in _layouts():
+        ref = llama_types(tensors, int(spec.ftype), input_type=int(Q.BF16), **hp)
+        ours = quant.lm_tensor_types(tensors, spec, hp["n_layer"], n_gqa=hp["n_head"] // hp["n_head_kv"],
+                                     input_type=Q.BF16)
+        diff = [(n, Q(a).name, b.name) for (n, _), a, b in zip(tensors, ref, ours) if a != b]
+        assert not diff, f"{type_name} on {label}: (tensor, llama.cpp, ours) {diff[:4]} ({len(diff)} differ)"
+
+
+def test_size_table_is_computed_from_the_8b_layout():
+    """--help and the README list every type with the 8B model's bits per weight and size, equal to
+    the tensor bytes of the mixture llama.cpp picks on the published shapes (Q8_0: 34 bytes per 32
+    weights; F16 2 bytes per weight; the norms stay F32)."""
+    from minicpmv.cli.convert import quant_table
+    from minicpmv.convert.lm import published_lm_layout
+    from minicpmv.quant.sizes import mixture_size
+    cfg, tensors = published_lm_layout()
+    n = sum(int(np.prod(s)) for _, s in tensors)
+    t = cfg.text   # embeddings + output, per layer q/k/v/o, gate/up/down, 2 norms, q/k norms; final norm
+    H, q, kv = t.hidden_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    per_layer = 2 * q * H + 2 * kv * H + 3 * t.intermediate_size * H + 2 * H + 2 * t.head_dim
+    assert n == 2 * t.vocab_size * H + t.num_hidden_layers * per_layer + H == 8_189_195_264
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = quant_table()
+    for name, spec in SPECS.items():
+        m = mixture_size(tensors, spec, 36, 4)
+        assert m.n_params == n and m.needs_imatrix == (name in NEED_IMATRIX)
+        line = f"| `{name}` | {m.bpw:.2f} | {m.nbytes / 1e9:.2f} GB | {'yes' if m.needs_imatrix else ''} |"
+        assert line in readme, line
+        assert f"{name:<8} {m.bpw:5.2f} bpw {m.nbytes / 1e9:6.2f} GB" in table, name
+    n_1d = sum(int(np.prod(s)) for _, s in tensors if len(s) == 1)   # norms stay F32
+    assert mixture_size(tensors, SPECS["Q8_0"], 36, 4).nbytes == (n - n_1d) // 32 * 34 + 4 * n_1d
+    assert mixture_size(tensors, SPECS["F16"], 36, 4).nbytes == 2 * (n - n_1d) + 4 * n_1d
+
+
+def test_cli_refuses_a_type_that_needs_an_imatrix(tiny_ckpt, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "minicpmv.cli.convert", str(tiny_ckpt), "-o", str(out),
+                          "--quant", "iq2_xxs", "--quiet"], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "IQ2_XXS needs an importance matrix" in lines[0] and "--imatrix" in lines[0]
+    assert not out.exists() or not any(out.iterdir())
 
 
 # ------------------------------------------------------------------------------------------------

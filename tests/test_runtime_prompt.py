@@ -26,7 +26,7 @@ UNK_ID = 128244  # docs/reference-model.md §1.3
 def real(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from .hf_tokenizer import hf_tokenizer_dir
+    from .hf_oracles import hf_tokenizer_dir
     from minicpmv.convert.pipeline import convert
     from minicpmv.convert.synthetic import make_checkpoint
     ck = make_checkpoint(tmp_path_factory.mktemp("rv") / "ck", "tiny", vocab="real")
