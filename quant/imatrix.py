@@ -36,14 +36,18 @@ class Imatrix:
     chunk_count: int = 0
 
 
-def read_imatrix(path: Path) -> Imatrix:
-    """Every entry of an imatrix file (GGUF or legacy .dat)."""
-    path = Path(path)
+def _magic(path: Path) -> bytes:
+    """The first bytes of an importance matrix file (ValueError naming it when it is missing)."""
     if not path.is_file():
         raise ValueError(f"{path}: importance matrix file not found")
     with open(path, "rb") as f:
-        magic = f.read(4)
-    im = _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
+        return f.read(4)
+
+
+def read_imatrix(path: Path) -> Imatrix:
+    """Every entry of an imatrix file (GGUF or legacy .dat)."""
+    path = Path(path)
+    im = _read_gguf(path) if _magic(path) == b"GGUF" else _read_legacy(path)
     for name, v in im.values.items():   # llama-quantize refuses any non-finite value
         if not np.isfinite(v).all():
             raise ValueError(f"{path}: importance matrix entry {name} has non-finite values")
@@ -109,11 +113,8 @@ class ImatrixSums:
 def read_imatrix_sums(path: Path) -> ImatrixSums:
     """Raw sums and counts of a GGUF imatrix (what llama-imatrix --in-file accumulates onto)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: importance matrix file not found")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF importance matrix (a legacy .dat holds no raw sums)")
+    if _magic(path) != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF importance matrix (a legacy .dat holds no raw sums)")
     try:
         r = GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
