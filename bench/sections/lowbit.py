@@ -119,7 +119,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def make_inputs(work: Path, plan: Plan) -> tuple[Path, Path, Path]:
     """Calibration sets (text lines, picture questions) and held-out prompts, all deterministic."""
-    from .media import picture
+    from ..media import picture
     rng = np.random.default_rng(15)
     vocab = ("the model reads a long document about rivers mountains cities weather music history science "
              "gardens machines languages numbers colours animals stories markets travel and then it writes "
