@@ -66,7 +66,7 @@ class MiniCPMV:
              n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int | None = None,
              vision_dtype: str = "auto", n_batch: int = 512, kv_type: str = "f16",
              flash_attn: bool | None = None, fuse_placeholders: bool = True,
-             verbose: bool = False) -> "MiniCPMV":
+             verbose: bool = False, low_memory: bool = False) -> "MiniCPMV":
         """Load the language model GGUF and the mmproj GGUF, or a folder holding both.
 
         `n_gpu_layers` None = all layers on Metal on macOS, CPU elsewhere. llama.cpp's defaults keep
@@ -76,7 +76,14 @@ class MiniCPMV:
         every text run as tokens and every slot as its own 64-row batch (mtmd's layout). Raises
         ModelFileError (one line) for missing/unreadable files or a mmproj whose width does not
         match the language model.
+
+        `low_memory` (for 8 GB machines): the KV cache in q8_0 (half of f16; unless `kv_type` is
+        given otherwise), and the vision weights are not kept: the tower and resampler matrices are
+        read from the mmproj (through the page cache) for every image, one slice at a time. Costs
+        and the peak memory of both profiles: BENCHMARKS.md.
         """
+        if low_memory and kv_type == "f16":
+            kv_type = "q8_0"
         model_path = Path(model_path)
         if mmproj_path is None:
             if not model_path.is_dir():
@@ -94,7 +101,8 @@ class MiniCPMV:
         from .vision import VisionEncoder
         threads = n_threads or default_threads()
         try:
-            vision = VisionEncoder.load(mmproj_path, dtype=vision_dtype, n_threads=threads)
+            vision = VisionEncoder.load(mmproj_path, dtype=vision_dtype, n_threads=threads,
+                                        **(dict(resident=False, sub_batch_tokens=1) if low_memory else {}))
         except (ValueError, OSError) as e:
             raise ModelFileError(str(e).splitlines()[0] if str(e) else f"{mmproj_path}: cannot load") from None
         try:

@@ -299,7 +299,7 @@ class ContextParams:
     n_batch: int = 512
     n_threads: int | None = None
     embd_rows: int | None = None  # rows per embedding batch (default n_batch)
-    kv_type: str = "f16"         # KV cache precision: "f16" (llama.cpp's default) or "f32"
+    kv_type: str = "f16"         # KV cache precision: "f16" (llama.cpp's default), "f32" or "q8_0"
     flash_attn: bool | None = None   # None: llama.cpp decides (on for CPU); its CPU kernel is f16
     # llama.cpp's eval callback (cb_eval): called with (address of a ggml_tensor of the graph, ask)
     # as the graph is computed, see ggml_backend_sched_eval_callback; e.g. quant.imatrix_collect
@@ -309,7 +309,10 @@ class ContextParams:
     logits_all: bool = False
 
 
-_KV_TYPES = {"f16": 1, "f32": 0}  # ggml_type ids
+# ggml_type ids. q8_0 halves the cache (llama.cpp quantizes K and V per 32 values; a quantized V
+# cache needs flash attention, which is llama.cpp's CPU default).
+_KV_TYPES = {"f16": 1, "f32": 0, "q8_0": 8}
+KV_TYPES = tuple(_KV_TYPES)
 
 
 class LlamaContext:
@@ -331,6 +334,12 @@ class LlamaContext:
             raise LlamaError(f"kv_type: {p.kv_type!r} is not one of {', '.join(_KV_TYPES)}")
         cp.type_k = cp.type_v = _KV_TYPES[p.kv_type]
         cp.flash_attn_type = -1 if p.flash_attn is None else int(bool(p.flash_attn))
+        if p.kv_type == "q8_0" and p.flash_attn is False:
+            raise LlamaError("kv_type q8_0 needs flash attention (flash_attn None or True)")
+        # Only the last position's logits are read (unless logits_all): telling llama.cpp so sizes
+        # its compute buffer for one output row instead of n_batch rows of the 151k-entry
+        # vocabulary (312 -> 108 MiB for the 8B model at n_batch 512).
+        cp.n_outputs_max = 0 if p.logits_all else 1
         self._cb_eval = None
         if p.cb_eval is not None:
             fn = p.cb_eval

@@ -13,6 +13,7 @@ Tensors keep numpy (= torch) shape order, i.e. reversed ggml `ne`.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,16 @@ class VisionHParams:
     image_std: tuple[float, float, float]
 
 
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where a tensor's data is in the file, to read it again later without a memory map."""
+    name: str
+    offset: int                            # absolute byte offset
+    nbytes: int
+    qtype: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]                 # numpy order
+
+
 @dataclass
 class Mmproj:
     path: Path
@@ -69,28 +80,51 @@ class Mmproj:
         del self.tensors[name]
         return t
 
+    def locate(self, name: str) -> TensorLocation:
+        """Where `name` (our naming) lives in the file, then forget it (nothing is read)."""
+        t = self.tensors.pop(name)
+        return TensorLocation(name, int(t.data_offset), int(t.n_bytes), t.tensor_type,
+                              tuple(int(d) for d in reversed(t.shape.tolist())))
+
+
+def read_tensor(fd: int, loc: TensorLocation) -> torch.Tensor:
+    """A tensor read from an open mmproj file with one positioned read: the data passes through the
+    page cache into memory of ours, so no mapped page of the file stays in the process. f16 and
+    bf16 tensors come back as they are stored (half the bytes of float32; converting them to
+    float32 or bf16 later rounds exactly as from the float32 copy), others as float32."""
+    buf = np.empty(loc.nbytes, dtype=np.uint8)
+    n = os.preadv(fd, [memoryview(buf)], loc.offset)
+    if n != loc.nbytes:
+        raise MmprojError(f"tensor {loc.name}: read {n} of {loc.nbytes} bytes (file changed or truncated?)")
+    if loc.qtype == gguf.GGMLQuantizationType.F16:
+        return torch.from_numpy(buf.view(np.float16).reshape(loc.shape))
+    if loc.qtype == gguf.GGMLQuantizationType.BF16:
+        return torch.from_numpy(buf.view(np.int16).reshape(loc.shape)).view(torch.bfloat16)
+    return _decode(buf, loc.qtype, loc.shape, loc.name)
+
 
 def _dequantize(t: gguf.ReaderTensor) -> torch.Tensor:
     """float32 torch tensor in numpy shape order (owned memory, not the file's memory map)."""
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    raw = np.asarray(t.data).reshape(-1).view(np.uint8)
     with warnings.catch_warnings():  # torch warns about the read-only map; every path copies
         warnings.simplefilter("ignore", UserWarning)
-        return _dequantize_copy(t)
+        return _decode(raw, t.tensor_type, shape, t.name)
 
 
-def _dequantize_copy(t: gguf.ReaderTensor) -> torch.Tensor:
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    qt = t.tensor_type
+def _decode(raw: np.ndarray, qt: gguf.GGMLQuantizationType, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """The bytes of one tensor (uint8) -> float32 torch tensor of `shape` (owned memory)."""
     if qt == gguf.GGMLQuantizationType.F32:
-        return torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape))
+        return torch.from_numpy(np.array(raw.view(np.float32), dtype=np.float32).reshape(shape))
     if qt == gguf.GGMLQuantizationType.F16:
-        return torch.from_numpy(np.asarray(t.data).reshape(shape)).float()
+        return torch.from_numpy(raw.view(np.float16).reshape(shape)).float()
     if qt == gguf.GGMLQuantizationType.BF16:
-        bits = np.asarray(t.data).view(np.int16).reshape(shape)
+        bits = raw.view(np.int16).reshape(shape)
         return torch.from_numpy(bits).view(torch.bfloat16).float()
     try:
-        arr = gguf.quants.dequantize(np.asarray(t.data), qt)
+        arr = gguf.quants.dequantize(raw, qt)
     except NotImplementedError:
-        raise MmprojError(f"tensor {t.name}: ggml type {qt.name} cannot be dequantized") from None
+        raise MmprojError(f"tensor {name}: ggml type {qt.name} cannot be dequantized") from None
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
 
 

@@ -25,12 +25,15 @@ llama.cpp's mtmd are in BENCHMARKS.md §2.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -44,12 +47,16 @@ from minicpmv.schema import (
 )
 from minicpmv.sincos import sincos, sincos_2d
 
-from .mmproj import Mmproj, VisionHParams, load_mmproj
+from .mmproj import Mmproj, TensorLocation, VisionHParams, load_mmproj, read_tensor
 from .vision_dtype import DtypeChoice, choose_vision_dtype
 
-# Tokens per tower batch: bounds activation memory for long videos (the reference runs 16 slices
-# per chunk); one image (at most 10 slices of ~1024 patches) always fits in a single batch.
+# Tokens per chunk: the tower and the resampler run on whole groups of at most this many patches
+# (the reference runs 16 slices per chunk); one image (at most 10 slices of ~1024 patches) is one
+# chunk. Streamed weights (resident=False) are read once per chunk.
 MAX_BATCH_TOKENS = 16 * 1024
+# Inside a chunk each tower layer runs over slices in sub-batches of at most this many patches:
+# bounds the activations (about 22 KB per patch per layer in bf16) without splitting a slice.
+SUB_BATCH_TOKENS = 4096
 
 
 class VisionInputError(ValueError):
@@ -147,10 +154,44 @@ class Block:
     fc2: Linear
 
 
+@dataclass
+class ResamplerWeights:
+    """The resampler's big matrices (the folded score matrix is always resident: it is derived)."""
+    kv: Linear           # tower width -> D, no bias
+    wv_t: torch.Tensor   # [H, D, hd] value projection, transposed per head
+    bv: torch.Tensor     # [H, 1, hd]
+    o: Linear
+    proj: Linear         # [out, in]: x @ proj_hf == F.linear(x, proj.weight)
+
+
+class _FileTensors:
+    """`take(name)` for weights read from the mmproj on demand (resident=False): positioned reads
+    through the page cache, so between passes nothing of them stays in the process; f16 matrices
+    are converted straight to the compute dtype (no float32 copy)."""
+
+    def __init__(self, path: Path, locs: dict[str, TensorLocation]):
+        self.path, self.locs = path, locs
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDONLY)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+    def take(self, name: str) -> torch.Tensor:
+        return read_tensor(self.fd, self.locs[name])
+
+
 class VisionEncoder:
     """Tower + resampler weights in compute dtype; `encode_slices` is the one entry point."""
 
-    def __init__(self, mm: Mmproj, dtype: torch.dtype, n_threads: int):
+    def __init__(self, mm: Mmproj, dtype: torch.dtype, n_threads: int, *, resident: bool = True,
+                 sub_batch_tokens: int = SUB_BATCH_TOKENS):
+        """`resident=False`: keep only the small tensors (position table, LayerNorms, the folded
+        resampler scores, the patch embedding) and read the tower and resampler matrices from the
+        mmproj for each chunk (about 1 GB less resident for the full model, ~0.7 s more per chunk).
+        `sub_batch_tokens`: patches per tower sub-batch (activation memory)."""
         hp = mm.hparams
         self.hparams: VisionHParams = hp
         self.path: Path = mm.path
@@ -164,6 +205,8 @@ class VisionEncoder:
         self.image_size = hp.image_size
         self.patch_size = hp.patch_size
         self._workers: ThreadPoolExecutor | None = None
+        self.resident = resident
+        self.sub_batch_tokens = max(1, sub_batch_tokens)
         t = mm  # consumed: each tensor is dequantized, converted and dropped in turn (bounds peak memory)
         pack = USE_ONEDNN_PACKING and _onednn_available(dtype)
         self.packed = pack
@@ -171,33 +214,12 @@ class VisionEncoder:
         def vec(name: str) -> torch.Tensor:   # LayerNorm parameters and tables stay float32
             return t.take(name).float().contiguous()
 
-        def lin(base: str, bias: bool = True, gelu: bool = False) -> Linear:
-            return Linear(t.take(base + ".weight"), t.take(base + ".bias") if bias else None, dtype, gelu, pack)
-
-        def qkv(i: int) -> Linear:
-            """q|k|v fused, with the attention scale 1/sqrt(head_dim) folded into the q rows."""
-            bases = [v_blk(k, i) for k in ("attn_q", "attn_k", "attn_v")]
-            w = torch.cat([t.take(b + ".weight") for b in bases])
-            b = torch.cat([t.take(b + ".bias") for b in bases])
-            scale = (hp.n_embd // hp.n_head) ** -0.5
-            w[:hp.n_embd] *= scale
-            b[:hp.n_embd] *= scale
-            return Linear(w, b, dtype, pack=pack)
-
         d, p = hp.n_embd, hp.patch_size
         patch_w = t.take(V_PATCH_EMBD + ".weight").reshape(d, 3 * p * p)  # the 14x14 conv as a linear
         self.patch = Linear(patch_w, t.take(V_PATCH_EMBD + ".bias"), dtype, pack=pack)
         self.pos_embd = vec(V_POS_EMBD + ".weight")
-        self.blocks: list[Block] = []
-        for i in range(hp.n_layer):
-            self.blocks.append(Block(
-                ln1_w=vec(v_blk("ln1", i) + ".weight"), ln1_b=vec(v_blk("ln1", i) + ".bias"),
-                qkv=qkv(i),
-                out=lin(v_blk("attn_out", i)),
-                ln2_w=vec(v_blk("ln2", i) + ".weight"), ln2_b=vec(v_blk("ln2", i) + ".bias"),
-                fc1=lin(v_blk("ffn_up", i), gelu=True),
-                fc2=lin(v_blk("ffn_down", i)),
-            ))
+        self.norms = [(vec(v_blk("ln1", i) + ".weight"), vec(v_blk("ln1", i) + ".bias"),
+                       vec(v_blk("ln2", i) + ".weight"), vec(v_blk("ln2", i) + ".bias")) for i in range(hp.n_layer)]
         self.post_ln_w, self.post_ln_b = vec(V_POST_LN + ".weight"), vec(V_POST_LN + ".bias")
 
         # The resampler's queries do not depend on the input, so its attention folds into two
@@ -215,19 +237,71 @@ class VisionEncoder:
             t.take(R_ATTN_K + ".bias")
             qk = torch.bmm(q.view(Q, H, hd).transpose(0, 1), wk) * hd ** -0.5            # [H, Q, D]
         self.scores = Linear(qk.reshape(H * Q, D), None, dtype, pack=pack)   # keys -> [N, H*Q]
-        self.wv_t = t.take(R_ATTN_V + ".weight").view(H, hd, D).transpose(1, 2).to(dtype).contiguous()
-        self.bv = t.take(R_ATTN_V + ".bias").view(H, 1, hd).to(dtype)
-        self.kv = lin(R_KV, bias=False)
         self.ln_kv_w, self.ln_kv_b = vec(R_LN_KV + ".weight"), vec(R_LN_KV + ".bias")
-        self.o = lin(R_ATTN_OUT)
         self.ln_post_w, self.ln_post_b = vec(R_LN_POST + ".weight"), vec(R_LN_POST + ".bias")
-        self.proj = lin(R_PROJ, bias=False)  # [out, in]: x @ proj_hf == F.linear(x, proj.weight)
+
+        # the big matrices: converted now (resident) or read again for every chunk
+        self.blocks: list[Block] | None = None
+        self.resampler: ResamplerWeights | None = None
+        self._file: _FileTensors | None = None
+        if resident:
+            self.blocks = [self._block(i, t.take) for i in range(hp.n_layer)]
+            self.resampler = self._resampler(t.take)
+        else:
+            self._file = _FileTensors(mm.path, {n: mm.locate(n) for n in list(mm.tensors)})
+
+    # ----------------------------------------------------------------------- weights
+
+    def _linear(self, take, base: str, bias: bool = True, gelu: bool = False) -> Linear:
+        return Linear(take(base + ".weight"), take(base + ".bias") if bias else None, self.dtype, gelu,
+                      self.packed)
+
+    def _block(self, i: int, take) -> Block:
+        """Tower block i from `take(name) -> float32 tensor`; q|k|v fused, with the attention scale
+        1/sqrt(head_dim) folded into the q rows."""
+        hp = self.hparams
+        bases = [v_blk(k, i) for k in ("attn_q", "attn_k", "attn_v")]
+        w = torch.cat([take(b + ".weight") for b in bases]).float()   # the scale is folded in float32
+        b = torch.cat([take(b + ".bias") for b in bases]).float()
+        scale = (hp.n_embd // hp.n_head) ** -0.5
+        w[:hp.n_embd] *= scale
+        b[:hp.n_embd] *= scale
+        ln1_w, ln1_b, ln2_w, ln2_b = self.norms[i]
+        return Block(ln1_w=ln1_w, ln1_b=ln1_b, qkv=Linear(w, b, self.dtype, pack=self.packed),
+                     out=self._linear(take, v_blk("attn_out", i)), ln2_w=ln2_w, ln2_b=ln2_b,
+                     fc1=self._linear(take, v_blk("ffn_up", i), gelu=True),
+                     fc2=self._linear(take, v_blk("ffn_down", i)))
+
+    def _resampler(self, take) -> ResamplerWeights:
+        hp = self.hparams
+        H, D = hp.n_head_resampler, hp.embed_dim
+        hd = D // H
+        return ResamplerWeights(
+            kv=self._linear(take, R_KV, bias=False),
+            wv_t=take(R_ATTN_V + ".weight").view(H, hd, D).transpose(1, 2).to(self.dtype).contiguous(),
+            bv=take(R_ATTN_V + ".bias").view(H, 1, hd).to(self.dtype),
+            o=self._linear(take, R_ATTN_OUT), proj=self._linear(take, R_PROJ, bias=False))
+
+    def _tower_blocks(self) -> Iterator[Block]:
+        """The tower's blocks in order: resident, or read from the file one at a time."""
+        if self.resident:
+            yield from self.blocks
+            return
+        with self._file as f:
+            for i in range(self.hparams.n_layer):
+                yield self._block(i, f.take)
+
+    def _resampler_weights(self) -> ResamplerWeights:
+        if self.resident:
+            return self.resampler
+        with self._file as f:
+            return self._resampler(f.take)
 
     # ----------------------------------------------------------------------- construction
 
     @classmethod
-    def load(cls, mmproj_path: str | os.PathLike, *, dtype: str = "auto",
-             n_threads: int | None = None) -> "VisionEncoder":
+    def load(cls, mmproj_path: str | os.PathLike, *, dtype: str = "auto", n_threads: int | None = None,
+             resident: bool = True, sub_batch_tokens: int = SUB_BATCH_TOKENS) -> "VisionEncoder":
         if n_threads is not None and n_threads < 1:
             raise VisionInputError(f"n_threads: {n_threads} must be >= 1")
         threads = n_threads or default_threads()
@@ -236,7 +310,7 @@ class VisionEncoder:
         except ValueError as e:
             raise VisionInputError(str(e)) from None
         mm = load_mmproj(mmproj_path)
-        enc = cls(mm, choice.torch_dtype, threads)
+        enc = cls(mm, choice.torch_dtype, threads, resident=resident, sub_batch_tokens=sub_batch_tokens)
         enc.dtype_choice = choice
         return enc
 
@@ -253,13 +327,15 @@ class VisionEncoder:
     @property
     def weights_nbytes(self) -> int:
         """Resident bytes of the loaded weights: matmul weights (and the resampler's folded query
-        matrix) in the compute dtype, LayerNorm parameters and the position table in float32."""
-        linears = [self.patch, self.kv, self.scores, self.o, self.proj]
+        matrix) in the compute dtype, LayerNorm parameters and the position table in float32. With
+        resident=False the tower and resampler matrices are not counted (read per chunk)."""
+        linears = [self.patch, self.scores]
         vectors = [self.pos_embd, self.post_ln_w, self.post_ln_b, self.ln_kv_w, self.ln_kv_b,
-                   self.ln_post_w, self.ln_post_b, self.wv_t, self.bv]
-        for blk in self.blocks:
-            linears += [blk.qkv, blk.out, blk.fc1, blk.fc2]
-            vectors += [blk.ln1_w, blk.ln1_b, blk.ln2_w, blk.ln2_b]
+                   self.ln_post_w, self.ln_post_b] + [v for norms in self.norms for v in norms]
+        if self.resident:
+            r = self.resampler
+            linears += [r.kv, r.o, r.proj] + [lin for b in self.blocks for lin in (b.qkv, b.out, b.fc1, b.fc2)]
+            vectors += [r.wv_t, r.bv]
         return sum(x.nbytes for x in linears) + sum(x.numel() * x.element_size() for x in vectors)
 
     # ----------------------------------------------------------------------- public API
@@ -282,7 +358,10 @@ class VisionEncoder:
                 rel = [(s - first, ids) for s, ids in chunk]
                 out.append(self._resample(feats, sizes[first:last], rel, temporal_ids is not None))
                 bar.update(len(chunk))
-        return torch.cat(out).float().numpy()
+        result = torch.cat(out).float().numpy()
+        del out, feats
+        _return_freed_memory()
+        return result
 
     def vision(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
         """Tower output (after post-LN) per slice: [h*w, n_embd] float32 (for tests / debugging)."""
@@ -337,11 +416,16 @@ class VisionEncoder:
         lens = [h * w for h, w in sizes]
         patches = torch.cat([patch_rows(a, p) for a in pixels])
         ids = torch.cat([navit_position_ids(h, w, hp.pos_buckets) for h, w in sizes])
-        x = self.patch(patches.to(dt)).float() + self.pos_embd[ids]
+        x = self.patch(patches.to(dt)).float()
+        del patches
+        x += self.pos_embd[ids]
 
         attend = attention_for(dt, hp.n_head, self._pool() if dt == torch.bfloat16 else None, self.n_threads)
-        for blk in self.blocks:
-            x = block_forward(x, blk, lens, hp.eps, dt, attend)
+        subs = _sub_batches(lens, self.sub_batch_tokens)
+        for blk in self._tower_blocks():
+            for lo, hi, sl in subs:   # whole slices: attention never crosses a sub-batch
+                x[lo:hi] = block_forward(x[lo:hi], blk, lens[sl], hp.eps, dt, attend)
+            del blk   # a streamed block is freed before the next one is read
         return F.layer_norm(x, (d,), self.post_ln_w, self.post_ln_b, hp.eps)
 
     def _pool(self) -> ThreadPoolExecutor | None:
@@ -354,11 +438,24 @@ class VisionEncoder:
 
     def _resample(self, feats: torch.Tensor, sizes: list[tuple[int, int]],
                   groups: list[tuple[int, list[int]]], temporal: bool) -> torch.Tensor:
-        """Packed tower output of the slices in `groups` -> [G, query_num, D]."""
+        """Packed tower output of the slices in `groups` -> [G, query_num, D], groups in runs of
+        at most sub_batch_tokens patches (its keys and values are D = 4096 wide: for a whole image
+        at once they would take about 0.6 GB)."""
+        r = self._resampler_weights()
+        offs = np.cumsum([0] + [h * w for h, w in sizes])
+        outs = []
+        for run in _chunk_groups(groups, sizes, self.sub_batch_tokens):
+            s0, s1 = run[0][0], run[-1][0] + len(run[-1][1])
+            outs.append(self._resample_run(r, feats[int(offs[s0]):int(offs[s1])], sizes[s0:s1],
+                                           [(s - s0, g) for s, g in run], temporal))
+        return torch.cat(outs)
+
+    def _resample_run(self, r: ResamplerWeights, feats: torch.Tensor, sizes: list[tuple[int, int]],
+                      groups: list[tuple[int, list[int]]], temporal: bool) -> torch.Tensor:
         hp, dt = self.hparams, self.dtype
         D, H, Q = hp.embed_dim, hp.n_head_resampler, hp.query_num
         lens = [h * w for h, w in sizes]
-        x = F.layer_norm(self.kv(feats.to(dt)).float(), (D,), self.ln_kv_w, self.ln_kv_b, hp.eps)
+        x = F.layer_norm(r.kv(feats.to(dt)).float(), (D,), self.ln_kv_w, self.ln_kv_b, hp.eps)
         keys = x + torch.cat([pos_embed_2d(h, w, D) for h, w in sizes])
         if temporal:
             ids = [t for _, g in groups for t in g]
@@ -376,12 +473,12 @@ class VisionEncoder:
             lo, hi = int(offs[s]), int(offs[s + len(g)])
             p = torch.softmax(scores[lo:hi].t().float(), dim=-1).to(dt)  # [H*Q, n], float32 softmax
             px = torch.mm(p, xv[lo:hi]).view(H, Q, D)                    # P_h x
-            o = torch.baddbmm(self.bv, px, self.wv_t)                    # [H, Q, hd]
+            o = torch.baddbmm(r.bv, px, r.wv_t)                          # [H, Q, hd]
             outs.append(o.transpose(0, 1).reshape(Q, D))
         G = len(groups)
-        out = self.o(torch.cat(outs)).float()                             # [G*Q, D]
+        out = r.o(torch.cat(outs)).float()                                # [G*Q, D]
         out = F.layer_norm(out, (D,), self.ln_post_w, self.ln_post_b, hp.eps)
-        return self.proj(out.to(dt)).float().view(G, Q, D)
+        return r.proj(out.to(dt)).float().view(G, Q, D)
 
 
 # --------------------------------------------------------------------------- one tower block
@@ -477,6 +574,19 @@ def worker_pool(n_threads: int) -> ThreadPoolExecutor:
 # --------------------------------------------------------------------------- helpers
 
 
+def _sub_batches(lens: list[int], budget: int) -> list[tuple[int, int, slice]]:
+    """Consecutive runs of whole slices of at most `budget` patches (>= 1 slice):
+    (first row, end row, slice range)."""
+    out, start, row, n = [], 0, 0, 0
+    for i, L in enumerate(lens):
+        if i > start and n + L > budget:
+            out.append((row, row + n, slice(start, i)))
+            start, row, n = i, row + n, 0
+        n += L
+    out.append((row, row + n, slice(start, len(lens))))
+    return out
+
+
 def _chunk_groups(groups, sizes, budget: int):
     """Consecutive runs of whole groups whose patch count stays within `budget` (>= 1 group)."""
     chunk, tokens = [], 0
@@ -489,6 +599,23 @@ def _chunk_groups(groups, sizes, budget: int):
         tokens += n
     if chunk:
         yield chunk
+
+
+def _return_freed_memory() -> None:
+    """Hand the activations' freed heap back to the OS (glibc keeps freed blocks in per-thread
+    arenas, which the vision workers fill); a no-op where malloc_trim does not exist."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):   # not glibc (macOS, musl)
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 class _threads:

@@ -320,3 +320,39 @@ def test_bad_input(enc32, tiny_mmproj_gguf, tmp_path):
 def test_lm_gguf_is_not_an_mmproj(tiny_lm_gguf):
     with pytest.raises(MmprojError, match="missing"):
         load_mmproj(tiny_lm_gguf("F32"))
+
+
+# ----------------------------------------------------------------------------------------------
+# memory: weights read per chunk (resident=False) and tower sub-batches
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_streamed_weights_and_sub_batches_compute_the_same(tiny_mmproj_gguf, dtype):
+    """resident=False reads the tower and resampler matrices from the mmproj for every chunk: the
+    same numbers as resident weights, bit for bit; sub-batches of whole slices change nothing
+    beyond float rounding (attention never crosses a slice)."""
+    path = tiny_mmproj_gguf("f16")
+    kw = dict(dtype=dtype, n_threads=1)
+    px = pixels(MIXED, seed=21)
+    groups = [[-1], [-1], [-1], [3, 4]]
+    whole = VisionEncoder.load(path, **kw)
+    streamed = VisionEncoder.load(path, resident=False, **kw)
+    one_slice = VisionEncoder.load(path, resident=False, sub_batch_tokens=1, **kw)
+    want = whole.encode_slices(px, groups)
+    np.testing.assert_array_equal(streamed.encode_slices(px, groups), want)
+    got = one_slice.encode_slices(px, groups)
+    assert np.abs(got - want).max() < (1e-5 if dtype == "f32" else 0.02)
+    assert streamed.blocks is None and streamed.resampler is None
+    tower = sum(lin.nbytes for b in whole.blocks for lin in (b.qkv, b.out, b.fc1, b.fc2))
+    assert whole.weights_nbytes - streamed.weights_nbytes > tower   # tower + resampler matrices not kept
+
+
+def test_sub_batches_keep_slices_whole():
+    from minicpmv.runtime.vision import _sub_batches
+    lens = [1024, 1024, 600, 35, 2000, 5000]
+    for budget in (1, 1024, 2048, 3000, 4096, 100000):
+        subs = _sub_batches(lens, budget)
+        assert [i for _, _, sl in subs for i in range(len(lens))[sl]] == list(range(len(lens)))
+        assert subs[0][0] == 0 and subs[-1][1] == sum(lens)
+        for lo, hi, sl in subs:
+            assert hi - lo == sum(lens[sl])
+            assert hi - lo <= budget or sl.stop - sl.start == 1
