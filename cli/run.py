@@ -27,7 +27,6 @@ from minicpmv.schema import (MAX_SLICE_NUMS, REFERENCE_SAMPLING as S, THINK_END,
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
-WEB_CTX = 8192  # --web: room for a few images or a short video per conversation (a video is ~70 per group)
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -66,15 +65,6 @@ class Conversation:
         item = load_media(path, opts, progress=opts.verbose or sys.stderr.isatty())
         self.pending.append(item)
         return f"{path}: {describe_media(item)}"
-
-    @property
-    def n_groups(self) -> int:
-        """64-token units the pending media need (for sizing the context)."""
-        return sum(len(p.temporal_ids) if is_video(p) else 1 + MAX_SLICE_NUMS for p in self.pending)
-
-    @property
-    def has_video(self) -> bool:
-        return any(is_video(p) for p in self.pending)
 
     def ask(self, question: str) -> None:
         self.msgs.append({"role": "user", "content": [*self.pending, *([question] if question else [])]})
@@ -209,9 +199,10 @@ def interactive(model, conv: Conversation, o: Opts) -> None:
             typer.echo("\n(interrupted)", err=True)
 
 
-def model_title(model_path: Path, mmproj_path: Path, n_ctx: int) -> str:
+def model_title(model_path: Path, mmproj_path: Path, n_ctx: Optional[int], n_ctx_train: int) -> str:
     """The page's subtitle: the two files (wherever they came from) and the context size."""
-    return f"{Path(model_path).name} + {Path(mmproj_path).name} · context {n_ctx} tokens"
+    context = f"context {n_ctx} tokens" if n_ctx else f"context grows with the conversation up to {n_ctx_train} tokens"
+    return f"{Path(model_path).name} + {Path(mmproj_path).name} · {context}"
 
 
 def _is_file(arg: str) -> bool:
@@ -299,8 +290,9 @@ def run(
                                                  "(default: on for images, off for videos)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: all cores)."),
     ctx: Optional[int] = typer.Option(None, "--ctx", "-c", min=256,
-                                      help="Context length in tokens (default 4096, more if a video needs it; "
-                                           f"{WEB_CTX} with --web)."),
+                                      help="Fix the context length in tokens. Default: sized for each turn "
+                                           "(prompt + --max-tokens, rounded up to 512) and grown as the "
+                                           "conversation needs, up to the model's trained context."),
     gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers",
                                              help="Layers on the GPU (-1 all; default: all on macOS, none elsewhere)."),
     vision_dtype: str = typer.Option("auto", "--vision-dtype",
@@ -316,7 +308,8 @@ def run(
                                                f"{MAX_NUM_PACKING}, this raises the cap."),
     max_frames: int = typer.Option(MAX_NUM_FRAMES, "--max-frames", min=1, help="Video: most groups (64-token units) per video."),
     verbose: bool = typer.Option(False, "--verbose", "-v",
-                                 help="Print timings: vision ms per slice, prefill and decode tokens/s."),
+                                 help="Print timings (vision ms per slice, prefill and decode tokens/s) and "
+                                      "the context size and KV cache MiB whenever the context is created or grown."),
     llama_log: bool = typer.Option(False, "--llama-log", help="Show llama.cpp's own log (silent by default)."),
     version: bool = typer.Option(False, "--version", is_eager=True,
                                  help="Print a system report for bug reports (versions, CPU, llama.cpp build, "
@@ -389,14 +382,11 @@ def run(
                 typer.echo(note, err=True)
     except (ValueError, OSError) as e:
         fail(str(e))
-    n_ctx = ctx or (WEB_CTX if web else 4096)
-    if ctx is None and conv.has_video:  # ~70 positions per frame group + room to answer
-        n_ctx = max(4096, 72 * conv.n_groups + min(max_tokens, 4096) + 512)
     model_path, mmproj_path = choice.path, choice.mmproj
     if choice.hub is not None:
         model_path, mmproj_path = fetch_model(choice, mmproj_quant, refresh, verbose)
     try:
-        m = MiniCPMV.load(model_path, mmproj_path, n_ctx=n_ctx, n_threads=threads,
+        m = MiniCPMV.load(model_path, mmproj_path, n_ctx=ctx, n_threads=threads,
                           n_gpu_layers=gpu_layers, vision_dtype=vision_dtype, verbose=llama_log)
     except (ValueError, OSError, RuntimeError) as e:
         fail(str(e))
@@ -404,9 +394,10 @@ def run(
     if verbose:
         typer.echo(f"vision dtype: {m.vision.dtype_choice.describe()}", err=True)
         typer.echo(f"weight buffers: {m.lm.buffers.plan.mode}: {m.lm.buffers.plan.reason}", err=True)
+        m.watch_context(lambda change: typer.echo(str(change), err=True))
     if web:
         try:
-            web_page.serve(m, o, host, port, title=model_title(m.lm.path, m.vision.path, n_ctx))
+            web_page.serve(m, o, host, port, title=model_title(m.lm.path, m.vision.path, ctx, m.lm.n_ctx_train))
         except OSError as e:  # the port was taken since check_port
             fail(f"cannot listen on {host}:{port} ({e}): choose another --port or --host")
         except KeyboardInterrupt:

@@ -7,9 +7,10 @@
 One turn: load the content (content.py) and render the whole conversation exactly as the reference
 `chat()` does (prompt.py), tokenize the text pieces with llama.cpp, keep the KV cache up to the
 longest common prefix with what is already decoded (kv_cache.py: token ids and image-slot
-identities), encode the images that are not cached yet (vision_cache.py over vision.py, torch on
-the CPU), prefill from the first differing position, then sample until a stop token
-(generate.py).
+identities), make the context hold the turn (context_size.py: created at the first prefill, grown
+with the conversation, unless n_ctx is fixed), encode the images that are not cached yet
+(vision_cache.py over vision.py, torch on the CPU), prefill from the first differing position, then
+sample until a stop token (generate.py).
 
 Return value: `Answer`, a `str` holding the answer with the thinking removed and stripped; its
 `.thinking` is the reasoning text (empty when thinking is off), `.raw` is what the reference's
@@ -24,6 +25,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -33,9 +35,10 @@ from minicpmv.schema import (ARCH_KEY, MMPROJ_ARCH, QUERY_NUM, REFERENCE_SAMPLIN
                              THINKING_SAMPLING)
 
 from .content import Content
+from .context_size import ContextChange, GrowingContext
 from .generate import generate
 from .kv_cache import Sequence, SlotRun, TextRun, decode, plan_steps
-from .llama import (ContextOverflowError, ContextParams, LlamaContext, LlamaError, LlamaModel, SamplingParams,
+from .llama import (ContextParams, LlamaContext, LlamaError, LlamaModel, SamplingParams,
                     TokenEmbeddings)
 from .prompt import Prompt, Slot
 from .results import Answer, ChatStats, ChatStream
@@ -44,9 +47,11 @@ from .vision_cache import EmbeddingCache, media_key
 class MiniCPMV:
     """MiniCPM-V 4.5: llama.cpp language model + torch vision encoder, one conversation's KV cache."""
 
-    def __init__(self, lm: LlamaModel, ctx: LlamaContext, vision, *, cache_bytes: int = 1 << 30,
-                 fuse_placeholders: bool = True):
-        self.lm, self.ctx, self.vision = lm, ctx, vision
+    def __init__(self, lm: LlamaModel, ctx: LlamaContext | None, vision, *, cache_bytes: int = 1 << 30,
+                 fuse_placeholders: bool = True, ctx_params: ContextParams | None = None):
+        """`ctx` fixes the context; None sizes it per turn with `ctx_params` (context_size.py)."""
+        self.lm, self.vision = lm, vision
+        self._context = GrowingContext(lm, ctx_params or ContextParams(), fixed=ctx)
         self.fuse_placeholders = fuse_placeholders  # placeholder tokens as embedding rows (kv_cache.py)
         self.tok_embd = TokenEmbeddings(lm.path, lm.n_embd)
         self.query_num = getattr(vision, "query_num", QUERY_NUM) if vision is not None else QUERY_NUM
@@ -63,7 +68,7 @@ class MiniCPMV:
 
     @classmethod
     def load(cls, model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None, *,
-             n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int | None = None,
+             n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int | None = None,
              vision_dtype: str = "auto", n_batch: int = 512, kv_type: str = "f16",
              flash_attn: bool | None = None, fuse_placeholders: bool = True,
              verbose: bool = False, low_memory: bool = False) -> "MiniCPMV":
@@ -73,7 +78,9 @@ class MiniCPMV:
         the KV cache in f16 and use flash attention (f16 math on the CPU), so logits move by ~1e-4 of
         their range with how positions were batched; `kv_type="f32", flash_attn=False` makes them
         reproducible to ~1e-7 (more memory, slower attention). `fuse_placeholders=False` decodes
-        every text run as tokens and every slot as its own 64-row batch (mtmd's layout). Raises
+        every text run as tokens and every slot as its own 64-row batch (mtmd's layout). `n_ctx` None
+        (default): the context is created at the first prefill for what the turn needs and grows with
+        the conversation (context_size.py); an int fixes it and creates it now. Raises
         ModelFileError (one line) for missing/unreadable files or a mmproj whose width does not
         match the language model.
 
@@ -110,9 +117,10 @@ class MiniCPMV:
         except LlamaError as e:
             raise ModelFileError(str(e)) from None
         cls.check_pair(vision, lm)
-        ctx = LlamaContext(lm, ContextParams(n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
-                                             kv_type=kv_type, flash_attn=flash_attn))
-        return cls(lm, ctx, vision, fuse_placeholders=fuse_placeholders)
+        params = ContextParams(n_ctx=n_ctx or 0, n_batch=n_batch, n_threads=threads, kv_type=kv_type,
+                               flash_attn=flash_attn)
+        ctx = LlamaContext(lm, params) if n_ctx is not None else None
+        return cls(lm, ctx, vision, fuse_placeholders=fuse_placeholders, ctx_params=params)
 
     @staticmethod
     def check_pair(vision, lm: LlamaModel) -> None:
@@ -121,8 +129,18 @@ class MiniCPMV:
             raise ModelFileError(f"{vision.path}: mmproj produces {vision.embed_dim}-wide embeddings but the "
                                  f"language model {lm.path.name} expects {lm.n_embd}; use the matching pair")
 
+    @property
+    def ctx(self) -> LlamaContext | None:
+        """The llama.cpp context (None before the first prefill when it is sized per turn)."""
+        return self._context.ctx
+
+    def watch_context(self, fn: Callable[[ContextChange], None] | None) -> None:
+        """Call fn(ContextChange) whenever the context is created or grown (and now, if one exists):
+        its size and KV cache bytes."""
+        self._context.watch(fn)
+
     def close(self) -> None:
-        self.ctx.close()
+        self._context.close()
         self.lm.close()
 
     def __enter__(self) -> "MiniCPMV":
@@ -132,8 +150,9 @@ class MiniCPMV:
         self.close()
 
     def reset(self) -> None:
-        """Forget the KV cache (the image-embedding cache is kept)."""
-        self.ctx.clear()
+        """Forget the KV cache (the image-embedding cache is kept; the context keeps its size)."""
+        if self.ctx is not None:
+            self.ctx.clear()
         self._kv = Sequence()
 
     # -- prompt --------------------------------------------------------------------------------
@@ -154,22 +173,22 @@ class MiniCPMV:
 
     # -- prefill -------------------------------------------------------------------------------
 
-    def _prefill(self, prompt: Prompt, stats: ChatStats) -> None:
+    def _prefill(self, prompt: Prompt, stats: ChatStats, room: int = 1) -> None:
+        """Decode `prompt` into the KV cache, in a context with `room` positions after it (up to the limit)."""
         keys = [media_key(m, prompt.max_slice_nums) for m in prompt.media]
         seq = Sequence([SlotRun(keys[s.media], s.index, self.query_num) if isinstance(s, Slot)
                         else TextRun(self.lm.tokenize(s)) for s in prompt.segments])
         n = len(seq)
         stats.prompt_tokens = n
         slots = seq.slots()
-        if n + 1 > self.ctx.n_ctx:
-            raise ContextOverflowError(
-                f"the prompt needs {n} tokens ({len(slots)} image slots x {self.query_num} + "
-                f"{n - len(slots) * self.query_num} text tokens) plus room to answer, but the context "
-                f"holds n_ctx={self.ctx.n_ctx}; raise n_ctx (--ctx) or use fewer images/slices (--max-slices)")
+        self._context.check_prompt(n, f"{len(slots)} image slots x {self.query_num} + "
+                                      f"{n - len(slots) * self.query_num} text tokens")
         start = self._kv.common_prefix(seq, limit=n - 1)   # always re-decode at least the last position
-        if not self.ctx.truncate(start):
+        if self.ctx is not None and not self.ctx.truncate(start):
             start = 0
-        self._kv = self._kv.prefix(start)
+        kept, self._kv = self._kv, Sequence()   # empty while the context may be replaced
+        start = self._context.make_room(n + max(1, room), start, stats)
+        self._kv = kept.prefix(start)
         stats.prefill_start = start
 
         # vision for the slots that will be decoded (cached embeddings are reused)
@@ -234,7 +253,7 @@ class MiniCPMV:
                                    temporal_ids=temporal_ids)
         stats = ChatStats()
         self.stats = stats
-        self._prefill(prompt, stats)
+        self._prefill(prompt, stats, room=max_new_tokens)
         kv = self._kv
         gen = generate(self.ctx, self.lm, kv, sp, max_new_tokens=max_new_tokens, thinking=enable_thinking,
                        show_thinking=show_thinking, stop_ids=self.stop_ids, think_end=self.think_end_id,

@@ -40,6 +40,9 @@ def generate(ctx: LlamaContext, lm: LlamaModel, kv: Sequence, sp: SamplingParams
     stats.finish_reason = "length"
     t0 = time.perf_counter()
     try:
+        if not is_current():   # a stream first read after a newer call (which may have replaced ctx)
+            raise StaleStreamError("this chat() stream was started after a newer chat()/prefill()/reset() "
+                                   "call replaced its KV cache")
         for _ in range(max_new_tokens):
             tok = sampler.sample(ctx)
             if not tokens:

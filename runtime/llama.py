@@ -129,6 +129,15 @@ def load_model(path: str | os.PathLike, *, n_gpu_layers: int = 0, vocab_only: bo
     return model, wb
 
 
+@dataclass(frozen=True)
+class KVShape:
+    """What one KV cache position holds: in each of n_layer layers, n_head_kv heads of K and of V."""
+    n_layer: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+
+
 class LlamaModel:
     """A loaded GGUF language model and its vocabulary."""
 
@@ -154,6 +163,21 @@ class LlamaModel:
 
     def __del__(self):
         self.close()
+
+    @property
+    def n_ctx_train(self) -> int:
+        """The context length the model was trained with (`<arch>.context_length`)."""
+        return ll.llama_model_n_ctx_train(self.model)
+
+    def kv_shape(self) -> KVShape:
+        """The KV cache's shape per position (head sizes from `<arch>.attention.key_length` /
+        `value_length`, which default to n_embd / n_head as in llama.cpp)."""
+        arch = self.meta(gguf.Keys.General.ARCHITECTURE) or ""
+        n_head = ll.llama_model_n_head(self.model)
+        head = ll.llama_model_n_embd(self.model) // n_head if n_head else 0
+        dim = lambda key: int(self.meta(key.format(arch=arch)) or head)  # noqa: E731
+        return KVShape(ll.llama_model_n_layer(self.model), ll.llama_model_n_head_kv(self.model),
+                       dim(gguf.Keys.Attention.KEY_LENGTH), dim(gguf.Keys.Attention.VALUE_LENGTH))
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)
@@ -446,6 +470,24 @@ class LlamaContext:
 
     def clear(self) -> None:
         ll.llama_memory_clear(self.mem, True)
+
+    def seq_state(self) -> ctypes.Array | None:
+        """A copy of what the KV cache holds (positions, K and V rows; no logits), as
+        llama_state_seq_get_data writes it; `load_seq_state` puts it into another context of the same
+        model and settings, of any size that holds it. None if llama.cpp cannot write it."""
+        n = ll.llama_state_seq_get_size(self.ctx, 0)
+        buf = (ctypes.c_uint8 * n)() if n else None
+        if buf is None or not ll.llama_state_seq_get_data(self.ctx, buf, n, 0):
+            return None
+        return buf
+
+    def load_seq_state(self, state: ctypes.Array) -> bool:
+        """Replace the KV cache's contents by a `seq_state()` copy; False if llama.cpp refuses it
+        (no room, other KV types or model), and the cache is then empty."""
+        ok = bool(ll.llama_state_seq_set_data(self.ctx, state, len(state), 0))
+        if not ok:
+            self.clear()
+        return ok
 
 
 # --------------------------------------------------------------------------- sampling

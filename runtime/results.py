@@ -23,6 +23,9 @@ class ChatStats:
     decode_ms: float = 0.0
     ttft_ms: float = 0.0            # start of chat() to the first sampled token
     finish_reason: str = ""         # "stop", "length" (max_new_tokens) or "context" (n_ctx full)
+    n_ctx: int = 0                  # positions the context held this turn (context_size.py)
+    ctx_grows: int = 0              # 1 if this turn replaced the context by a larger one
+    tokens_kept: int = 0            # KV positions copied into the larger context (not decoded again)
 
     @property
     def prefill_tps(self) -> float:
