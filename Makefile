@@ -9,9 +9,9 @@ install: system-deps
 	$(PIP) install -e '.[dev,web]'
 
 # System tools that only the tests' oracles need (a C++ compiler for the llama.cpp probes, Go for
-# Ollama's text/template, Debian's Chromium for the chat page's browser test). Installed with apt-get
-# when run as root; otherwise the missing ones are named.
-SYSTEM_TOOLS := g++:g++ go:golang-go chromium:chromium
+# Ollama's text/template, Debian's Chromium for the chat page's browser test, curl for the README's
+# request examples). Installed with apt-get when run as root; otherwise the missing ones are named.
+SYSTEM_TOOLS := g++:g++ go:golang-go chromium:chromium curl:curl
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
