@@ -48,10 +48,12 @@ class MiniCPMV:
     """MiniCPM-V 4.5: llama.cpp language model + torch vision encoder, one conversation's KV cache."""
 
     def __init__(self, lm: LlamaModel, ctx: LlamaContext | None, vision, *, cache_bytes: int = 1 << 30,
-                 fuse_placeholders: bool = True, ctx_params: ContextParams | None = None):
-        """`ctx` fixes the context; None sizes it per turn with `ctx_params` (context_size.py)."""
+                 fuse_placeholders: bool = True, ctx_params: ContextParams | None = None,
+                 n_ctx: int | None = None):
+        """`ctx` fixes the context; `n_ctx` fixes its size (made at the first prefill); neither sizes
+        it per turn with `ctx_params` (context_size.py)."""
         self.lm, self.vision = lm, vision
-        self._context = GrowingContext(lm, ctx_params or ContextParams(), fixed=ctx)
+        self._context = GrowingContext(lm, ctx_params or ContextParams(), fixed=ctx, fixed_size=n_ctx)
         self.fuse_placeholders = fuse_placeholders  # placeholder tokens as embedding rows (kv_cache.py)
         self.tok_embd = TokenEmbeddings(lm.path, lm.n_embd)
         self.query_num = getattr(vision, "query_num", QUERY_NUM) if vision is not None else QUERY_NUM
@@ -119,8 +121,7 @@ class MiniCPMV:
         cls.check_pair(vision, lm)
         params = ContextParams(n_ctx=n_ctx or 0, n_batch=n_batch, n_threads=threads, kv_type=kv_type,
                                flash_attn=flash_attn)
-        ctx = LlamaContext(lm, params) if n_ctx is not None else None
-        return cls(lm, ctx, vision, fuse_placeholders=fuse_placeholders, ctx_params=params)
+        return cls(lm, None, vision, fuse_placeholders=fuse_placeholders, ctx_params=params, n_ctx=n_ctx)
 
     @staticmethod
     def check_pair(vision, lm: LlamaModel) -> None:
@@ -186,15 +187,22 @@ class MiniCPMV:
         start = self._kv.common_prefix(seq, limit=n - 1)   # always re-decode at least the last position
         if self.ctx is not None and not self.ctx.truncate(start):
             start = 0
+
+        # vision for the slots that will be decoded (cached embeddings are reused), before the
+        # context is made or grown: the encoder's working memory is free again by then
+        media = dict(zip(reversed(keys), reversed(prompt.media)))   # the first item of equal content
+
+        def encode(first: int) -> dict:
+            wanted = {slot.media: media[slot.media] for pos, slot in slots if pos >= first}
+            return self.vision_cache.embeddings(wanted, prompt.max_slice_nums, stats, self.progress)
+        embs = encode(start)
         kept, self._kv = self._kv, Sequence()   # empty while the context may be replaced
-        start = self._context.make_room(n + max(1, room), start, stats)
+        new_start = self._context.make_room(n + max(1, room), start, stats)
+        if new_start < start:   # the cache could not be carried over: earlier slots are decoded too
+            embs = encode(new_start)
+        start = new_start
         self._kv = kept.prefix(start)
         stats.prefill_start = start
-
-        # vision for the slots that will be decoded (cached embeddings are reused)
-        media = dict(zip(reversed(keys), reversed(prompt.media)))   # the first item of equal content
-        wanted = {slot.media: media[slot.media] for pos, slot in slots if pos >= start}
-        embs = self.vision_cache.embeddings(wanted, prompt.max_slice_nums, stats, self.progress)
 
         t0 = time.perf_counter()
         b0 = self.ctx.n_batches

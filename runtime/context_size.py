@@ -77,11 +77,16 @@ class GrowingContext:
     """The conversation's llama.cpp context: a fixed one given by the caller, or one created and
     grown as turns need (see the module docstring). `ctx` is None until the first prefill."""
 
-    def __init__(self, lm: LlamaModel, params: ContextParams, fixed: LlamaContext | None = None):
+    def __init__(self, lm: LlamaModel, params: ContextParams, fixed: LlamaContext | None = None,
+                 fixed_size: int | None = None):
+        """`fixed`: a context made by the caller; `fixed_size`: a size fixed by the caller, the
+        context made at the first prefill (after that turn's images are encoded, so the vision
+        encoder's working memory and the KV cache are not resident at the same time on a first
+        turn); neither: sized and grown per turn."""
         self.lm, self.params = lm, params
         self.ctx = fixed
-        self.fixed = fixed is not None
-        self.limit = fixed.n_ctx if fixed is not None else lm.n_ctx_train
+        self.fixed = fixed is not None or fixed_size is not None
+        self.limit = fixed.n_ctx if fixed is not None else fixed_size or lm.n_ctx_train
         self._shape = lm.kv_shape()
         self.last: ContextChange | None = (
             ContextChange(fixed.n_ctx, self.kv_bytes(fixed.n_ctx), fixed=True) if fixed is not None else None)
@@ -112,7 +117,10 @@ class GrowingContext:
         positions it holds; returns how many it still holds (`keep`, or 0 if a copy failed).
         A failed context creation leaves no context (the next call creates one) and raises LlamaError."""
         current = self.ctx.n_ctx if self.ctx is not None else 0
-        size = current if self.fixed else context_size(needed, self.limit, current)
+        if self.fixed:
+            size = current or self.limit
+        else:
+            size = context_size(needed, self.limit, current)
         if size != current:
             keep = self._replace(size, keep if current else 0, stats)
         stats.n_ctx = self.ctx.n_ctx
@@ -130,7 +138,8 @@ class GrowingContext:
         if old is not None:
             stats.ctx_grows += 1
             stats.tokens_kept = kept
-        self.last = ContextChange(ctx.n_ctx, self.kv_bytes(ctx.n_ctx), old.n_ctx if old is not None else 0, kept)
+        self.last = ContextChange(ctx.n_ctx, self.kv_bytes(ctx.n_ctx), old.n_ctx if old is not None else 0, kept,
+                                  fixed=self.fixed)
         if self._watch is not None:
             self._watch(self.last)
         return kept
