@@ -1,6 +1,6 @@
 """`make bench`: every figure of BENCHMARKS.md, ours vs llama.cpp, in one run.
 
-    python -m bench.run [--only conversion,vision,llm,e2e,video,sizes,lowbit] [--threads N]
+    python -m bench.run [--only conversion,vision,llm,buffers,e2e,video,sizes,memory,lowbit] [--threads N]
                         [--scale full|medium] [--runs N] [--budget-min M] [--out DIR] [--prepare]
 
 The full-size synthetic checkpoint (~17.4 GB bf16) is generated once into the cache folder
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import report
 from .common import REPO, BenchError, Skip, dir_bytes, machine_info
-from .sections import SECTIONS
+from .sections import DEFAULT, SECTIONS
 from .session import SCALES, Session
 
 
@@ -122,7 +122,8 @@ def run(bench: Session, sections: list[str], on_section=None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=None,
-                    help=f"comma-separated sections to run (default: all): {', '.join(SECTIONS)}")
+                    help=f"comma-separated sections to run (default: all but lowbit, which takes hours): "
+                         f"{', '.join(SECTIONS)}")
     ap.add_argument("--threads", type=int, default=None, help="threads for both sides (default: usable cores)")
     ap.add_argument("--scale", choices=sorted(SCALES), default="full")
     ap.add_argument("--runs", type=int, default=None, help="measured runs per figure (default: 3; 2 for e2e at full)")
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         args.budget_min = 60.0
     if args.threads is None:
         args.threads = machine_info()["usable_cpus"] or 1
-    sections = list(SECTIONS) if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
+    sections = list(DEFAULT) if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         ap.error(f"--only: unknown section {bad[0]!r}; valid: {', '.join(SECTIONS)}")
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         sections of an earlier run of the same scale that this run does not redo are kept."""
         out = report.merged(res, old, bench.plan, list(SECTIONS))
         report.write(out, md, js)
-        res["closing"] = out["closing"]
+        res["closing"] = out["runs"][out["current"]]["closing"]
 
     res = run(bench, sections, on_section=save)
     save(res)

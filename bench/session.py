@@ -44,12 +44,14 @@ SCALES = {
     # single runs made while other jobs were loading it
     "full": Scale("full", 17.4, 16.4, 5.0, 1.1, runs=3, e2e_runs=2, video_subset=6, est={
         "checkpoint": 420, "convert_onepass": 480, "convert_bf16": 200, "llama_quantize": 480, "compare": 60,
-        "models": 900, "vision": 150, "llm": 420, "e2e": 600, "video": 330, "sizes": 300, "lowbit": 23000},
-        floor={"vision": 100, "llm": 200, "e2e": 400, "video": 330, "sizes": 300},
+        "models": 900, "vision": 150, "llm": 420, "buffers": 400, "e2e": 600, "video": 330, "sizes": 5,
+        "memory": 900, "lowbit": 23000},
+        floor={"vision": 100, "llm": 200, "buffers": 400, "e2e": 400, "video": 330, "memory": 900},
         fixed={"vision": 70, "llm": 60, "e2e": 120}),
     "medium": Scale("medium", 0.06, 0.05, 0.02, 0.02, runs=3, e2e_runs=3, est={
         "checkpoint": 2, "convert_onepass": 5, "convert_bf16": 4, "llama_quantize": 3, "compare": 1,
-        "models": 8, "vision": 10, "llm": 15, "e2e": 15, "video": 30, "sizes": 15, "lowbit": 300}),
+        "models": 8, "vision": 10, "llm": 15, "buffers": 10, "e2e": 15, "video": 30, "sizes": 1, "memory": 40,
+        "lowbit": 300}),
 }
 
 
@@ -120,7 +122,7 @@ class Session:
                 total += e[s] * f
             elif s == "e2e":
                 total += e[s] * self.e2e_runs / self.scale.e2e_runs
-            elif s in ("video", "sizes", "lowbit"):
+            elif s in ("buffers", "video", "sizes", "memory", "lowbit"):
                 total += e[s]
         return total
 

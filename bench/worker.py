@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .common import Skip
-from .sections import conversion, e2e, llm, lowbit, sizes, video, vision
+from .sections import buffers, conversion, e2e, llm, lowbit, memory, video, vision
 
 TASKS = {
     "convert_onepass": conversion.convert_onepass,
@@ -24,7 +24,8 @@ TASKS = {
     "llm": llm.measure,
     "e2e": e2e.measure,
     "video": video.measure,
-    "rss_after_load": sizes.rss_after_load,
+    "buffers": buffers.measure,
+    "memory_profile": memory.profile,
 } | lowbit.TASKS
 
 

@@ -293,6 +293,16 @@ def run(
                                       help="Fix the context length in tokens. Default: sized for each turn "
                                            "(prompt + --max-tokens, rounded up to 512) and grown as the "
                                            "conversation needs, up to the model's trained context."),
+    low_memory: bool = typer.Option(False, "--low-memory",
+                                    help="For 8 GB machines: KV cache in q8_0 and the vision weights read from the "
+                                         "mmproj for each image instead of kept in memory (about 1.3 GB less; "
+                                         "slower vision, slightly different numbers: see README, Memory)."),
+    kv_type: Optional[str] = typer.Option(None, "--kv-type",
+                                          help="KV cache precision: f16 (default), q8_0 (half the memory; "
+                                               "--low-memory's), f32 (exactly reproducible logits)."),
+    flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn",
+                                              help="llama.cpp's flash attention (default: llama.cpp decides, "
+                                                   "on for the CPU; q8_0 KV cache needs it)."),
     gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers",
                                              help="Layers on the GPU (-1 all; default: all on macOS, none elsewhere)."),
     vision_dtype: str = typer.Option("auto", "--vision-dtype",
@@ -386,8 +396,9 @@ def run(
     if choice.hub is not None:
         model_path, mmproj_path = fetch_model(choice, mmproj_quant, refresh, verbose)
     try:
-        m = MiniCPMV.load(model_path, mmproj_path, n_ctx=ctx, n_threads=threads,
-                          n_gpu_layers=gpu_layers, vision_dtype=vision_dtype, verbose=llama_log)
+        m = MiniCPMV.load(model_path, mmproj_path, n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers,
+                          vision_dtype=vision_dtype, verbose=llama_log, low_memory=low_memory,
+                          kv_type=kv_type, flash_attn=flash_attn)
     except (ValueError, OSError, RuntimeError) as e:
         fail(str(e))
     m.progress = o.verbose or sys.stderr.isatty()  # long videos: a bar while frames are encoded

@@ -38,7 +38,7 @@ from .content import Content
 from .context_size import ContextChange, GrowingContext
 from .generate import generate
 from .kv_cache import Sequence, SlotRun, TextRun, decode, plan_steps
-from .llama import (ContextParams, LlamaContext, LlamaError, LlamaModel, SamplingParams,
+from .llama import (KV_TYPES, ContextParams, LlamaContext, LlamaError, LlamaModel, SamplingParams,
                     TokenEmbeddings)
 from .prompt import Prompt, Slot
 from .results import Answer, ChatStats, ChatStream
@@ -71,7 +71,7 @@ class MiniCPMV:
     @classmethod
     def load(cls, model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None, *,
              n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int | None = None,
-             vision_dtype: str = "auto", n_batch: int = 512, kv_type: str = "f16",
+             vision_dtype: str = "auto", n_batch: int = 512, kv_type: str | None = None,
              flash_attn: bool | None = None, fuse_placeholders: bool = True,
              verbose: bool = False, low_memory: bool = False) -> "MiniCPMV":
         """Load the language model GGUF and the mmproj GGUF, or a folder holding both.
@@ -86,13 +86,16 @@ class MiniCPMV:
         ModelFileError (one line) for missing/unreadable files or a mmproj whose width does not
         match the language model.
 
-        `low_memory` (for 8 GB machines): the KV cache in q8_0 (half of f16; unless `kv_type` is
-        given otherwise), and the vision weights are not kept: the tower and resampler matrices are
+        `kv_type`: "f16" (default), "q8_0" (default with low_memory), "f32".
+        `low_memory` (for 8 GB machines): the KV cache in q8_0 (half of f16), and the vision weights are not kept: the tower and resampler matrices are
         read from the mmproj (through the page cache) for every image, one slice at a time. Costs
         and the peak memory of both profiles: BENCHMARKS.md.
         """
-        if low_memory and kv_type == "f16":
-            kv_type = "q8_0"
+        kv_type = kv_type or ("q8_0" if low_memory else "f16")
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type: {kv_type!r} is not one of {', '.join(KV_TYPES)}")
+        if kv_type == "q8_0" and flash_attn is False:
+            raise ValueError("kv_type q8_0 needs flash attention (flash_attn None or True)")
         model_path = Path(model_path)
         if mmproj_path is None:
             if not model_path.is_dir():
