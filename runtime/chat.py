@@ -89,6 +89,9 @@ class MiniCPMV:
             model_path, mmproj_path = find_model_files(model_path)
         mmproj_path = Path(mmproj_path)
         for p, what in ((model_path, "language model"), (mmproj_path, "mmproj")):
+            if p.is_dir():
+                raise ModelFileError(f"{p} is a folder, not the {what} file: give the folder alone to use "
+                                     "the two GGUF files in it")
             if not p.is_file():
                 raise ModelFileError(f"{p}: {what} file not found")
         if gguf_architecture(mmproj_path) != MMPROJ_ARCH:
