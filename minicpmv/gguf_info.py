@@ -15,6 +15,7 @@ naming the fault instead of reaching code that aborts the process or fails with 
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -112,11 +113,19 @@ class GGUFInfo:
 
 def read_gguf_info(path: str | os.PathLike) -> GGUFInfo:
     """The header of a GGUF file, checked: GGUFFormatError (one line, naming the fault) unless every
-    count, length, type and shape is one the format allows and every tensor's data lies inside the
-    file. OSError if the file cannot be opened."""
+    count, length, type and shape is one the format allows, every tensor's data lies inside the
+    file, and a vocabulary has no repeated token. OSError if the file cannot be opened. Loading a
+    model asks several times; the answer is kept per file version (path, inode, size, mtime), and
+    shared: do not modify it."""
     path = Path(path)
     if path.is_dir():
         raise GGUFFormatError(path, "a folder, not a GGUF file")
+    st = path.stat()
+    return _read(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read(path: Path, *version: int) -> GGUFInfo:
     with open(path, "rb") as f:
         try:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -173,9 +182,12 @@ class _Header:
         except UnicodeDecodeError:
             self.fail(f"{what} is not UTF-8 text ({raw[:40]!r})")
 
-    def skip_strings(self, count: int, what: str) -> None:
-        """Step over `count` strings (a vocabulary: the hot loop of a language model's header)."""
+    def skip_strings(self, count: int, what: str, *, vocabulary: bool = False) -> None:
+        """Step over `count` strings (a vocabulary: the hot loop of a language model's header).
+        `vocabulary`: no two may be equal; llama.cpp's vocabulary loader asserts that and aborts the
+        process otherwise (it names an empty token "[EMPTY_<id>]" first)."""
         mm, pos, end, unpack = self.mm, self.pos, self.size, self._U64.unpack_from
+        seen: dict[bytes, int] = {}
         for j in range(count):
             if pos + 8 > end:
                 self.pos = pos
@@ -185,6 +197,10 @@ class _Header:
             if pos > end:
                 self.pos = pos - n
                 self.take(n, f"string {j + 1} of {count} of {what}", claimed=True)
+            if vocabulary:
+                word = mm[pos - n:pos] or f"[EMPTY_{j}]".encode()
+                if seen.setdefault(word, j) != j:
+                    self.fail(f"{what}: token {j} {word.decode('utf-8', 'replace')!r} repeats token {seen[word]}")
         self.pos = pos
 
     # -- the three parts of a header -------------------------------------------------------------
@@ -243,7 +259,7 @@ class _Header:
         if itype == GT.STRING:
             if count * 8 > self.size - self.pos:
                 self.take(count * 8, f"array {key!r} of {count} strings", claimed=True)
-            self.skip_strings(count, f"array {key!r}")
+            self.skip_strings(count, f"array {key!r}", vocabulary=key == gguf.Keys.Tokenizer.LIST)
         elif itype in _SIZE:
             self.take(count * _SIZE[itype], f"array {key!r} of {count} {GT(itype).name.lower()}", claimed=True)
         elif itype == GT.ARRAY:
