@@ -94,8 +94,8 @@ def _entry(path: Path, name: str, info) -> tuple[str, tuple[int, ...], tuple[int
     def counts(v) -> bool:
         return isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)
     if not counts(shape) or not counts(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has shape {shape} and "
-                              f"data_offsets {offsets}")
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has shape {json.dumps(shape)} "
+                              f"and data_offsets {json.dumps(offsets)}")
     return dtype, tuple(shape), (offsets[0], offsets[1])
 
 
