@@ -30,6 +30,12 @@ def _on_signal(signum: int, frame) -> None:
 _SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
+def fail(e: BaseException | str) -> None:
+    """One line (names in a damaged file may hold newlines), exit 2."""
+    typer.echo(f"minicpm-convert: error: {' '.join(str(e).split())}", err=True)
+    raise typer.Exit(2)
+
+
 def quant_table() -> str:
     """--quant types with bits per weight and the size of the 8B language model (computed from the
     published checkpoint's tensor shapes with the converter's own per-tensor rules)."""
@@ -85,8 +91,7 @@ def convert(
         try:
             typer.echo(str(modelfile_for_existing(modelfile_only, force=force)))
         except (ValueError, OSError) as e:
-            typer.echo(f"minicpm-convert: error: {e}", err=True)
-            raise typer.Exit(2)
+            fail(e)
         return
     if ckpt is None or out is None:
         typer.echo("minicpm-convert: error: need CKPT_DIR (or a Hub repo id) and -o OUT (or --modelfile-only DIR)",
@@ -101,8 +106,7 @@ def convert(
                   write_lm=not no_lm, write_mmproj=not no_mmproj,
                   log=lambda msg: typer.echo(f"minicpm-convert: {msg}", err=True))
     except (ValueError, OSError) as e:  # CheckpointError, OutputExistsError, bad type names, I/O
-        typer.echo(f"minicpm-convert: error: {e}", err=True)
-        raise typer.Exit(2)
+        fail(e)
     except (KeyboardInterrupt, Interrupted) as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         typer.echo(f"\nminicpm-convert: interrupted ({signal.Signals(signum).name}): no output written, "

@@ -360,6 +360,9 @@ def run(
         choice = choose_model(model, mmproj, model_dir, hf)
     except ValueError as e:
         fail(str(e))
+    for p in (model, mmproj):
+        if p is not None and p.is_dir():
+            fail(f"{p} is a folder: use --model-dir")
     if choice.hub is None and (mmproj_quant is not None or refresh):
         fail(f"--{'mmproj-quant' if mmproj_quant is not None else 'refresh'} applies to a Hub repo; "
              f"the model comes from {choice.origin} here")

@@ -8,8 +8,6 @@ exactly as in the Python API (and a tab switching with another one just re-prefi
 
 from __future__ import annotations
 
-import gc
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,13 +98,12 @@ def chat_messages(s: Session) -> list[dict]:
 
 
 class LocalChat:
-    """The page's one model. Answers run one at a time (the page's queue); the lock also keeps a
-    tab's Stop/close from racing another tab's llama.cpp calls."""
+    """The page's one model. Answers run one at a time (the page's queue, and the model's own turn:
+    a tab's stream keeps it until the stream is exhausted or closed)."""
 
     def __init__(self, model, opts: Opts):
         self.model = model
         self.opts = opts
-        self.lock = threading.Lock()
         self.answering = 0            # tabs being answered right now
 
     # -- questions -----------------------------------------------------------------------------
@@ -189,16 +186,14 @@ class LocalChat:
         try:
             yield
             if not stopped:
-                with self.lock:
-                    stream = self.model.chat(s.conv.msgs, stream=True, **chat_kwargs(opts))
-                    stats = self.model.stats  # this turn's ChatStats; decode counters land when it ends
+                stream = self.model.chat(s.conv.msgs, stream=True, **chat_kwargs(opts))
+                stats = stream.stats  # this turn's ChatStats; decode counters land when it ends
             last = time.perf_counter()
             while stream is not None:
                 if s.stop_requested:
                     stopped = True
                     break
-                with self.lock:
-                    piece = next(stream, None)
+                piece = next(stream, None)
                 if piece is None:
                     break
                 if piece.thinking:
@@ -210,16 +205,12 @@ class LocalChat:
                     yield
             result = None if stream is None or stopped else stream.result
             if stream is not None and result is None:
-                stream = None
-                self._end_dropped_stream()
+                stream.close()   # stopped: the turn goes back to the model, the counters are kept
             if result is not None:
                 turn.answer, turn.thinking = str(result), result.thinking
             turn.answer = turn.answer.strip()
             turn.footer = timings(stats, stopped) if stats is not None else "stopped"
         except GeneratorExit:  # the tab went away (Gradio closes this generator): as a Stop
-            if stream is not None:
-                stream = None
-                self._end_dropped_stream()
             turn.answer, turn.footer = turn.answer.strip(), "stopped"
             s.conv.answered(turn.answer)
             raise
@@ -230,14 +221,9 @@ class LocalChat:
         else:
             s.conv.answered(turn.answer)
         finally:
+            if stream is not None:
+                stream.close()   # whatever ended this answer, the model's turn goes back
             turn.streaming, turn.done = False, True
             s.busy, s.stop_requested = False, False
             self.answering -= 1
         yield
-
-    def _end_dropped_stream(self) -> None:
-        """Finish an unfinished ChatStream whose last reference was just dropped: its generator's
-        cleanup frees the sampler and records the decode counters. ChatStream has no close(), and
-        it and its generator reference each other, so refcounting alone does not end it: collect."""
-        with self.lock:
-            gc.collect()

@@ -8,6 +8,7 @@ to float32 by gguf-py's BF16 dequantizer (exact: bf16 is the top half of an f32)
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -59,24 +60,60 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             header = json.loads(f.read(hlen))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + hlen
     refs: dict[str, TensorRef] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = info.get("dtype")
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        start, end = info["data_offsets"]
-        shape = tuple(int(s) for s in info["shape"])
-        expect = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1]
+        dtype, shape, (start, end) = _entry(path, name, info)
+        expect = math.prod(shape) * _DTYPES[dtype][1]
         if end - start != expect:
             raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes, shape {shape} needs {expect}")
         if base + end > size:
             raise CheckpointError(
                 f"{path}: truncated shard: tensor {name} ends at byte {base + end}, file has {size} bytes")
         refs[name] = TensorRef(name, path, dtype, shape, base + start, end - start)
+    spans = sorted((r.offset, r.offset + r.nbytes, r.name) for r in refs.values())
+    for (_, a_end, a), (b_start, b_end, b) in zip(spans, spans[1:]):
+        if b_start < a_end and b_end > b_start:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensors {a} and {b} share bytes")
     return refs
+
+
+def _entry(path: Path, name: str, info) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, data_offsets) of one header entry, each of the form safetensors writes."""
+    try:
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    except (TypeError, KeyError):
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} lacks dtype, shape or "
+                              f"data_offsets ({json.dumps(info)[:120]})") from None
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+    def counts(v) -> bool:
+        return isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)
+    if not counts(shape) or not counts(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has shape {json.dumps(shape)} "
+                              f"and data_offsets {json.dumps(offsets)}")
+    return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The index's weight_map (tensor name -> shard file name in the same folder)."""
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index (not JSON: {e})") from None
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{index}: not a safetensors index (no \"weight_map\" object)") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a safetensors index (\"weight_map\" is not an object)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+            raise CheckpointError(f"{index}: tensor {name!r} is mapped to {shard!r}, not a shard file name "
+                                  "in the checkpoint folder")
+    return weight_map
 
 
 class Checkpoint:
@@ -88,10 +125,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir}: checkpoint folder not found")
         index = self.dir / INDEX_FILE
         if index.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            weight_map = read_index(index)
             shard_names = sorted(set(weight_map.values()))
         elif (self.dir / SINGLE_FILE).is_file():
             weight_map, shard_names = {}, [SINGLE_FILE]

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFReader, GGUFWriter, GGMLQuantizationType, Keys
 
+from minicpmv.gguf_info import read_gguf_info
+
 from .policy import allows_quantization
 
 _META_KEYS = (Keys.IMatrix.DATASETS, Keys.IMatrix.CHUNK_COUNT, Keys.IMatrix.CHUNK_SIZE)
@@ -115,10 +117,8 @@ def read_imatrix_sums(path: Path) -> ImatrixSums:
     path = Path(path)
     if _magic(path) != b"GGUF":
         raise ValueError(f"{path}: not a GGUF importance matrix (a legacy .dat holds no raw sums)")
-    try:
-        r = GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
-        raise ValueError(f"{path}: not a readable GGUF imatrix ({e})") from None
+    read_gguf_info(path)   # a malformed file: one line (GGUFFormatError, a ValueError) before gguf-py sees it
+    r = GGUFReader(path)
     if not r.tensors:
         raise ValueError(f"{path}: importance matrix has no data")
     if any(k not in r.fields for k in _META_KEYS):

@@ -4,7 +4,7 @@ from minicpmv.gguf_info import ModelFileError
 
 from .chat import MiniCPMV
 from .llama import ContextOverflowError, LlamaError
-from .results import Answer, ChatStats, ChatStream, Piece
+from .results import Answer, ChatStats, ChatStream, Piece, StaleStreamError
 
 __all__ = ["MiniCPMV", "Answer", "ChatStats", "ChatStream", "Piece", "ModelFileError",
-           "ContextOverflowError", "LlamaError"]
+           "ContextOverflowError", "LlamaError", "StaleStreamError"]

@@ -18,6 +18,9 @@ Return value: `Answer`, a `str` holding the answer with the thinking removed and
 timings. `stream=True` returns a `ChatStream`: an iterator of `Piece` strings (each with a
 `.thinking` flag); after it is exhausted `.result` holds the `Answer`. `model.last` is the last
 `Answer` either way.
+
+Threads: calls on one model are served one at a time (turn.py): chat(), prefill(), reset() and
+close() wait for the model's turn, and a stream keeps it until it is exhausted, closed or freed.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from .llama import (KV_TYPES, ContextParams, LlamaContext, LlamaError, LlamaMode
                     TokenEmbeddings)
 from .prompt import Prompt, Slot
 from .results import Answer, ChatStats, ChatStream
+from .turn import TurnLock
 from .vision_cache import EmbeddingCache, media_key
 
 class MiniCPMV:
@@ -65,6 +69,7 @@ class MiniCPMV:
         self.think_end_id = lm.token_id(THINK_END)
         self.last: Answer | None = None
         self.stats = ChatStats()
+        self._turn = TurnLock()   # one caller at a time on the KV cache and the context
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -103,6 +108,9 @@ class MiniCPMV:
             model_path, mmproj_path = find_model_files(model_path)
         mmproj_path = Path(mmproj_path)
         for p, what in ((model_path, "language model"), (mmproj_path, "mmproj")):
+            if p.is_dir():
+                raise ModelFileError(f"{p} is a folder, not the {what} file: give the folder alone to use "
+                                     "the two GGUF files in it")
             if not p.is_file():
                 raise ModelFileError(f"{p}: {what} file not found")
         if gguf_architecture(mmproj_path) != MMPROJ_ARCH:
@@ -144,8 +152,14 @@ class MiniCPMV:
         self._context.watch(fn)
 
     def close(self) -> None:
-        self._context.close()
-        self.lm.close()
+        with self._turn.call():
+            self._context.close()
+            self.lm.close()
+
+    @property
+    def busy(self) -> bool:
+        """A call is running or a stream is open (other threads' calls would wait)."""
+        return self._turn.busy
 
     def __enter__(self) -> "MiniCPMV":
         return self
@@ -155,6 +169,10 @@ class MiniCPMV:
 
     def reset(self) -> None:
         """Forget the KV cache (the image-embedding cache is kept; the context keeps its size)."""
+        with self._turn.call():
+            self._clear()
+
+    def _clear(self) -> None:
         if self.ctx is not None:
             self.ctx.clear()
         self._kv = Sequence()
@@ -213,7 +231,7 @@ class MiniCPMV:
             decode(self.ctx, plan_steps(seq, start, self.fuse_placeholders and self.tok_embd.available),
                    n, embs, self.tok_embd, stats)
         except BaseException:
-            self.reset()  # a failed batch may have left part of itself in the cache
+            self._clear()  # a failed batch may have left part of itself in the cache
             raise
         self._kv = seq
         stats.prefill_batches = self.ctx.n_batches - b0
@@ -224,12 +242,13 @@ class MiniCPMV:
                 max_slice_nums: int | None = None, use_image_id: bool | None = None,
                 temporal_ids: list[list[int]] | None = None) -> np.ndarray:
         """Prefill the conversation (reusing the cache) and return a copy of the next-token logits."""
-        prompt = self.build_prompt(msgs, enable_thinking=enable_thinking, system_prompt=system_prompt,
-                                   max_slice_nums=max_slice_nums, use_image_id=use_image_id,
-                                   temporal_ids=temporal_ids)
-        self.stats = ChatStats()
-        self._prefill(prompt, self.stats)
-        return self.ctx.logits().copy()
+        with self._turn.call():
+            prompt = self.build_prompt(msgs, enable_thinking=enable_thinking, system_prompt=system_prompt,
+                                       max_slice_nums=max_slice_nums, use_image_id=use_image_id,
+                                       temporal_ids=temporal_ids)
+            self.stats = ChatStats()
+            self._prefill(prompt, self.stats)
+            return self.ctx.logits().copy()
 
     # -- chat ----------------------------------------------------------------------------------
 
@@ -249,7 +268,8 @@ class MiniCPMV:
         temperature, so its inner language model's transformers defaults fill in
         (schema.THINKING_SAMPLING). `greedy` takes the argmax (keeps a given repetition_penalty).
         Returns an `Answer` (str: the answer without its reasoning; `.thinking`, `.raw`, `.stats`);
-        stream=True returns a ChatStream of Pieces (show_thinking=False leaves reasoning out).
+        stream=True returns a ChatStream of Pieces (show_thinking=False leaves reasoning out), which
+        keeps the model's turn until it is exhausted or closed.
         """
         t_start = time.perf_counter()
         defaults = THINKING_SAMPLING if enable_thinking else REFERENCE_SAMPLING
@@ -259,24 +279,31 @@ class MiniCPMV:
             top_k=defaults.top_k if top_k is None else top_k,
             repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else repetition_penalty,
             seed=seed, greedy=greedy)
-        prompt = self.build_prompt(msgs, enable_thinking=enable_thinking, system_prompt=system_prompt,
-                                   max_slice_nums=max_slice_nums, use_image_id=use_image_id,
-                                   temporal_ids=temporal_ids)
-        stats = ChatStats()
-        self.stats = stats
-        self._prefill(prompt, stats, room=max_new_tokens)
-        kv = self._kv
-        gen = generate(self.ctx, self.lm, kv, sp, max_new_tokens=max_new_tokens, thinking=enable_thinking,
-                       show_thinking=show_thinking, stop_ids=self.stop_ids, think_end=self.think_end_id,
-                       is_current=lambda: self._kv is kv, stats=stats, t_start=t_start)
-        if stream:
-            return ChatStream(gen, on_result=self._finished)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as e:
-                self._finished(e.value)
-                return e.value
+        hold = self._turn.acquire(stream=stream)
+        handed_over = False   # to the ChatStream, which gives the turn back when it ends
+        try:
+            prompt = self.build_prompt(msgs, enable_thinking=enable_thinking, system_prompt=system_prompt,
+                                       max_slice_nums=max_slice_nums, use_image_id=use_image_id,
+                                       temporal_ids=temporal_ids)
+            stats = ChatStats()
+            self.stats = stats
+            self._prefill(prompt, stats, room=max_new_tokens)
+            gen = generate(self.ctx, self.lm, self._kv, sp, max_new_tokens=max_new_tokens,
+                           thinking=enable_thinking, show_thinking=show_thinking, stop_ids=self.stop_ids,
+                           think_end=self.think_end_id, stats=stats, t_start=t_start)
+            if stream:
+                out = ChatStream(gen, on_result=self._finished, stats=stats, hold=hold)
+                handed_over = True
+                return out
+            while True:
+                try:
+                    next(gen)
+                except StopIteration as e:
+                    self._finished(e.value)
+                    return e.value
+        finally:
+            if not handed_over:
+                hold.release()
 
     def _finished(self, answer: Answer) -> None:
         self.last = answer

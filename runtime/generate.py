@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import codecs
 import time
-from typing import Callable, Generator
+from typing import Generator
 
 from minicpmv.schema import THINK_END, THINK_START
 
@@ -14,17 +14,12 @@ from .llama import LlamaContext, LlamaModel, Sampler, SamplingParams
 from .results import Answer, ChatStats, Piece
 
 
-class StaleStreamError(RuntimeError):
-    """A chat() stream was resumed after a newer call replaced the KV cache it was decoding into."""
-
-
 def generate(ctx: LlamaContext, lm: LlamaModel, kv: Sequence, sp: SamplingParams, *, max_new_tokens: int,
              thinking: bool, show_thinking: bool, stop_ids: frozenset[int], think_end: int | None,
-             is_current: Callable[[], bool], stats: ChatStats, t_start: float) -> Generator[Piece, None, Answer]:
+             stats: ChatStats, t_start: float) -> Generator[Piece, None, Answer]:
     """Sample and decode until a stop token; yields Pieces, returns the Answer. `kv` is the cache
-    contents this turn was prefilled into (generated tokens are appended to it); `is_current()`
-    turns False once a later chat()/prefill()/reset() has replaced it, and a stream of this turn
-    resumed after that raises StaleStreamError instead of decoding into the new cache."""
+    contents this turn was prefilled into (generated tokens are appended to it). The caller holds the
+    model's turn (runtime/turn.py) whenever it resumes this generator."""
     sampler = Sampler(lm.n_vocab, sp)
     stops, is_eog, piece = stop_ids, lm.is_eog, lm.piece
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -40,9 +35,6 @@ def generate(ctx: LlamaContext, lm: LlamaModel, kv: Sequence, sp: SamplingParams
     stats.finish_reason = "length"
     t0 = time.perf_counter()
     try:
-        if not is_current():   # a stream first read after a newer call (which may have replaced ctx)
-            raise StaleStreamError("this chat() stream was started after a newer chat()/prefill()/reset() "
-                                   "call replaced its KV cache")
         for _ in range(max_new_tokens):
             tok = sampler.sample(ctx)
             if not tokens:
@@ -76,9 +68,6 @@ def generate(ctx: LlamaContext, lm: LlamaModel, kv: Sequence, sp: SamplingParams
             if pos >= n_ctx:
                 stats.finish_reason = "context"
                 break
-            if not is_current():
-                raise StaleStreamError("this chat() stream was resumed after a newer chat()/prefill()/reset() "
-                                       "call replaced its KV cache")
             ctx.decode_one(tok, pos)
             kv.append_token(tok)
             pos += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -70,6 +71,16 @@ def recent_log(n: int = 20) -> str:
     return "".join(list(_log_tail)[-n:])
 
 
+def load_error() -> str | None:
+    """What llama.cpp logged as the reason a model load failed ("tensor 'blk.0.attn_k.weight' not
+    found"); None if it said nothing."""
+    for line in reversed(_log_tail):
+        _, sep, reason = line.partition("error loading model: ")
+        if sep:
+            return re.sub(r"^[a-z_]+: ", "", " ".join(reason.split())) or None   # drop the C function name
+    return None
+
+
 def init_backend(verbose: bool | str = False) -> None:
     """Route llama.cpp's log through us (silent unless verbose; "debug" for every line) and
     initialise the backend once.
@@ -113,8 +124,11 @@ def load_model(path: str | os.PathLike, *, n_gpu_layers: int = 0, vocab_only: bo
     pages it read stay resident next to that copy (8.3 GB for the 8B Q4_K_M model); reading keeps one
     copy (5.0 GB). With a GPU (Metal) the mapping is what lets the weights be used in place.
     `buffers` forces a weight buffer plan (default: buffers.plan_for_this_machine()).
-    Returns (llama_model_p, the buffer choice); raises LlamaError if llama.cpp refuses the file.
+    Returns (llama_model_p, the buffer choice). The file is checked by our own reader first
+    (GGUFFormatError, one line, for a malformed file: llama.cpp must never see one, some faults abort
+    it); LlamaError if llama.cpp refuses it anyway.
     """
+    read_gguf_info(path)
     _backend_init()
     mp = ll.llama_model_default_params()
     mp.n_gpu_layers = n_gpu_layers
@@ -122,10 +136,12 @@ def load_model(path: str | os.PathLike, *, n_gpu_layers: int = 0, vocab_only: bo
     if read_file if read_file is not None else (n_gpu_layers == 0 and not vocab_only):
         mp.load_mode = ll.LLAMA_LOAD_MODE_NONE
     wb = weight_buffers(mp, path, plan=buffers)
+    _log_tail.clear()   # what this load logs explains its failure
     model = ll.llama_model_load_from_file(str(path).encode(), mp)
     if not model:
-        raise LlamaError(f"{path}: llama.cpp cannot load this file as a language model "
-                         "(run with --verbose for llama.cpp's log)")
+        reason = load_error()
+        raise LlamaError(f"{path}: llama.cpp cannot load this file as a language model"
+                         + (f": {reason}" if reason else " (run with --verbose for llama.cpp's log)"))
     return model, wb
 
 

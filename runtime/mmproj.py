@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from minicpmv import schema
+from minicpmv.gguf_info import GGUFFormatError, read_gguf_info
 from minicpmv.schema import (
     MINICPMV_VERSION, PROJECTOR_TYPE, R_PROJ, R_QUERY, RESAMPLER_HEAD_DIM, V_PATCH_EMBD, V_POS_EMBD,
     ClipKeys, v_blk,
@@ -128,11 +129,14 @@ def _decode(raw: np.ndarray, qt: gguf.GGMLQuantizationType, shape: tuple[int, ..
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
 
 
-def _field(reader: gguf.GGUFReader, key: str):
+def _field(reader: gguf.GGUFReader, key: str, path: Path):
     f = reader.get_field(key)
     if f is None:
         return None
-    return f.contents()
+    try:
+        return f.contents()
+    except UnicodeDecodeError:
+        raise MmprojError(f"{path}: the value of {key} is not UTF-8 text") from None
 
 
 def _need(shapes: dict[str, tuple[int, ...]], path: Path, name: str) -> tuple[int, ...]:
@@ -142,10 +146,10 @@ def _need(shapes: dict[str, tuple[int, ...]], path: Path, name: str) -> tuple[in
 
 
 def read_hparams(reader: gguf.GGUFReader, shapes: dict[str, tuple[int, ...]], path: Path) -> VisionHParams:
-    ptype = _field(reader, ClipKeys.PROJECTOR_TYPE)
+    ptype = _field(reader, ClipKeys.PROJECTOR_TYPE, path)
     if ptype is not None and ptype != PROJECTOR_TYPE:
         raise MmprojError(f"{path}: {ClipKeys.PROJECTOR_TYPE} is {ptype!r}, expected {PROJECTOR_TYPE!r} (MiniCPM-V)")
-    version = _field(reader, ClipKeys.MINICPMV_VERSION)
+    version = _field(reader, ClipKeys.MINICPMV_VERSION, path)
     if version is not None and int(version) != MINICPMV_VERSION:
         raise MmprojError(f"{path}: {ClipKeys.MINICPMV_VERSION} is {version}, only {MINICPMV_VERSION} "
                           "(MiniCPM-V 4.5) is supported")
@@ -157,17 +161,20 @@ def read_hparams(reader: gguf.GGUFReader, shapes: dict[str, tuple[int, ...]], pa
     up = _need(shapes, path, v_blk("ffn_up", 0) + ".weight")
 
     def get(key: str, default):
-        v = _field(reader, key)
+        v = _field(reader, key, path)
         return default if v is None else v
 
     n_embd = int(get(ClipKeys.EMBEDDING_LENGTH, patch[0]))
-    n_layer = int(get(ClipKeys.BLOCK_COUNT, sum(1 for n in shapes if n.endswith(".attn_q.weight") and n.startswith("v.blk."))))
-    n_head = _field(reader, ClipKeys.HEAD_COUNT)
+    n_blocks = sum(1 for n in shapes if n.endswith(".attn_q.weight") and n.startswith("v.blk."))
+    n_layer = int(get(ClipKeys.BLOCK_COUNT, n_blocks))
+    if not 0 < n_layer <= n_blocks:
+        raise MmprojError(f"{path}: {ClipKeys.BLOCK_COUNT}={n_layer} but the file holds {n_blocks} vision blocks")
+    n_head = _field(reader, ClipKeys.HEAD_COUNT, path)
     if n_head is None:
         if n_embd % 72:
             raise MmprojError(f"{path}: {ClipKeys.HEAD_COUNT} is missing and cannot be inferred")
         n_head = n_embd // 72  # SigLIP head_dim
-    buckets = _field(reader, ClipKeys.POS_BUCKETS)
+    buckets = _field(reader, ClipKeys.POS_BUCKETS, path)
     if buckets is None:
         buckets = math.isqrt(pos[0])
         if buckets * buckets != pos[0]:
@@ -192,12 +199,29 @@ def read_hparams(reader: gguf.GGUFReader, shapes: dict[str, tuple[int, ...]], pa
         image_mean=mean[:3],
         image_std=std[:3],
     )
-    if hp.n_embd != patch[0] or hp.n_embd % hp.n_head:
+    if hp.n_embd != patch[0] or hp.n_head < 1 or hp.n_embd % hp.n_head:
         raise MmprojError(f"{path}: {ClipKeys.EMBEDDING_LENGTH}={hp.n_embd} does not fit "
                           f"{V_PATCH_EMBD}.weight {patch} / {hp.n_head} heads")
     if hp.query_num != query[0]:
         raise MmprojError(f"{path}: {ClipKeys.MINICPMV_QUERY_NUM}={hp.query_num} but {R_QUERY} has {query[0]} rows")
+    check_free_values(hp, path)
     return hp
+
+
+def check_free_values(hp: VisionHParams, path: Path) -> None:
+    """The hyper-parameters no tensor shape pins down must still make sense: a slice size the
+    position table covers (a corrupt one would make the slicer ask for gigapixel slices), a positive
+    epsilon, and pixel statistics that normalize (a zero std divides by zero)."""
+    p = hp.patch_size
+    if p < 1 or hp.image_size % p or not p <= hp.image_size <= hp.pos_buckets * p:
+        raise MmprojError(f"{path}: {ClipKeys.IMAGE_SIZE}={hp.image_size} is not a multiple of the patch size {p} "
+                          f"between {p} and {hp.pos_buckets * p} (what the position table covers)")
+    if not 0 < hp.eps < 1:
+        raise MmprojError(f"{path}: {ClipKeys.LAYERNORM_EPS}={hp.eps} is not a small positive number")
+    stats = hp.image_mean + hp.image_std
+    if len(stats) != 6 or not all(math.isfinite(x) for x in stats) or min(hp.image_std) <= 0:
+        raise MmprojError(f"{path}: {ClipKeys.IMAGE_MEAN}/{ClipKeys.IMAGE_STD} must be three finite numbers each, "
+                          f"the std positive (they are {list(hp.image_mean)} / {list(hp.image_std)})")
 
 
 def is_legacy_ffn(shapes: dict[str, tuple[int, ...]], n_embd: int, has_general_type: bool) -> bool:
@@ -228,12 +252,18 @@ def load_mmproj(path: str | Path) -> Mmproj:
     if not path.is_file():
         raise MmprojError(f"{path}: mmproj file not found")
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises assorted errors on non-GGUF input
-        raise MmprojError(f"{path}: not a GGUF file ({e})") from None
+        read_gguf_info(path)   # before gguf-py sees a malformed file
+    except GGUFFormatError as e:
+        raise MmprojError(str(e)) from None
+    reader = gguf.GGUFReader(path, "r")
     by_name = {t.name: t for t in reader.tensors}
     shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in by_name.items()}
-    hp = read_hparams(reader, shapes, path)
+    try:
+        hp = read_hparams(reader, shapes, path)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, MmprojError):
+            raise
+        raise MmprojError(f"{path}: a clip.* hyper-parameter has the wrong type ({e})") from None
     legacy = is_legacy_ffn(shapes, hp.n_embd, reader.get_field(gguf.Keys.General.TYPE) is not None)
 
     def file_name(name: str) -> str:

@@ -3,8 +3,10 @@ streamed pieces, and the turn's counters and timings."""
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Generator, Iterator
+from typing import Callable, Generator
 
 
 @dataclass
@@ -64,21 +66,77 @@ class Piece(str):
         return obj
 
 
+class StaleStreamError(RuntimeError):
+    """A chat() stream was resumed after a newer call on the same thread took the model over."""
+
+
 class ChatStream:
     """Iterator of `Piece`s; `.result` is the `Answer` once the iterator is exhausted (and is handed to
-    `on_result`, if given)."""
+    `on_result`, if given), `.stats` the turn's ChatStats (decode counters land when it ends).
 
-    def __init__(self, gen: Generator[Piece, None, Answer], on_result: Callable[[Answer], None] | None = None):
+    The stream holds the model's turn (`hold`, runtime/turn.py) from its chat() call until it is
+    exhausted, fails, is closed, or is freed. No reference cycle runs through it, so dropping the last
+    reference ends it at once: a finalizer closes the generator (which frees its sampler and records
+    the decode counters) and gives the turn back. close() may be called from any thread; it waits for
+    a piece being computed.
+    """
+
+    def __init__(self, gen: Generator[Piece, None, Answer], on_result: Callable[[Answer], None] | None = None,
+                 *, stats: ChatStats | None = None, hold=None):
         self.result: Answer | None = None
-        self._gen = self._run(gen, on_result)
-
-    def _run(self, gen: Generator[Piece, None, Answer], on_result) -> Iterator[Piece]:
-        self.result = yield from gen
-        if on_result is not None:
-            on_result(self.result)
+        self.stats = stats
+        self._gen, self._on_result, self._hold = gen, on_result, hold
+        self._step = threading.Lock()   # one piece at a time; close() waits for the current one
+        self._end = weakref.finalize(self, _end_stream, gen, hold)
+        self._end.atexit = False        # at exit llama.cpp may be gone: nothing to give back then
 
     def __iter__(self) -> "ChatStream":
         return self
 
     def __next__(self) -> Piece:
-        return next(self._gen)
+        with self._step:
+            if not self._end.alive:
+                raise StopIteration
+            if self._hold is not None:
+                if self._hold.ended:
+                    self._end()
+                    raise StaleStreamError("this chat() stream was resumed after a newer chat()/prefill()/reset() "
+                                           "call on the same thread took the model over")
+                self._hold.touch()
+            try:
+                return next(self._gen)
+            except StopIteration as e:
+                self.result = e.value
+                if self._on_result is not None:
+                    self._on_result(self.result)   # before another caller gets the turn
+                self._end()
+                raise StopIteration from None
+            except BaseException:
+                self._end()
+                raise
+
+    def close(self) -> None:
+        """End the stream now (the answer so far is lost; `.result` stays None unless it had ended) and
+        give the model's turn back. Safe to call more than once."""
+        with self._step:
+            self._end()
+
+    @property
+    def closed(self) -> bool:
+        return not self._end.alive
+
+    def __enter__(self) -> "ChatStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _end_stream(gen: Generator, hold) -> None:
+    """Finish a stream: close its generator (its cleanup runs) and give the turn back. Kept outside
+    the class so that the finalizer does not hold the stream alive."""
+    try:
+        gen.close()
+    finally:
+        if hold is not None:
+            hold.release()

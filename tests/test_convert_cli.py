@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,43 @@ def test_one_run_writes_both_files_and_modelfile(tiny_ckpt, tmp_path):
     only = run_convert("--modelfile-only", str(out))
     assert only.returncode == 0, only.stderr
     assert (out / "Modelfile").read_text() == text
+
+
+def _write_header(shard: Path, header) -> None:
+    """Replace the shard's JSON header, keeping its data."""
+    data = shard.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    text = json.dumps(header).encode()
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda h: [h], ["corrupt safetensors header (not a JSON object)"]),
+    (lambda h: {n: {k: v for k, v in e.items() if k != "data_offsets"} if n != "__metadata__" else e
+                for n, e in h.items()}, ["lacks dtype, shape or data_offsets"]),
+    (lambda h: {n: e | {"shape": "256"} if n != "__metadata__" else e for n, e in h.items()}, ['has shape "256"']),
+    (lambda h: {n: e | {"data_offsets": [0, 0]} if n != "__metadata__" else e for n, e in h.items()}, ["bytes, shape"]),
+])
+def test_corrupt_shard_header_entries(ckpt_copy, tmp_path, edit, needles):
+    shard = ckpt_copy / "model-00002-of-00003.safetensors"
+    with open(shard, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    _write_header(shard, edit(header))
+    res = run_convert(str(ckpt_copy), "-o", str(tmp_path / "out"))
+    assert_one_line_error(res, shard.name, *needles)
+    assert no_outputs(tmp_path / "out")
+
+
+def test_tensors_sharing_bytes(ckpt_copy, tmp_path):
+    shard = ckpt_copy / "model-00001-of-00003.safetensors"
+    with open(shard, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    a, b = [k for k in header if k != "__metadata__"][:2]
+    size = header[b]["data_offsets"][1] - header[b]["data_offsets"][0]
+    header[b]["data_offsets"] = [header[a]["data_offsets"][0], header[a]["data_offsets"][0] + size]
+    _write_header(shard, header)
+    res = run_convert(str(ckpt_copy), "-o", str(tmp_path / "out"))
+    assert_one_line_error(res, shard.name, "share bytes")
+    assert no_outputs(tmp_path / "out")

@@ -565,7 +565,7 @@ def test_modelfile_for_existing_folder_and_files(tmp_path):
                 _tiny_gguf(d / "c.gguf", "clip")], "found"),
     (lambda d: [_tiny_gguf(d / "a.gguf", "llama"), _tiny_gguf(d / "c.gguf", "clip")], "'llama'"),
     (lambda d: [(d / "a.gguf").write_bytes(b"not a gguf at all, just text"), _tiny_gguf(d / "c.gguf", "clip")],
-     "not a readable GGUF"),
+     "a.gguf: not a GGUF file (starts with 6e 6f 74 20)"),
     (lambda d: [], "no .gguf files"),
 ])
 def test_modelfile_for_existing_rejects_bad_folders(tmp_path, setup, error):

@@ -51,7 +51,7 @@ def test_stop_ends_the_stream_and_keeps_the_partial_answer(chat):
     assert chat.ask(s, "Go on.", [])
     list(chat.answer(s, SHORT))
     assert chat.model.stats.prefill_start > 0 and s.turns[-1].answer
-    assert not chat.lock.locked()
+    assert not chat.model.busy
 
 
 def test_a_closed_tab_ends_its_answer_and_frees_the_model(chat):
@@ -60,7 +60,7 @@ def test_a_closed_tab_ends_its_answer_and_frees_the_model(chat):
     gen = chat.answer(s, OPTS)
     next(gen), next(gen)
     gen.close()            # what Gradio does when the tab goes away
-    assert not s.busy and chat.answering == 0 and not chat.lock.locked()
+    assert not s.busy and chat.answering == 0 and not chat.model.busy
     assert chat.model.stats.decode_tokens > 0
     assert s.turns[-1].footer == "stopped" and s.conv.msgs[-1] == {"role": "assistant", "content": s.turns[-1].answer}
     other = Session()
