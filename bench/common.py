@@ -1,7 +1,9 @@
 """Shared plumbing: cache paths, disk check, machine info, and one-subprocess-per-measurement.
 
 Every measured step runs in a fresh `python -m bench.worker` process so that its peak RSS is its
-own (`os.wait4` returns the child's ru_maxrss; RUSAGE_CHILDREN would be the max over all children).
+own: the child writes its VmHWM at exit (bench/peak.py), because the ru_maxrss that `os.wait4`
+returns starts at the parent's resident set at fork; ru_maxrss is the fallback where there is no
+/proc (macOS).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import peak
 
 REPO = Path(__file__).resolve().parent.parent
 GB = 1e9
@@ -106,7 +110,7 @@ def loadavg() -> tuple[float, float, float]:
 class Measured:
     result: dict            # what the worker returned
     wall_s: float           # wall time of the whole subprocess (incl. interpreter start)
-    peak_rss_gb: float      # the subprocess's own peak resident set (ru_maxrss)
+    peak_rss_gb: float      # the subprocess's own peak resident set (VmHWM, bench/peak.py)
 
 
 def run_cmd(cmd: list[str], *, log: Path, timeout: float | None = None) -> tuple[int, float, float]:
@@ -115,8 +119,10 @@ def run_cmd(cmd: list[str], *, log: Path, timeout: float | None = None) -> tuple
     with open(log, "a") as lf:
         lf.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n")
         lf.flush()
+        peak_file = Path(tempfile.mkstemp(prefix="peak-", suffix=".txt")[1])
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=lf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=lf, stderr=subprocess.STDOUT,
+                                env={**os.environ, peak.ENV: str(peak_file)})
         timed_out = False
         while True:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
@@ -131,8 +137,13 @@ def run_cmd(cmd: list[str], *, log: Path, timeout: float | None = None) -> tuple
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)   # already reaped: keep Popen from waiting
     rc = -9999 if timed_out else proc.returncode
-    # ru_maxrss is in KiB on Linux, bytes on macOS
-    return rc, wall, ru.ru_maxrss * (1 if sys.platform == "darwin" else 1024) / GB
+    try:
+        own = int(peak_file.read_text() or 0)
+    except (OSError, ValueError):
+        own = 0
+    peak_file.unlink(missing_ok=True)
+    # ru_maxrss (KiB on Linux, bytes on macOS) only where the child could not say (bench/peak.py)
+    return rc, wall, (own or ru.ru_maxrss * (1 if sys.platform == "darwin" else 1024)) / GB
 
 
 def log_tail(log: Path, n: int = 15) -> str:

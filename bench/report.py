@@ -150,7 +150,7 @@ def closing(res: dict) -> list[str]:
 
 def earlier_runs(old: dict) -> dict[str, dict]:
     """The runs of an earlier results.json by CPU (a file from before per-CPU reports is one run)."""
-    if "runs" in old:
+    if isinstance(old.get("runs"), dict):   # (before, "runs" was the repetition count)
         return dict(old["runs"])
     return {cpu_label(old): old} if old.get("sections") else {}
 

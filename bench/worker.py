@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import peak  # noqa: F401  (records this process's peak RSS at exit)
 from .common import Skip
 from .sections import buffers, conversion, e2e, llm, lowbit, memory, video, vision
 
@@ -20,6 +21,7 @@ TASKS = {
     "convert_onepass": conversion.convert_onepass,
     "convert_bf16": conversion.convert_bf16,
     "llama_quantize": conversion.llama_quantize,
+    "compare": conversion.compare,
     "vision": vision.measure,
     "llm": llm.measure,
     "e2e": e2e.measure,

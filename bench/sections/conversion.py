@@ -33,7 +33,9 @@ def run(bench: Session) -> dict:
         m3 = bench.worker("llama_quantize", {"src": str(bf16), "dst": str(llama_q4), "threads": T})
         bf16.unlink()      # free 16 GB as soon as it is measured
         bench.sizes["Q4_K_M LM GGUF, llama_model_quantize"] = llama_q4.stat().st_size
-        same = bench.step("compare", compare_tensors, Path(m1.result["lm"]), llama_q4)
+        # in a worker: reading both 5 GB files would leave the parent (and so, through fork, every
+        # later subprocess's ru_maxrss) that large
+        same = bench.worker("compare", {"a": m1.result["lm"], "b": str(llama_q4)}).result["same"]
     finally:
         shutil.rmtree(two, ignore_errors=True)   # the two-step files are not needed later
 
@@ -54,8 +56,8 @@ def run(bench: Session) -> dict:
         f"one pass = HF -> Q4_K_M LM + f16 mmproj, {T} threads; subprocess wall incl. interpreter start "
         f"{m1.wall_s:.1f} s.",
         f"tensor data of our Q4_K_M vs llama_model_quantize's: {same}.",
-        "peak RSS = the measuring subprocess's ru_maxrss (os.wait4), which counts the pages of mmapped files it "
-        "touched (llama_model_quantize maps its input).",
+        "peak RSS = the measuring subprocess's own high-water mark (VmHWM, bench/peak.py), which counts the "
+        "pages of mmapped files it touched (llama_model_quantize maps its input).",
     ]
     return {"rows": rows, "notes": notes, "raw": {"onepass": vars_m(m1), "bf16": vars_m(m2), "quantize": vars_m(m3)}}
 
@@ -76,6 +78,10 @@ def compare_tensors(a: Path, b: Path) -> str:
 
 
 # --------------------------------------------------------------------------- measured (bench.worker)
+
+def compare(a: dict) -> dict:
+    return {"same": compare_tensors(Path(a["a"]), Path(a["b"]))}
+
 
 def convert_onepass(a: dict) -> dict:
     from minicpmv.convert.pipeline import convert

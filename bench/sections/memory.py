@@ -1,7 +1,7 @@
 """§5b Memory: peak RSS of the image question and of the first video frames, default and low-memory
 profiles, with a memory timeline (RSS and its anonymous / file-backed parts over time, phases marked).
 
-The peaks are the measuring subprocesses' ru_maxrss (the whole process: interpreter, torch,
+The peaks are the measuring subprocesses' own VmHWM (the whole process: interpreter, torch,
 llama.cpp); the CLI is measured as a user runs it, the Python API runs in a worker that samples
 /proc/self/status every 50 ms in a background thread and marks the phases (load, vision, language
 model prefill, decode). The low-memory profile's cost is its time to first token and how far its

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 
 from ..common import GB, dir_bytes
@@ -31,5 +30,5 @@ def cli_command() -> list[str] | None:
         import minicpmv.cli.run  # noqa: F401
     except ImportError:
         return None
-    exe = shutil.which("minicpm-run")
-    return [exe] if exe else [sys.executable, "-c", "import sys; from minicpmv.cli.run import main; sys.exit(main())"]
+    # what the minicpm-run script runs, with bench.peak imported first to report the peak RSS
+    return [sys.executable, "-c", "import sys, bench.peak; from minicpmv.cli.run import main; sys.exit(main())"]
