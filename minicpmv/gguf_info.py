@@ -373,3 +373,25 @@ def find_model_files(*paths: str | os.PathLike) -> tuple[Path, Path]:
             raise ModelFileError(f"{where}: need exactly one {kind} ({arch}) GGUF, found several candidate "
                                  f"files ({', '.join(f.name for f in found[arch])}); pass the two files explicitly")
     return found[LM_ARCH][0], found[MMPROJ_ARCH][0]
+
+
+def model_pair(model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """The (language model, mmproj) to load: the two files, or a folder holding both (mmproj None).
+    ModelFileError (one line) for a missing file, a folder where a file belongs, or swapped files."""
+    model_path = Path(model_path)
+    if mmproj_path is None:
+        if not model_path.is_dir():
+            raise ModelFileError(f"{model_path}: give a folder holding both GGUF files, or also the mmproj path")
+        return find_model_files(model_path)
+    mmproj_path = Path(mmproj_path)
+    for p, what in ((model_path, "language model"), (mmproj_path, "mmproj")):
+        if p.is_dir():
+            raise ModelFileError(f"{p} is a folder, not the {what} file: give the folder alone to use "
+                                 "the two GGUF files in it")
+        if not p.is_file():
+            raise ModelFileError(f"{p}: {what} file not found")
+    if gguf_architecture(mmproj_path) != MMPROJ_ARCH:
+        raise ModelFileError(f"{mmproj_path}: not a mmproj file ({ARCH_KEY} is not {MMPROJ_ARCH!r})")
+    if gguf_architecture(model_path) == MMPROJ_ARCH:
+        raise ModelFileError(f"{model_path}: this is a mmproj file, not the language model")
+    return model_path, mmproj_path

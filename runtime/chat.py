@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from minicpmv.cpu import default_threads
-from minicpmv.gguf_info import ModelFileError, find_model_files, gguf_architecture
-from minicpmv.schema import (ARCH_KEY, MMPROJ_ARCH, QUERY_NUM, REFERENCE_SAMPLING, SLOT_TOKEN, STOP_TOKENS, THINK_END,
-                             THINKING_SAMPLING)
+from minicpmv.gguf_info import ModelFileError, model_pair
+from minicpmv.schema import QUERY_NUM, REFERENCE_SAMPLING, SLOT_TOKEN, STOP_TOKENS, THINK_END, THINKING_SAMPLING
 
 from .content import Content
 from .context_size import ContextChange, GrowingContext
@@ -47,6 +45,7 @@ from .prompt import Prompt, Slot
 from .results import Answer, ChatStats, ChatStream
 from .turn import TurnLock
 from .vision_cache import EmbeddingCache, media_key
+
 
 class MiniCPMV:
     """MiniCPM-V 4.5: llama.cpp language model + torch vision encoder, one conversation's KV cache."""
@@ -92,31 +91,16 @@ class MiniCPMV:
         match the language model.
 
         `kv_type`: "f16" (default), "q8_0" (default with low_memory), "f32".
-        `low_memory` (for 8 GB machines): the KV cache in q8_0 (half of f16), and the vision weights are not kept: the tower and resampler matrices are
-        read from the mmproj (through the page cache) for every image, one slice at a time. Costs
-        and the peak memory of both profiles: BENCHMARKS.md.
+        `low_memory` (8 GB machines): the KV cache in q8_0 (half of f16); the vision weights are not
+        kept but read from the mmproj (page cache) for every image, one slice at a time. Costs and
+        peak memory of both profiles: BENCHMARKS.md.
         """
         kv_type = kv_type or ("q8_0" if low_memory else "f16")
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type: {kv_type!r} is not one of {', '.join(KV_TYPES)}")
         if kv_type == "q8_0" and flash_attn is False:
             raise ValueError("kv_type q8_0 needs flash attention (flash_attn None or True)")
-        model_path = Path(model_path)
-        if mmproj_path is None:
-            if not model_path.is_dir():
-                raise ModelFileError(f"{model_path}: give a folder holding both GGUF files, or also the mmproj path")
-            model_path, mmproj_path = find_model_files(model_path)
-        mmproj_path = Path(mmproj_path)
-        for p, what in ((model_path, "language model"), (mmproj_path, "mmproj")):
-            if p.is_dir():
-                raise ModelFileError(f"{p} is a folder, not the {what} file: give the folder alone to use "
-                                     "the two GGUF files in it")
-            if not p.is_file():
-                raise ModelFileError(f"{p}: {what} file not found")
-        if gguf_architecture(mmproj_path) != MMPROJ_ARCH:
-            raise ModelFileError(f"{mmproj_path}: not a mmproj file ({ARCH_KEY} is not {MMPROJ_ARCH!r})")
-        if gguf_architecture(model_path) == MMPROJ_ARCH:
-            raise ModelFileError(f"{model_path}: this is a mmproj file, not the language model")
+        model_path, mmproj_path = model_pair(model_path, mmproj_path)
 
         from .vision import VisionEncoder
         threads = n_threads or default_threads()

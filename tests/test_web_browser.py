@@ -327,7 +327,12 @@ def test_a_second_tab_waits_for_the_first(open_long_tab):
     while not first.answer_text().strip(" …"):
         time.sleep(0.05)
     second.ask("Hello")
-    second.page.get_by_text("waiting: another tab's answer is being generated").wait_for()
+    try:
+        second.page.get_by_text("waiting: another tab's answer is being generated").wait_for()
+    except Exception as e:   # say what the two tabs showed instead
+        raise AssertionError(f"no waiting line in the second tab ({type(e).__name__}); it shows "
+                             f"{second.messages()}; the first tab's answer has {len(first.answer_text())} "
+                             f"characters, footers {first.footers()}") from None
     assert not second.footers()
     first.page.locator("#stop").click()
     assert first.wait_footers(1)["end"] == "stopped"
