@@ -102,6 +102,7 @@ INLINE_COMMANDS = {
     "synthetic": "python -m minicpmv.convert.synthetic --scale tiny|medium|full OUT",
     "table-video": 'minicpm-run --model-dir OUT clip.mp4 "What happens?"',
     "table-web": "minicpm-run --model-dir OUT --web",
+    "low-memory": 'minicpm-run --model-dir OUT --low-memory photo.jpg "What is in the image?"',
 }
 OLLAMA_URL, LLAMA_SERVER_URL = "http://localhost:11434", "http://127.0.0.1:8080"
 ARG_MAX_STRLEN = 128 * 1024  # Linux: the longest single command-line argument (MAX_ARG_STRLEN)
@@ -571,6 +572,7 @@ def test_synthetic_checkpoint_line(tmp_path):
 def test_which_one_to_use_table_commands(converted, tmp_path):
     env = local_env(tmp_path / "home")
     sh(INLINE_COMMANDS["table-video"], converted, env)
+    sh(INLINE_COMMANDS["low-memory"], converted, env)   # the Memory section's
     with serving(INLINE_COMMANDS["table-web"], converted, env, tmp_path / "web.log") as url:
         assert_page(url)
 
