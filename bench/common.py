@@ -119,7 +119,9 @@ def run_cmd(cmd: list[str], *, log: Path, timeout: float | None = None) -> tuple
     with open(log, "a") as lf:
         lf.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n")
         lf.flush()
-        peak_file = Path(tempfile.mkstemp(prefix="peak-", suffix=".txt")[1])
+        fd, name = tempfile.mkstemp(prefix="peak-", suffix=".txt")
+        os.close(fd)
+        peak_file = Path(name)
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=lf, stderr=subprocess.STDOUT,
                                 env={**os.environ, peak.ENV: str(peak_file)})
