@@ -187,7 +187,17 @@ class ChatTab:
     def setting(self, elem_id: str, value: str) -> None:
         if not self.page.locator(f"#{elem_id}").is_visible():
             self.page.locator("#sampling").click()
-        self.page.locator(f"#{elem_id} input").fill(value)
+        # The accordion's first opening renders its fields again with their initial values, which
+        # can overwrite a value typed while it opens (then the question goes out with the server's
+        # default): type, leave the field as a person does, and type again until the value stays.
+        box = self.page.locator(f"#{elem_id} input")
+        for _ in range(20):
+            box.fill(value)
+            box.press("Tab")
+            self.page.wait_for_timeout(250)
+            if box.input_value() == value:
+                return
+        raise AssertionError(f"#{elem_id} keeps reverting to {box.input_value()!r} instead of {value!r}")
 
     def ask(self, text: str) -> None:
         self.page.locator("#msg textarea").fill(text)
