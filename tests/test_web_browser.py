@@ -187,9 +187,9 @@ class ChatTab:
     def setting(self, elem_id: str, value: str) -> None:
         if not self.page.locator(f"#{elem_id}").is_visible():
             self.page.locator("#sampling").click()
-        # The accordion's first opening renders its fields again with their initial values, which
-        # can overwrite a value typed while it opens (then the question goes out with the server's
-        # default): type, leave the field as a person does, and type again until the value stays.
+        # A value typed right after the accordion opens was seen back at the field's initial value a
+        # moment later (then the question went out with the server's default), about one run in
+        # three: type, leave the field as a person does, and type again until the value stays.
         box = self.page.locator(f"#{elem_id} input")
         for _ in range(20):
             box.fill(value)
