@@ -40,11 +40,9 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -66,6 +64,7 @@ from .hub_standin import HubStandIn, Repo
 from .readme_blocks import README, Command, fenced_blocks, find, inline_code, shell_commands
 from .test_hub import hub_env
 from .video_fixtures import make_video
+from .web_server import free_port, page_process
 
 pytestmark = pytest.mark.slow
 
@@ -242,27 +241,10 @@ def test_openbmb_file_names_run_as_they_are(media, tiny, tmp_path):
 def serving(command: str, cwd: Path, env: dict[str, str], log: Path):
     """A `--web` line started with `--port N` appended to its words (the last --port wins; a trailing
     comment is dropped); yields the page's URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with open(log, "w") as out:
-        argv = shlex.split(command, comments=True) + ["--port", str(port)]
-        proc = subprocess.Popen([shutil.which(argv[0], path=env["PATH"]), *argv[1:]], cwd=cwd, env=env,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 180
-        while f"chat page at {url}" not in log.read_text():
-            assert proc.poll() is None, f"{command!r} did not start:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"{command!r}: no page in 180 s:\n{log.read_text()}"
-            time.sleep(0.3)
+    port = free_port()
+    argv = shlex.split(command, comments=True) + ["--port", str(port)]
+    with page_process([shutil.which(argv[0], path=env["PATH"]), *argv[1:]], port, log, cwd=cwd, env=env) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def assert_page(url: str) -> None:

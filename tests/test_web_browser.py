@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -28,6 +26,7 @@ from minicpmv.runtime import MiniCPMV
 from minicpmv.runtime.image import load_image
 from minicpmv.runtime.video import load_video
 from .video_fixtures import make_video
+from .web_server import free_port, page_process
 
 CHROMIUM = "/usr/bin/chromium"
 # The network is closed here: without the background-networking flags Chromium waits on refused
@@ -60,34 +59,14 @@ def media(tmp_path_factory) -> dict[str, Path]:
     return {p.name: p for p in d.iterdir()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serving(lm: Path, mm: Path, log_path: Path):
     """The page as a user starts it, with CLI options that it must honour (packing, greedy, tokens)."""
-    port = _free_port()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "minicpmv.cli.run", "--web", "--model", str(lm), "--mmproj",
-                                 str(mm), "--port", str(port), "--threads", "1", "--packing", "3", "--greedy",
-                                 "--max-tokens", str(PAGE_MAX_TOKENS), *EXACT], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 120
-            while "chat page at" not in log_path.read_text():
-                assert proc.poll() is None, f"the page did not start:\n{log_path.read_text()}"
-                assert time.monotonic() < deadline, f"no 'chat page at' line in 120 s:\n{log_path.read_text()}"
-                time.sleep(0.2)
-            yield f"http://127.0.0.1:{port}/"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    port = free_port()
+    with page_process([sys.executable, "-m", "minicpmv.cli.run", "--web", "--model", str(lm), "--mmproj", str(mm),
+                       "--port", str(port), "--threads", "1", "--packing", "3", "--greedy",
+                       "--max-tokens", str(PAGE_MAX_TOKENS), *EXACT], port, log_path, start_s=120) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
