@@ -30,6 +30,7 @@ import llama_cpp as ll
 from minicpmv.cpu import default_threads
 from minicpmv.schema import REFERENCE_SAMPLING
 
+from . import weight_pages
 from .buffers import BufferPlan, WeightBuffers, weight_buffers
 from minicpmv.gguf_info import GGUFFormatError, read_gguf_info
 
@@ -119,10 +120,11 @@ def load_model(path: str | os.PathLike, *, n_gpu_layers: int = 0, vocab_only: bo
     """llama_model_load_from_file with this project's settings; every load goes through here
     (runtime, tests' oracles, bench), so the weight buffer choice (buffers.py) is made once.
 
-    `read_file` (default: on for CPU-only loads): read the file instead of memory-mapping it. CPU
-    only, llama.cpp repacks the K-quant weights into a CPU-friendly copy; with the file mapped, the
-    pages it read stay resident next to that copy (8.3 GB for the 8B Q4_K_M model); reading keeps one
-    copy (5.0 GB). With a GPU (Metal) the mapping is what lets the weights be used in place.
+    `read_file`: None (default) for this project's choice: CPU-only on Linux, the file mapped with
+    the pages of the weights llama.cpp copies dropped as it loads (runtime/weight_pages.py: 4.7 GB
+    resident for the 8B Q4_K_M model instead of 5.0 read or 8.3 mapped); CPU-only elsewhere, read;
+    with a GPU (Metal) mapped, which lets the weights be used in place. True: read the file into
+    memory; False: map it as llama.cpp's own tools do (the benchmark's llama.cpp side).
     `buffers` forces a weight buffer plan (default: buffers.plan_for_this_machine()).
     Returns (llama_model_p, the buffer choice). The file is checked by our own reader first
     (GGUFFormatError, one line, for a malformed file: llama.cpp must never see one, some faults abort
@@ -133,9 +135,15 @@ def load_model(path: str | os.PathLike, *, n_gpu_layers: int = 0, vocab_only: bo
     mp = ll.llama_model_default_params()
     mp.n_gpu_layers = n_gpu_layers
     mp.vocab_only = vocab_only
-    if read_file if read_file is not None else (n_gpu_layers == 0 and not vocab_only):
-        mp.load_mode = ll.LLAMA_LOAD_MODE_NONE
     wb = weight_buffers(mp, path, plan=buffers)
+    cpu_only = n_gpu_layers == 0 and not vocab_only
+    dropper = None
+    if read_file is None and cpu_only and weight_pages.supported():
+        mp.load_mode = ll.LLAMA_LOAD_MODE_MMAP
+        dropper = weight_pages.PageDropper(path, weight_pages.drop_ranges(path, weight_pages.copied_tensors(path, wb)))
+        mp.progress_callback = dropper.callback
+    elif read_file if read_file is not None else cpu_only:
+        mp.load_mode = ll.LLAMA_LOAD_MODE_NONE
     _log_tail.clear()   # what this load logs explains its failure
     model = ll.llama_model_load_from_file(str(path).encode(), mp)
     if not model:

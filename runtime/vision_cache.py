@@ -53,6 +53,10 @@ class EmbeddingCache:
     def items(self) -> Iterator[tuple[bytes, np.ndarray]]:
         return iter(self._entries.items())
 
+    def add(self, key: bytes, emb: np.ndarray) -> None:
+        """Hold embeddings computed elsewhere (the same media key, mmproj and encoder dtype)."""
+        self._remember(key, np.ascontiguousarray(emb, dtype=np.float32))
+
     def embeddings(self, wanted: dict[bytes, Media], max_slice_nums: int, stats: ChatStats,
                    progress: bool = False) -> dict[bytes, np.ndarray]:
         """Embeddings of every media item of `wanted`: cached ones as they are, the others encoded in

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common import GB, Skip, free_bytes
+from ..common import GB, Skip, free_bytes, loadavg
 from ..session import Session
 
 TYPES = ("Q2_K", "Q3_K_M", "IQ3_M", "IQ2_M")
@@ -48,59 +48,105 @@ PLANS = {"full": Plan(16, 16, 300, 8, 672, 22.0), "medium": Plan(3, 3, 120, 3, 6
 # --------------------------------------------------------------------------- parent side
 
 def run(b: Session) -> dict:
-    """Run the section; returns {"rows", "table", "notes", "raw"}."""
+    """Run the section; returns {"rows", "table", "notes", "raw"}.
+
+    At full scale this takes hours, so it resumes: every finished step's result is kept in
+    `lowbit/state.json` with its files (matrices, logits), and a later `--only lowbit` with the same
+    plan, checkpoint and mmproj goes on from the first unfinished step (a changed plan or input
+    starts over)."""
     plan = PLANS[b.scale.name]
     work = b.work / "lowbit"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    ident = {"plan": plan.__dict__, "ckpt": _identity(b.ckpt / "model.safetensors.index.json"),
+             "mmproj": _identity(b.mmproj), "types": TYPES, "matrices": MATRICES}
+    state = _load_state(work, ident)
+    if state is None:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        state = {"ident": ident, "steps": {}}
+    steps: dict = state["steps"]
     free = free_bytes(work) / GB
-    if free < plan.disk_gb:
+    if free < plan.disk_gb and "F16 logits" not in steps:
         raise Skip(f"not enough free disk in {work}: need about {plan.disk_gb:.0f} GB (F16 language model + one "
                    f"quantized copy), have {free:.1f} GB")
     T = b.threads
     n_steps = 4 + 2 * len(TYPES) * len(MATRICES)
     step = b.scale.est.get("lowbit", 0) / n_steps
 
-    def worker(task: str, args: dict):
-        try:
-            return b.worker(task, args)
-        finally:
-            if b.bar is not None:   # the section's estimate, spread over its steps
-                b.bar.update(step)
+    def once(key: str, task: str, args: dict) -> dict:
+        """The result of step `key`: kept from an earlier run, or computed now and kept."""
+        if key not in steps:
+            r = b.worker(task, args)
+            steps[key] = {"result": r.result, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                          "wall_s": r.wall_s, "loadavg_1min": loadavg()[0]}
+            _save_state(work, state)
+        if b.bar is not None:   # the section's estimate, spread over its steps
+            b.bar.update(step)
+        return steps[key]["result"]
+
+    f16_lm = work / "F16" / "MiniCPM-V-4.5-F16.gguf"
     try:
         cal_text, cal_image, prompts = make_inputs(work, plan)
-        f16 = worker("lowbit_convert", {"ckpt": str(b.ckpt), "out": str(work / "F16"), "type": "F16",
-                                        "threads": T}).result
+        vision = work / "vision-embeddings.npz"   # the same mmproj and pictures in every logits run
+        if "F16 logits" not in steps:
+            if not f16_lm.is_file():
+                steps.pop("F16 convert", None)
+            once("F16 convert", "lowbit_convert", {"ckpt": str(b.ckpt), "out": str(f16_lm.parent), "type": "F16",
+                                                  "threads": T})
         matrices, seconds = {"none": None}, {}
         for name, cal in (("text", cal_text), ("image", cal_image)):
-            m = worker("lowbit_imatrix", {"lm": f16["lm"], "mmproj": str(b.mmproj), "cal": str(cal),
-                                          "out": str(work / f"imatrix-{name}.gguf"), "threads": T})
-            matrices[name], seconds[f"imatrix {name}"] = str(work / f"imatrix-{name}.gguf"), m.result["seconds"]
-        ref = logits(worker, b, f16["lm"], prompts, work / "F16.npy")
-        Path(f16["lm"]).unlink()
+            out = work / f"imatrix-{name}.gguf"
+            if not out.is_file():
+                steps.pop(f"imatrix {name}", None)
+            m = once(f"imatrix {name}", "lowbit_imatrix", {"lm": str(f16_lm), "mmproj": str(b.mmproj),
+                                                          "cal": str(cal), "out": str(out), "threads": T})
+            matrices[name], seconds[f"imatrix {name}"] = str(out), m["seconds"]
+        once("F16 logits", "lowbit_logits", {"lm": str(f16_lm), "mmproj": str(b.mmproj), "prompts": str(prompts),
+                                             "out": str(work / "F16.npy"), "vision": str(vision), "threads": T})
+        f16_lm.unlink(missing_ok=True)
+        ref = np.load(work / "F16.npy")
         results: dict[str, dict] = {}
         for t in TYPES:
             for mname in MATRICES:
                 key = f"{t}/{mname}"
-                c = worker("lowbit_convert", {"ckpt": str(b.ckpt), "out": str(work / key.replace("/", "-")),
-                                              "type": t, "imatrix": matrices[mname], "threads": T}).result
+                stem = key.replace("/", "-")
+                if f"{key} logits" not in steps:   # the quantized file is made again if it is gone
+                    steps.pop(f"{key} convert", None)
+                c = once(f"{key} convert", "lowbit_convert", {"ckpt": str(b.ckpt), "out": str(work / stem), "type": t,
+                                                             "imatrix": matrices[mname], "threads": T})
                 if "refused" in c:
                     results[key] = c
                     continue
-                q = logits(worker, b, c["lm"], prompts, work / f"{key.replace('/', '-')}.npy")
-                results[key] = {"bytes": c["bytes"], "bpw": c["bpw"], "seconds": c["seconds"], **kl(ref, q)}
-                shutil.rmtree(Path(c["lm"]).parent, ignore_errors=True)
+                once(f"{key} logits", "lowbit_logits", {"lm": c["lm"], "mmproj": str(b.mmproj), "prompts": str(prompts),
+                                                        "out": str(work / f"{stem}.npy"), "vision": str(vision),
+                                                        "threads": T})
+                results[key] = {"bytes": c["bytes"], "bpw": c["bpw"], "seconds": c["seconds"],
+                                **kl(ref, np.load(work / f"{stem}.npy"))}
+                shutil.rmtree(work / stem, ignore_errors=True)
     finally:
-        for p in work.glob("**/*.gguf"):
-            if not p.name.startswith("imatrix-"):
+        for p in work.glob("*/*.gguf"):   # quantized models of unfinished steps (the F16 one is kept until used)
+            if p != f16_lm:
                 p.unlink()
-    return report(results, seconds, plan, b.scale.name)
+    resumed = sorted({v["finished"][:10] for v in steps.values()})
+    return report(results, seconds, plan, b.scale.name, resumed)
 
 
-def logits(worker, b, lm: str, prompts: Path, out: Path) -> np.ndarray:
-    worker("lowbit_logits", {"lm": lm, "mmproj": str(b.mmproj), "prompts": str(prompts), "out": str(out),
-                               "threads": b.threads})
-    return np.load(out)
+def _identity(path: Path) -> list:
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _load_state(work: Path, ident: dict) -> dict | None:
+    try:
+        state = json.loads((work / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state if state.get("ident") == json.loads(json.dumps(ident)) else None
+
+
+def _save_state(work: Path, state: dict) -> None:
+    tmp = work / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(work / "state.json")
 
 
 def kl(ref: np.ndarray, q: np.ndarray) -> dict:
@@ -128,7 +174,7 @@ def make_inputs(work: Path, plan: Plan) -> tuple[Path, Path, Path]:
     text.write_text("\n".join(" ".join(vocab[i] for i in rng.integers(0, len(vocab), plan.text_words)).capitalize()
                               + "." for _ in range(plan.n_cal_text)) + "\n")
     cal_dir = work / "calibration-images"
-    cal_dir.mkdir()
+    cal_dir.mkdir(exist_ok=True)
     sizes = [(448, 448), (896, 448), (672, 672), (448, 896), (1008, 756), (560, 420)]
     rows = []
     for i in range(plan.n_cal_images):
@@ -138,7 +184,7 @@ def make_inputs(work: Path, plan: Plan) -> tuple[Path, Path, Path]:
     images = work / "calibration-images.jsonl"
     images.write_text("\n".join(rows) + "\n")
     ev = work / "eval"
-    ev.mkdir()
+    ev.mkdir(exist_ok=True)
     prompts = []
     for i in range(plan.n_eval):   # held out: other seeds than the calibration pictures
         p = ev / f"eval-{i}.png"
@@ -149,7 +195,7 @@ def make_inputs(work: Path, plan: Plan) -> tuple[Path, Path, Path]:
     return text, images, path
 
 
-def report(results: dict, seconds: dict, plan: Plan, scale: str) -> dict:
+def report(results: dict, seconds: dict, plan: Plan, scale: str, days: list[str]) -> dict:
     def cell(key: str) -> str:
         r = results[key]
         if r.get("refused"):
@@ -181,6 +227,9 @@ def report(results: dict, seconds: dict, plan: Plan, scale: str) -> dict:
         "Sizes: the LM GGUF file; bits/weight = tensor bytes x 8 / parameters. One-pass conversion seconds: "
         + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in results.items() if "seconds" in v) + ".",
     ]
+    if len(days) > 1:
+        notes.append(f"Resumed over several runs ({', '.join(days)}): each step's result was kept when it finished; "
+                     "conversion and matrix seconds are those of the run that made them.")
     if scale != "full":
         notes.insert(0, f"scale {scale}: a harness check, not a measurement.")
     return {"rows": [], "table": table, "notes": notes, "raw": {"results": results, "seconds": seconds}}
@@ -215,18 +264,31 @@ def lowbit_imatrix(a: dict) -> dict:
 
 
 def lowbit_logits(a: dict) -> dict:
+    """First-token logits after each held-out prompt. The vision embeddings are the same for every
+    language model (same mmproj, pictures and f32 encoder): the first run saves them to `vision`,
+    later runs put them in the model's embedding cache instead of encoding again."""
     from minicpmv.runtime import MiniCPMV
     prompts = json.loads(Path(a["prompts"]).read_text())
     model = MiniCPMV.load(a["lm"], a["mmproj"], n_ctx=CTX, n_threads=a.get("threads"), vision_dtype="f32",
                           kv_type="f32", flash_attn=False)
+    vision = Path(a["vision"])
+    if vision.is_file():
+        with np.load(vision) as z:
+            for k in z.files:
+                model.vision_cache.add(bytes.fromhex(k), z[k])
     rows = []
     t0 = time.perf_counter()
     for p in prompts:
         model.reset()
         rows.append(model.prefill([{"role": "user", "content": [Path(p["image"]), p["text"]]}]))
     np.save(a["out"], np.stack(rows).astype(np.float32))
+    if not vision.is_file():
+        tmp = vision.with_suffix(".tmp.npz")
+        np.savez(tmp, **{k.hex(): e for k, e in model.vision_cache.items()})
+        tmp.replace(vision)
+    encoded = model.stats.slots_encoded
     model.close()
-    return {"seconds": time.perf_counter() - t0}
+    return {"seconds": time.perf_counter() - t0, "slots_encoded_last_prompt": encoded}
 
 
 TASKS = {f.__name__: f for f in (lowbit_convert, lowbit_imatrix, lowbit_logits)}

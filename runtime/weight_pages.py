@@ -1,0 +1,120 @@
+"""Load the language model with its file mapped, keeping resident only the weights used in place.
+
+On the CPU llama.cpp copies most weights of a Q4_K_M model into its CPU_REPACK buffers
+(runtime/buffers.py) and uses the others (Q6_K tensors, norms, the token embedding table) where they
+lie. Its two load modes each keep too much resident (docs/llamacpp.md §7.1):
+- mapped (llama.cpp's default): the whole file is faulted in (MAP_POPULATE), and the pages of the
+  tensors it copied stay resident next to their copies: 8.3 GB for the 8B Q4_K_M model;
+- read: every tensor is read into memory, the 0.35 GB token embedding table included, of which a
+  prompt reads a few dozen rows (the runtime feeds image placeholders as embedding rows, and
+  generation reads one row per token).
+
+Here the file is mapped and, from llama.cpp's progress callback (called before each tensor is
+loaded), the pages of the tensors that are copied, and of the token embedding table, are dropped from
+this process (madvise MADV_DONTNEED: a read-only shared file mapping is re-read from the page cache on
+the next touch, nothing is lost). What stays resident: the copies, and the in-place tensors; a row of
+the embedding table comes back when a token reads it. Linux only (it reads /proc/self/maps); the
+caller falls back to reading the file elsewhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+from minicpmv.gguf_info import read_gguf_info
+
+from .buffers import WeightBuffers, repack_tensors, system_features
+
+MADV_DONTNEED = 4             # <sys/mman.h>, Linux
+DROP_EVERY = 64 << 20         # bytes loaded between two drops: the pages copied since stay resident meanwhile
+_TOKEN_EMBD = "token_embd.weight"
+
+
+def supported() -> bool:
+    return sys.platform.startswith("linux") and os.path.exists("/proc/self/maps")
+
+
+def file_mappings(path: str | os.PathLike) -> list[tuple[int, int, int]]:
+    """(start address, end address, file offset at start) of this process's mappings of `path`.
+    (llama.cpp unmaps the head and tail of its mapping that no in-place tensor uses, at the end of
+    the load.)"""
+    real = os.path.realpath(path)
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].rstrip("\n") == real:
+                a, b = (int(x, 16) for x in parts[0].split("-"))
+                out.append((a, b, int(parts[2], 16)))
+    return out
+
+
+def drop_ranges(path: str | os.PathLike, copied: set[str]) -> list[tuple[int, int]]:
+    """File byte ranges whose pages need not stay mapped: runs of consecutive tensors (in file order)
+    that are in `copied` or are the token embedding table, rounded inwards to whole pages, so a page
+    that also holds a tensor used in place is kept."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    runs: list[list[int]] = []
+    extend = False
+    for t in sorted(read_gguf_info(path).tensors.values(), key=lambda t: t.offset):
+        drop = t.name in copied or t.name == _TOKEN_EMBD
+        if drop and extend:
+            runs[-1][1] = t.offset + t.nbytes
+        elif drop:
+            runs.append([t.offset, t.offset + t.nbytes])
+        extend = drop
+    out = []
+    for a, b in runs:
+        a, b = -(-a // page) * page, b // page * page
+        if b > a:
+            out.append((a, b))
+    return out
+
+
+def copied_tensors(path: str | os.PathLike, wb: WeightBuffers) -> set[str]:
+    """The tensors llama.cpp copies out of the mapping on this machine: those given to CPU_REPACK
+    (by name in "repack" mode; in "llama" mode llama.cpp's own choice, which buffers.repack_tensors
+    mirrors; none in "none" mode). A wrong guess costs memory or a page fault, never a wrong value."""
+    if wb.plan.mode == "repack":
+        return set(wb.repacked)
+    if wb.plan.mode == "none":
+        return set()
+    info = read_gguf_info(path)
+    return set(repack_tensors(((t.name, t.shape, t.ggml_type) for t in info.tensors.values()),
+                              system_features()))
+
+
+class PageDropper:
+    """llama.cpp's `progress_callback` for one mapped load: drops the pages of `ranges` (file offsets)
+    in every mapping of the file, at the start and then every DROP_EVERY bytes loaded."""
+
+    def __init__(self, path: str | os.PathLike, ranges: list[tuple[int, int]]):
+        self.path, self.ranges = Path(path), ranges
+        self.total = sum(t.nbytes for t in read_gguf_info(path).tensors.values())
+        self.last = -DROP_EVERY
+        self.drops = 0
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._madvise = libc.madvise
+        self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self._madvise.restype = ctypes.c_int
+        import llama_cpp as ll
+        # kept on self: llama.cpp calls it for the whole load
+        self.callback = ll.llama_progress_callback(self._progress)
+
+    def _progress(self, frac: float, _user_data) -> bool:
+        done = frac * self.total
+        if frac >= 1.0 or done - self.last >= DROP_EVERY:
+            self.last = done
+            self.drop()
+        return True
+
+    def drop(self) -> None:
+        self.drops += 1
+        for start, end, off in file_mappings(self.path):
+            for a, b in self.ranges:   # the part of file range [a, b) this mapping holds
+                lo, hi = max(a, off), min(b, off + end - start)
+                if hi > lo:
+                    self._madvise(start + lo - off, hi - lo, MADV_DONTNEED)
