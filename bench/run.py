@@ -122,7 +122,7 @@ def run(bench: Session, sections: list[str], on_section=None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=None,
-                    help=f"comma-separated sections to run (default: all but lowbit, which takes hours): "
+                    help=f"comma-separated sections to run (default: all but lowbit, which takes hours and resumes where an earlier run stopped): "
                          f"{', '.join(SECTIONS)}")
     ap.add_argument("--threads", type=int, default=None, help="threads for both sides (default: usable cores)")
     ap.add_argument("--scale", choices=sorted(SCALES), default="full")

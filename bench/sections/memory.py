@@ -86,12 +86,17 @@ def run(bench: Session) -> dict:
     for (what, name), (m, _) in runs.items():
         notes.append(f"{what}, {name}: " + _phase_line(m.result))
     notes += [
-        "What the memory is (8B Q4_K_M, ctx 4096): the language model's weights as llama.cpp repacks them for "
-        "the CPU (5.0 GB, read from the file, not mapped), its KV cache (576 MiB f16, 306 MiB q8_0) and compute "
+        "What the memory is (8B Q4_K_M, ctx 4096): the language model's weights, 4.7 GB: the 3.4 GB that "
+        "llama.cpp copies into its CPU_REPACK layout and the 1.3 GB of Q6_K and norm tensors it uses in place "
+        "from the mapped file (the 'files' part of the timeline), while the pages of the copied tensors and of "
+        "the 0.35 GB token embedding table are dropped from the mapping as the load goes (runtime/weight_pages.py; "
+        "reading the file instead kept 5.0 GB resident), its KV cache (576 MiB f16, 306 MiB q8_0) and compute "
         "buffer (108 MiB: sized for one output row, not n_batch rows of the 151k vocabulary), the vision "
         "tower's weights in bf16 (0.82 GB; low-memory: read from the mmproj for each image instead), the "
         "interpreter and libraries (~0.3 GB).",
-        "Transients, and what became of them: the mmproj's mapped pages while the vision weights load (the "
+        "Transients, and what became of them: the language model's whole file, faulted in when llama.cpp maps "
+        "it (MAP_POPULATE), then given back down to the in-place tensors as the load goes (the load phase's "
+        "peak); the mmproj's mapped pages while the vision weights load (the "
         "vision encoder loads first, before the language model, and the map is closed afterwards); the vision "
         "activations, bounded by running the tower and the resampler over sub-batches of whole slices "
         "(4096 patches; low-memory: one slice) instead of a whole image (0.6 GB before); the resampler's "
