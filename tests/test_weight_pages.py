@@ -1,9 +1,9 @@
 """The language model's file mapped with the pages of copied weights dropped (runtime/weight_pages.py).
 
-Checked page by page in this process's page table (/proc/self/pagemap, bit 63 = present): after a
-load and a prefill, no page of a tensor llama.cpp copied into CPU_REPACK is mapped, every page of a
-tensor used in place is, and of the token embedding table only the pages holding rows that were
-read; and the logits equal those of the file read into memory and of llama.cpp's own mapping.
+Checked page by page in this process's page table (/proc/self/pagemap, bit 63 = present): after the
+load, no page of a tensor llama.cpp copied into CPU_REPACK or of the token embedding table is mapped,
+every page of a tensor used in place is; a prefill maps back the pages of the embedding rows it
+reads; and the logits equal those of the file read into memory and of llama.cpp's own mapping.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import textwrap
 
 import pytest
 
-FAULT_AROUND = 64 << 10   # Linux fault_around_bytes default
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page tables")
 
 PROBE = textwrap.dedent("""
@@ -24,25 +23,32 @@ PROBE = textwrap.dedent("""
     from minicpmv.runtime.llama import ContextParams, LlamaContext, LlamaModel
     from minicpmv.runtime.weight_pages import file_mappings
     path, how = sys.argv[1], sys.argv[2]
-    m = LlamaModel(path, n_gpu_layers=0, read_file={"default": None, "read": True, "mapped": False}[how])
-    ctx = LlamaContext(m, ContextParams(n_ctx=256, n_batch=64, n_threads=2))
-    toks = [5, 9, 5, 20, 9, 30]                   # rows 5, 9, 20 and 30 of token_embd are read
-    ctx.decode_tokens(toks, 0)
-    out = {"repacked": sorted(m.buffers.repacked), "logits": ctx.logits()[:48].tolist(), "tensors": {}}
     page = os.sysconf("SC_PAGE_SIZE")
-    maps = file_mappings(path)
-    if how == "default":
-        (start, end, moff), = maps                 # llama.cpp maps the file once
+
+    def resident() -> dict:
+        # {tensor: ([file pages mapped and present], whole pages it spans)}, from our page table
+        (start, end, moff), = file_mappings(path)   # llama.cpp maps the file once
+        out = {}
         with open("/proc/self/pagemap", "rb") as pm:
-            def present(off):                      # is file offset `off` mapped, and that page present?
-                if not moff <= off < moff + end - start:
+            def present(p):
+                if not moff <= p * page < moff + end - start:
                     return False
-                pm.seek((start + off - moff) // page * 8)
+                pm.seek((start + p * page - moff) // page * 8)
                 return bool(struct.unpack("<Q", pm.read(8))[0] >> 63)
             for t in read_gguf_info(path).tensors.values():
                 first, last = -(-t.offset // page), (t.offset + t.nbytes) // page   # whole pages only
-                out["tensors"][t.name] = [p for p in range(first, last) if present(p * page)], max(0, last - first)
-    out["n_maps"], out["page"] = len(maps), page
+                out[t.name] = [p for p in range(first, last) if present(p)], max(0, last - first)
+        return out
+
+    m = LlamaModel(path, n_gpu_layers=0, read_file={"default": None, "read": True, "mapped": False}[how])
+    out = {"n_maps": len(file_mappings(path)), "page": page}
+    if how == "default":
+        out["loaded"] = resident()
+    ctx = LlamaContext(m, ContextParams(n_ctx=256, n_batch=64, n_threads=2))
+    ctx.decode_tokens([5, 9, 5, 20, 9, 30], 0)    # rows 5, 9, 20 and 30 of token_embd are read
+    out["logits"] = ctx.logits()[:48].tolist()
+    if how == "default":
+        out["decoded"] = resident()
     print(json.dumps(out))
 """)
 
@@ -63,32 +69,29 @@ def test_copied_weights_leave_the_page_table(tiny_lm_gguf):
     if not copied:
         pytest.fail("llama.cpp repacks nothing on this CPU: nothing to check the dropped pages against")
     out = _probe(path, "default")
-    tensors = out["tensors"]
-    in_place = [n for n in tensors if n not in copied and n != "token_embd.weight"]
-    assert any(tensors[n][1] for n in in_place), "no tensor used in place spans a whole page: nothing checked"
-    # reading a row faults its page in, and the kernel maps the cached pages around it too
-    # ("fault-around", 64 KiB aligned windows by default): those are the only pages that may come back
+    loaded, decoded = out["loaded"], out["decoded"]
+    in_place = [n for n in loaded if n not in copied and n != "token_embd.weight"]
+    assert any(loaded[n][1] for n in in_place), "no tensor used in place spans a whole page: nothing checked"
+    # after the load: nothing of the copied tensors or of the token embedding table is mapped, all of
+    # the tensors used in place is (nothing has touched the file since llama.cpp's last callback)
+    for name, (present, pages) in loaded.items():
+        if name in copied or name == "token_embd.weight":
+            assert not present, f"{name}: {len(present)} of its {pages} pages still mapped after the load"
+        else:
+            assert len(present) == pages, f"{name} is used in place but {pages - len(present)} of its {pages} " \
+                                          "pages were dropped"
+    assert sum(loaded[n][1] for n in copied) > 100, "few pages of copied tensors: the check says little"
+    # a prefill reads four rows of the table: their pages come back (with whatever the kernel maps
+    # around a fault), the in-place tensors stay
     t, page = info.tensors["token_embd.weight"], out["page"]
     read_pages = {b // page for r in (5, 9, 20, 30)
                   for b in (t.offset + r * t.row_bytes, t.offset + (r + 1) * t.row_bytes - 1)}
-    per_window = FAULT_AROUND // page
-    around = {w * per_window + i for w in {p // per_window for p in read_pages} for i in range(per_window)}
-    for name, (present, pages) in tensors.items():
-        if name in copied:
-            assert set(present) <= around, f"{name}: pages {sorted(set(present) - around)} still mapped after " \
-                                            "it was copied"
-        elif name != "token_embd.weight":
-            assert len(present) == pages, f"{name} is used in place but {pages - len(present)} of its {pages} " \
-                                          "pages were dropped"
-    present, pages = tensors["token_embd.weight"]
-    assert read_pages <= set(present) <= around, (sorted(read_pages), present)
-    assert len(present) < pages, "the whole token embedding table is mapped"
-    dropped = sum(p for n, (_, p) in tensors.items() if n in copied)
-    assert dropped > 100, f"only {dropped} pages of copied tensors: the check says little"
+    assert read_pages <= set(decoded["token_embd.weight"][0])
+    assert all(len(decoded[n][0]) == decoded[n][1] for n in in_place)
 
 
 def test_same_logits_as_read_and_mapped_loads(tiny_lm_gguf):
     path = tiny_lm_gguf("Q4_K_M")
     default, read, mapped = (_probe(path, how) for how in ("default", "read", "mapped"))
     assert default["logits"] == read["logits"] == mapped["logits"]
-    assert default["n_maps"] == 1 and read["n_maps"] == 0
+    assert default["n_maps"] == 1 and read["n_maps"] == 0 and mapped["n_maps"] == 1
