@@ -115,6 +115,19 @@ def default_gpu_layers() -> int:
 
 # --------------------------------------------------------------------------- model and vocabulary
 
+LOAD_MAPPED_DROPPED = "mapped, pages of the weights llama.cpp copies dropped as it loads"
+LOAD_READ = "read into memory"
+LOAD_MAPPED = "mapped (llama.cpp's default)"
+
+
+def load_mode(n_gpu_layers: int, vocab_only: bool, read_file: bool | None) -> str:
+    """How load_model brings a language model's weights in (see its `read_file`)."""
+    cpu_only = n_gpu_layers == 0 and not vocab_only
+    if read_file is None and cpu_only and weight_pages.supported():
+        return LOAD_MAPPED_DROPPED
+    return LOAD_READ if (read_file if read_file is not None else cpu_only) else LOAD_MAPPED
+
+
 def load_model(path: str | os.PathLike, *, n_gpu_layers: int = 0, vocab_only: bool = False,
                read_file: bool | None = None, buffers: BufferPlan | None = None) -> tuple[int, WeightBuffers]:
     """llama_model_load_from_file with this project's settings; every load goes through here
@@ -136,13 +149,13 @@ def load_model(path: str | os.PathLike, *, n_gpu_layers: int = 0, vocab_only: bo
     mp.n_gpu_layers = n_gpu_layers
     mp.vocab_only = vocab_only
     wb = weight_buffers(mp, path, plan=buffers)
-    cpu_only = n_gpu_layers == 0 and not vocab_only
+    how = load_mode(n_gpu_layers, vocab_only, read_file)
     dropper = None
-    if read_file is None and cpu_only and weight_pages.supported():
+    if how == LOAD_MAPPED_DROPPED:
         mp.load_mode = ll.LLAMA_LOAD_MODE_MMAP
         dropper = weight_pages.PageDropper(path, weight_pages.drop_ranges(path, weight_pages.copied_tensors(path, wb)))
         mp.progress_callback = dropper.callback
-    elif read_file if read_file is not None else cpu_only:
+    elif how == LOAD_READ:
         mp.load_mode = ll.LLAMA_LOAD_MODE_NONE
     _log_tail.clear()   # what this load logs explains its failure
     model = ll.llama_model_load_from_file(str(path).encode(), mp)

@@ -1,5 +1,5 @@
 """What a bug report needs: versions, the CPU, llama.cpp's build, and the choices the runtime makes
-on this machine (weight buffers, vision precision, threads, GPU). `minicpm-run --version` prints it."""
+on this machine (weight buffers, how the model file is loaded, vision precision, threads, GPU). `minicpm-run --version` prints it."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def system_report() -> list[tuple[str, str]]:
     import torch
 
     from .buffers import plan_for_this_machine, system_features
-    from .llama import _backend_init, default_gpu_layers
+    from .llama import _backend_init, default_gpu_layers, load_mode
     from .vision_dtype import choose_vision_dtype
 
     _backend_init()
@@ -55,6 +55,7 @@ def system_report() -> list[tuple[str, str]]:
         ("llama.cpp build", " ".join(f"{k}={v}" for k, v in features.items() if v != "0") or "(no features)"),
         ("llama.cpp GPU offload", "yes" if ll.llama_supports_gpu_offload() else "no (CPU only)"),
         ("weight buffers", f"{plan.mode}: {plan.reason}"),
+        ("model load", load_mode(gpu_layers, False, None)),
         ("vision dtype auto", vision.describe()),
         ("threads", f"{default_threads()} (llama.cpp and torch), torch reports {torch.get_num_threads()}"),
         ("gpu layers default", "all (Metal)" if gpu_layers else "none (CPU)"),

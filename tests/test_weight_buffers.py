@@ -143,8 +143,13 @@ def test_version_prints_the_system_report():
     rows = dict(line.split(None, 1) if "  " not in line else [s.strip() for s in line.split("  ", 1)]
                 for line in r.stdout.splitlines())
     for key in ("minicpmv", "llama-cpp-python", "torch", "gguf", "cpu", "cpu flags", "llama.cpp build",
-                "weight buffers", "vision dtype auto", "threads"):
+                "weight buffers", "model load", "vision dtype auto", "threads"):
         assert rows.get(key), f"--version lacks {key!r}:\n{r.stdout}"
     from minicpmv.runtime.buffers import plan_for_this_machine
     assert rows["weight buffers"].startswith(plan_for_this_machine().mode + ":")
+    from minicpmv.runtime.llama import LOAD_MAPPED, LOAD_MAPPED_DROPPED, LOAD_READ
+    # Linux (CPU): mapped and pages dropped; macOS: mapped for Metal; elsewhere read
+    expected = LOAD_MAPPED_DROPPED if sys.platform.startswith("linux") else \
+        LOAD_MAPPED if sys.platform == "darwin" else LOAD_READ
+    assert rows["model load"] == expected
     assert "ms in f32" in rows["vision dtype auto"] and "ms in bf16" in rows["vision dtype auto"]
