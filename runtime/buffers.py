@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import gguf
 
 from minicpmv.cpu import cpu_info
+from minicpmv.schema import TOKEN_EMBD
 
 ENV = "MINICPMV_WEIGHT_BUFFERS"
 MODES = ("llama", "repack", "none")
@@ -44,7 +45,7 @@ _X86_REPACK: dict[QT, str] = {QT.Q4_0: "AVX2", QT.Q4_K: "AVX2", QT.IQ4_NL: "AVX2
                               QT.Q2_K: "AVX512"}
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 # Language-model tensors that llama.cpp feeds to get_rows rather than mul_mat (never repacked).
-_NOT_MATMUL = (gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight",)
+_NOT_MATMUL = (TOKEN_EMBD,)
 
 
 @dataclass(frozen=True)

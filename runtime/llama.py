@@ -28,7 +28,7 @@ import numpy as np
 import llama_cpp as ll
 
 from minicpmv.cpu import default_threads
-from minicpmv.schema import REFERENCE_SAMPLING
+from minicpmv.schema import REFERENCE_SAMPLING, TOKEN_EMBD
 
 from . import weight_pages
 from .buffers import BufferPlan, WeightBuffers, weight_buffers
@@ -273,7 +273,7 @@ class TokenEmbeddings:
     layer (Qwen3 does not scale input embeddings).
     """
 
-    NAME = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+    NAME = TOKEN_EMBD
 
     def __init__(self, path: str | os.PathLike, n_embd: int):
         self.path, self.n_embd = Path(path), n_embd

@@ -25,12 +25,12 @@ import sys
 from pathlib import Path
 
 from minicpmv.gguf_info import read_gguf_info
+from minicpmv.schema import TOKEN_EMBD
 
 from .buffers import WeightBuffers, repack_tensors, system_features
 
 MADV_DONTNEED = 4             # <sys/mman.h>, Linux
 DROP_EVERY = 64 << 20         # bytes loaded between two drops: the pages copied since stay resident meanwhile
-_TOKEN_EMBD = "token_embd.weight"
 
 
 def supported() -> bool:
@@ -60,7 +60,7 @@ def drop_ranges(path: str | os.PathLike, copied: set[str]) -> list[tuple[int, in
     runs: list[list[int]] = []
     extend = False
     for t in sorted(read_gguf_info(path).tensors.values(), key=lambda t: t.offset):
-        drop = t.name in copied or t.name == _TOKEN_EMBD
+        drop = t.name in copied or t.name == TOKEN_EMBD
         if drop and extend:
             runs[-1][1] = t.offset + t.nbytes
         elif drop:
@@ -95,7 +95,6 @@ class PageDropper:
         self.path, self.ranges = Path(path), ranges
         self.total = sum(t.nbytes for t in read_gguf_info(path).tensors.values())
         self.last = -DROP_EVERY
-        self.drops = 0
         libc = ctypes.CDLL(None, use_errno=True)
         self._madvise = libc.madvise
         self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -112,7 +111,6 @@ class PageDropper:
         return True
 
     def drop(self) -> None:
-        self.drops += 1
         for start, end, off in file_mappings(self.path):
             for a, b in self.ranges:   # the part of file range [a, b) this mapping holds
                 lo, hi = max(a, off), min(b, off + end - start)
