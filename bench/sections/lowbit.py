@@ -84,6 +84,7 @@ def run(b: Session) -> dict:
         return steps[key]["result"]
 
     f16_lm = work / "F16" / "MiniCPM-V-4.5-F16.gguf"
+    _remove_models(work, keep=f16_lm)   # what an interrupted run left (a killed conversion's partial file)
     try:
         cal_text, cal_image, prompts = make_inputs(work, plan)
         vision = work / "vision-embeddings.npz"   # the same mmproj and pictures in every logits run
@@ -123,11 +124,17 @@ def run(b: Session) -> dict:
                                 **kl(ref, np.load(work / f"{stem}.npy"))}
                 shutil.rmtree(work / stem, ignore_errors=True)
     finally:
-        for p in work.glob("*/*.gguf"):   # quantized models of unfinished steps (the F16 one is kept until used)
-            if p != f16_lm:
-                p.unlink()
+        _remove_models(work, keep=f16_lm)
     resumed = sorted({v["finished"][:10] for v in steps.values()})
     return report(results, seconds, plan, b.scale.name, resumed)
+
+
+def _remove_models(work: Path, keep: Path) -> None:
+    """Delete the quantized models (and partial files) of unfinished steps; the F16 one is kept
+    until its last use."""
+    for p in work.glob("*/*.gguf"):   # pathlib's * also matches the converter's hidden partial files
+        if p != keep:
+            p.unlink()
 
 
 def _identity(path: Path) -> list:
