@@ -36,6 +36,11 @@ class ConvertResult:
     modelfile: Path | None
 
 
+def lm_file_name(type_name: str) -> str:
+    """The language model's file name for a type ("Q4_K_M" -> MiniCPM-V-4.5-Q4_K_M.gguf)."""
+    return f"{MODEL_NAME}-{type_name}.gguf"
+
+
 def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj_type: str = "f16",
             imatrix: Path | None = None, ollama: bool = False, force: bool = False,
             threads: int | None = None, progress: bool = True, write_lm: bool = True,
@@ -54,7 +59,7 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
     if out_dir.resolve() == ckpt_dir.resolve():
         raise CheckpointError(f"{out_dir}: output folder is the checkpoint folder; choose another -o")
 
-    lm_path = out_dir / f"{MODEL_NAME}-{spec.name if spec else quant_type.upper()}.gguf"
+    lm_path = out_dir / lm_file_name(spec.name if spec else quant_type.upper())
     mm_path = out_dir / f"mmproj-{MODEL_NAME}-{mm_spec.upper()}.gguf"
     jobs: list[tuple[Path, str, object, list[TensorPlan]]] = []
     if ollama:

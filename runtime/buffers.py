@@ -108,6 +108,13 @@ def repack_tensors(tensors: Iterable[tuple[str, tuple[int, ...], QT]], features:
     return out
 
 
+def repack_tensors_in(gguf_path: str | os.PathLike) -> list[str]:
+    """repack_tensors() of every tensor of a GGUF file, with this library's compiled features."""
+    from minicpmv.gguf_info import read_gguf_info
+    info = read_gguf_info(gguf_path)
+    return repack_tensors(((t.name, t.shape, t.ggml_type) for t in info.tensors.values()), system_features())
+
+
 def override_patterns(names: Iterable[str]) -> list[str]:
     """A few anchored regexes matching exactly `names`: one per tensor kind, the block numbers as
     an alternation (llama.cpp compiles every pattern once per tensor, so a pattern per name would
@@ -190,10 +197,7 @@ class WeightBuffers:
         buft = extra_buffer_types().get(REPACK_BUFT)
         if not buft:
             return
-        from minicpmv.gguf_info import read_gguf_info
-        info = read_gguf_info(gguf_path)
-        self.repacked = repack_tensors(((t.name, t.shape, t.ggml_type) for t in info.tensors.values()),
-                                       system_features())
+        self.repacked = repack_tensors_in(gguf_path)
         pats = [p.encode() for p in override_patterns(self.repacked)]
         table = (_Override * (len(pats) + 1))(*[_Override(p, buft) for p in pats], _Override(None, None))
         self._keep = [pats, table]

@@ -27,7 +27,7 @@ from pathlib import Path
 from minicpmv.gguf_info import read_gguf_info
 from minicpmv.schema import TOKEN_EMBD
 
-from .buffers import WeightBuffers, repack_tensors, system_features
+from .buffers import WeightBuffers, repack_tensors_in
 
 MADV_DONTNEED = 4             # <sys/mman.h>, Linux
 DROP_EVERY = 64 << 20         # bytes loaded between two drops: the pages copied since stay resident meanwhile
@@ -82,9 +82,7 @@ def copied_tensors(path: str | os.PathLike, wb: WeightBuffers) -> set[str]:
         return set(wb.repacked)
     if wb.plan.mode == "none":
         return set()
-    info = read_gguf_info(path)
-    return set(repack_tensors(((t.name, t.shape, t.ggml_type) for t in info.tensors.values()),
-                              system_features()))
+    return set(repack_tensors_in(path))
 
 
 class PageDropper:

@@ -61,11 +61,11 @@ def _probe(path, how: str) -> dict:
 
 def test_copied_weights_leave_the_page_table(tiny_lm_gguf):
     from minicpmv.gguf_info import read_gguf_info
-    from minicpmv.runtime.buffers import repack_tensors, system_features
+    from minicpmv.runtime.buffers import repack_tensors_in
 
     path = tiny_lm_gguf("Q4_K_M")
     info = read_gguf_info(path)
-    copied = set(repack_tensors(((t.name, t.shape, t.ggml_type) for t in info.tensors.values()), system_features()))
+    copied = set(repack_tensors_in(path))
     if not copied:
         pytest.fail("llama.cpp repacks nothing on this CPU: nothing to check the dropped pages against")
     out = _probe(path, "default")

@@ -83,7 +83,8 @@ def run(b: Session) -> dict:
             b.bar.update(step)
         return steps[key]["result"]
 
-    f16_lm = work / "F16" / "MiniCPM-V-4.5-F16.gguf"
+    from minicpmv.convert.pipeline import lm_file_name
+    f16_lm = work / "F16" / lm_file_name("F16")
     _remove_models(work, keep=f16_lm)   # what an interrupted run left (a killed conversion's partial file)
     try:
         cal_text, cal_image, prompts = make_inputs(work, plan)
