@@ -155,6 +155,9 @@ def earlier_runs(old: dict) -> dict[str, dict]:
     return {cpu_label(old): old} if old.get("sections") else {}
 
 
+EARLIER = "(from an earlier run"
+
+
 def merged(res: dict, old: dict, plan: list[str], order: list[str]) -> dict:
     """{"runs": {cpu: run}}: `res` (with the sections of an earlier run on the same CPU and scale
     that this run does not redo, marked as such, in report order, and its closing lines) next to
@@ -167,7 +170,8 @@ def merged(res: dict, old: dict, plan: list[str], order: list[str]) -> dict:
         for k, v in prev.get("sections", {}).items():
             if k not in secs and k not in plan:
                 v = dict(v)
-                v["notes"] = list(v.get("notes", [])) + [f"(from an earlier run, finished {v.get('finished', '?')})"]
+                notes = [n for n in v.get("notes", []) if not n.startswith(EARLIER)]   # once, not per merge
+                v["notes"] = notes + [f"{EARLIER}, finished {v.get('finished', '?')})"]
                 secs[k] = v
     out["sections"] = {k: secs[k] for k in order if k in secs}
     out["closing"] = closing(out)

@@ -268,12 +268,13 @@ class TokenEmbeddings:
     llama.cpp cannot mix token ids and embedding rows in one batch, so an image placeholder
     ("<image>" + 64 rows + "</image>" + "<slice>" + 64 rows + ...) would take one decode call per
     text run between slots; every call reads all the weights once, which dominates for small
-    batches. Turning those few tokens into their embedding rows lets the whole placeholder go
-    through one embedding batch. The rows are exactly what llama.cpp's get_rows feeds the first
-    layer (Qwen3 does not scale input embeddings).
+    batches. Turning those tokens into their embedding rows lets the whole placeholder, and the
+    text right after it, go through one embedding batch. The rows are exactly what llama.cpp's
+    get_rows feeds the first layer (Qwen3 does not scale input embeddings).
     """
 
     NAME = TOKEN_EMBD
+    MAX_CACHED = 1024   # rows (16 MB at the 8B model's width 4096)
 
     def __init__(self, path: str | os.PathLike, n_embd: int):
         self.path, self.n_embd = Path(path), n_embd
@@ -297,11 +298,15 @@ class TokenEmbeddings:
         return self._ok
 
     def rows(self, ids: list[int]) -> np.ndarray:
-        """[len(ids), n_embd] float32 (cached per id: placeholders repeat a few tokens)."""
+        """[len(ids), n_embd] float32 (cached per id: placeholders repeat a few tokens; the cache is
+        emptied when it would pass MAX_CACHED rows, so long fused questions do not pile up)."""
         missing = sorted({i for i in ids if i not in self._rows})
         if missing:
             if not self.available:
                 raise LlamaError(f"{self.path}: token embeddings cannot be read")
+            if len(self._rows) + len(missing) > self.MAX_CACHED:
+                self._rows.clear()
+                missing = sorted(set(ids))
             for i, row in zip(missing, self._info.rows(self.NAME, missing)):
                 self._rows[i] = row
         return np.stack([self._rows[i] for i in ids]) if ids else np.zeros((0, self.n_embd), np.float32)

@@ -55,8 +55,12 @@ from .vision_dtype import DtypeChoice, choose_vision_dtype
 # chunk. Streamed weights (resident=False) are read once per chunk.
 MAX_BATCH_TOKENS = 16 * 1024
 # Inside a chunk each tower layer runs over slices in sub-batches of at most this many patches:
-# bounds the activations (about 22 KB per patch per layer in bf16) without splitting a slice.
-SUB_BATCH_TOKENS = 4096
+# bounds the activations (about 22 KB per patch per layer in bf16) without splitting a slice. At
+# 2048 the largest bf16 activation (fc1's output, 2048 x 4304 x 2 B = 17.6 MB) stays under glibc's
+# 32 MB ceiling for serving blocks from the heap: larger ones are fresh mmaps, page-faulted in on
+# every layer (10 slices, paired runs on a Zen 4: 0.8-2.4 M minor faults and 33.7 s at 4096,
+# 0.32 M and 30.6 s at 2048).
+SUB_BATCH_TOKENS = 2048
 
 
 class VisionInputError(ValueError):

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from minicpmv.runtime import ContextOverflowError, MiniCPMV, ModelFileError
-from minicpmv.runtime.llama import ContextParams, LlamaContext, LlamaModel
+from minicpmv.runtime.llama import ContextParams, LlamaContext, LlamaModel, TokenEmbeddings
 from minicpmv.runtime.mtmd import TEXT, Mtmd, marker
 from minicpmv.runtime.prompt import IMAGE_TAG
 
@@ -129,11 +129,42 @@ def test_fused_placeholder_rows_equal_llamacpp_token_embeddings(tiny_lm_gguf, ti
         m.fuse_placeholders = True
         fused = m.prefill(msgs)
         assert m.tok_embd.available and m.stats.slots_prefilled == 3
-        # the short text before the image joins it; the question after it is a token batch
-        assert m.stats.prefill_batches == 2
+        # the text before and after the image (its question) joins it: one embedding batch
+        assert m.stats.prefill_batches == 1
         err = rel_err(fused, tokens)
         print(f"fused vs token batches ({lm_type}): {err:.2e}")
         assert err < 1e-5
+    finally:
+        m.close()
+
+
+def test_a_long_question_after_the_image_joins_its_embedding_batch(tiny_lm_gguf, tiny_mmproj_gguf, monkeypatch):
+    """Any text run touching a slot goes with it, however long (one decode call, not two), with the
+    logits of token batches; the token_embd row cache stays bounded (emptied when full) and gives
+    the same rows as an uncached read."""
+    monkeypatch.setattr(TokenEmbeddings, "MAX_CACHED", 8)
+    m = MiniCPMV.load(tiny_lm_gguf("Q8_0"), tiny_mmproj_gguf("f32"), n_ctx=2048, n_threads=2,
+                      vision_dtype="f32", kv_type="f32", flash_attn=False)
+    try:
+        question = "Describe every part of the picture, the colours, the light and the shapes. " * 8
+        msgs = [{"role": "user", "content": [picture(448, 448, seed=5), question]}]
+        m.fuse_placeholders = False
+        tokens = m.prefill(msgs)
+        assert m.stats.prefill_batches == 1 + 2   # the slot; text before and after it
+        m.reset()
+        m.fuse_placeholders = True
+        fused = m.prefill(msgs)
+        assert m.stats.prefill_batches == 1
+        assert m.stats.tokens_prefilled > 100 + 64
+        assert rel_err(fused, tokens) < 1e-5
+
+        te = m.tok_embd
+        ids = list(range(40))
+        one_by_one = np.stack([te.rows([i])[0] for i in ids])
+        assert len(te._rows) <= 8
+        uncached = TokenEmbeddings(te.path, te.n_embd).rows(ids)
+        np.testing.assert_array_equal(one_by_one, uncached)
+        np.testing.assert_array_equal(te.rows(ids[::-1]), uncached[::-1])   # more than fit: all returned
     finally:
         m.close()
 
