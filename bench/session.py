@@ -15,10 +15,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from minicpmv.convert.pipeline import lm_file_name, mmproj_file_name
+
 from .common import GB, BenchError, Skip, cache_root, free_bytes, loadavg, run_worker
 
-LM_NAME = "MiniCPM-V-4.5-Q4_K_M.gguf"
-MMPROJ_NAME = "mmproj-MiniCPM-V-4.5-F16.gguf"
+LM_NAME = lm_file_name("Q4_K_M")        # what `minicpm-convert` writes by default
+MMPROJ_NAME = mmproj_file_name("f16")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,11 @@ def lm_file_name(type_name: str) -> str:
     return f"{MODEL_NAME}-{type_name}.gguf"
 
 
+def mmproj_file_name(type_name: str) -> str:
+    """The vision projector's file name for a type ("f16" -> mmproj-MiniCPM-V-4.5-F16.gguf)."""
+    return f"mmproj-{MODEL_NAME}-{type_name.upper()}.gguf"
+
+
 def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj_type: str = "f16",
             imatrix: Path | None = None, ollama: bool = False, force: bool = False,
             threads: int | None = None, progress: bool = True, write_lm: bool = True,
@@ -60,7 +65,7 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
         raise CheckpointError(f"{out_dir}: output folder is the checkpoint folder; choose another -o")
 
     lm_path = out_dir / lm_file_name(spec.name if spec else quant_type.upper())
-    mm_path = out_dir / f"mmproj-{MODEL_NAME}-{mm_spec.upper()}.gguf"
+    mm_path = out_dir / mmproj_file_name(mm_spec)
     jobs: list[tuple[Path, str, object, list[TensorPlan]]] = []
     if ollama:
         from .modelfile import MODELFILE_NAME
