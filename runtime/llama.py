@@ -123,9 +123,11 @@ LOAD_MAPPED = "mapped (llama.cpp's default)"
 def load_mode(n_gpu_layers: int, vocab_only: bool, read_file: bool | None) -> str:
     """How load_model brings a language model's weights in (see its `read_file`)."""
     cpu_only = n_gpu_layers == 0 and not vocab_only
-    if read_file is None and cpu_only and weight_pages.supported():
-        return LOAD_MAPPED_DROPPED
-    return LOAD_READ if (read_file if read_file is not None else cpu_only) else LOAD_MAPPED
+    if read_file is None:   # the default: CPU loads read (or map and drop), GPU loads map
+        if cpu_only and weight_pages.supported():
+            return LOAD_MAPPED_DROPPED
+        read_file = cpu_only
+    return LOAD_READ if read_file else LOAD_MAPPED
 
 
 def load_model(path: str | os.PathLike, *, n_gpu_layers: int = 0, vocab_only: bool = False,
