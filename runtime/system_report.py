@@ -1,5 +1,6 @@
 """What a bug report needs: versions, the CPU, llama.cpp's build, and the choices the runtime makes
-on this machine (weight buffers, how the model file is loaded, vision precision, threads, GPU). `minicpm-run --version` prints it."""
+on this machine (weight buffers, how the model file is loaded, vision precision, threads, GPU).
+`minicpm-run --version` prints it."""
 
 from __future__ import annotations
 
