@@ -85,6 +85,7 @@ def run(bench: Session) -> dict:
         raw[what] = {"default": d, "low-memory": lo, "logit_diff": diff}
     for (what, name), (m, _) in runs.items():
         notes.append(f"{what}, {name}: " + _phase_line(m.result))
+    from minicpmv.runtime.vision import SUB_BATCH_TOKENS   # what the runs above used
     notes += [
         "What the memory is (8B Q4_K_M, ctx 4096): the language model's weights, 4.7 GB: the 3.4 GB that "
         "llama.cpp copies into its CPU_REPACK layout and the 1.3 GB of Q6_K and norm tensors it uses in place "
@@ -99,7 +100,7 @@ def run(bench: Session) -> dict:
         "peak); the mmproj's mapped pages while the vision weights load (the "
         "vision encoder loads first, before the language model, and the map is closed afterwards); the vision "
         "activations, bounded by running the tower and the resampler over sub-batches of whole slices "
-        "(4096 patches; low-memory: one slice) instead of a whole image (0.6 GB before); the resampler's "
+        f"({SUB_BATCH_TOKENS} patches; low-memory: one slice) instead of a whole image (0.6 GB before); the resampler's "
         "matrices (0.1 GB), read per image instead of kept; the KV cache and compute buffer, made after the "
         "first turn's images are encoded (so they are never resident together with the vision activations on "
         "a first turn); freed heap returned to the OS after each encode (malloc_trim).",
