@@ -69,6 +69,7 @@ def run(b: Session) -> dict:
         raise Skip(f"not enough free disk in {work}: need about {plan.disk_gb:.0f} GB (F16 language model + one "
                    f"quantized copy), have {free:.1f} GB")
     T = b.threads
+    started = time.strftime("%Y-%m-%d %H:%M:%S")   # steps finished before this are an earlier run's
     n_steps = 4 + 2 * len(TYPES) * len(MATRICES)
     step = b.scale.est.get("lowbit", 0) / n_steps
 
@@ -126,8 +127,8 @@ def run(b: Session) -> dict:
                 shutil.rmtree(work / stem, ignore_errors=True)
     finally:
         _remove_models(work, keep=f16_lm)
-    resumed = sorted({v["finished"][:10] for v in steps.values()})
-    return report(results, seconds, plan, b.scale.name, resumed)
+    kept = sorted(v["finished"] for v in steps.values() if v["finished"] < started)
+    return report(results, seconds, plan, b.scale.name, kept, len(steps))
 
 
 def _remove_models(work: Path, keep: Path) -> None:
@@ -203,7 +204,7 @@ def make_inputs(work: Path, plan: Plan) -> tuple[Path, Path, Path]:
     return text, images, path
 
 
-def report(results: dict, seconds: dict, plan: Plan, scale: str, days: list[str]) -> dict:
+def report(results: dict, seconds: dict, plan: Plan, scale: str, kept: list[str], n_done: int) -> dict:
     def cell(key: str) -> str:
         r = results[key]
         if r.get("refused"):
@@ -235,9 +236,9 @@ def report(results: dict, seconds: dict, plan: Plan, scale: str, days: list[str]
         "Sizes: the LM GGUF file; bits/weight = tensor bytes x 8 / parameters. One-pass conversion seconds: "
         + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in results.items() if "seconds" in v) + ".",
     ]
-    if len(days) > 1:
-        notes.append(f"Resumed over several runs ({', '.join(days)}): each step's result was kept when it finished; "
-                     "conversion and matrix seconds are those of the run that made them.")
+    if kept:
+        notes.append(f"Resumed: {len(kept)} of the {n_done} steps were kept from earlier runs (finished {kept[0]} to "
+                     f"{kept[-1]}); each step's seconds are those of the run that made it.")
     if scale != "full":
         notes.insert(0, f"scale {scale}: a harness check, not a measurement.")
     return {"rows": [], "table": table, "notes": notes, "raw": {"results": results, "seconds": seconds}}
