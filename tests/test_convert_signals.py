@@ -17,25 +17,35 @@ import pytest
 
 from minicpmv.convert.writer import TEMP_PREFIX
 
-# minicpm-convert with every quantizer call slowed down, so that a signal can land mid-file.
+# minicpm-convert that stops for good once it has written two tensors of the file named by STALL (the
+# language model's "blk." tensors or the mmproj's "v." ones), sleeping in the main thread, where the
+# signal lands. A stop, not a slowdown: on a busy machine the test could otherwise see the partial
+# file only after the conversion had finished.
 DRIVER = textwrap.dedent("""
-    import sys, time
-    import minicpmv.quant as q
-    real = q.encode
-    def slow(*a, **k):
-        time.sleep(0.02)
-        return real(*a, **k)
-    q.encode = slow
+    import os, sys, time
+    import minicpmv.convert.writer as w
+    real, stall = w._blocks, os.environ["STALL"]
+    def stopping(plans, encode):
+        seen = set()
+        for item in real(plans, encode):
+            yield item   # written by the caller before the next item is asked for
+            if item[0].name.startswith(stall):
+                seen.add(item[0].name)
+                if len(seen) == 2:
+                    time.sleep(3600)
+    w._blocks = stopping
     from minicpmv.cli.convert import main
     sys.argv = ["minicpm-convert"] + sys.argv[1:]
     main()
 """)
+STALL = {"mmproj-": "v.", "MiniCPM-V-4.5-": "blk."}   # file name prefix -> its tensors' name prefix
 
 
-def start(ckpt: Path, out: Path, *extra: str) -> subprocess.Popen:
+def start(ckpt: Path, out: Path, *extra: str, during: str = "mmproj-") -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", DRIVER, str(ckpt), "-o", str(out), "--quant", "Q8_0",
                              "--ollama", "--quiet", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "STALL": STALL[during]})
 
 
 def wait_for(out: Path, prefix: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -64,7 +74,7 @@ def files(out: Path) -> list[str]:
 ])
 def test_signal_leaves_nothing(tiny_ckpt, tmp_path, sig, code, during):
     out = tmp_path / "out"
-    proc = start(tiny_ckpt, out)
+    proc = start(tiny_ckpt, out, during=during)
     wait_for(out, during, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
