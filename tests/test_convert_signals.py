@@ -42,10 +42,21 @@ STALL = {"mmproj-": "v.", "MiniCPM-V-4.5-": "blk."}   # file name prefix -> its 
 
 
 def start(ckpt: Path, out: Path, *extra: str, during: str = "mmproj-") -> subprocess.Popen:
+    # SIGINT back to its default first: a shell starts background jobs with SIGINT ignored, Python then
+    # keeps it ignored (as `nohup minicpm-convert ... &` should), and Ctrl-C could not be tested.
     return subprocess.Popen([sys.executable, "-c", DRIVER, str(ckpt), "-o", str(out), "--quant", "Q8_0",
                              "--ollama", "--quiet", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "STALL": STALL[during]})
+                            env={**os.environ, "STALL": STALL[during]},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
+    """stderr of the ended process; a process that did not end in time is killed, not left asleep."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    finally:
+        proc.kill()
 
 
 def wait_for(out: Path, prefix: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -60,6 +71,7 @@ def wait_for(out: Path, prefix: str, proc: subprocess.Popen, timeout: float = 12
                         and f.stat().st_size > 0:
                     return
         time.sleep(0.01)
+    proc.kill()
     pytest.fail(f"no temporary file for {prefix} appeared")
 
 
@@ -77,7 +89,7 @@ def test_signal_leaves_nothing(tiny_ckpt, tmp_path, sig, code, during):
     proc = start(tiny_ckpt, out, during=during)
     wait_for(out, during, proc)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    err = finish(proc)
     assert proc.returncode == code, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and signal.Signals(sig).name in lines[0] and "no output written" in lines[0], err
@@ -94,7 +106,7 @@ def test_force_keeps_the_old_set_until_the_new_one_is_complete(tiny_ckpt, tmp_pa
     proc = start(tiny_ckpt, out, "--force")
     wait_for(out, "mmproj-", proc)
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+    finish(proc)
     assert proc.returncode == 143
     assert {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in files(out)} == before
 
@@ -104,7 +116,7 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(tiny_ckpt, tmp_path):
     proc = start(tiny_ckpt, out)
     wait_for(out, "mmproj-", proc)
     proc.send_signal(signal.SIGKILL)   # no cleanup possible: the temporary files stay
-    proc.communicate(timeout=60)
+    finish(proc, timeout=60)
     left = [f for f in files(out) if f.startswith(TEMP_PREFIX)]
     assert len(left) == 2, files(out)
     size = sum((out / f).stat().st_size for f in left)
