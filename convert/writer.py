@@ -23,6 +23,7 @@ from .plan import TensorPlan
 Encoder = Callable[[np.ndarray, TensorPlan], np.ndarray]  # f32 rows -> uint8 [n_rows, row_bytes]
 
 BLOCK_ELEMENTS = 1 << 25  # 32 Mi elements (128 MiB as f32) per streamed block
+WAIT_S = 0.1  # longest wait of a stage, and of the caller for its next block, before looking again (_blocks)
 
 
 class OutputExistsError(FileExistsError):
@@ -173,7 +174,13 @@ def _row_blocks(p: TensorPlan) -> Iterator[tuple[np.ndarray, bool]]:
 
 def _blocks(plans: list[TensorPlan], encode: Encoder) -> Iterator[tuple[TensorPlan, np.ndarray, bool]]:
     """Three stages run at once: a reader thread loads block i+2 (I/O), an encoder thread
-    quantizes block i+1 (on its own worker threads), and the caller writes block i."""
+    quantizes block i+1 (on its own worker threads), and the caller writes block i.
+
+    Every wait is short (WAIT_S). The kernel may hand a signal (Ctrl-C, SIGTERM) to any thread, and
+    Python runs its handler only when the main thread next executes: a main thread blocked on an
+    empty queue until the next block is encoded would answer a Ctrl-C seconds later, or never if
+    that block never comes. And once the caller stops asking (an error, an interrupt), the stages
+    see `stop` and end on their own: nobody waits for the block being encoded."""
     read_q: queue.Queue = queue.Queue(maxsize=1)
     out_q: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
@@ -181,11 +188,19 @@ def _blocks(plans: list[TensorPlan], encode: Encoder) -> Iterator[tuple[TensorPl
     def put(q: queue.Queue, item) -> bool:
         while not stop.is_set():
             try:
-                q.put(item, timeout=0.1)
+                q.put(item, timeout=WAIT_S)
                 return True
             except queue.Full:
                 pass
         return False
+
+    def get(q: queue.Queue):
+        while not stop.is_set():
+            try:
+                return q.get(timeout=WAIT_S)
+            except queue.Empty:
+                pass
+        return None
 
     def reader():
         try:
@@ -199,7 +214,7 @@ def _blocks(plans: list[TensorPlan], encode: Encoder) -> Iterator[tuple[TensorPl
 
     def encoder():
         while True:
-            item = read_q.get()
+            item = get(read_q)
             if item is None or isinstance(item, BaseException):
                 put(out_q, item)
                 return
@@ -213,24 +228,17 @@ def _blocks(plans: list[TensorPlan], encode: Encoder) -> Iterator[tuple[TensorPl
                 return
 
     threads = [threading.Thread(target=f, daemon=True) for f in (reader, encoder)]
-    for t in threads:
-        t.start()
     try:
+        for t in threads:
+            t.start()
         while True:
-            item = out_q.get()
-            if item is None:
+            item = get(out_q)
+            if item is None:   # all written: both stages have ended or are ending
+                for t in threads:
+                    t.join()
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item
     finally:
         stop.set()
-        for q in (read_q, out_q):  # unblock a stage waiting on a full or empty queue
-            try:
-                while True:
-                    q.get_nowait()
-            except queue.Empty:
-                pass
-        read_q.put_nowait(None) if read_q.empty() else None
-        for t in threads:
-            t.join(timeout=30)

@@ -17,22 +17,32 @@ import pytest
 
 from minicpmv.convert.writer import TEMP_PREFIX
 
-# minicpm-convert that stops for good once it has written two tensors of the file named by STALL (the
-# language model's "blk." tensors or the mmproj's "v." ones), sleeping in the main thread, where the
-# signal lands. A stop, not a slowdown: on a busy machine the test could otherwise see the partial
-# file only after the conversion had finished.
+# minicpm-convert that stops for good once it has written (STOP_IN=main) or encoded (STOP_IN=encoder)
+# two tensors of the file named by STALL (the language model's "blk." tensors or the mmproj's "v."
+# ones). A stop, not a slowdown: on a busy machine the test could otherwise see the partial file only
+# after the conversion had finished. The main thread stops in short sleeps: the kernel may hand the
+# test's signal to any thread, and Python sees it only when the main thread wakes. STOP_IN=encoder
+# sends the signal to the encoder thread itself, then blocks that thread: the main thread, waiting for
+# a block that never comes, must notice the signal on its own (convert/writer.py, _blocks).
 DRIVER = textwrap.dedent("""
-    import os, sys, time
+    import os, signal, sys, threading, time
     import minicpmv.convert.writer as w
-    real, stall = w._blocks, os.environ["STALL"]
+    real, stall, stop_in = w._blocks, os.environ["STALL"], os.environ["STOP_IN"]
     def stopping(plans, encode):
-        seen = set()
-        for item in real(plans, encode):
-            yield item   # written by the caller before the next item is asked for
-            if item[0].name.startswith(stall):
-                seen.add(item[0].name)
-                if len(seen) == 2:
+        seen, encoded = set(), set()
+        def encode_then_stop(x, p):
+            if stop_in == "encoder" and p.name.startswith(stall):
+                encoded.add(p.name)
+                if len(encoded) == 3:
+                    signal.pthread_kill(threading.get_ident(), int(os.environ["SIG"]))
                     time.sleep(3600)
+            return encode(x, p)
+        for item in real(plans, encode_then_stop):
+            yield item   # written by the caller before the next item is asked for
+            if stop_in == "main" and item[0].name.startswith(stall):
+                seen.add(item[0].name)
+                while len(seen) == 2:
+                    time.sleep(0.05)
     w._blocks = stopping
     from minicpmv.cli.convert import main
     sys.argv = ["minicpm-convert"] + sys.argv[1:]
@@ -41,13 +51,14 @@ DRIVER = textwrap.dedent("""
 STALL = {"mmproj-": "v.", "MiniCPM-V-4.5-": "blk."}   # file name prefix -> its tensors' name prefix
 
 
-def start(ckpt: Path, out: Path, *extra: str, during: str = "mmproj-") -> subprocess.Popen:
+def start(ckpt: Path, out: Path, *extra: str, during: str = "mmproj-", stop_in: str = "main",
+          sig: int = signal.SIGTERM) -> subprocess.Popen:
     # SIGINT back to its default first: a shell starts background jobs with SIGINT ignored, Python then
     # keeps it ignored (as `nohup minicpm-convert ... &` should), and Ctrl-C could not be tested.
     return subprocess.Popen([sys.executable, "-c", DRIVER, str(ckpt), "-o", str(out), "--quant", "Q8_0",
                              "--ollama", "--quiet", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "STALL": STALL[during]},
+                            env={**os.environ, "STALL": STALL[during], "STOP_IN": stop_in, "SIG": str(int(sig))},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
@@ -89,7 +100,23 @@ def test_signal_leaves_nothing(tiny_ckpt, tmp_path, sig, code, during):
     proc = start(tiny_ckpt, out, during=during)
     wait_for(out, during, proc)
     proc.send_signal(sig)
-    err = finish(proc)
+    check_interrupted(proc, out, sig, code)
+
+
+@pytest.mark.parametrize("sig, code, during", [
+    (signal.SIGTERM, 143, "mmproj-"),
+    (signal.SIGINT, 130, "MiniCPM-V-4.5-"),
+])
+def test_signal_handled_by_a_worker_thread_still_stops_the_conversion(tiny_ckpt, tmp_path, sig, code, during):
+    """The encoder thread gets the signal and then hangs: the main thread, waiting for its next block,
+    must still see the signal (before the fix it waited for that block for ever)."""
+    out = tmp_path / "out"
+    proc = start(tiny_ckpt, out, during=during, stop_in="encoder", sig=sig)
+    check_interrupted(proc, out, sig, code, timeout=60)
+
+
+def check_interrupted(proc: subprocess.Popen, out: Path, sig: int, code: int, timeout: float = 120) -> None:
+    err = finish(proc, timeout)
     assert proc.returncode == code, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and signal.Signals(sig).name in lines[0] and "no output written" in lines[0], err
