@@ -8,6 +8,7 @@ returns starts at the parent's resident set at fork; ru_maxrss is the fallback w
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import platform
@@ -21,6 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import peak
+
+
+def now() -> str:
+    """UTC time stamp, as BENCHMARKS.md and bench/results.json show them."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
 
 REPO = Path(__file__).resolve().parent.parent
 GB = 1e9

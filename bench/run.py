@@ -18,7 +18,6 @@ subprocess); bench/report.py (BENCHMARKS.md and results.json).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 import time
@@ -27,13 +26,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import report
-from .common import REPO, BenchError, Skip, dir_bytes, machine_info
+from .common import REPO, BenchError, Skip, dir_bytes, machine_info, now
 from .sections import DEFAULT, SECTIONS
 from .session import SCALES, Session
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def section_load(loads: list[tuple[float, float]], since: float) -> dict | None:

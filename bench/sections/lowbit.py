@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common import GB, Skip, free_bytes, loadavg
+from ..common import GB, Skip, free_bytes, loadavg, now
 from ..session import Session
 
 TYPES = ("Q2_K", "Q3_K_M", "IQ3_M", "IQ2_M")
@@ -69,7 +69,7 @@ def run(b: Session) -> dict:
         raise Skip(f"not enough free disk in {work}: need about {plan.disk_gb:.0f} GB (F16 language model + one "
                    f"quantized copy), have {free:.1f} GB")
     T = b.threads
-    started = time.strftime("%Y-%m-%d %H:%M:%S")   # steps finished before this are an earlier run's
+    started = now()   # steps finished before this are an earlier run's
     n_steps = 4 + 2 * len(TYPES) * len(MATRICES)
     step = b.scale.est.get("lowbit", 0) / n_steps
 
@@ -77,7 +77,7 @@ def run(b: Session) -> dict:
         """The result of step `key`: kept from an earlier run, or computed now and kept."""
         if key not in steps:
             r = b.worker(task, args)
-            steps[key] = {"result": r.result, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            steps[key] = {"result": r.result, "finished": now(),
                           "wall_s": r.wall_s, "loadavg_1min": loadavg()[0]}
             _save_state(work, state)
         if b.bar is not None:   # the section's estimate, spread over its steps
