@@ -14,7 +14,9 @@ So where the loaded library has AMX compiled in, llama.cpp's own choice is switc
 that CPU_REPACK would take are given to it by name (`tensor_buft_overrides`); everything else stays
 in plain CPU memory. Which tensors CPU_REPACK takes mirrors `ggml_repack_get_optimal_repack_type`
 (ggml-org/llama.cpp@0c1e57098 ggml/src/ggml-cpu/repack.cpp, x86 branch; AMX only exists on x86).
-A test checks the mirror against llama.cpp's own choice on the test machine (docs/llamacpp.md §7).
+Tests check the mirror against ggml's own answer (the CPU device's supports_op, asked through the C
+API as llama.cpp's loader asks it, so on AMX machines too), against the tensors llama.cpp logs as
+repacked, and against llama.cpp's own choice where the library has no AMX (docs/llamacpp.md §7).
 The vision projector (mtmd's clip) and the quantizer never use extra buffer types.
 
 `MINICPMV_WEIGHT_BUFFERS=llama|repack|none` forces a choice (benchmarks, bug reports).
