@@ -29,7 +29,7 @@ demo:
 	$(PYTHON) -m minicpmv.cli.demo demo-out
 
 bench:
-	$(PYTHON) -m bench.run $(BENCH_ARGS)
+	$(PYTHON) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf demo-out .cache build *.egg-info test-artifacts

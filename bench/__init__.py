@@ -1,1 +1,1 @@
-"""Side-by-side benchmarks against llama.cpp (`python -m bench.run`, `make bench`). Not installed."""
+"""Side-by-side benchmarks against llama.cpp (`python -m bench`, `make bench`). Not installed."""

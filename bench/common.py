@@ -81,7 +81,7 @@ def evict_page_cache(path: Path) -> None:
 
 def machine_info() -> dict:
     from minicpmv.cpu import cpu_info
-    from minicpmv.runtime.buffers import plan_for_this_machine
+    from minicpmv.runtime.weight_buffers import plan_for_this_machine
     cpu = cpu_info()
     info: dict = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu.model,
                   "logical_cpus": os.cpu_count(), "usable_cpus": cpu.logical_cpus,

@@ -1,9 +1,9 @@
 """The llama.cpp side of every comparison, on the runtime's own ctypes layer (minicpmv.runtime.llama
-and minicpmv.runtime.mtmd), so both sides load weights the same way (runtime/buffers.py).
+and tests.mtmd), so both sides load weights the same way (runtime/buffers.py).
 
 - `BareLM`: a language model + context and a bare decode loop (prefill in n_batch chunks, greedy
   one-token decodes): the floor our runtime's decode is compared against.
-- llama.cpp's own multimodal pipeline is `minicpmv.runtime.mtmd.Mtmd` on a `BareLM`'s model:
+- llama.cpp's own multimodal pipeline is `tests.mtmd.Mtmd` on a `BareLM`'s model:
   `mtmd_tokenize` + `mtmd_helper_eval_chunks` into the BareLM's context, or `Chunks.encode_images`
   for the vision part alone.
 """
@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import time
 
-from minicpmv.runtime.buffers import BufferPlan
-from minicpmv.runtime.llama import ContextParams, LlamaContext, LlamaModel, Sampler, SamplingParams
+from minicpmv.runtime.weight_buffers import BufferPlan
+from minicpmv.runtime.llama import LlamaModel
+from minicpmv.runtime.llama_context import ContextParams, LlamaContext
+from minicpmv.runtime.sampler import Sampler, SamplingParams
 
 
 class BareLM:

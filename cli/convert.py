@@ -39,7 +39,7 @@ def fail(e: BaseException | str) -> None:
 def quant_table() -> str:
     """--quant types with bits per weight and the size of the 8B language model (computed from the
     published checkpoint's tensor shapes with the converter's own per-tensor rules)."""
-    from minicpmv.convert.lm import published_lm_layout
+    from minicpmv.convert.lm_plan import published_lm_layout
     from minicpmv.quant.policy import SPECS
     from minicpmv.quant.sizes import mixture_size
     cfg, tensors = published_lm_layout()
@@ -119,11 +119,11 @@ def convert(
 
 def checkpoint_folder(arg: str, quiet: bool) -> Path:
     """A folder as given; an argument that is no folder but looks like OWNER/NAME is fetched from the Hub."""
-    from minicpmv.runtime.model_source import looks_like_repo_id
+    from minicpmv.hub.source import looks_like_repo_id
     path = Path(arg).expanduser()
     if path.exists() or not looks_like_repo_id(arg):
         return path  # a missing folder is reported by the checkpoint reader
-    from minicpmv.runtime import hub
+    from minicpmv import hub
     from huggingface_hub.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # its retry warnings would break the one-line error rule
     try:

@@ -66,7 +66,7 @@ def imatrix(
     and llama-quantize --imatrix). OUT is rewritten after every item: an
     interrupted run keeps its work; run it again with --append to continue.
     """
-    from minicpmv.quant.imatrix_compute import ImatrixJob, compute_imatrix
+    from minicpmv.cli.imatrix_compute import ImatrixJob, compute_imatrix
 
     if model_dir is not None and (model is not None or mmproj is not None):
         fail("use either --model-dir or --model/--mmproj, not both")

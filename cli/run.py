@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import typer
 
-from minicpmv.runtime.model_source import DEFAULT_MODEL, ENV_VAR, ModelChoice, choose_model
+from minicpmv.hub.source import DEFAULT_MODEL, ENV_VAR, ModelChoice, choose_model
 from minicpmv.runtime.video import DEFAULT_FPS, MAX_NUM_FRAMES, MAX_NUM_PACKING, PACKING_LIMIT, VideoFrames
 from minicpmv.schema import (MAX_SLICE_NUMS, REFERENCE_SAMPLING as S, THINK_END, THINK_START, THINKING_SAMPLING as TS,
                              VIDEO_MAX_SLICE_NUMS)
@@ -214,7 +214,7 @@ def _is_file(arg: str) -> bool:
 
 def fetch_model(choice: ModelChoice, mmproj_quant: Optional[str], refresh: bool, verbose: bool) -> tuple[Path, Path]:
     """The Hub repo's GGUF pair, from the cache or downloaded (one line before, bars, one line after)."""
-    from minicpmv.runtime import hub
+    from minicpmv import hub
     if not verbose:  # huggingface_hub's own retry warnings would break the one-line error rule
         from huggingface_hub.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
@@ -232,9 +232,9 @@ def fetch_model(choice: ModelChoice, mmproj_quant: Optional[str], refresh: bool,
 
 
 def show_cached() -> None:
-    from minicpmv.runtime import hub
+    from minicpmv import hub
     models, partial = hub.list_cached()
-    typer.echo(f"Hugging Face cache: {hub.cache_dir()}")
+    typer.echo(f"Hugging Face cache: {hub.hf_cache_dir()}")
     if not models and not partial:
         typer.echo(f"no MiniCPM-V model cached yet; `minicpm-run IMAGE \"QUESTION\"` downloads {DEFAULT_MODEL}")
     for c in models:
@@ -344,7 +344,7 @@ def run(
     once into the Hugging Face cache (HF_HOME) and used from there without network afterwards.
     """
     if version:
-        from minicpmv.runtime.system_report import format_report, system_report
+        from minicpmv.cli.system_report import format_report, system_report
         typer.echo(format_report(system_report()))
         return
     from minicpmv.runtime import MiniCPMV

@@ -1,6 +1,6 @@
 """One conversion run: checkpoint -> language-model GGUF + mmproj GGUF (+ Ollama Modelfile).
 
-checkpoint reader -> tensor mapping (lm.py, mmproj.py) -> quantizer (minicpmv.quant) -> GGUF writer,
+checkpoint reader -> tensor mapping (lm_plan.py, mmproj_plan.py) -> quantizer (minicpmv.quant) -> GGUF writer,
 with one progress bar over every tensor of both files.
 """
 
@@ -18,7 +18,7 @@ from tqdm import tqdm
 from minicpmv import quant
 from minicpmv.schema import LM_ARCH, MMPROJ_ARCH
 
-from . import lm, mmproj
+from . import lm_plan, mmproj_plan
 from .checkpoint import Checkpoint
 from .config import CheckpointError, load_config
 from .layout import validate
@@ -55,7 +55,7 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
     receives one-line notes (e.g. leftovers of an interrupted run that were removed)."""
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     spec = quant.parse_type(quant_type) if write_lm else None
-    mm_spec = mmproj.parse_mmproj_type(mmproj_type)
+    mm_spec = mmproj_plan.parse_mmproj_type(mmproj_type)
     cfg = load_config(ckpt_dir)
     ckpt = Checkpoint(ckpt_dir)
     validate(ckpt, cfg)
@@ -75,7 +75,7 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
         check_output(lm_path, force)
         raw_cfg = json.loads((ckpt_dir / "config.json").read_text(encoding="utf-8"))
         vocab = load_vocab(ckpt_dir, cfg.text.vocab_size, raw_cfg)
-        plans = lm.lm_plans(ckpt, cfg)
+        plans = lm_plan.lm_plans(ckpt, cfg)
         imat = quant.load_imatrix(imatrix, [p.name for p in plans], shapes={p.name: p.shape for p in plans}) \
             if imatrix else None
         # with an imatrix llama-quantize changes a few choices (e.g. Q4_0's first ffn_down -> Q4_1)
@@ -93,20 +93,20 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
             p.ggml_type = t
             if imat is not None:
                 p.meta["imatrix"] = imat.get(p.name)
-        n = lm.n_params(plans)
+        n = lm_plan.n_params(plans)
 
         def lm_meta(w, vocab=vocab, n=n):
-            lm.add_lm_metadata(w, cfg, vocab, name=MODEL_NAME, file_type=int(spec.ftype), n_params=n)
+            lm_plan.add_lm_metadata(w, cfg, vocab, name=MODEL_NAME, file_type=int(spec.ftype), n_params=n)
             for k, v in imat_meta.items():  # the keys llama-quantize adds when it uses an imatrix
                 (w.add_string if isinstance(v, str) else w.add_uint32)(k, v)
         jobs.append((lm_path, LM_ARCH, lm_meta, plans))
 
     if write_mmproj:
         check_output(mm_path, force)
-        mplans = mmproj.mmproj_plans(ckpt, cfg, mm_spec)
+        mplans = mmproj_plan.mmproj_plans(ckpt, cfg, mm_spec)
 
         def mm_meta(w):
-            mmproj.add_mmproj_metadata(w, cfg, mm_spec, name=MODEL_NAME)
+            mmproj_plan.add_mmproj_metadata(w, cfg, mm_spec, name=MODEL_NAME)
         jobs.append((mm_path, MMPROJ_ARCH, mm_meta, mplans))
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ empty and callers decide from `machine` instead.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import subprocess
@@ -17,7 +18,6 @@ from pathlib import Path
 # The flags a bug report and the benchmarks show (the full list is a few hundred words long).
 REPORTED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
                   "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve", "bf16")
-AMX_FLAGS = frozenset({"amx_tile", "amx_int8", "amx_bf16"})
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,9 @@ class CpuInfo:
     logical_cpus: int           # usable by this process (affinity), not the machine's total
 
     @property
-    def has_amx(self) -> bool:
-        return bool(self.flags & AMX_FLAGS)
+    def flags_digest(self) -> str:
+        """A short fingerprint of the whole flag set (tells apart CPUs that share a name)."""
+        return hashlib.sha1(" ".join(sorted(self.flags)).encode()).hexdigest()[:12]
 
     @property
     def reported_flags(self) -> list[str]:

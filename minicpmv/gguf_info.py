@@ -55,8 +55,10 @@ class GGUFFormatError(ModelFileError):
         self.reason = reason
 
 
-def size_text(n: int) -> str:
-    """Bytes in plain words: 512 bytes, 4.8 kB, 4.8 MB, 4.8 GB."""
+def size_text(n: int | None) -> str:
+    """Bytes in plain words: 512 bytes, 4.8 kB, 4.8 MB, 4.8 GB ("size unknown" for None)."""
+    if n is None:
+        return "size unknown"
     if n < 1000:
         return f"{n} bytes"
     for unit, scale in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12)):

@@ -3,7 +3,7 @@
 from minicpmv.gguf_info import ModelFileError
 
 from .chat import MiniCPMV
-from .llama import ContextOverflowError, LlamaError
+from .llama_backend import ContextOverflowError, LlamaError
 from .results import Answer, ChatStats, ChatStream, Piece, StaleStreamError
 
 __all__ = ["MiniCPMV", "Answer", "ChatStats", "ChatStream", "Piece", "ModelFileError",

@@ -39,8 +39,11 @@ from .content import Content
 from .context_size import ContextChange, GrowingContext
 from .generate import generate
 from .kv_cache import Sequence, SlotRun, TextRun, decode, plan_steps
-from .llama import (KV_TYPES, ContextParams, LlamaContext, LlamaError, LlamaModel, SamplingParams,
-                    TokenEmbeddings)
+from .llama import LlamaModel
+from .llama_backend import LlamaError
+from .llama_context import ContextParams, KV_TYPES, LlamaContext
+from .sampler import SamplingParams
+from .token_embeddings import TokenEmbeddings
 from .prompt import Prompt, Slot
 from .results import Answer, ChatStats, ChatStream
 from .turn import TurnLock
@@ -58,7 +61,7 @@ class MiniCPMV:
         self.lm, self.vision = lm, vision
         self._context = GrowingContext(lm, ctx_params or ContextParams(), fixed=ctx, fixed_size=n_ctx)
         self.fuse_placeholders = fuse_placeholders  # placeholder tokens as embedding rows (kv_cache.py)
-        self.tok_embd = TokenEmbeddings(lm.path, lm.n_embd)
+        self.tok_embd = TokenEmbeddings(lm.file, lm.n_embd)
         self.query_num = getattr(vision, "query_num", QUERY_NUM) if vision is not None else QUERY_NUM
         self.progress = False  # a progress bar (stderr) while many slices/frames are encoded
         self.vision_cache = EmbeddingCache(vision, cache_bytes)

@@ -24,7 +24,9 @@ import gguf
 
 from minicpmv.gguf_info import row_size
 
-from .llama import ContextOverflowError, ContextParams, KVShape, LlamaContext, LlamaModel
+from .llama import KVShape, LlamaModel
+from .llama_backend import ContextOverflowError
+from .llama_context import ContextParams, LlamaContext
 from .results import ChatStats
 
 # Sizes are multiples of 512: the default n_batch, so a small context never shrinks the batch

@@ -10,7 +10,9 @@ from typing import Generator
 from minicpmv.schema import THINK_END, THINK_START
 
 from .kv_cache import Sequence
-from .llama import LlamaContext, LlamaModel, Sampler, SamplingParams
+from .llama import LlamaModel
+from .llama_context import LlamaContext
+from .sampler import Sampler, SamplingParams
 from .results import Answer, ChatStats, Piece
 
 

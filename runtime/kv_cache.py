@@ -16,7 +16,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from .llama import LlamaContext, TokenEmbeddings
+from .llama_context import LlamaContext
+from .token_embeddings import TokenEmbeddings
 from .results import ChatStats
 
 @dataclass

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 
 from minicpmv import schema
-from minicpmv.gguf_info import GGUFFormatError, read_gguf_info
+from minicpmv.gguf_info import GGUFFormatError
 from minicpmv.schema import (
     MINICPMV_VERSION, PROJECTOR_TYPE, R_PROJ, R_QUERY, RESAMPLER_HEAD_DIM, V_PATCH_EMBD, V_POS_EMBD,
     ClipKeys, v_blk,
 )
+
+from .model_file import ModelFile
 
 
 class MmprojError(ValueError):
@@ -64,6 +66,7 @@ class TensorLocation:
 @dataclass
 class Mmproj:
     path: Path
+    file: ModelFile                    # the open file: later reads (streamed weights) go through it
     hparams: VisionHParams
     # our naming (fc1 = ffn_up) -> the file's tensor (dequantized on access) or a float32 tensor
     tensors: dict[str, gguf.ReaderTensor | torch.Tensor]
@@ -246,16 +249,18 @@ def expected_tensors(hp: VisionHParams) -> list[schema.Tensor]:
 
 
 def load_mmproj(path: str | Path) -> Mmproj:
-    """Read the hyper-parameters and find every tensor the vision path uses (dequantized later,
-    one at a time, by `Mmproj.get` / `Mmproj.take`)."""
+    """Open the file (once, model_file.py), read the hyper-parameters and find every tensor the
+    vision path uses (dequantized later, one at a time, by `Mmproj.get` / `Mmproj.take`)."""
     path = Path(path)
     if not path.is_file():
         raise MmprojError(f"{path}: mmproj file not found")
+    file = ModelFile(path)
     try:
-        read_gguf_info(path)   # before gguf-py sees a malformed file
+        file.info   # noqa: B018 (checked before gguf-py sees a malformed file)
     except GGUFFormatError as e:
+        file.close()
         raise MmprojError(str(e)) from None
-    reader = gguf.GGUFReader(path, "r")
+    reader = gguf.GGUFReader(file.open_path, "r")
     by_name = {t.name: t for t in reader.tensors}
     shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in by_name.items()}
     try:
@@ -282,4 +287,4 @@ def load_mmproj(path: str | Path) -> Mmproj:
         tensors[t.gguf] = by_name[src]
         types[src] = by_name[src].tensor_type.name
     # the reader's memory map stays open while any ReaderTensor is referenced
-    return Mmproj(path=path, hparams=hp, tensors=tensors, legacy_ffn=legacy, source_types=types)
+    return Mmproj(path=path, file=file, hparams=hp, tensors=tensors, legacy_ffn=legacy, source_types=types)

@@ -6,7 +6,7 @@ through slow generic kernels (public reports: a bf16 `bmm` 27x slower than f32 o
 pytorch/pytorch#151934; bf16 matmuls slower than f32 on an M1 Pro, pytorch/pytorch#127477), so a CPU
 name says little. `auto` therefore times the attention half of one SigLIP encoder block at slice size
 (1024 patches, the real width, random weights) in both dtypes, through the encoder's own code
-(`vision.attention_block`, the same packed oneDNN linears or their fallback, the same attention and
+(`vision_ops.attention_block`, the same packed oneDNN linears or their fallback, the same attention and
 worker threads), with the real thread count, and keeps bf16 only if it is at least `MARGIN` faster: f32 is the more exact one.
 
 The result is cached per (CPU model, torch version, thread count) in the user cache folder
@@ -29,6 +29,10 @@ from typing import Callable
 import torch
 
 from minicpmv.cpu import cpu_info, default_threads
+
+from .vision_ops import attention_block, attention_for
+from .vision_threads import torch_threads, worker_pool
+from .vision_weights import Linear, pack_linears
 
 MARGIN = 1.15          # bf16 is chosen when f32 time / bf16 time >= MARGIN
 PROBE_VERSION = 1      # bump when the timed workload changes: older cache entries are stale
@@ -62,7 +66,7 @@ def decide(f32_ms: float, bf16_ms: float, margin: float = MARGIN) -> str:
     return "bf16" if bf16_ms > 0 and f32_ms / bf16_ms >= margin else "f32"
 
 
-def cache_dir() -> Path:
+def user_cache_dir() -> Path:
     env = os.environ.get("MINICPMV_CACHE")
     if env:
         return Path(env)
@@ -72,7 +76,10 @@ def cache_dir() -> Path:
 
 
 def cache_key(threads: int) -> str:
-    return f"{cpu_info().model} | {platform.machine()} | torch {torch.__version__} | {threads} threads"
+    """One measurement per CPU (its name, architecture and feature flags: on aarch64 /proc/cpuinfo
+    names no model, so the flags tell cores apart), torch version and thread count."""
+    info = cpu_info()
+    return f"{info.model} | {platform.machine()} | flags {info.flags_digest} | torch {torch.__version__} | {threads} threads"
 
 
 # --------------------------------------------------------------------------- the measurement
@@ -82,8 +89,6 @@ def measure(threads: int, repeats: int = 2) -> tuple[float, float]:
     (LayerNorm, fused q|k|v projection, self-attention, output projection: the products that decide
     the speed), after a warm-up each. bf16 stops early when its warm-up alone is over 3x the f32
     time (then it is clearly slower)."""
-    from .vision import Linear, _onednn_available, _threads, attention_for, attention_block, worker_pool
-
     d, n = PROBE_WIDTH, PROBE_TOKENS
     g = torch.Generator().manual_seed(0)
     w_qkv, b_qkv = torch.randn(3 * d, d, generator=g) * 0.02, torch.zeros(3 * d)
@@ -95,11 +100,11 @@ def measure(threads: int, repeats: int = 2) -> tuple[float, float]:
     try:
         for name in ("f32", "bf16"):
             dt = DTYPES[name]
-            pack = _onednn_available(dt)
+            pack = pack_linears(dt)
             qkv, o = Linear(w_qkv, b_qkv, dt, pack=pack), Linear(w_out, b_out, dt, pack=pack)
             attend = attention_for(dt, PROBE_HEADS, pool if dt == torch.bfloat16 else None, threads)
             times: list[float] = []
-            with _threads(threads), torch.inference_mode():
+            with torch_threads(threads), torch.inference_mode():
                 for i in range(repeats + 1):
                     t0 = time.perf_counter()
                     attention_block(x, ln_w, ln_b, qkv, o, [n], 1e-6, dt, attend)
@@ -156,7 +161,7 @@ def choose_vision_dtype(requested: str = "auto", threads: int | None = None, *,
     if req != "auto":
         raise ValueError(f"vision dtype: {requested!r} is not one of auto, bf16, f32")
     threads = threads or default_threads()
-    path = (cache or cache_dir()) / CACHE_FILE
+    path = (cache or user_cache_dir()) / CACHE_FILE
     key = cache_key(threads)
     data = _read_cache(path)
     hit = _cached_entry(data, key)

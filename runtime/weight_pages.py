@@ -1,7 +1,7 @@
 """Load the language model with its file mapped, keeping resident only the weights used in place.
 
 On the CPU llama.cpp copies most weights of a Q4_K_M model into its CPU_REPACK buffers
-(runtime/buffers.py) and uses the others (Q6_K tensors, norms, the token embedding table) where they
+(runtime/weight_buffers.py) and uses the others (Q6_K tensors, norms, the token embedding table) where they
 lie. Its two load modes each keep too much resident (docs/llamacpp.md §7.1):
 - mapped (llama.cpp's default): the whole file is faulted in (MAP_POPULATE), and the pages of the
   tensors it copied stay resident next to their copies: 8.3 GB for the 8B Q4_K_M model;
@@ -27,47 +27,61 @@ mappings already made stay (528 MB of the in-place weights): the mark only chang
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import sys
-from pathlib import Path
 
-from minicpmv.gguf_info import read_gguf_info
 from minicpmv.schema import TOKEN_EMBD
 
-from .buffers import WeightBuffers, repack_tensors_in
+from .model_file import ModelFile
+from .weight_buffers import WeightBuffers, repack_tensors_in
 
-MADV_DONTNEED = 4             # <sys/mman.h>, Linux
-MADV_NOHUGEPAGE = 15
 DROP_EVERY = 64 << 20         # bytes loaded between two drops: the pages copied since stay resident meanwhile
 
 
 def supported() -> bool:
-    return sys.platform.startswith("linux") and os.path.exists("/proc/self/maps")
+    return (sys.platform.startswith("linux") and os.path.exists("/proc/self/maps")
+            and hasattr(mmap, "MADV_DONTNEED"))
 
 
-def file_mappings(path: str | os.PathLike) -> list[tuple[int, int, int]]:
-    """(start address, end address, file offset at start) of this process's mappings of `path`.
-    (llama.cpp unmaps the head and tail of its mapping that no in-place tensor uses, at the end of
-    the load.)"""
-    real = os.path.realpath(path)
+def _identity(target: str | os.PathLike | ModelFile) -> tuple[int, int, int]:
+    """(device major, device minor, inode) of a file, as /proc/self/maps names a mapping's file."""
+    if isinstance(target, ModelFile):
+        dev, ino = target.identity
+    else:
+        st = os.stat(target)
+        dev, ino = st.st_dev, st.st_ino
+    return os.major(dev), os.minor(dev), ino
+
+
+def file_mappings(target: str | os.PathLike | ModelFile) -> list[tuple[int, int, int]]:
+    """(start address, end address, file offset at start) of this process's shared mappings of a file,
+    matched by device and inode (a file replaced on disk since it was mapped is still found).
+    Private mappings are left out: MADV_DONTNEED on one discards its copy-on-write pages, which
+    would lose data. (llama.cpp unmaps the head and tail of its mapping that no in-place tensor
+    uses, at the end of the load.)"""
+    major, minor, ino = _identity(target)
     out = []
     with open("/proc/self/maps") as f:
         for line in f:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[5].rstrip("\n") == real:
+            parts = line.split(maxsplit=5)   # address perms offset dev inode [path]
+            if len(parts) < 5 or int(parts[4]) != ino or parts[1][3:4] != "s":
+                continue
+            maj, mnr = (int(x, 16) for x in parts[3].split(":"))
+            if (maj, mnr) == (major, minor):
                 a, b = (int(x, 16) for x in parts[0].split("-"))
                 out.append((a, b, int(parts[2], 16)))
     return out
 
 
-def drop_ranges(path: str | os.PathLike, copied: set[str]) -> list[tuple[int, int]]:
+def drop_ranges(file: ModelFile, copied: set[str]) -> list[tuple[int, int]]:
     """File byte ranges whose pages need not stay mapped: runs of consecutive tensors (in file order)
     that are in `copied` or are the token embedding table, rounded inwards to whole pages, so a page
     that also holds a tensor used in place is kept."""
     page = os.sysconf("SC_PAGE_SIZE")
     runs: list[list[int]] = []
     extend = False
-    for t in sorted(read_gguf_info(path).tensors.values(), key=lambda t: t.offset):
+    for t in sorted(file.info.tensors.values(), key=lambda t: t.offset):
         drop = t.name in copied or t.name == TOKEN_EMBD
         if drop and extend:
             runs[-1][1] = t.offset + t.nbytes
@@ -84,8 +98,9 @@ def drop_ranges(path: str | os.PathLike, copied: set[str]) -> list[tuple[int, in
 
 def copied_tensors(path: str | os.PathLike, wb: WeightBuffers) -> set[str]:
     """The tensors llama.cpp copies out of the mapping on this machine: those given to CPU_REPACK
-    (by name in "repack" mode; in "llama" mode llama.cpp's own choice, which buffers.repack_tensors
-    mirrors; none in "none" mode). A wrong guess costs memory or a page fault, never a wrong value."""
+    (by name in "repack" mode; in "llama" mode llama.cpp's own choice, which
+    weight_buffers.repack_tensors mirrors; none in "none" mode). A wrong guess costs memory or a
+    page fault, never a wrong value."""
     if wb.plan.mode == "repack":
         return set(wb.repacked)
     if wb.plan.mode == "none":
@@ -94,12 +109,13 @@ def copied_tensors(path: str | os.PathLike, wb: WeightBuffers) -> set[str]:
 
 
 class PageDropper:
-    """llama.cpp's `progress_callback` for one mapped load: drops the pages of `ranges` (file offsets)
-    in every mapping of the file, at the start and then every DROP_EVERY bytes loaded."""
+    """llama.cpp's `progress_callback` for one mapped load: drops the pages of the `copied` tensors
+    (and of token_embd) in every shared mapping of the file, at the start and then every DROP_EVERY
+    bytes loaded."""
 
-    def __init__(self, path: str | os.PathLike, ranges: list[tuple[int, int]]):
-        self.path, self.ranges = Path(path), ranges
-        self.total = sum(t.nbytes for t in read_gguf_info(path).tensors.values())
+    def __init__(self, file: ModelFile, copied: set[str]):
+        self.file, self.ranges = file, drop_ranges(file, copied)
+        self.total = sum(t.nbytes for t in file.info.tensors.values())
         self.last = -DROP_EVERY
         libc = ctypes.CDLL(None, use_errno=True)
         self._madvise = libc.madvise
@@ -117,10 +133,11 @@ class PageDropper:
         return True
 
     def drop(self) -> None:
-        for start, end, off in file_mappings(self.path):
+        for start, end, off in file_mappings(self.file):
             # may fail (EINVAL) on a kernel built without huge pages, which maps 4 kB pages anyway
-            self._madvise(start, end - start, MADV_NOHUGEPAGE)
+            if hasattr(mmap, "MADV_NOHUGEPAGE"):
+                self._madvise(start, end - start, mmap.MADV_NOHUGEPAGE)
             for a, b in self.ranges:   # the part of file range [a, b) this mapping holds
                 lo, hi = max(a, off), min(b, off + end - start)
                 if hi > lo:
-                    self._madvise(start + lo - off, hi - lo, MADV_DONTNEED)
+                    self._madvise(start + lo - off, hi - lo, mmap.MADV_DONTNEED)

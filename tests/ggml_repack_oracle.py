@@ -113,8 +113,8 @@ def buft_supports(buft: int, name: str, ggml_type: int, shape: tuple[int, ...]) 
 
 def repack_tensors_by_ggml(tensors: Iterable[tuple[str, tuple[int, ...], int]]) -> list[str]:
     """Names of the (name, ggml shape ne, type) tensors that this library's CPU_REPACK would take, in order:
-    the same question and answer shape as runtime/buffers.py's repack_tensors()."""
-    from minicpmv.runtime.buffers import REPACK_BUFT, extra_buffer_types
+    the same question and answer shape as runtime/weight_buffers.py's repack_tensors()."""
+    from minicpmv.runtime.weight_buffers import REPACK_BUFT, extra_buffer_types
     buft = extra_buffer_types().get(REPACK_BUFT)
     if not buft:
         raise RuntimeError(f"this llama.cpp has no {REPACK_BUFT} buffer type")

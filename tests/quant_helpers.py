@@ -8,6 +8,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 
 from minicpmv import quant
+
+from .llama_quantize import quantize_model_with_llama_cpp
 from minicpmv.convert.pipeline import convert
 
 MATMULS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -28,7 +30,7 @@ def assert_same_as_llama(ckpt: Path, bf16_gguf: Path, tmp: Path, type_name: str,
                          imatrix: Path | None = None) -> dict[str, Q]:
     """Our one-pass file vs llama_model_quantize(BF16 GGUF): same tensors, types, bytes, file type."""
     ours, ours_ftype = read_tensors(one_pass(ckpt, tmp / "ours", type_name, imatrix))
-    ref_path = quant.quantize_model_with_llama_cpp(bf16_gguf, tmp / "ref.gguf", type_name,
+    ref_path = quantize_model_with_llama_cpp(bf16_gguf, tmp / "ref.gguf", type_name,
                                                    imatrix=imatrix, nthread=2)
     ref, ref_ftype = read_tensors(ref_path)
     assert sorted(ours) == sorted(ref)

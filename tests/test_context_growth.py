@@ -22,7 +22,9 @@ import pytest
 
 from minicpmv.runtime import ContextOverflowError, MiniCPMV
 from minicpmv.runtime.context_size import GRANULE, context_size, kv_cache_bytes
-from minicpmv.runtime.llama import KVShape, LlamaContext, recent_log
+from minicpmv.runtime.llama import KVShape
+from minicpmv.runtime.llama_backend import recent_log
+from minicpmv.runtime.llama_context import LlamaContext
 
 from .test_runtime_chat import picture, rel_err, run_cli
 

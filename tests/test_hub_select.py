@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from minicpmv.runtime.hub_files import RepoFilesError, checkpoint_files, quant_label, select_gguf
-from minicpmv.runtime.model_source import (DEFAULT_MODEL, ModelSourceError, choose_model, looks_like_repo_id,
+from minicpmv.hub.files import RepoFilesError, checkpoint_files, quant_label, select_gguf
+from minicpmv.hub.source import (DEFAULT_MODEL, ModelSourceError, choose_model, looks_like_repo_id,
                                            parse_hub_ref)
 
 OPENBMB = ["ggml-model-Q4_K_M.gguf", "ggml-model-Q4_K.gguf", "ggml-model-Q4_K_S.gguf", "ggml-model-Q8_0.gguf",

@@ -260,7 +260,7 @@ def test_non_rgb_pil_is_converted_like_the_reference():
 
 def test_patch_rows_match_unfold_layout():
     torch = pytest.importorskip("torch")
-    from minicpmv.runtime.vision import patch_rows
+    from minicpmv.runtime.vision_ops import patch_rows
     px = np.random.default_rng(0).standard_normal((3, 28, 42)).astype(np.float32)
     # the reference's unfold gives [3*14*14, L] with rows ordered (channel, kh, kw)
     cols = torch.nn.functional.unfold(torch.from_numpy(px)[None], 14, stride=14)[0]

@@ -24,9 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minicpmv.quant.calibration import DEFAULT_QUESTION, read_calibration
+from minicpmv.cli.calibration import DEFAULT_QUESTION, read_calibration
 from minicpmv.quant.imatrix import read_imatrix, read_imatrix_sums
-from minicpmv.quant.imatrix_compute import ImatrixJob, compute_imatrix
+from minicpmv.cli.imatrix_compute import ImatrixJob, compute_imatrix
 
 from .imatrix_c_reader import load_like_llama_quantize
 from .quant_helpers import MATMULS, assert_same_as_llama

@@ -11,7 +11,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFValueType, Keys, TokenType
 
-from minicpmv.runtime.llama import ContextParams, LlamaContext, LlamaModel
+from minicpmv.runtime.llama import LlamaModel
+from minicpmv.runtime.llama_context import ContextParams, LlamaContext
 
 from .hf_oracles import hf_tokenizer_dir
 

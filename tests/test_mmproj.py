@@ -21,11 +21,11 @@ from PIL import Image
 
 from minicpmv.convert.checkpoint import Checkpoint
 from minicpmv.convert.config import CheckpointError
-from minicpmv.convert.mmproj import parse_mmproj_type
+from minicpmv.convert.mmproj_plan import parse_mmproj_type
 from minicpmv.convert.pipeline import convert
 
-from minicpmv.runtime.llama import recent_log
-from minicpmv.runtime.mtmd import IMAGE, TEXT, Mtmd
+from minicpmv.runtime.llama_backend import recent_log
+from .mtmd import IMAGE, TEXT, Mtmd
 
 from .mtmd_slicing import mtmd_plan, mtmd_preprocess
 from .reference_vision import ReferenceVision, navit_bucket_coords, pos_embed_2d, to_pixels
@@ -382,7 +382,7 @@ def test_unsupported_vision_geometry(tiny_ckpt):
     """Checkpoints llama.cpp's clip cannot run are refused with the reason (one line)."""
     import dataclasses
     from minicpmv.convert.config import load_config
-    from minicpmv.convert.mmproj import check_supported
+    from minicpmv.convert.mmproj_plan import check_supported
     cfg = load_config(tiny_ckpt)
     check_supported(cfg, "config.json")
     v64 = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=896))  # 64 per side

@@ -246,7 +246,7 @@ def test_tiny_with_legacy_imatrix_matches_llama_quantize(tiny_ckpt, tiny_bf16, t
 # type choice on the real layout (no weights): llama.cpp's own selection code as the oracle
 
 def _layouts():
-    from minicpmv.convert.lm import published_lm_layout
+    from minicpmv.convert.lm_plan import published_lm_layout
     cfg, real = published_lm_layout()
     t = cfg.text
     yield "8B", real, dict(n_embd=t.hidden_size, n_ff=t.intermediate_size, n_layer=t.num_hidden_layers,
@@ -279,7 +279,7 @@ def test_size_table_is_computed_from_the_8b_layout():
     the tensor bytes of the mixture llama.cpp picks on the published shapes (Q8_0: 34 bytes per 32
     weights; F16 2 bytes per weight; the norms stay F32)."""
     from minicpmv.cli.convert import quant_table
-    from minicpmv.convert.lm import published_lm_layout
+    from minicpmv.convert.lm_plan import published_lm_layout
     from minicpmv.quant.sizes import mixture_size
     cfg, tensors = published_lm_layout()
     n = sum(int(np.prod(s)) for _, s in tensors)

@@ -15,8 +15,10 @@ import pytest
 from PIL import Image
 
 from minicpmv.runtime import ContextOverflowError, MiniCPMV, ModelFileError
-from minicpmv.runtime.llama import ContextParams, LlamaContext, LlamaModel, TokenEmbeddings
-from minicpmv.runtime.mtmd import TEXT, Mtmd, marker
+from minicpmv.runtime.llama import LlamaModel
+from minicpmv.runtime.llama_context import ContextParams, LlamaContext
+from minicpmv.runtime.token_embeddings import TokenEmbeddings
+from .mtmd import TEXT, Mtmd, marker
 from minicpmv.runtime.prompt import IMAGE_TAG
 
 # docs/pitfalls.md §6: llama.cpp's embedding path reproduces the reference to ~2e-3 of the logit range; mtmd
@@ -162,7 +164,7 @@ def test_a_long_question_after_the_image_joins_its_embedding_batch(tiny_lm_gguf,
         ids = list(range(40))
         one_by_one = np.stack([te.rows([i])[0] for i in ids])
         assert len(te._rows) <= 8
-        uncached = TokenEmbeddings(te.path, te.n_embd).rows(ids)
+        uncached = TokenEmbeddings(te.file, te.n_embd).rows(ids)
         np.testing.assert_array_equal(one_by_one, uncached)
         np.testing.assert_array_equal(te.rows(ids[::-1]), uncached[::-1])   # more than fit: all returned
     finally:

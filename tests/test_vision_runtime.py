@@ -22,10 +22,8 @@ import torch
 from minicpmv.cpu import default_threads
 from minicpmv.schema import v_blk
 from minicpmv.runtime.mmproj import MmprojError, load_mmproj
-from minicpmv.runtime.vision import (
-    VisionEncoder, VisionInputError, navit_position_ids,
-    pos_embed_2d, temporal_embed,
-)
+from minicpmv.runtime.vision import VisionEncoder, VisionInputError
+from minicpmv.runtime.vision_ops import navit_position_ids, pos_embed_2d, temporal_embed
 
 from . import reference_vision as rv
 from .reference_vision import ReferenceVision, to_pixels
@@ -196,7 +194,7 @@ def test_navit_buckets_end_to_end(enc32, ref, tiny_ckpt):
 # mtmd (llama.cpp) on the same file and pixels
 
 def test_matches_mtmd(tiny_mmproj_gguf, tiny_lm_gguf, enc32):
-    from minicpmv.runtime.mtmd import Mtmd
+    from .mtmd import Mtmd
 
     from .mtmd_slicing import mtmd_preprocess
     rng = np.random.default_rng(7)
@@ -262,10 +260,11 @@ def test_unpacked_linears_and_small_batches_agree(tiny_mmproj_gguf, enc32, monke
     """oneDNN-packed weights vs plain F.linear; a token budget that splits the call into several
     tower batches (whole groups stay together) changes nothing."""
     import minicpmv.runtime.vision as vision
+    import minicpmv.runtime.vision_weights as vision_weights
     px = pixels([(224, 224), (98, 70), (224, 224), (140, 140), (70, 98)], seed=9)
     tids = [[-1], [3, 4], [7], [-1]]
     want = enc32.encode_slices(px, tids)
-    monkeypatch.setattr(vision, "USE_ONEDNN_PACKING", False)
+    monkeypatch.setattr(vision_weights, "USE_ONEDNN_PACKING", False)
     plain = VisionEncoder.load(tiny_mmproj_gguf("f32"), dtype="f32", n_threads=1)
     assert not plain.packed
     assert np.abs(plain.encode_slices(px, tids) - want).max() < 1e-5
@@ -273,21 +272,23 @@ def test_unpacked_linears_and_small_batches_agree(tiny_mmproj_gguf, enc32, monke
     assert np.abs(enc32.encode_slices(px, tids) - want).max() < 1e-5
 
 
-def test_attributes_and_options(enc32, enc16, tiny_ckpt):
+def test_attributes_and_options(enc32, enc16, tiny_ckpt, tiny_mmproj_gguf):
     assert enc32.embed_dim == 256 and enc32.query_num == 64 and enc32.image_size == 448 and enc32.patch_size == 14
     assert enc32.dtype == torch.float32 and enc16.dtype == torch.bfloat16
     # f32: every vision/resampler parameter once, except that query, ln_q, Wq, bq, Wk and bk are
-    # folded into one [heads*64, D] score matrix, and the resampler's kv, v, out and proj matrices
-    # (and the v/out biases) are read from the mmproj per chunk, not kept. bf16 halves the matrices
-    # (LayerNorm parameters and the position table stay f32).
+    # folded into one [heads*64, D] score matrix. bf16 halves the matrices (LayerNorm parameters
+    # and the position table stay f32). The low-memory profile (resident=False) keeps neither the
+    # tower's matrices nor the resampler's kv, v, out and proj (read from the mmproj per chunk).
     D, Hv = enc32.embed_dim, enc32.hparams.n_embd
     n_params = sum(int(np.prod(s)) for n, s in _ckpt_shapes(tiny_ckpt).items() if not n.startswith("llm."))
     folded = 64 * D + 2 * D + 2 * (D * D + D)
-    per_chunk = D * Hv + 2 * (D * D + D) + D * D
-    assert enc32.weights_nbytes == 4 * (n_params - folded + (D // 128) * 64 * D - per_chunk)
+    assert enc32.weights_nbytes == 4 * (n_params - folded + (D // 128) * 64 * D)
     matrices32 = sum(lin.nbytes for lin in [enc32.patch, enc32.scores] +
-                     [x for b in enc32.blocks for x in (b.qkv, b.out, b.fc1, b.fc2)])
+                     [x for b in enc32.blocks for x in (b.qkv, b.out, b.fc1, b.fc2)]) + enc32.resampler.nbytes
     assert enc16.weights_nbytes == enc32.weights_nbytes - matrices32 // 2   # exactly the matrices halve
+    streamed = VisionEncoder.load(tiny_mmproj_gguf("f32"), dtype="f32", n_threads=1, resident=False)
+    tower = sum(x.nbytes for b in enc32.blocks for x in (b.qkv, b.out, b.fc1, b.fc2))
+    assert streamed.weights_nbytes == enc32.weights_nbytes - tower - enc32.resampler.nbytes
     assert 1 <= default_threads() <= (os.cpu_count() or 1)
 
 
@@ -347,7 +348,8 @@ def test_streamed_weights_and_sub_batches_compute_the_same(tiny_mmproj_gguf, dty
     assert np.abs(got - want).max() < (1e-5 if dtype == "f32" else 0.02)
     assert streamed.blocks is None
     tower = sum(lin.nbytes for b in whole.blocks for lin in (b.qkv, b.out, b.fc1, b.fc2))
-    assert whole.weights_nbytes - streamed.weights_nbytes == tower   # the tower's matrices are not kept
+    # neither the tower's matrices nor the resampler's are kept
+    assert whole.weights_nbytes - streamed.weights_nbytes == tower + whole.resampler.nbytes
 
 
 def test_sub_batches_keep_slices_whole():

@@ -1,4 +1,4 @@
-"""Weight buffer types (runtime/buffers.py): never llama.cpp's AMX buffers, CPU_REPACK kept.
+"""Weight buffer types (runtime/weight_buffers.py): never llama.cpp's AMX buffers, CPU_REPACK kept.
 
 The decision is tested with the library's features and the CPU's flags given, not read from this
 machine. The by-name CPU_REPACK placement is checked against ggml's own answer (the CPU device's
@@ -23,7 +23,7 @@ import gguf
 import numpy as np
 import pytest
 
-from minicpmv.runtime.buffers import (choose, library_features, override_patterns, repack_tensors,
+from minicpmv.runtime.weight_buffers import (choose, library_features, override_patterns, repack_tensors,
                                       repack_tensors_in)
 
 from .ggml_repack_oracle import repack_tensors_by_ggml, repack_tensors_by_ggml_in
@@ -95,8 +95,9 @@ def test_override_patterns_match_exactly():
 LOAD = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from minicpmv.runtime.buffers import BufferPlan
-    from minicpmv.runtime.llama import ContextParams, LlamaContext, LlamaModel
+    from minicpmv.runtime.weight_buffers import BufferPlan
+    from minicpmv.runtime.llama import LlamaModel
+    from minicpmv.runtime.llama_context import ContextParams, LlamaContext
     path, mode = sys.argv[1], sys.argv[2]
     # verbose="debug": llama.cpp's every log line on stderr, where the test reads the placement
     m = LlamaModel(path, n_gpu_layers=0, verbose="debug",
@@ -149,7 +150,7 @@ def test_repack_rules_agree_with_ggml_supports_op():
     """repack_tensors() gives every tensor kind, type and row count the answer ggml's own supports_op gives
     for CPU_REPACK in this library (tests/ggml_repack_oracle.py). The rules mirror the x86 branch of
     ggml_repack_get_optimal_repack_type, and "repack" is only chosen on x86, so elsewhere nothing is compared."""
-    from minicpmv.runtime.buffers import system_features
+    from minicpmv.runtime.weight_buffers import system_features
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return
     kinds = [(f"blk.{i}.{k}.weight", (256, rows), qt) for i, qt in enumerate(
@@ -207,9 +208,9 @@ def test_version_prints_the_system_report():
     for key in ("minicpmv", "llama-cpp-python", "torch", "gguf", "cpu", "cpu flags", "llama.cpp build",
                 "weight buffers", "model load", "vision dtype auto", "threads"):
         assert rows.get(key), f"--version lacks {key!r}:\n{r.stdout}"
-    from minicpmv.runtime.buffers import plan_for_this_machine
+    from minicpmv.runtime.weight_buffers import plan_for_this_machine
     assert rows["weight buffers"].startswith(plan_for_this_machine().mode + ":")
-    from minicpmv.runtime.llama import LOAD_MAPPED, LOAD_MAPPED_DROPPED, LOAD_READ
+    from minicpmv.runtime.llama_load import LOAD_MAPPED, LOAD_MAPPED_DROPPED, LOAD_READ
     # Linux (CPU): mapped and pages dropped; macOS: mapped for Metal; elsewhere read
     expected = LOAD_MAPPED_DROPPED if sys.platform.startswith("linux") else \
         LOAD_MAPPED if sys.platform == "darwin" else LOAD_READ

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Li
 PROBE = textwrap.dedent("""
     import json, os, struct, sys
     from minicpmv.gguf_info import read_gguf_info
-    from minicpmv.runtime.llama import ContextParams, LlamaContext, LlamaModel
+    from minicpmv.runtime.llama import LlamaModel
+    from minicpmv.runtime.llama_context import ContextParams, LlamaContext
     from minicpmv.runtime.weight_pages import file_mappings
     path, how = sys.argv[1], sys.argv[2]
     page = os.sysconf("SC_PAGE_SIZE")
@@ -72,7 +73,7 @@ def _probe(path, how: str) -> dict:
 
 def test_copied_weights_leave_the_page_table(tiny_lm_gguf):
     from minicpmv.gguf_info import read_gguf_info
-    from minicpmv.runtime.buffers import repack_tensors_in
+    from minicpmv.runtime.weight_buffers import repack_tensors_in
 
     path = tiny_lm_gguf("Q4_K_M")
     info = read_gguf_info(path)

@@ -44,7 +44,7 @@ def run(bench: Session) -> dict:
 # --------------------------------------------------------------------------- measured (bench.worker)
 
 def measure(a: dict) -> dict:
-    from minicpmv.runtime.buffers import BufferPlan, plan_for_this_machine, system_features
+    from minicpmv.runtime.weight_buffers import BufferPlan, plan_for_this_machine, system_features
 
     from ..llamacpp import BareLM
     from .llm import _prompt_text

@@ -102,6 +102,6 @@ def llama_quantize(a: dict) -> dict:
     try:
         from minicpmv.quant import quantize_model_with_llama_cpp as q
     except ImportError:
-        from minicpmv.quant.llama_quantize import quantize_model_with_llama_cpp as q
+        from tests.llama_quantize import quantize_model_with_llama_cpp as q
     q(Path(a["src"]), Path(a["dst"]), a.get("type", "Q4_K_M"), nthread=a["threads"])
     return {"seconds": time.perf_counter() - t0}

@@ -45,7 +45,7 @@ def run(bench: Session) -> dict:
 # --------------------------------------------------------------------------- measured (bench.worker)
 
 def measure(a: dict) -> dict:
-    from minicpmv.runtime.mtmd import Mtmd, marker
+    from tests.mtmd import Mtmd, marker
 
     from ..llamacpp import BareLM
     from ..media import picture, variant

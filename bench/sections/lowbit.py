@@ -265,7 +265,7 @@ def lowbit_convert(a: dict) -> dict:
 
 
 def lowbit_imatrix(a: dict) -> dict:
-    from minicpmv.quant.imatrix_compute import ImatrixJob, compute_imatrix
+    from minicpmv.cli.imatrix_compute import ImatrixJob, compute_imatrix
     t0 = time.perf_counter()
     res = compute_imatrix(ImatrixJob(Path(a["lm"]), Path(a["mmproj"]), Path(a["cal"]), Path(a["out"]), force=True,
                                      n_ctx=CTX, threads=a.get("threads"), progress=False))

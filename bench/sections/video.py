@@ -62,7 +62,7 @@ def measure(a: dict) -> dict:
 
     Vision and prefill are measured on the first `subset` frames of the sampled sequence (a whole
     number of groups) and scaled linearly to the whole video; token counts are exact."""
-    from minicpmv.runtime.mtmd import IMAGE, Mtmd, marker
+    from tests.mtmd import IMAGE, Mtmd, marker
 
     from ..llamacpp import BareLM
     load_video = ours.need("runtime.video", "load_video")

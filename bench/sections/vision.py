@@ -43,7 +43,7 @@ def run(bench: Session) -> dict:
 # --------------------------------------------------------------------------- measured (bench.worker)
 
 def measure(a: dict) -> dict:
-    from minicpmv.runtime.mtmd import Mtmd
+    from tests.mtmd import Mtmd
 
     from ..llamacpp import BareLM
     from ..media import picture

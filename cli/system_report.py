@@ -34,11 +34,12 @@ def system_report() -> list[tuple[str, str]]:
     import llama_cpp as ll
     import torch
 
-    from .buffers import plan_for_this_machine, system_features
-    from .llama import _backend_init, default_gpu_layers, load_mode
-    from .vision_dtype import choose_vision_dtype
+    from minicpmv.runtime.weight_buffers import plan_for_this_machine, system_features
+    from minicpmv.runtime.llama_backend import backend_init
+    from minicpmv.runtime.llama_load import default_gpu_layers, load_mode
+    from minicpmv.runtime.vision_dtype import choose_vision_dtype
 
-    _backend_init()
+    backend_init()
     cpu = cpu_info()
     features = system_features()
     gpu_layers = default_gpu_layers()

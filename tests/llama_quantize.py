@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .imatrix import imatrix_metadata, read_imatrix
-from .policy import parse_type
+from minicpmv.quant.imatrix import imatrix_metadata, read_imatrix
+from minicpmv.quant.policy import parse_type
 
 
 def quantize_model_with_llama_cpp(src_gguf: Path, dst_gguf: Path, type_name: str,

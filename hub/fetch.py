@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
-from .hub_files import GGUFPair, RepoFilesError, checkpoint_files, is_mmproj, quant_label, select_gguf
-from .model_source import HubRef, parse_hub_ref
+from minicpmv.gguf_info import size_text
+
+from .files import GGUFPair, RepoFilesError, checkpoint_files, is_mmproj, quant_label, select_gguf
+from .source import HubRef, parse_hub_ref
 
 Say = Callable[[str], None]
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -41,7 +43,7 @@ class RepoNotFoundError(HubError):
     """The Hub has no such repo (or it is private and no valid token was sent)."""
 
 
-def cache_dir() -> Path:
+def hf_cache_dir() -> Path:
     """The Hub cache in use (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
     from huggingface_hub import constants
     return Path(constants.HF_HUB_CACHE).expanduser()
@@ -49,7 +51,7 @@ def cache_dir() -> Path:
 
 def _repo_dir(repo: str) -> Path:
     from huggingface_hub.file_download import repo_folder_name
-    return cache_dir() / repo_folder_name(repo_id=repo, repo_type="model")
+    return hf_cache_dir() / repo_folder_name(repo_id=repo, repo_type="model")
 
 
 def _offline() -> bool:
@@ -60,15 +62,6 @@ def _offline() -> bool:
 def _endpoint() -> str:
     from huggingface_hub import constants
     return constants.ENDPOINT
-
-
-def size_text(n: int | None) -> str:
-    if n is None:
-        return "size unknown"
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}" if unit in ("TB", "GB") else f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -131,13 +124,13 @@ def _hub_errors(repo: str, what: str, download_cmd: str) -> Iterator[None]:
         raise HubError(_offline_message(what, download_cmd)) from None
     except httpx2.TransportError as e:
         raise HubError(f"cannot reach the Hub at {_endpoint()} ({_reason(e)}) and {what} is not in the cache "
-                       f"{cache_dir()}; connect to the network and run the command again") from None
+                       f"{hf_cache_dir()}; connect to the network and run the command again") from None
     except OSError as e:  # e.g. HF_ENDPOINT answering without the Hub's headers, or the cache not writable
         raise HubError(f"{what}: {_reason(e)}") from None
 
 
 def _offline_message(what: str, download_cmd: str) -> str:
-    return (f"offline (HF_HUB_OFFLINE is set) and {what} is not in the cache {cache_dir()}; "
+    return (f"offline (HF_HUB_OFFLINE is set) and {what} is not in the cache {hf_cache_dir()}; "
             f"run `{download_cmd}` once with network access to download it")
 
 
@@ -169,7 +162,7 @@ def _listing(repo: str, revision: str) -> dict[str, RemoteFile]:
 
 
 def _check_disk(repo: str, need: int) -> None:
-    where = cache_dir()
+    where = hf_cache_dir()
     while not where.exists() and where != where.parent:
         where = where.parent
     free = shutil.disk_usage(where).free
@@ -221,7 +214,7 @@ def _fill_blob(repo: str, f: RemoteFile, url: str, meta, progress: bool) -> None
     blob = rdir / "blobs" / meta.etag
     part = blob.with_name(blob.name + ".incomplete")
     blob.parent.mkdir(parents=True, exist_ok=True)
-    lock = cache_dir() / ".locks" / rdir.name / f"{meta.etag}.lock"  # huggingface_hub's lock for this blob
+    lock = hf_cache_dir() / ".locks" / rdir.name / f"{meta.etag}.lock"  # huggingface_hub's lock for this blob
     lock.parent.mkdir(parents=True, exist_ok=True)
     headers = build_hf_headers()
     if not _same_origin(url, meta.location):
@@ -274,7 +267,7 @@ def _announce(repo: str, todo: list[RemoteFile], need: int) -> str:
         what = f"{len(todo)} files, {size_text(sum(f.size or 0 for f in todo))}"
     resumed = sum(f.size or 0 for f in todo) - need
     more = f", resuming ({size_text(resumed)} already here)" if resumed > 0 else ""
-    return f"Downloading {repo}: {what}{more} into {cache_dir()}"
+    return f"Downloading {repo}: {what}{more} into {hf_cache_dir()}"
 
 
 def _download(repo: str, revision: str, files: list[RemoteFile], say: Say, progress: bool) -> Path:
@@ -382,7 +375,7 @@ def list_cached() -> tuple[list[CachedModel], list[tuple[str, int]]]:
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
     try:
-        info = scan_cache_dir(cache_dir())
+        info = scan_cache_dir(hf_cache_dir())
     except CacheNotFound:
         return [], []
     models = []

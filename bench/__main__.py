@@ -1,6 +1,6 @@
 """`make bench`: every figure of BENCHMARKS.md, ours vs llama.cpp, in one run.
 
-    python -m bench.run [--only conversion,vision,llm,buffers,e2e,video,sizes,memory,lowbit] [--threads N]
+    python -m bench [--only conversion,vision,llm,buffers,e2e,video,sizes,memory,lowbit] [--threads N]
                         [--scale full|medium] [--runs N] [--budget-min M] [--out DIR] [--prepare]
 
 The full-size synthetic checkpoint (~17.4 GB bf16) is generated once into the cache folder
@@ -115,7 +115,7 @@ def run(bench: Session, sections: list[str], on_section=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=None,
                     help=f"comma-separated sections to run (default: all but lowbit, which takes hours and resumes where an earlier run stopped): "
                          f"{', '.join(SECTIONS)}")

@@ -24,8 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .calibration import Item, read_calibration
-from .imatrix import ImatrixSums, read_imatrix_sums, write_imatrix
-from .imatrix_collect import ImatrixCollector, Stats
+from minicpmv.quant.imatrix import ImatrixSums, read_imatrix_sums, write_imatrix
+from minicpmv.quant.imatrix_collect import ImatrixCollector, Stats
 
 
 @dataclass
@@ -140,7 +140,8 @@ def _evaluate(model, it: Item) -> None:
 def _load(job: ImatrixJob, collector: ImatrixCollector, vision: bool):
     """MiniCPMV from the runtime's public pieces, with the collector as llama.cpp's eval callback."""
     from minicpmv.runtime.chat import MiniCPMV
-    from minicpmv.runtime.llama import ContextParams, LlamaContext, LlamaModel
+    from minicpmv.runtime.llama import LlamaModel
+    from minicpmv.runtime.llama_context import ContextParams, LlamaContext
     from minicpmv.cpu import default_threads
     from minicpmv.runtime.vision import VisionEncoder
     threads = job.threads or default_threads()

@@ -24,7 +24,9 @@ import numpy as np
 from minicpmv.gguf_info import read_gguf_info
 from minicpmv.schema import R_PROJ
 
-from .llama import LlamaContext, LlamaError, LlamaModel, log_callback, recent_log, release
+from minicpmv.runtime.llama import LlamaModel
+from minicpmv.runtime.llama_backend import LlamaError, log_callback, recent_log, release
+from minicpmv.runtime.llama_context import LlamaContext
 
 TEXT, IMAGE = 0, 1   # enum mtmd_input_chunk_type
 

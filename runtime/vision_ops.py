@@ -1,0 +1,175 @@
+"""The vision encoder's math in torch, one function per step (docs/reference-model.md §2-§3).
+
+- patches: the 14x14 patch convolution as one matmul on flattened patches (`patch_rows`);
+- positions: NaViT ids (float32 `arange` + `bucketize` exactly as the reference, which differs from
+  floor(70*i/n) for some sides), the resampler's 2-D and temporal sin-cos tables;
+- a tower block: pre-LN, fused q|k|v, bidirectional attention over each slice's own rows, tanh
+  GELU MLP; attention in float32 (padded batch, torch's fused kernel) or bf16 (per slice and head,
+  float32 softmax);
+- the resampler: kv projection, ln_kv, keys = x + positions (+ temporal), the folded scores
+  (vision_weights.folded_scores), one softmax per temporal group, values, ln_post, proj.
+
+The residual stream and LayerNorms stay in float32; matmuls run in the compute dtype `dt`.
+Module-level so that the dtype probe (vision_dtype.py) times exactly the code the encoder runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minicpmv.sincos import sincos, sincos_2d
+
+from .mmproj import VisionHParams
+from .vision_weights import Block, Linear, ResamplerWeights
+
+
+def patch_rows(pixels: np.ndarray, p: int) -> torch.Tensor:
+    """[3, H, W] pixels -> [(H/p)*(W/p), 3*p*p] float32: patches in raster order, each flattened
+    (channel, row, col), the layout of the reference's unfold, so the p x p patch convolution is one
+    matmul with its weight reshaped to [width, 3*p*p]."""
+    _, H, W = pixels.shape
+    h, w = H // p, W // p
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    return x.reshape(3, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h * w, 3 * p * p)
+
+
+@functools.lru_cache(maxsize=256)
+def navit_position_ids(h: int, w: int, buckets: int) -> torch.Tensor:
+    """Row-major position ids of an h x w patch grid, computed with the reference's torch ops:
+    float32 fractional coordinates (the step is 1 / an int32 tensor) bucketized against
+    arange(1/buckets, 1, 1/buckets). This is NOT always floor(buckets*i/h) (e.g. h = 25, i = 5)."""
+    boundaries = torch.arange(1 / buckets, 1.0, 1 / buckets)
+    frac_h = torch.arange(0, 1 - 1e-6, 1 / torch.tensor(h, dtype=torch.int32))
+    frac_w = torch.arange(0, 1 - 1e-6, 1 / torch.tensor(w, dtype=torch.int32))
+    bh = torch.bucketize(frac_h, boundaries, right=True)
+    bw = torch.bucketize(frac_w, boundaries, right=True)
+    return (bh[:, None] * buckets + bw).flatten()
+
+
+def pos_embed_2d(h: int, w: int, embed_dim: int) -> torch.Tensor:
+    """[h*w, D] float32 = reference pos_embed[:h, :w] flattened: column channels first, then row.
+    Computed for any size (the reference grows its table for sides > 70)."""
+    return torch.from_numpy(sincos_2d(embed_dim, h, w).reshape(h * w, embed_dim))
+
+
+def temporal_embed(ids: list[int], embed_dim: int) -> torch.Tensor:
+    """[len(ids), D] float32 rows of the reference temporal table (id in 0.1 s units)."""
+    return torch.from_numpy(sincos(np.asarray(ids, dtype=np.float32), embed_dim))
+
+
+# --------------------------------------------------------------------------- a tower block
+
+def block_forward(x: torch.Tensor, blk: Block, lens: list[int], eps: float, dt: torch.dtype,
+                  attend) -> torch.Tensor:
+    """One pre-LN encoder block on packed float32 rows [N, d]; matmuls in `dt`."""
+    x = attention_block(x, blk.ln1_w, blk.ln1_b, blk.qkv, blk.out, lens, eps, dt, attend)
+    y = F.layer_norm(x, (x.shape[1],), blk.ln2_w, blk.ln2_b, eps).to(dt)
+    return x + blk.fc2(blk.fc1(y))
+
+
+def attention_block(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, qkv: Linear, out: Linear,
+                    lens: list[int], eps: float, dt: torch.dtype, attend) -> torch.Tensor:
+    """The attention half of a block: x + out(attention(qkv(LN1(x))))."""
+    y = F.layer_norm(x, (x.shape[1],), ln_w, ln_b, eps).to(dt)
+    return x + out(attend(qkv(y), lens))
+
+
+def attention_for(dt: torch.dtype, n_head: int, pool: ThreadPoolExecutor | None, n_workers: int):
+    """The self-attention the tower runs in `dt`: (packed qkv rows, slice lengths) -> [N, d]."""
+    if dt == torch.bfloat16:
+        return functools.partial(attention_per_head, n_head=n_head, pool=pool, n_workers=n_workers)
+    return functools.partial(attention_padded, n_head=n_head)
+
+
+def attention_padded(qkv: torch.Tensor, lens: list[int], n_head: int) -> torch.Tensor:
+    """Self-attention of packed [N, 3d] rows (q pre-scaled): the slices right-padded to one
+    [B, heads, Lmax, hd] batch, padded keys masked, torch's fused (flash) attention."""
+    d, nh = qkv.shape[1] // 3, n_head
+    B, Lmax = len(lens), max(lens)
+    uniform = all(n == Lmax for n in lens)
+    if not uniform:  # packed row l of slice b -> padded row b*Lmax + l
+        pad_idx = torch.cat([torch.arange(n) + b * Lmax for b, n in enumerate(lens)])
+        padded = qkv.new_zeros(B * Lmax, 3 * d)
+        padded[pad_idx] = qkv
+        qkv = padded
+        mask = torch.arange(Lmax)[None, :] < torch.tensor(lens)[:, None]
+        mask = mask[:, None, None, :]                                # [B, 1, 1, Lmax], True = key
+    q, k, v = qkv.view(B, Lmax, 3, nh, d // nh).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if uniform else mask, scale=1.0)
+    a = a.transpose(1, 2).reshape(B * Lmax, d)
+    return a if uniform else a[pad_idx]
+
+
+def attention_per_head(qkv: torch.Tensor, lens: list[int], n_head: int,
+                       pool: ThreadPoolExecutor | None, n_workers: int) -> torch.Tensor:
+    """bf16 self-attention, one (slice, head) at a time on its own rows (no padding, no mask):
+    QK^T and PV are bf16 matmuls with float32 accumulation, the softmax is computed in float32
+    and rounded to bf16 (as the reference model run in bf16). At head_dim 72 this beats torch's
+    fused attention, which does not use the CPU's bf16 dot products.
+    The (slice, head) tasks are spread over the n_workers single-threaded workers of `pool`: hundreds of small
+    multi-threaded ops would each end in a barrier, which stalls whenever the machine is busy."""
+    nh = n_head
+    N, d = qkv.shape[0], qkv.shape[1] // 3
+    hd = d // nh
+    qkv = qkv.view(N, 3, nh, hd)
+    q, k = qkv[:, :2].permute(1, 2, 0, 3).contiguous()         # [nh, N, hd] each
+    vt = qkv[:, 2].permute(1, 2, 0).contiguous()                # [nh, hd, N]
+    out_t = torch.empty(nh, hd, N, dtype=qkv.dtype)              # (P V)^T per head
+    offs = np.cumsum([0] + lens)
+    tasks = [(slice(int(offs[i]), int(offs[i + 1])), h) for i in range(len(lens)) for h in range(nh)]
+
+    def run(part: list[tuple[slice, int]]) -> None:
+        with torch.inference_mode():
+            for rows, h in part:
+                p = torch.softmax(F.linear(q[h, rows], k[h, rows]), dim=-1)   # [n, n]
+                out_t[h, :, rows] = F.linear(vt[h, :, rows], p)            # V^T P^T
+
+    if pool is None:
+        run(tasks)
+    else:
+        n = n_workers
+        for f in [pool.submit(run, tasks[i::n]) for i in range(n)]:
+            f.result()
+    return out_t.permute(2, 0, 1).reshape(N, d)
+
+
+# --------------------------------------------------------------------------- the resampler
+
+
+def resample(r: ResamplerWeights, scores: Linear, norms: tuple[torch.Tensor, ...], hp: VisionHParams,
+             dt: torch.dtype, feats: torch.Tensor, sizes: list[tuple[int, int]],
+             groups: list[tuple[int, list[int]]], temporal: bool) -> torch.Tensor:
+    """Packed tower output of consecutive slices -> [G, query_num, D], one row per group (its
+    slices attended jointly; with `temporal`, each slice's keys get its frame's temporal row, id -1
+    none). `norms`: ln_kv weight and bias, ln_post weight and bias."""
+    ln_kv_w, ln_kv_b, ln_post_w, ln_post_b = norms
+    D, H, Q = hp.embed_dim, hp.n_head_resampler, hp.query_num
+    lens = [h * w for h, w in sizes]
+    x = F.layer_norm(r.kv(feats.to(dt)).float(), (D,), ln_kv_w, ln_kv_b, hp.eps)
+    keys = x + torch.cat([pos_embed_2d(h, w, D) for h, w in sizes])
+    if temporal:
+        ids = [t for _, g in groups for t in g]
+        if any(t >= 0 for t in ids):
+            rows = temporal_embed([max(t, 0) for t in ids], D)
+            rows[torch.tensor([t < 0 for t in ids])] = 0.0
+            keys = keys + torch.repeat_interleave(rows, torch.tensor(lens), dim=0)
+    s = scores(keys.to(dt))                                           # [N, H*Q]
+    xv = x.to(dt)
+    # Each group's keys are one contiguous run of packed rows (its frames, frame-major): one
+    # attention over exactly those rows, so no padding or mask is needed.
+    offs = np.cumsum([0] + lens)
+    outs = []
+    for first, g in groups:
+        lo, hi = int(offs[first]), int(offs[first + len(g)])
+        p = torch.softmax(s[lo:hi].t().float(), dim=-1).to(dt)       # [H*Q, n], float32 softmax
+        px = torch.mm(p, xv[lo:hi]).view(H, Q, D)                    # P_h x
+        o = torch.baddbmm(r.bv, px, r.wv_t)                          # [H, Q, hd]
+        outs.append(o.transpose(0, 1).reshape(Q, D))
+    out = r.o(torch.cat(outs)).float()                                # [G*Q, D]
+    out = F.layer_norm(out, (D,), ln_post_w, ln_post_b, hp.eps)
+    return r.proj(out.to(dt)).float().view(len(groups), Q, D)
