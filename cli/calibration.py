@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from minicpmv.runtime.video import Video
+
 DEFAULT_QUESTION = "Describe this image in detail."
 DEFAULT_VIDEO_QUESTION = "Describe this video in detail."
 _KEYS = {"image", "video", "text"}
@@ -36,7 +38,7 @@ class Item:
 
     def messages(self) -> list[dict]:
         """The chat messages of an image/video/chat item (the runtime's input format)."""
-        content: list = [] if self.media is None else ([{"video": str(self.media)}] if self.kind == "video"
+        content: list = [] if self.media is None else ([Video(self.media)] if self.kind == "video"
                                                        else [self.media])
         return [{"role": "user", "content": content + [self.text]}]
 

@@ -1,23 +1,27 @@
 """`minicpm-run --web`: a local chat page (Gradio) on one loaded model.
 
 A personal tool: one model, one answer at a time (Gradio's queue, concurrency 1, shows a second
-tab that it waits), bound to 127.0.0.1 unless --host says otherwise. Serving many users is
-llama-server's or Ollama's job. The conversation logic is in web_chat.py; this module is the
-page layout, its events and the server.
+tab that it waits; at most --max-queue waiting), bound to 127.0.0.1 unless --host says otherwise,
+and then only with a login (--auth) or --no-auth. Media come only as uploads, at most
+--max-upload-mb each, deleted from Gradio's upload folder after an hour. Apps that speak HTTP use
+`minicpm-serve`. The conversation logic is in web_chat.py; this module is the page layout, its
+events and the server.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-import socket
 import sys
+from pathlib import Path
 
 import gradio as gr
 
 from minicpmv.schema import REFERENCE_SAMPLING as S, THINKING_SAMPLING as TS
 
-from .run import Opts
+from minicpmv.session.limits import FLAGS, Limits
+from minicpmv.session.options import ChatOptions, MediaOptions
+
+from .listen import url_host
 from .web_chat import LocalChat, Session, chat_messages
 
 # Local fonts only: the default theme pulls web fonts from the internet, and the page must work offline.
@@ -29,27 +33,29 @@ CSS = """
 """
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:  # a name: where it resolves to
-        return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
-    except (OSError, ValueError):
-        return False
+# Gradio deletes uploaded files older than DELETE_AFTER_S, checking every DELETE_EVERY_S.
+DELETE_EVERY_S, DELETE_AFTER_S = 600, 3600
 
 
-def check_port(host: str, port: int) -> None:
-    """Raise OSError (one line) unless (host, port) can be listened on: before the model loads."""
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-    except OSError as e:
-        raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host") \
-            from None
+def read_auth(auth: str | None) -> list[tuple[str, str]] | None:
+    """--auth: "USER:PASSWORD", or a file of such lines (blank lines and # comments skipped).
+    ValueError (one line) for a malformed entry or an unreadable file."""
+    if auth is None:
+        return None
+    path = Path(auth)
+    lines, where = ([auth], "--auth") if not path.is_file() else (path.read_text().splitlines(), str(path))
+    out = []
+    for i, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"{where}{f' line {i}' if where != '--auth' else ''}: expected USER:PASSWORD")
+        out.append((user, password))
+    if not out:
+        raise ValueError(f"{where}: no USER:PASSWORD entry")
+    return out
 
 
 def _optional(label: str, value, empty: str = "default") -> gr.Textbox:
@@ -69,11 +75,15 @@ def _number(label: str, text: str, kind=float):
         raise ValueError(f"{label}: {text!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
-def page_opts(o: Opts, think, max_tokens, seed, greedy, temperature, top_p, top_k, repeat_penalty,
-              system) -> Opts:
-    """The CLI options with the page's settings applied."""
+def page_opts(o: ChatOptions, limits: Limits, think, max_tokens, seed, greedy, temperature, top_p, top_k,
+              repeat_penalty, system) -> ChatOptions:
+    """The CLI options with the page's settings applied (ValueError, one line, for a bad one)."""
+    n = int(max_tokens or o.max_tokens)
+    if n > limits.max_new_tokens:
+        raise ValueError(f"Max new tokens: {n} is more than the limit of {limits.max_new_tokens} "
+                         f"({FLAGS['max_new_tokens']})")
     return dataclasses.replace(
-        o, think=bool(think), max_tokens=int(max_tokens or o.max_tokens), seed=_number("Seed", seed, int),
+        o, think=bool(think), max_tokens=n, seed=_number("Seed", seed, int),
         greedy=bool(greedy), temperature=_number("Temperature", temperature), top_p=_number("Top-p", top_p),
         top_k=_number("Top-k", top_k, int), repeat_penalty=_number("Repetition penalty", repeat_penalty),
         system=system or "")
@@ -81,7 +91,8 @@ def page_opts(o: Opts, think, max_tokens, seed, greedy, temperature, top_p, top_
 
 def build_page(chat: LocalChat, title: str) -> gr.Blocks:
     o = chat.opts
-    with gr.Blocks(title="MiniCPM-V 4.5", analytics_enabled=False) as page:
+    with gr.Blocks(title="MiniCPM-V 4.5", analytics_enabled=False,
+                   delete_cache=(DELETE_EVERY_S, DELETE_AFTER_S)) as page:
         session = gr.State(lambda: Session())   # a new conversation per tab (the class itself would be
         # taken for a dataclass value)
         gr.Markdown(f"### MiniCPM-V 4.5 · local chat\n<small>{title}</small>")
@@ -102,7 +113,8 @@ def build_page(chat: LocalChat, title: str) -> gr.Blocks:
             # text fields, not numbers: empty means the model card's default (or a random seed), as
             # leaving the CLI option out does
             with gr.Row():
-                max_tokens = gr.Number(o.max_tokens, label="Max new tokens", precision=0, minimum=1,
+                max_tokens = gr.Number(o.max_tokens, label=f"Max new tokens (at most {chat.limits.max_new_tokens})",
+                                       precision=0, minimum=1, maximum=chat.limits.max_new_tokens,
                                        elem_id="max-tokens")
                 seed = _optional("Seed", o.seed, "random")
                 greedy = gr.Checkbox(o.greedy, label="Greedy", elem_id="greedy",
@@ -135,7 +147,7 @@ def build_page(chat: LocalChat, title: str) -> gr.Blocks:
 
         def answer(s: Session, *values):
             try:
-                opts = page_opts(o, *values)
+                opts = page_opts(o, chat.limits, *values)
             except ValueError as e:
                 chat.reject(s, str(e))
                 yield shown(s)
@@ -164,16 +176,18 @@ def build_page(chat: LocalChat, title: str) -> gr.Blocks:
     return page
 
 
-def serve(model, opts: Opts, host: str, port: int, title: str) -> None:
+def serve(model, opts: ChatOptions, media: MediaOptions, limits: Limits, host: str, port: int, title: str,
+          auth: str | None = None) -> None:
     """Serve the page until Ctrl+C."""
-    page = build_page(LocalChat(model, opts), title)
-    page.queue(default_concurrency_limit=1)
+    logins = read_auth(auth)
+    page = build_page(LocalChat(model, opts, media, limits), title)
+    page.queue(default_concurrency_limit=1, max_size=limits.max_queue)
     theme = gr.themes.Default(font=FONTS, font_mono=MONO_FONTS)
     page.launch(server_name=host, server_port=port, quiet=True, prevent_thread_lock=True, show_error=True,
-                theme=theme, css=CSS, enable_monitoring=False, ssr_mode=False, footer_links=[])
-    shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
-    print(f"minicpm-run: chat page at http://{shown_host}:{page.server_port}/ (Ctrl+C to stop)", file=sys.stderr,
-          flush=True)
+                theme=theme, css=CSS, enable_monitoring=False, ssr_mode=False, footer_links=[], auth=logins,
+                max_file_size=limits.max_upload_bytes)
+    print(f"minicpm-run: chat page at http://{url_host(host)}:{page.server_port}/ (Ctrl+C to stop)",
+          file=sys.stderr, flush=True)
     try:
         page.block_thread()
     finally:

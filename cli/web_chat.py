@@ -15,7 +15,11 @@ from typing import Iterator
 
 from minicpmv.schema import THINK_END, THINK_START
 
-from .run import Conversation, Opts, chat_kwargs, describe_media, is_video, load_media
+from minicpmv.runtime.video import VideoFrames
+from minicpmv.session.conversation import Conversation
+from minicpmv.session.limits import Limits
+from minicpmv.session.media import MediaError, describe_media, load_upload
+from minicpmv.session.options import ChatOptions, MediaOptions
 
 STREAM_INTERVAL_S = 0.05   # redraw the streamed answer at most this often (every piece still stops)
 THINK_MARKS = (THINK_START, THINK_END)
@@ -99,18 +103,21 @@ def chat_messages(s: Session) -> list[dict]:
 
 class LocalChat:
     """The page's one model. Answers run one at a time (the page's queue, and the model's own turn:
-    a tab's stream keeps it until the stream is exhausted or closed)."""
+    a tab's stream keeps it until the stream is exhausted or closed). Uploads are read once, as
+    bytes, and held to `limits`; typed text is only ever text."""
 
-    def __init__(self, model, opts: Opts):
+    def __init__(self, model, opts: ChatOptions, media: MediaOptions, limits: Limits):
         self.model = model
         self.opts = opts
+        self.media = media
+        self.limits = limits
         self.answering = 0            # tabs being answered right now
 
     # -- questions -----------------------------------------------------------------------------
 
     def ask(self, s: Session, text: str, files: list[str]) -> bool:
-        """Check and load the uploads like CLI inputs, then queue the question. On a bad upload:
-        s.error is set, the conversation is unchanged, and False is returned."""
+        """Check and load the uploads (files the page received), then queue the question. On a bad
+        upload: s.error is set, the conversation is unchanged, and False is returned."""
         s.error = ""
         if s.busy or s.pending:
             s.error = "an answer is still being generated: wait for it or press Stop"
@@ -122,12 +129,12 @@ class LocalChat:
         for f in files:
             path = Path(f)
             try:
-                item = load_media(path, self.opts)
-            except (ValueError, OSError) as e:
+                item = self.load_upload(path)
+            except (MediaError, OSError) as e:
                 s.error = one_line(e, path)
                 return False
             items.append(item)
-            if is_video(item):
+            if isinstance(item, VideoFrames):
                 notes.append(f"{path.name}: {describe_media(item)}")
             else:
                 images.append(path)
@@ -138,6 +145,14 @@ class LocalChat:
         s.stop_requested = False
         return True
 
+    def load_upload(self, path: Path):
+        """One uploaded file, read once (its size checked before it is read)."""
+        size = path.stat().st_size
+        if size > self.limits.max_upload_bytes:
+            raise MediaError(f"{path.name}: {size / 2**20:.1f} MB is more than the limit of "
+                             f"{self.limits.max_upload_mb:g} MB (--max-upload-mb)")
+        return load_upload(path.read_bytes(), path.name, self.media, self.limits)
+
     def regenerate(self, s: Session) -> bool:
         """Forget the last answer and ask again."""
         s.error = ""
@@ -146,7 +161,7 @@ class LocalChat:
             return False
         if not s.turns or not s.turns[-1].done:
             return False
-        s.conv.msgs.pop()  # the assistant message; the question stays
+        s.conv.retract()  # the assistant message; the question stays
         last = s.turns[-1]
         s.turns[-1] = Turn(last.question, last.images, last.notes)
         s.stop_requested = False
@@ -162,7 +177,7 @@ class LocalChat:
     def reject(self, s: Session, error: str) -> None:
         """Drop the pending question (bad settings): the page shows `error`, the conversation is as before."""
         if s.pending and not s.busy:
-            s.conv.msgs.pop()
+            s.conv.retract()
             s.turns.pop()
         s.error = error
 
@@ -172,7 +187,7 @@ class LocalChat:
 
     # -- answers -------------------------------------------------------------------------------
 
-    def answer(self, s: Session, opts: Opts) -> Iterator[None]:
+    def answer(self, s: Session, opts: ChatOptions) -> Iterator[None]:
         """Stream the answer of the pending turn into it; yields whenever the page should redraw.
         Stop ends it after the current token: the stream is closed and the partial answer kept
         (as the assistant message, so the next question still reuses the KV cache)."""
@@ -186,7 +201,7 @@ class LocalChat:
         try:
             yield
             if not stopped:
-                stream = self.model.chat(s.conv.msgs, stream=True, **chat_kwargs(opts))
+                stream = self.model.chat(s.conv.msgs, stream=True, **opts.chat_kwargs())
                 stats = stream.stats  # this turn's ChatStats; decode counters land when it ends
             last = time.perf_counter()
             while stream is not None:
@@ -216,7 +231,7 @@ class LocalChat:
             raise
         except (ValueError, RuntimeError) as e:  # e.g. the context is full: drop the question
             s.error = one_line(e)
-            s.conv.msgs.pop()
+            s.conv.retract()
             s.turns.pop()
         else:
             s.conv.answered(turn.answer)

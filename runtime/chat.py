@@ -20,13 +20,15 @@ timings. `stream=True` returns a `ChatStream`: an iterator of `Piece` strings (e
 `Answer` either way.
 
 Threads: calls on one model are served one at a time (turn.py): chat(), prefill(), reset() and
-close() wait for the model's turn, and a stream keeps it until it is exhausted, closed or freed.
+close() wait for the model's turn, and a stream keeps it until it is exhausted, closed or freed,
+whichever thread reads it.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -38,7 +40,7 @@ from minicpmv.schema import QUERY_NUM, REFERENCE_SAMPLING, SLOT_TOKEN, STOP_TOKE
 from .content import Content
 from .context_size import ContextChange, GrowingContext
 from .generate import generate
-from .kv_cache import Sequence, SlotRun, TextRun, decode, plan_steps
+from .kv_cache import KVContents, SlotRun, TextRun, decode, plan_steps
 from .llama import LlamaModel
 from .llama_backend import LlamaError
 from .llama_context import ContextParams, KV_TYPES, LlamaContext
@@ -66,7 +68,7 @@ class MiniCPMV:
         self.progress = False  # a progress bar (stderr) while many slices/frames are encoded
         self.vision_cache = EmbeddingCache(vision, cache_bytes)
         self.content = Content()
-        self._kv = Sequence()   # what the KV cache holds
+        self._kv = KVContents()   # what the KV cache holds
         self.stop_ids = frozenset(t for t in (lm.token_id(s) for s in STOP_TOKENS) if t is not None)
         self.think_end_id = lm.token_id(THINK_END)
         self.last: Answer | None = None
@@ -117,6 +119,11 @@ class MiniCPMV:
         except LlamaError as e:
             raise ModelFileError(str(e)) from None
         cls.check_pair(vision, lm)
+        if n_ctx is not None and 0 < lm.n_ctx_train < n_ctx:
+            vision.close()
+            lm.close()
+            raise ValueError(f"n_ctx {n_ctx} is more than the {lm.n_ctx_train} positions {Path(model_path).name} "
+                             "was trained with")
         params = ContextParams(n_ctx=n_ctx or 0, n_batch=n_batch, n_threads=threads, kv_type=kv_type,
                                flash_attn=flash_attn)
         return cls(lm, None, vision, fuse_placeholders=fuse_placeholders, ctx_params=params, n_ctx=n_ctx)
@@ -162,7 +169,7 @@ class MiniCPMV:
     def _clear(self) -> None:
         if self.ctx is not None:
             self.ctx.clear()
-        self._kv = Sequence()
+        self._kv = KVContents()
 
     # -- prompt --------------------------------------------------------------------------------
 
@@ -185,7 +192,7 @@ class MiniCPMV:
     def _prefill(self, prompt: Prompt, stats: ChatStats, room: int = 1) -> None:
         """Decode `prompt` into the KV cache, in a context with `room` positions after it (up to the limit)."""
         keys = [media_key(m, prompt.max_slice_nums) for m in prompt.media]
-        seq = Sequence([SlotRun(keys[s.media], s.index, self.query_num) if isinstance(s, Slot)
+        seq = KVContents([SlotRun(keys[s.media_index], s.index, self.query_num) if isinstance(s, Slot)
                         else TextRun(self.lm.tokenize(s)) for s in prompt.segments])
         n = len(seq)
         stats.prompt_tokens = n
@@ -201,10 +208,10 @@ class MiniCPMV:
         media = dict(zip(reversed(keys), reversed(prompt.media)))   # the first item of equal content
 
         def encode(first: int) -> dict:
-            wanted = {slot.media: media[slot.media] for pos, slot in slots if pos >= first}
+            wanted = {slot.media_key: media[slot.media_key] for pos, slot in slots if pos >= first}
             return self.vision_cache.embeddings(wanted, prompt.max_slice_nums, stats, self.progress)
         embs = encode(start)
-        kept, self._kv = self._kv, Sequence()   # empty while the context may be replaced
+        kept, self._kv = self._kv, KVContents()   # empty while the context may be replaced
         new_start = self._context.make_room(n + max(1, room), start, stats)
         if new_start < start:   # the cache could not be carried over: earlier slots are decoded too
             embs = encode(new_start)
@@ -244,7 +251,7 @@ class MiniCPMV:
              top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
              system_prompt: str = "", max_slice_nums: int | None = None, use_image_id: bool | None = None,
              temporal_ids: list[list[int]] | None = None, greedy: bool = False,
-             show_thinking: bool = True) -> "Answer | ChatStream":
+             show_thinking: bool = True, stop: list[str] | tuple[str, ...] = ()) -> "Answer | ChatStream":
         """Answer the last user message of `msgs` (the reference's `chat()` semantics).
 
         msgs: [{'role': 'user'|'assistant', 'content': str | [item, ...]}], first role user; the
@@ -256,7 +263,8 @@ class MiniCPMV:
         (schema.THINKING_SAMPLING). `greedy` takes the argmax (keeps a given repetition_penalty).
         Returns an `Answer` (str: the answer without its reasoning; `.thinking`, `.raw`, `.stats`);
         stream=True returns a ChatStream of Pieces (show_thinking=False leaves reasoning out), which
-        keeps the model's turn until it is exhausted or closed.
+        keeps the model's turn until it is exhausted or closed. `stop`: strings that end the answer
+        (not the reasoning) before them, finish_reason "stop" (an extension: the reference has none).
         """
         t_start = time.perf_counter()
         defaults = THINKING_SAMPLING if enable_thinking else REFERENCE_SAMPLING
@@ -277,7 +285,7 @@ class MiniCPMV:
             self._prefill(prompt, stats, room=max_new_tokens)
             gen = generate(self.ctx, self.lm, self._kv, sp, max_new_tokens=max_new_tokens,
                            thinking=enable_thinking, show_thinking=show_thinking, stop_ids=self.stop_ids,
-                           think_end=self.think_end_id, stats=stats, t_start=t_start)
+                           think_end=self.think_end_id, stats=stats, t_start=t_start, stop=tuple(stop))
             if stream:
                 out = ChatStream(gen, on_result=self._finished, stats=stats, hold=hold)
                 handed_over = True

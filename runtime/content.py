@@ -1,15 +1,19 @@
 """Conversation content -> what the prompt is built from (text, RGB images, video frames), and the
 per-conversation defaults.
 
-Content items of `MiniCPMV.chat` messages: text (str); images (PIL.Image, a Path, a str naming an
-existing image file, or {'image': ...}); videos (a video file path, {'video': path, 'fps': 5,
-'packing': None, 'max_frames': 180}, or a video.VideoFrames). A video becomes its sampled frames
-packed in temporal groups. A conversation that holds a video uses the model card's video settings
-(one slice per frame, no image ids) unless the caller says otherwise (docs/reference-model.md §5.2).
+Content items of `MiniCPMV.chat` messages (a message's content is a str or a list of items):
+- text: a `str`, always, as in the reference `chat()`: a string is never opened as a file;
+- an image: a `PIL.Image.Image`, or a `pathlib.Path` of an image file;
+- a video: a `pathlib.Path` of a video file (sampled with the model card's defaults), a `Video`
+  (a file or its bytes, with fps / packing / max_frames), or `VideoFrames` already sampled.
+Assistant messages hold text only. A video becomes its sampled frames packed in temporal groups. A
+conversation that holds a video uses the model card's video settings (one slice per frame, no image
+ids) unless the caller says otherwise (docs/reference-model.md §5.2).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -20,7 +24,7 @@ from minicpmv.schema import MAX_SLICE_NUMS, VIDEO_MAX_SLICE_NUMS
 from . import video
 from .image import load_image
 from .prompt import Prompt, PromptError, build_prompt
-from .video import VideoFrames
+from .video import Video, VideoFrames
 
 
 def load_media(path: str | os.PathLike, *, fps: float = video.DEFAULT_FPS, packing: int | None = None,
@@ -31,16 +35,8 @@ def load_media(path: str | os.PathLike, *, fps: float = video.DEFAULT_FPS, packi
     return load_image(Path(path))
 
 
-def names_a_file(s: str) -> bool:
-    """A content string naming an existing image or video file (by its extension) is that file
-    (README usage: ["photo.jpg", "What is in the image?"]); any other string is text."""
-    if not s or len(s) > 4096 or "\n" in s:
-        return False
-    suffix = Path(s).suffix.lower()
-    try:
-        return (suffix in Image.registered_extensions() or suffix in video.VIDEO_EXTENSIONS) and Path(s).is_file()
-    except (OSError, ValueError):
-        return False
+def _describe(c) -> str:
+    return type(c).__name__
 
 
 class Content:
@@ -49,32 +45,39 @@ class Content:
 
     def __init__(self) -> None:
         self._video: tuple[tuple, VideoFrames] | None = None
+        self.opened = 0   # image and video files opened (tests: text is never opened)
 
     def item(self, c):
-        """One content item -> str, RGB PIL image or VideoFrames (paths and dicts are loaded)."""
-        if isinstance(c, dict):
-            if "video" in c:
-                return self.video(c["video"], **{k: c[k] for k in ("fps", "packing", "max_frames") if k in c})
-            c = c.get("image", c.get("text", c))
+        """One content item -> str, RGB PIL image or VideoFrames (paths and Videos are loaded)."""
+        if isinstance(c, str):
+            return c
         if isinstance(c, Image.Image):
             return load_image(c)
-        if isinstance(c, str) and not names_a_file(c):
+        if isinstance(c, VideoFrames):
             return c
-        if isinstance(c, (str, os.PathLike)):
-            return self.video(c) if video.is_video_path(c) else load_image(Path(c))
-        return c  # VideoFrames, or something build_prompt will reject with a clear message
+        if isinstance(c, Video):
+            return self.video(c)
+        if isinstance(c, os.PathLike):
+            self.opened += 1
+            return self.video(Video(Path(c))) if video.is_video_path(c) else load_image(Path(c))
+        raise PromptError(f"a content item of type {_describe(c)}: give text as str, images as PIL images or "
+                          "pathlib.Path, videos as pathlib.Path or runtime.Video")
 
-    def video(self, path, fps: float = video.DEFAULT_FPS, packing: int | None = None,
-              max_frames: int = video.MAX_NUM_FRAMES) -> VideoFrames:
-        """Decoded once per (file, size, mtime, sampling)."""
-        p = Path(path)
-        st = p.stat() if p.is_file() else None
-        key = (str(p.resolve()), st and st.st_size, st and st.st_mtime_ns, fps, packing, max_frames)
+    def video(self, v: Video) -> VideoFrames:
+        """Decoded once per (file version or bytes, sampling)."""
+        if isinstance(v.source, (bytes, bytearray, memoryview)):
+            origin: tuple = ("bytes", hashlib.blake2b(bytes(v.source), digest_size=16).digest())
+        else:
+            p = Path(v.source)
+            st = p.stat() if p.is_file() else None
+            origin = (str(p.resolve()), st and st.st_size, st and st.st_mtime_ns)
+        key = (origin, v.fps, v.packing, v.max_frames, v.limits)
         if self._video is None or self._video[0] != key:
-            self._video = (key, video.load_video(p, fps=fps, packing=packing, max_frames=max_frames))
+            self.opened += 1
+            self._video = (key, v.load())
         return self._video[1]
 
-    def expand(self, msgs: list[dict]) -> tuple[list[dict], list[list[int]] | None]:
+    def load_items(self, msgs: list[dict]) -> tuple[list[dict], list[list[int]] | None]:
         """Load every content item; videos become their frames. Returns the messages and, when a
         video is present, the temporal groups of every image in order (a still image is its own
         group [-1], i.e. no temporal term, as the reference without temporal_ids)."""
@@ -82,6 +85,8 @@ class Content:
         for m in msgs:
             content = m.get("content")
             items = [content] if isinstance(content, str) else list(content or [])
+            if m.get("role") == "assistant" and not all(isinstance(c, str) for c in items):
+                raise PromptError("assistant messages hold text only")
             conv = []
             for c in map(self.item, items):
                 if isinstance(c, Image.Image):
@@ -102,7 +107,7 @@ class Content:
         """The reference's prompt for `msgs`, with the per-conversation defaults: max_slice_nums
         MAX_SLICE_NUMS and image ids, or VIDEO_MAX_SLICE_NUMS and none when the conversation holds a
         video."""
-        msgs, video_groups = self.expand(msgs)
+        msgs, video_groups = self.load_items(msgs)
         if video_groups is not None:
             if temporal_ids is not None:
                 raise PromptError("give videos either as video items or as frames with temporal_ids, not both")

@@ -35,6 +35,7 @@ EXIF orientation is not applied (neither the reference nor mtmd does).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -46,6 +47,11 @@ from PIL import Image
 
 from minicpmv.schema import IMAGE_MEAN, IMAGE_STD, MAX_SLICE_NUMS, PATCH_SIZE, SCALE_RESOLUTION
 
+# The image formats decoded (Pillow format ids; "JPEG" also opens the multi-picture MPO files of cameras).
+# Anything else is refused before any decoder runs: Pillow identifies a file by its content, and
+# some of its plugins hand the data to external programs (EPS to Ghostscript).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+FORMAT_NAMES = ("JPEG", "PNG", "WebP", "GIF", "BMP", "TIFF")
 # Refuse images above this many pixels before decoding them (a 100 MP RGB image is 300 MB).
 MAX_PIXELS = 100_000_000
 # Refuse aspect ratios beyond 1:MAX_ASPECT: the unsliced overview of a 1xN image is a single
@@ -55,7 +61,12 @@ MAX_ASPECT = 10_000
 
 
 class ImageError(ValueError):
-    """Bad image input; the message is one line naming the file (or "<PIL image>")."""
+    """Bad image input; the message is one line naming the file (or "<PIL image>"). `limit` names
+    the bound exceeded ("max_image_pixels"), if that is the fault."""
+
+    def __init__(self, message: str, limit: str | None = None):
+        super().__init__(message)
+        self.limit = limit
 
 
 # --------------------------------------------------------------------------- reference rules
@@ -181,7 +192,7 @@ def check_size(size: tuple[int, int], name: str, max_pixels: int = MAX_PIXELS) -
         raise ImageError(f"{name}: empty image ({w}x{h} pixels)")
     if w * h > max_pixels:
         raise ImageError(f"{name}: image of {w}x{h} = {w * h / 1e6:.0f} MP exceeds the limit of "
-                         f"{max_pixels / 1e6:.0f} MP")
+                         f"{max_pixels / 1e6:.0f} MP", limit="max_image_pixels")
     if max(w, h) > MAX_ASPECT * min(w, h):
         raise ImageError(f"{name}: aspect ratio of {w}x{h} exceeds the limit of 1:{MAX_ASPECT}")
 
@@ -207,32 +218,44 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if mode != "RGB" else img
 
 
-def load_image(source: str | os.PathLike | Image.Image, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open a file (or take a PIL image) and return a decoded 8-bit RGB PIL image.
+def load_image(source: str | os.PathLike | bytes | Image.Image, *, name: str | None = None,
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open a file or bytes in memory (an upload), or take a PIL image, and return a decoded 8-bit
+    RGB PIL image.
 
-    Raises ImageError with one line naming the file for: a missing/unreadable or non-image file,
-    a truncated image, an empty (0-pixel) image, more than `max_pixels` pixels (checked from the
-    header before decoding; PIL's own bomb guard is turned into the same error) or an aspect
-    ratio beyond 1:MAX_ASPECT. A 1x1 image is valid: slicing upscales it to 448x448 like the
-    reference. CMYK, palette (with transparency), L/LA/RGBA and 16-bit gray are converted to RGB,
-    alpha dropped as the reference does.
+    Only IMAGE_FORMATS are decoded (Pillow is told so with `formats=`, so a file named .png that is
+    really PostScript never reaches Ghostscript). Raises ImageError with one line naming the file
+    (`name`, or the path; "<image bytes>" for bytes) for: a missing/unreadable file, a file that
+    is not an image of those formats, a truncated image, an empty (0-pixel) image, more than
+    `max_pixels` pixels (checked from the header before decoding; PIL's own bomb guard is turned
+    into the same error) or an aspect ratio beyond 1:MAX_ASPECT. A 1x1 image is valid: slicing
+    upscales it to 448x448 like the reference. CMYK, palette (with transparency), L/LA/RGBA and
+    16-bit gray are converted to RGB, alpha dropped as the reference does. An animated GIF or a
+    multi-page TIFF gives its first frame.
     """
     if isinstance(source, Image.Image):
-        name = "<PIL image>"
+        name = name or "<PIL image>"
         check_size(source.size, name, max_pixels)
         try:
             return _to_rgb(source)
         except (OSError, ValueError) as e:
             raise ImageError(f"{name}: cannot convert mode {source.mode} to RGB ({e})") from None
 
-    name = str(source)
-    path = Path(source)
-    if not path.is_file():
-        raise ImageError(f"{name}: no such file")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name = name or "<image bytes>"
+        if not len(source):
+            raise ImageError(f"{name}: empty, not an image")
+        fp = io.BytesIO(source)
+    else:
+        name = name or str(source)
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{name}: no such file")
+        fp = path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(fp, formats=IMAGE_FORMATS) as img:
                 check_size(img.size, name, max_pixels)   # header only, nothing decoded yet
                 img.load()
                 return _to_rgb(img)
@@ -240,9 +263,9 @@ def load_image(source: str | os.PathLike | Image.Image, *, max_pixels: int = MAX
         raise
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: image exceeds the limit of {max_pixels / 1e6:.0f} MP "
-                         "(and PIL's decompression-bomb limit)") from None
+                         "(and PIL's decompression-bomb limit)", limit="max_image_pixels") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file (format not recognised)") from None
+        raise ImageError(f"{name}: not an image in a supported format ({', '.join(FORMAT_NAMES)})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         raise ImageError(f"{name}: cannot decode image ({msg})") from None

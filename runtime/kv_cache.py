@@ -1,6 +1,6 @@
 """What the language model's KV cache holds, as named runs, and how a prompt is decoded into it.
 
-A `Sequence` is the cache's contents position by position, grouped in runs: `TextRun`s of token ids
+A `KVContents` is the cache's contents position by position, grouped in runs: `TextRun`s of token ids
 and `SlotRun`s of one image slot's embedding rows, named by the media item's content key and the
 slot's index. A new turn keeps the longest common prefix with what is decoded (`common_prefix`,
 never ending inside a slot) and decodes the rest in `Step`s: text runs as token batches, slots as
@@ -48,7 +48,7 @@ class TextRun:
 
 @dataclass(frozen=True)
 class SlotRun:
-    media: bytes      # content key of the media item (vision_cache.media_key)
+    media_key: bytes  # content key of the media item (vision_cache.media_key)
     index: int        # 0: the overview, 1..: the slices
     size: int         # embedding rows (the resampler's query_num)
     is_slot: ClassVar[bool] = True
@@ -66,14 +66,14 @@ class SlotRun:
         return self
 
     def rows(self, lo: int, hi: int, embs: dict[bytes, np.ndarray], tok_embd: TokenEmbeddings) -> np.ndarray:
-        return embs[self.media][self.index][lo:hi]
+        return embs[self.media_key][self.index][lo:hi]
 
 
 Run = TextRun | SlotRun
 
 
 @dataclass
-class Sequence:
+class KVContents:
     """Cache contents: runs of text and slots, adjacent text runs merged."""
     runs: list[Run] = field(default_factory=list)
 
@@ -107,7 +107,7 @@ class Sequence:
             pos += len(r)
         return out
 
-    def common_prefix(self, new: "Sequence", limit: int) -> int:
+    def common_prefix(self, new: "KVContents", limit: int) -> int:
         """Positions at the start of `new` that this sequence already holds, at most `limit`, never
         ending inside a slot (a slot is reused whole or decoded whole)."""
         pos = 0
@@ -118,9 +118,9 @@ class Sequence:
                 break
         return pos
 
-    def prefix(self, n: int) -> "Sequence":
+    def prefix(self, n: int) -> "KVContents":
         """The first n positions (n must not fall inside a slot)."""
-        out, pos = Sequence(), 0
+        out, pos = KVContents(), 0
         for r in self.runs:
             if pos >= n:
                 break
@@ -153,7 +153,7 @@ class Step:
         return self.parts[-1].start + self.parts[-1].hi - self.parts[-1].lo
 
 
-def plan_steps(seq: Sequence, start: int, fuse: bool) -> list[Step]:
+def plan_steps(seq: KVContents, start: int, fuse: bool) -> list[Step]:
     """Decode steps for positions start..len(seq). With `fuse`, a text run next to a slot joins the
     slots' embedding step, whatever its length: each llama_decode call reads every weight once, so a
     separate token batch for the question after an image costs a pass over the weights that the

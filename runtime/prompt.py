@@ -37,8 +37,8 @@ class PromptError(ValueError):
 
 @dataclass(frozen=True)
 class Slot:
-    """64 embedding rows: the overview (index 0) or a slice (1..) of media item `media`."""
-    media: int
+    """64 embedding rows: the overview (index 0) or a slice (1..) of `Prompt.media[media_index]`."""
+    media_index: int
     index: int
 
 
@@ -173,7 +173,7 @@ def _group_frames(n_images: int, temporal_ids: list[list[int]] | None) -> list[t
     return out
 
 
-def expand(text: str, images: list[Image.Image], *, max_slice_nums: int = MAX_SLICE_NUMS, use_image_id: bool = True,
+def place_media(text: str, images: list[Image.Image], *, max_slice_nums: int = MAX_SLICE_NUMS, use_image_id: bool = True,
            temporal_ids: list[list[int]] | None = None, query_num: int = QUERY_NUM) -> Prompt:
     """Replace the image tags of a rendered prompt by placeholders made of text and `Slot`s."""
     chunks = text.split(IMAGE_TAG)
@@ -232,5 +232,5 @@ def build_prompt(msgs: list[dict], *, system_prompt: str = "", enable_thinking: 
     """The reference's full prompt for `msgs` (content items: str or PIL images)."""
     messages, images = flatten_messages(msgs, system_prompt)
     text = render_chat(messages, enable_thinking=enable_thinking, add_generation_prompt=True)
-    return expand(text, images, max_slice_nums=max_slice_nums, use_image_id=use_image_id,
+    return place_media(text, images, max_slice_nums=max_slice_nums, use_image_id=use_image_id,
                   temporal_ids=temporal_ids, query_num=query_num)

@@ -66,17 +66,13 @@ class Piece(str):
         return obj
 
 
-class StaleStreamError(RuntimeError):
-    """A chat() stream was resumed after a newer call on the same thread took the model over."""
-
-
 class ChatStream:
     """Iterator of `Piece`s; `.result` is the `Answer` once the iterator is exhausted (and is handed to
     `on_result`, if given), `.stats` the turn's ChatStats (decode counters land when it ends).
 
     The stream holds the model's turn (`hold`, runtime/turn.py) from its chat() call until it is
-    exhausted, fails, is closed, or is freed. No reference cycle runs through it, so dropping the last
-    reference ends it at once: a finalizer closes the generator (which frees its sampler and records
+    exhausted, fails, is closed, or is freed, whichever thread reads it. No reference cycle runs
+    through it, so dropping the last reference ends it at once: a finalizer closes the generator (which frees its sampler and records
     the decode counters) and gives the turn back. close() may be called from any thread; it waits for
     a piece being computed.
     """
@@ -98,10 +94,6 @@ class ChatStream:
             if not self._end.alive:
                 raise StopIteration
             if self._hold is not None:
-                if self._hold.ended:
-                    self._end()
-                    raise StaleStreamError("this chat() stream was resumed after a newer chat()/prefill()/reset() "
-                                           "call on the same thread took the model over")
                 self._hold.touch()
             try:
                 return next(self._gen)

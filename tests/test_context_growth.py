@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pytest
 
 from minicpmv.runtime import ContextOverflowError, MiniCPMV

@@ -21,7 +21,7 @@ from PIL import Image
 from minicpmv.runtime import image as mi
 from minicpmv.runtime.image import (ImageError, load_image, slice_image,
                                     find_best_resize, get_refine_size, get_sliced_grid)
-from minicpmv.runtime.prompt import IMAGE_TAG, Slot, expand
+from minicpmv.runtime.prompt import IMAGE_TAG, Slot, place_media
 
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -299,7 +299,7 @@ def placeholder(size: tuple[int, int], image_id: int | None, query_num: int = 64
     written as `query_num` x `unk` like the reference; `image_id` is the image's index."""
     n = 1 if image_id is None else image_id + 1
     text = "".join(f"[{k}]{IMAGE_TAG}" for k in range(n))
-    p = expand(text, [Image.new("RGB", size)] * n, use_image_id=image_id is not None, query_num=query_num)
+    p = place_media(text, [Image.new("RGB", size)] * n, use_image_id=image_id is not None, query_num=query_num)
     out = "".join(unk * query_num if isinstance(s, Slot) else s for s in p.segments)
     return out.split(f"[{n - 1}]", 1)[1]
 
@@ -625,7 +625,8 @@ def test_alpha_is_dropped_as_the_reference_does_on_every_path(tmp_path):
             warnings.simplefilter("ignore")   # PIL: "palette images with transparency ... RGBA first"
             want = np.asarray(raw.convert("RGB"))
             pil = raw.copy()
-        for got in (load_image(p), load_image(pil), load_media(p), content.item(str(p)), content.item(pil)):
+        for got in (load_image(p), load_image(p.read_bytes()), load_image(pil), load_media(p), content.item(p),
+                    content.item(pil)):
             assert got.mode == "RGB" and np.array_equal(np.asarray(got), want), p.name
 
 

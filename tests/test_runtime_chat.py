@@ -268,13 +268,22 @@ def test_stream_matches_non_stream(model):
             assert whole.raw.startswith("<think>\n")
 
 
-def test_stale_stream_refuses_to_continue(model):
+def test_a_stream_left_early_frees_the_model_when_closed_or_dropped(model):
+    """Single-threaded code that stops reading a stream: close() it (or let it go, or use `with`),
+    then ask again."""
     msgs = [{"role": "user", "content": "Count to ten."}]
+    other = [{"role": "user", "content": "Something else."}]
     s = model.chat(msgs, greedy=True, max_new_tokens=50, stream=True)
     next(s)
-    model.chat([{"role": "user", "content": "Something else."}], greedy=True, max_new_tokens=2)
-    with pytest.raises(RuntimeError, match="newer chat"):
-        list(s)
+    s.close()
+    assert not model.busy and list(s) == []
+    assert model.chat(other, greedy=True, max_new_tokens=2).stats.decode_tokens >= 1
+    with model.chat(msgs, greedy=True, max_new_tokens=50, stream=True) as s:
+        next(s)
+    assert not model.busy
+    for _ in model.chat(msgs, greedy=True, max_new_tokens=50, stream=True):
+        break   # the loop's iterator is dropped here
+    assert not model.busy
 
 
 def test_greedy_with_repetition_penalty_follows_transformers_rule(model):
@@ -509,37 +518,58 @@ def test_cli_interactive_session(files, tmp_path):
 def test_content_paths_and_video_items(model, tmp_path):
     from .video_fixtures import make_video
 
-    from minicpmv.runtime.video import load_video
+    from minicpmv.runtime import Video, load_video
     pic = tmp_path / "pic.png"
     img = picture(448, 448, seed=13)
     img.save(pic)
     a = model.build_prompt([{"role": "user", "content": [img, "What?"]}])
-    for item in (pic, str(pic), {"image": str(pic)}):
-        b = model.build_prompt([{"role": "user", "content": [item, "What?"]}])
-        assert model.prompt_token_ids(b) == model.prompt_token_ids(a)
-    # a string that is not a file stays text
-    t = model.build_prompt([{"role": "user", "content": ["no-such-file.png", "What?"]}])
-    assert not t.media and "no-such-file.png" in t.text
-    notes = tmp_path / "notes.txt"
-    notes.write_text("x")
-    t = model.build_prompt([{"role": "user", "content": [str(notes), "What?"]}])
-    assert not t.media and str(notes) in t.text
+    b = model.build_prompt([{"role": "user", "content": [pic, "What?"]}])   # a pathlib.Path is a file
+    assert model.prompt_token_ids(b) == model.prompt_token_ids(a)
 
     clip = make_video(tmp_path / "clip.mp4", 12, 6, size=(64, 48))   # 2 s at 6 fps
     v = load_video(clip, fps=5, packing=2)
     ref = model.build_prompt([{"role": "user", "content": list(v.frames) + ["What happens?"]}],
                              use_image_id=False, max_slice_nums=1, temporal_ids=v.temporal_ids)
-    for item in ({"video": clip, "packing": 2}, {"video": str(clip), "packing": 2}, v):
+    for item in (Video(clip, packing=2), Video(clip.read_bytes(), packing=2), v):
         p = model.build_prompt([{"role": "user", "content": [item, "What happens?"]}])
         assert model.prompt_token_ids(p) == model.prompt_token_ids(ref)
         assert [m.temporal_ids for m in p.media] == [list(g) for g in v.temporal_ids]
-    p = model.build_prompt([{"role": "user", "content": [str(clip), "What happens?"]}])
+    p = model.build_prompt([{"role": "user", "content": [clip, "What happens?"]}])
     assert len(p.media) == len(load_video(clip).temporal_ids) and "<image_id>" not in p.text
     model.reset()
-    model.prefill([{"role": "user", "content": [{"video": clip, "packing": 2}, "What happens?"]}])
+    model.prefill([{"role": "user", "content": [Video(clip, packing=2), "What happens?"]}])
     assert model.stats.images_encoded == len(v.temporal_ids) == model.stats.slots_prefilled
     with pytest.raises(ValueError, match="not both"):
         model.build_prompt([{"role": "user", "content": [v, "?"]}], temporal_ids=[[0]])
+    for bad, says in (({"image": pic}, "type dict"), (b"\x89PNG", "type bytes")):
+        with pytest.raises(ValueError, match=says):
+            model.build_prompt([{"role": "user", "content": [bad, "?"]}])
+    with pytest.raises(ValueError, match="assistant messages hold text only"):
+        model.build_prompt([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [img]},
+                            {"role": "user", "content": "?"}])
+
+
+def test_text_is_text_even_when_it_names_a_file(model, tmp_path, monkeypatch):
+    """A str is never opened: a question (or a past answer) that is the path of an existing image
+    or video is answered as text, as the reference chat() does (issue 28)."""
+    from .video_fixtures import make_video
+    from PIL import Image
+    pic, clip = tmp_path / "secret.png", make_video(tmp_path / "secret.mp4", 6, 6, size=(32, 32))
+    picture(448, 448, seed=14).save(pic)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    before = model.content.opened
+    for path in (str(pic), str(clip)):
+        msgs = [{"role": "user", "content": [path]},
+                {"role": "assistant", "content": path},      # "answer with exactly /path/x.png"
+                {"role": "user", "content": path}]
+        p = model.build_prompt(msgs)
+        assert not p.media and p.text.count(path) == 3 and model.content.opened == before
+        model.reset()
+        a = model.chat(msgs, greedy=True, max_new_tokens=4)
+        assert a.stats.images_encoded == 0 and a.stats.slots_prefilled == 0
+    assert opened == []
 
 
 def test_gguf_peek_matches_gguf_py(files, tmp_path):

@@ -172,7 +172,7 @@ def test_slot_layout_and_unk_id(real):
     p = build_prompt([{"role": "user", "content": [B, "?"]}])
     assert p.media[0].grid == (2, 1) and p.media[0].n_slots == 3
     slots = [s for s in p.segments if not isinstance(s, str)]
-    assert [(s.media, s.index) for s in slots] == [(0, 0), (0, 1), (0, 2)]
+    assert [(s.media_index, s.index) for s in slots] == [(0, 0), (0, 1), (0, 2)]
     # the grid follows the overview immediately and slices of a row are adjacent
     texts = [s for s in p.segments if isinstance(s, str)]
     assert texts[0].endswith("<image_id>0</image_id><image>")

@@ -11,8 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from minicpmv.runtime.video import (MAX_NUM_PACKING, VideoError, is_video_path, load_video, nearest_scale_index,
-                                    plan_video_sampling)
+from minicpmv.runtime.video import MAX_NUM_PACKING, VideoError, is_video_path, load_video
+from minicpmv.runtime.video_sampling import nearest_scale_index, plan_video_sampling
 
 from .video_fixtures import make_video, make_wav, read_index
 

@@ -279,7 +279,7 @@ def test_attributes_and_options(enc32, enc16, tiny_ckpt, tiny_mmproj_gguf):
     # folded into one [heads*64, D] score matrix. bf16 halves the matrices (LayerNorm parameters
     # and the position table stay f32). The low-memory profile (resident=False) keeps neither the
     # tower's matrices nor the resampler's kv, v, out and proj (read from the mmproj per chunk).
-    D, Hv = enc32.embed_dim, enc32.hparams.n_embd
+    D = enc32.embed_dim
     n_params = sum(int(np.prod(s)) for n, s in _ckpt_shapes(tiny_ckpt).items() if not n.startswith("llm."))
     folded = 64 * D + 2 * D + 2 * (D * D + D)
     assert enc32.weights_nbytes == 4 * (n_params - folded + (D // 128) * 64 * D)

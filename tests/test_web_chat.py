@@ -14,13 +14,12 @@ import sys
 
 import pytest
 
-from minicpmv.cli.run import Opts
 from minicpmv.cli.web_chat import LocalChat, Session
 from minicpmv.runtime import MiniCPMV
+from minicpmv.session.limits import Limits
+from minicpmv.session.options import ChatOptions, MediaOptions
 
-OPTS = Opts(think=False, stream=True, max_tokens=2000, temperature=None, top_p=None, top_k=None,
-            repeat_penalty=None, greedy=True, seed=None, system="", max_slices=None, image_id=None,
-            as_json=False, verbose=False, fps=5.0, packing=None, max_frames=180)
+OPTS = ChatOptions(max_tokens=2000, greedy=True)
 SHORT = dataclasses.replace(OPTS, max_tokens=16)
 
 
@@ -28,7 +27,7 @@ SHORT = dataclasses.replace(OPTS, max_tokens=16)
 def chat(tiny_real_vocab_gguf):
     """Long answers (the real vocabulary rarely samples an end token) so that they can be stopped."""
     m = MiniCPMV.load(*tiny_real_vocab_gguf, n_ctx=4096, n_threads=1)
-    yield LocalChat(m, OPTS)
+    yield LocalChat(m, OPTS, MediaOptions(), Limits())
     m.close()
 
 
@@ -115,18 +114,37 @@ def test_cli_web_refuses_inputs_and_json():
         assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"minicpm-run: error: {says}")
 
 
-def test_cli_web_warns_on_an_open_host_and_names_a_taken_port():
+def test_cli_web_refuses_an_open_host_without_a_login_and_names_a_taken_port():
+    res = run_cli("--web", "--model-dir", "models", "--host", "0.0.0.0", "--port", "7860")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("minicpm-run: error: --host 0.0.0.0 makes this reachable from other machines: "
+                               "give --auth USER:PASSWORD, or --no-auth")
     with socket.socket() as held:   # bound, never listening: the port is taken
         held.bind(("0.0.0.0", 0))
         port = held.getsockname()[1]
-        res = run_cli("--web", "--model-dir", "models", "--host", "0.0.0.0", "--port", str(port))
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 2, res.stderr
-    assert lines[0].startswith("minicpm-run: warning: --host 0.0.0.0 makes the chat page reachable")
-    assert lines[1].startswith(f"minicpm-run: error: cannot listen on 0.0.0.0:{port} ")
+        for extra in (["--no-auth"], ["--auth", "ann:secret"]):
+            res = run_cli("--web", "--model-dir", "models", "--host", "0.0.0.0", "--port", str(port), *extra)
+            lines = res.stderr.strip().splitlines()
+            assert res.returncode == 2 and len(lines) == 1, res.stderr
+            assert lines[0].startswith(f"minicpm-run: error: cannot listen on 0.0.0.0:{port} ")
+
+
+def test_auth_entries(tmp_path):
+    from minicpmv.cli.web import read_auth
+    assert read_auth(None) is None and read_auth("ann:a:b") == [("ann", "a:b")]
+    f = tmp_path / "logins"
+    f.write_text("# page users\nann:one\n\nbob:two\n")
+    assert read_auth(str(f)) == [("ann", "one"), ("bob", "two")]
+    for bad, says in (("annonly", "--auth: expected USER:PASSWORD"), (":pw", "expected USER:PASSWORD")):
+        with pytest.raises(ValueError, match=says):
+            read_auth(bad)
+    f.write_text("ann:one\nbob\n")
+    with pytest.raises(ValueError, match="line 2: expected USER:PASSWORD"):
+        read_auth(str(f))
 
 
 def test_is_loopback():
-    from minicpmv.cli.web import is_loopback
+    from minicpmv.cli.listen import is_loopback
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1")
