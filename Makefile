@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install system-deps test demo bench clean
+.PHONY: install system-deps lint test demo bench clean
 
 # CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 install: system-deps
@@ -21,6 +21,11 @@ system-deps:
 	else \
 		echo "note: the test oracles also need:$$missing (install them with your package manager)"; \
 	fi
+
+# ruff: lint rules and formatting as configured in pyproject.toml ([tool.ruff])
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 test:
 	$(PYTHON) -m pytest -q tests

@@ -32,14 +32,14 @@ from .session import SCALES, Session
 
 
 def section_load(loads: list[tuple[float, float]], since: float) -> dict | None:
-    vals = [l for t, l in loads if t >= since]
+    vals = [load for t, load in loads if t >= since]
     return {"mean": sum(vals) / len(vals), "max": max(vals)} if vals else None
 
 
 def load_note(loads: list[tuple[float, float]], threads: int) -> str:
     if not loads:
         return "not sampled"
-    vals = [l for _, l in loads]
+    vals = [load for _, load in loads]
     mx, mean = max(vals), sum(vals) / len(vals)
     note = f"1-min load average during the run: mean {mean:.2f}, max {mx:.2f} (the benchmark itself uses {threads})"
     if mx > threads + 1.0:
@@ -63,10 +63,11 @@ def run_section(bench: Session, name: str, model_notes: list[str]) -> dict:
     sec["finished"] = now()
     sec["load"] = section_load(bench.loads, t_sec)
     if sec.get("notes") is not None and sec["load"]:
-        sec["notes"].append(f"1-min load average during this section: mean {sec['load']['mean']:.2f}, "
-                            f"max {sec['load']['max']:.2f} on {bench.threads} threads"
-                            + (" (other processes were competing for the CPU)"
-                               if sec["load"]["max"] > bench.threads + 1.0 else ""))
+        sec["notes"].append(
+            f"1-min load average during this section: mean {sec['load']['mean']:.2f}, "
+            f"max {sec['load']['max']:.2f} on {bench.threads} threads"
+            + (" (other processes were competing for the CPU)" if sec["load"]["max"] > bench.threads + 1.0 else "")
+        )
     return sec
 
 
@@ -75,13 +76,24 @@ def run(bench: Session, sections: list[str], on_section=None) -> dict:
     bench.plan = list(sections)
     bench.t_start = time.perf_counter()
     est = bench.estimate(sections)
-    print(f"bench: scale {s.name}, {bench.threads} threads, runs {bench.runs}; sections {', '.join(sections)}; "
-          f"estimated {est / 60:.0f} min"
-          + (f" (repetitions are cut to fit {bench.budget_s / 60:.0f} min)" if bench.budget_s else "")
-          + f"; log {bench.log}", file=sys.stderr)
+    print(
+        f"bench: scale {s.name}, {bench.threads} threads, runs {bench.runs}; sections {', '.join(sections)}; "
+        f"estimated {est / 60:.0f} min"
+        + (f" (repetitions are cut to fit {bench.budget_s / 60:.0f} min)" if bench.budget_s else "")
+        + f"; log {bench.log}",
+        file=sys.stderr,
+    )
     bench.check_disk(sections)
-    res = {"scale": s.name, "threads": bench.threads, "runs": bench.runs, "argv": " ".join(sys.argv[1:]),
-           "started": now(), "machine": machine_info(), "sections": {}, "log": str(bench.log)}
+    res = {
+        "scale": s.name,
+        "threads": bench.threads,
+        "runs": bench.runs,
+        "argv": " ".join(sys.argv[1:]),
+        "started": now(),
+        "machine": machine_info(),
+        "sections": {},
+        "log": str(bench.log),
+    }
     bench.start_monitor()
     t0 = time.perf_counter()
     bench.bar = tqdm(total=est, unit="s", desc="bench", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
@@ -102,8 +114,9 @@ def run(bench: Session, sections: list[str], on_section=None) -> dict:
                 res["in_progress"] = True
                 on_section(res)
                 res.pop("in_progress")
-            tqdm.write(f"bench: {name}: {sec['status'] if sec['status'] != 'ok' else report.summary(sec)}",
-                       file=sys.stderr)
+            tqdm.write(
+                f"bench: {name}: {sec['status'] if sec['status'] != 'ok' else report.summary(sec)}", file=sys.stderr
+            )
     finally:
         bench.bar.close()
         bench.stop_monitor()
@@ -116,19 +129,33 @@ def run(bench: Session, sections: list[str], on_section=None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default=None,
-                    help=f"comma-separated sections to run (default: all but lowbit, which takes hours and resumes where an earlier run stopped): "
-                         f"{', '.join(SECTIONS)}")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated sections to run (default: all but lowbit, which takes hours and resumes where an "
+        f"earlier run stopped): {', '.join(SECTIONS)}",
+    )
     ap.add_argument("--threads", type=int, default=None, help="threads for both sides (default: usable cores)")
     ap.add_argument("--scale", choices=sorted(SCALES), default="full")
     ap.add_argument("--runs", type=int, default=None, help="measured runs per figure (default: 3; 2 for e2e at full)")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="folder for BENCHMARKS.md and results.json (default: the repo for --scale full, "
-                         "the cache folder otherwise)")
-    ap.add_argument("--budget-min", type=float, default=None,
-                    help="cut repetitions so the run fits in this many minutes (default: 60 at full scale, none at medium)")
-    ap.add_argument("--prepare", action="store_true",
-                    help="only generate the cached synthetic checkpoint and our Q4_K_M + f16 mmproj files, untimed")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for BENCHMARKS.md and results.json (default: the repo for --scale full, "
+        "the cache folder otherwise)",
+    )
+    ap.add_argument(
+        "--budget-min",
+        type=float,
+        default=None,
+        help="cut repetitions so the run fits in this many minutes (default: 60 at full scale, none at medium)",
+    )
+    ap.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only generate the cached synthetic checkpoint and our Q4_K_M + f16 mmproj files, untimed",
+    )
     args = ap.parse_args(argv)
     if args.budget_min is None and args.scale == "full":
         args.budget_min = 60.0
@@ -145,12 +172,20 @@ def main(argv: list[str] | None = None) -> int:
         bench.check_disk(["models"])
         bench.make_ckpt()
         notes = bench.make_models()
-        print(f"bench: ready: {bench.ckpt}, {bench.lm}, {bench.mmproj}" + (f" ({notes[0]})" if notes else ""),
-              file=sys.stderr)
+        print(
+            f"bench: ready: {bench.ckpt}, {bench.lm}, {bench.mmproj}" + (f" ({notes[0]})" if notes else ""),
+            file=sys.stderr,
+        )
         return 0
     if args.out is None:
-        md, js = (REPO / "BENCHMARKS.md", REPO / "bench" / "results.json") if args.scale == "full" else \
-            (bench.cache / f"{args.scale}-results" / "BENCHMARKS.md", bench.cache / f"{args.scale}-results" / "results.json")
+        md, js = (
+            (REPO / "BENCHMARKS.md", REPO / "bench" / "results.json")
+            if args.scale == "full"
+            else (
+                bench.cache / f"{args.scale}-results" / "BENCHMARKS.md",
+                bench.cache / f"{args.scale}-results" / "results.json",
+            )
+        )
     else:
         md, js = args.out / "BENCHMARKS.md", args.out / "results.json"
     old: dict = {}

@@ -79,22 +79,31 @@ def evict_page_cache(path: Path) -> None:
 
 # --------------------------------------------------------------------------- machine
 
+
 def machine_info() -> dict:
     from minicpmv.cpu import cpu_info
     from minicpmv.runtime.weight_buffers import plan_for_this_machine
+
     cpu = cpu_info()
-    info: dict = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu.model,
-                  "logical_cpus": os.cpu_count(), "usable_cpus": cpu.logical_cpus,
-                  "physical_cores": cpu.physical_cores, "cpu_features": sorted(cpu.reported_flags)}
+    info: dict = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu.model,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": cpu.logical_cpus,
+        "physical_cores": cpu.physical_cores,
+        "cpu_features": sorted(cpu.reported_flags),
+    }
     plan = plan_for_this_machine()
     info["weight_buffers"] = f"{plan.mode}: {plan.reason}"
     try:
-        mem = {l.split(":")[0]: int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines()}
+        mem = {ln.split(":")[0]: int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()}
         info["memory_gb"] = round(mem["MemTotal"] * 1024 / GB, 1)
     except (OSError, KeyError, ValueError):
         info["memory_gb"] = None
     versions = {}
     from importlib import metadata
+
     for dist in ("torch", "numpy", "llama-cpp-python", "gguf", "av"):
         try:
             versions[dist] = metadata.version(dist)
@@ -113,11 +122,12 @@ def loadavg() -> tuple[float, float, float]:
 
 # --------------------------------------------------------------------------- subprocess measurement
 
+
 @dataclass
 class Measured:
-    result: dict            # what the worker returned
-    wall_s: float           # wall time of the whole subprocess (incl. interpreter start)
-    peak_rss_gb: float      # the subprocess's own peak resident set (VmHWM, bench/peak.py)
+    result: dict  # what the worker returned
+    wall_s: float  # wall time of the whole subprocess (incl. interpreter start)
+    peak_rss_gb: float  # the subprocess's own peak resident set (VmHWM, bench/peak.py)
 
 
 def run_cmd(cmd: list[str], *, log: Path, timeout: float | None = None) -> tuple[int, float, float]:
@@ -130,8 +140,9 @@ def run_cmd(cmd: list[str], *, log: Path, timeout: float | None = None) -> tuple
         os.close(fd)
         peak_file = Path(name)
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=lf, stderr=subprocess.STDOUT,
-                                env={**os.environ, peak.ENV: str(peak_file)})
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=lf, stderr=subprocess.STDOUT, env={**os.environ, peak.ENV: str(peak_file)}
+        )
         timed_out = False
         while True:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
@@ -144,7 +155,7 @@ def run_cmd(cmd: list[str], *, log: Path, timeout: float | None = None) -> tuple
                 break
             time.sleep(0.05)
         wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)   # already reaped: keep Popen from waiting
+    proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen from waiting
     rc = -9999 if timed_out else proc.returncode
     try:
         own = int(peak_file.read_text() or 0)
@@ -167,8 +178,9 @@ def run_worker(task: str, args: dict, *, log: Path, timeout: float | None = None
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as tf:
         out = Path(tf.name)
     try:
-        rc, wall, rss = run_cmd([sys.executable, "-m", "bench.worker", task, json.dumps(args), str(out)],
-                                log=log, timeout=timeout)
+        rc, wall, rss = run_cmd(
+            [sys.executable, "-m", "bench.worker", task, json.dumps(args), str(out)], log=log, timeout=timeout
+        )
         if rc != 0:
             why = "timed out" if rc == -9999 else f"exit code {rc}"
             raise BenchError(f"{task} failed ({why}); log {log}:\n{log_tail(log)}")

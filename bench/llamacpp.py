@@ -12,19 +12,30 @@ from __future__ import annotations
 
 import time
 
-from minicpmv.runtime.weight_buffers import BufferPlan
 from minicpmv.runtime.llama import LlamaModel
 from minicpmv.runtime.llama_context import ContextParams, LlamaContext
 from minicpmv.runtime.sampler import Sampler, SamplingParams
+from minicpmv.runtime.weight_buffers import BufferPlan
 
 
 class BareLM:
-    def __init__(self, path: str, *, n_ctx: int, n_threads: int, n_batch: int = 512, vocab_only: bool = False,
-                 buffers: BufferPlan | None = None):
+    def __init__(
+        self,
+        path: str,
+        *,
+        n_ctx: int,
+        n_threads: int,
+        n_batch: int = 512,
+        vocab_only: bool = False,
+        buffers: BufferPlan | None = None,
+    ):
         # mapped, as llama.cpp's tools load it; `buffers` forces a weight placement (default: the runtime's)
         self.lm = LlamaModel(path, vocab_only=vocab_only, read_file=False, buffers=buffers)
-        self.ctx = None if vocab_only else LlamaContext(
-            self.lm, ContextParams(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads))
+        self.ctx = (
+            None
+            if vocab_only
+            else LlamaContext(self.lm, ContextParams(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads))
+        )
 
     def tokenize(self, text: str) -> list[int]:
         return self.lm.tokenize(text)

@@ -34,6 +34,7 @@ def variant(img: Image.Image, i: int) -> Image.Image:
 def make_video(path: Path, seconds: float = 60.0, fps: int = 10, size: tuple[int, int] = (640, 360)) -> Path:
     """H.264 (or MPEG-4 if no H.264 encoder) video of shapes moving over a gradient."""
     import av
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.mp4")
@@ -53,7 +54,7 @@ def make_video(path: Path, seconds: float = 60.0, fps: int = 10, size: tuple[int
             for k in range(3):
                 cx = int((w - 60) * (0.5 + 0.5 * np.sin(t * (0.7 + 0.3 * k) + k)))
                 cy = int((h - 60) * (0.5 + 0.5 * np.cos(t * (0.5 + 0.2 * k) + 2 * k)))
-                f[cy:cy + 60, cx:cx + 60] = (255 * (k == 0), 255 * (k == 1), 255 * (k == 2))
+                f[cy : cy + 60, cx : cx + 60] = (255 * (k == 0), 255 * (k == 1), 255 * (k == 2))
             for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 out.mux(pkt)
         for pkt in st.encode():

@@ -15,6 +15,7 @@ from .common import Skip
 def need(module: str, attr: str | None = None):
     """Import `minicpmv.<module>` (and an attribute of it) or raise Skip naming what is missing."""
     import importlib
+
     try:
         mod = importlib.import_module(f"minicpmv.{module}")
     except ImportError as e:
@@ -28,10 +29,10 @@ def need(module: str, attr: str | None = None):
 
 @dataclass
 class ChatTiming:
-    ttft_s: float                 # call -> first streamed piece
-    total_s: float                # call -> generator exhausted
+    ttft_s: float  # call -> first streamed piece
+    total_s: float  # call -> generator exhausted
     n_pieces: int
-    counters: dict = field(default_factory=dict)   # the runtime's own timing counters, if any
+    counters: dict = field(default_factory=dict)  # the runtime's own timing counters, if any
 
 
 def runtime_counters(model) -> dict:

@@ -23,7 +23,7 @@ def _write() -> None:
         kib = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
         Path(os.environ[ENV]).write_text(str(kib * 1024))
     except (OSError, AttributeError, KeyError, ValueError):
-        pass   # no /proc (macOS): run_cmd falls back to ru_maxrss
+        pass  # no /proc (macOS): run_cmd falls back to ru_maxrss
 
 
 if os.environ.get(ENV):

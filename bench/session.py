@@ -19,24 +19,24 @@ from minicpmv.convert.pipeline import lm_file_name, mmproj_file_name
 
 from .common import GB, BenchError, Skip, cache_root, free_bytes, loadavg, run_worker
 
-LM_NAME = lm_file_name("Q4_K_M")        # what `minicpm-convert` writes by default
+LM_NAME = lm_file_name("Q4_K_M")  # what `minicpm-convert` writes by default
 MMPROJ_NAME = mmproj_file_name("f16")
 
 
 @dataclass(frozen=True)
 class Scale:
     name: str
-    ckpt_gb: float            # synthetic checkpoint on disk
-    bf16_gb: float            # BF16 LM GGUF (two-step intermediate)
-    q4_gb: float              # one Q4_K_M LM GGUF
-    mmproj_gb: float          # f16 mmproj
-    runs: int                 # default repetitions (vision, llm)
+    ckpt_gb: float  # synthetic checkpoint on disk
+    bf16_gb: float  # BF16 LM GGUF (two-step intermediate)
+    q4_gb: float  # one Q4_K_M LM GGUF
+    mmproj_gb: float  # f16 mmproj
+    runs: int  # default repetitions (vision, llm)
     e2e_runs: int
     n_prompt: int = 512
     n_gen: int = 128
-    e2e_gen: int = 32         # tokens generated after the image question
-    video_subset: int = 12    # frames measured (a multiple of the packing); the rest is scaled
-    est: dict = field(default_factory=dict)   # seconds per step, for the estimate and the progress bar
+    e2e_gen: int = 32  # tokens generated after the image question
+    video_subset: int = 12  # frames measured (a multiple of the packing); the rest is scaled
+    est: dict = field(default_factory=dict)  # seconds per step, for the estimate and the progress bar
     floor: dict = field(default_factory=dict)  # seconds a section needs at least (load, warm-up, one run)
     fixed: dict = field(default_factory=dict)  # seconds of a section spent before its measured runs
 
@@ -44,16 +44,59 @@ class Scale:
 SCALES = {
     # seconds on the 2-core EPYC (AVX512-BF16) this was written on, extrapolated to an idle machine from
     # single runs made while other jobs were loading it
-    "full": Scale("full", 17.4, 16.4, 5.0, 1.1, runs=3, e2e_runs=2, video_subset=6, est={
-        "checkpoint": 420, "convert_onepass": 480, "convert_bf16": 200, "llama_quantize": 480, "compare": 60,
-        "models": 900, "vision": 150, "llm": 420, "buffers": 400, "e2e": 600, "video": 330, "sizes": 5,
-        "memory": 900, "lowbit": 23000},
+    "full": Scale(
+        "full",
+        17.4,
+        16.4,
+        5.0,
+        1.1,
+        runs=3,
+        e2e_runs=2,
+        video_subset=6,
+        est={
+            "checkpoint": 420,
+            "convert_onepass": 480,
+            "convert_bf16": 200,
+            "llama_quantize": 480,
+            "compare": 60,
+            "models": 900,
+            "vision": 150,
+            "llm": 420,
+            "buffers": 400,
+            "e2e": 600,
+            "video": 330,
+            "sizes": 5,
+            "memory": 900,
+            "lowbit": 23000,
+        },
         floor={"vision": 100, "llm": 200, "buffers": 400, "e2e": 400, "video": 330, "memory": 900},
-        fixed={"vision": 70, "llm": 60, "e2e": 120}),
-    "medium": Scale("medium", 0.06, 0.05, 0.02, 0.02, runs=3, e2e_runs=3, est={
-        "checkpoint": 2, "convert_onepass": 5, "convert_bf16": 4, "llama_quantize": 3, "compare": 1,
-        "models": 8, "vision": 10, "llm": 15, "buffers": 10, "e2e": 15, "video": 30, "sizes": 1, "memory": 40,
-        "lowbit": 300}),
+        fixed={"vision": 70, "llm": 60, "e2e": 120},
+    ),
+    "medium": Scale(
+        "medium",
+        0.06,
+        0.05,
+        0.02,
+        0.02,
+        runs=3,
+        e2e_runs=3,
+        est={
+            "checkpoint": 2,
+            "convert_onepass": 5,
+            "convert_bf16": 4,
+            "llama_quantize": 3,
+            "compare": 1,
+            "models": 8,
+            "vision": 10,
+            "llm": 15,
+            "buffers": 10,
+            "e2e": 15,
+            "video": 30,
+            "sizes": 1,
+            "memory": 40,
+            "lowbit": 300,
+        },
+    ),
 }
 
 
@@ -108,7 +151,7 @@ class Session:
         if self.budget_s is None:
             return None
         left = self.budget_s - (time.perf_counter() - self.t_start)
-        later = self.plan[self.plan.index(name) + 1:] if name in self.plan else []
+        later = self.plan[self.plan.index(name) + 1 :] if name in self.plan else []
         return max(0.0, left - sum(self.scale.floor.get(s, 0) for s in later) - self.scale.fixed.get(name, 0))
 
     def estimate(self, sections: list[str]) -> float:
@@ -130,9 +173,11 @@ class Session:
 
     def start_monitor(self) -> None:
         """Sample the 1-min load average every 5 s until `stop_monitor`."""
+
         def sample() -> None:
             while not self._stop.wait(5.0):
                 self.loads.append((time.time(), loadavg()[0]))
+
         threading.Thread(target=sample, daemon=True).start()
 
     def stop_monitor(self) -> None:
@@ -154,7 +199,7 @@ class Session:
             # one pass (kept) + BF16 + llama's Q4_K_M, the last two deleted after measuring
             need += (0 if self.models_ready() else s.q4_gb + s.mmproj_gb) + s.bf16_gb + s.q4_gb
         elif not self.models_ready():
-            need += s.q4_gb + s.mmproj_gb + s.bf16_gb   # fallback path may need the BF16 transiently
+            need += s.q4_gb + s.mmproj_gb + s.bf16_gb  # fallback path may need the BF16 transiently
         return need + (2.0 if s.name == "full" else 0.1)
 
     def check_disk(self, sections: list[str]) -> None:
@@ -162,14 +207,17 @@ class Session:
         free = free_bytes(self.cache) / GB
         print(f"disk: need about {need:.1f} GB in {self.cache}, {free:.1f} GB free", file=sys.stderr)
         if free < need:
-            raise SystemExit(f"bench: not enough free disk in {self.cache}: need about {need:.1f} GB "
-                             f"(checkpoint {self.scale.ckpt_gb} GB, BF16 GGUF {self.scale.bf16_gb} GB, two Q4_K_M "
-                             f"{self.scale.q4_gb} GB each), have {free:.1f} GB; free space or set MINICPMV_BENCH_CACHE")
+            raise SystemExit(
+                f"bench: not enough free disk in {self.cache}: need about {need:.1f} GB "
+                f"(checkpoint {self.scale.ckpt_gb} GB, BF16 GGUF {self.scale.bf16_gb} GB, two Q4_K_M "
+                f"{self.scale.q4_gb} GB each), have {free:.1f} GB; free space or set MINICPMV_BENCH_CACHE"
+            )
 
     def make_ckpt(self) -> None:
         if self.ckpt_ready():
             return
         from minicpmv.convert.synthetic import make_checkpoint
+
         tmp = self.ckpt.with_name(self.ckpt.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(self.ckpt, ignore_errors=True)
@@ -187,22 +235,30 @@ class Session:
             self.worker("convert_onepass", {"ckpt": str(self.ckpt), "out": str(self.models), "threads": self.threads})
             return []
         except (BenchError, Skip) as e:
-            print(f"bench: one-pass Q4_K_M conversion failed, falling back to llama_model_quantize: "
-                  f"{str(e).splitlines()[0]}", file=sys.stderr)
+            print(
+                f"bench: one-pass Q4_K_M conversion failed, falling back to llama_model_quantize: "
+                f"{str(e).splitlines()[0]}",
+                file=sys.stderr,
+            )
         tmp = self.work / "fallback"
         self.worker("convert_bf16", {"ckpt": str(self.ckpt), "out": str(tmp), "threads": self.threads})
         bf16 = next(tmp.glob("*-BF16.gguf"))
         self.worker("llama_quantize", {"src": str(bf16), "dst": str(self.lm), "threads": self.threads})
         shutil.rmtree(tmp, ignore_errors=True)
-        self.worker("convert_onepass", {"ckpt": str(self.ckpt), "out": str(self.models), "threads": self.threads,
-                                        "write_lm": False})
-        return ["the Q4_K_M language model used below was made by llama_model_quantize (our one-pass K-quant "
-                "conversion was unavailable)"]
+        self.worker(
+            "convert_onepass",
+            {"ckpt": str(self.ckpt), "out": str(self.models), "threads": self.threads, "write_lm": False},
+        )
+        return [
+            "the Q4_K_M language model used below was made by llama_model_quantize (our one-pass K-quant "
+            "conversion was unavailable)"
+        ]
 
     def image(self) -> Path:
         p = self.cache / "inputs" / "picture-1344.png"
         if not p.is_file():
             from .media import picture
+
             p.parent.mkdir(parents=True, exist_ok=True)
             picture(1344, 1344).save(p)
         return p
@@ -211,5 +267,6 @@ class Session:
         p = self.cache / "inputs" / "shapes-60s-10fps-448x252.mp4"
         if not p.is_file():
             from .media import make_video
+
             make_video(p, seconds=60, fps=10, size=(448, 252))
         return p

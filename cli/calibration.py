@@ -27,10 +27,10 @@ _KEYS = {"image", "video", "text"}
 
 @dataclass(frozen=True)
 class Item:
-    kind: str                 # "image", "video", "chat" (text-only turn) or "text" (raw text)
+    kind: str  # "image", "video", "chat" (text-only turn) or "text" (raw text)
     text: str
     media: Path | None = None
-    where: str = ""           # "calib.jsonl:7" or the media path, for messages
+    where: str = ""  # "calib.jsonl:7" or the media path, for messages
 
     @property
     def needs_vision(self) -> bool:
@@ -38,14 +38,14 @@ class Item:
 
     def messages(self) -> list[dict]:
         """The chat messages of an image/video/chat item (the runtime's input format)."""
-        content: list = [] if self.media is None else ([Video(self.media)] if self.kind == "video"
-                                                       else [self.media])
+        content: list = [] if self.media is None else ([Video(self.media)] if self.kind == "video" else [self.media])
         return [{"role": "user", "content": content + [self.text]}]
 
 
 def read_calibration(path: Path) -> list[Item]:
     """Items of a calibration folder or JSONL file; ValueError (one line) on any bad entry."""
     from minicpmv.runtime.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+
     path = Path(path)
     if path.is_dir():
         items = []
@@ -63,7 +63,9 @@ def read_calibration(path: Path) -> list[Item]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not a UTF-8 text file ({e.reason}); give a folder of images or a JSONL file") from None
+        raise ValueError(
+            f"{path}: not a UTF-8 text file ({e.reason}); give a folder of images or a JSONL file"
+        ) from None
     items = [_item(line, f"{path}:{i}", path.parent) for i, line in enumerate(lines, 1) if line.strip()]
     if not items:
         raise ValueError(f"{path}: no calibration items (empty file)")
@@ -84,14 +86,14 @@ def _item(line: str, where: str, base: Path) -> Item:
     if unknown:
         raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r} (expected image, video, text)")
     if "image" in obj and "video" in obj:
-        raise ValueError(f"{where}: give either \"image\" or \"video\", not both")
+        raise ValueError(f'{where}: give either "image" or "video", not both')
     text = obj.get("text")
     if text is not None and not isinstance(text, str):
-        raise ValueError(f"{where}: \"text\" must be a string")
+        raise ValueError(f'{where}: "text" must be a string')
     for kind in ("image", "video"):
         if kind in obj:
             if not isinstance(obj[kind], str) or not obj[kind]:
-                raise ValueError(f"{where}: \"{kind}\" must be a file path")
+                raise ValueError(f'{where}: "{kind}" must be a file path')
             p = Path(obj[kind]).expanduser()
             p = p if p.is_absolute() else base / p
             if not p.is_file():
@@ -99,5 +101,5 @@ def _item(line: str, where: str, base: Path) -> Item:
             default = DEFAULT_QUESTION if kind == "image" else DEFAULT_VIDEO_QUESTION
             return Item(kind, default if text is None else text, p, where)
     if not text:
-        raise ValueError(f"{where}: empty item (give \"image\", \"video\" or \"text\")")
+        raise ValueError(f'{where}: empty item (give "image", "video" or "text")')
     return Item("chat", text, None, where)

@@ -58,12 +58,42 @@ def main(argv: list[str] | None = None) -> int:
     if (ckpt / "config.json").is_file():  # a previous demo run: start over
         shutil.rmtree(ckpt)
     step("1/3 tiny synthetic checkpoint", [py, "-m", "minicpmv.convert.synthetic", "--scale", "tiny", str(ckpt)])
-    step("2/3 minicpm-convert", [py, "-m", "minicpmv.cli.convert", str(ckpt), "-o", str(gguf_dir),
-                                 "--quant", "Q4_K_M", "--mmproj-type", "f16", "--force", "--quiet"])
+    step(
+        "2/3 minicpm-convert",
+        [
+            py,
+            "-m",
+            "minicpmv.cli.convert",
+            str(ckpt),
+            "-o",
+            str(gguf_dir),
+            "--quant",
+            "Q4_K_M",
+            "--mmproj-type",
+            "f16",
+            "--force",
+            "--quiet",
+        ],
+    )
     pic = make_picture(out / "picture.png")
     print(f"\n(picture: {pic}, 800x600)")
-    step("3/3 minicpm-run", [py, "-m", "minicpmv.cli.run", "--model-dir", str(gguf_dir), str(pic),
-                             "What is in the image?", "--max-tokens", "48", "--seed", "0", "--verbose"])
+    step(
+        "3/3 minicpm-run",
+        [
+            py,
+            "-m",
+            "minicpmv.cli.run",
+            "--model-dir",
+            str(gguf_dir),
+            str(pic),
+            "What is in the image?",
+            "--max-tokens",
+            "48",
+            "--seed",
+            "0",
+            "--verbose",
+        ],
+    )
     print("\nThe weights are random, so the answer is noise; every stage ran for real.")
     return 0
 

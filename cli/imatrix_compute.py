@@ -23,39 +23,40 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .calibration import Item, read_calibration
 from minicpmv.quant.imatrix import ImatrixSums, read_imatrix_sums, write_imatrix
 from minicpmv.quant.imatrix_collect import ImatrixCollector, Stats
+
+from .calibration import Item, read_calibration
 
 
 @dataclass
 class ImatrixJob:
-    lm: Path                          # language-model GGUF (F16/BF16/F32 or quantized)
-    mmproj: Path | None               # needed when the calibration set has images or videos
-    calibration: Path                 # folder of images/videos, or JSONL
+    lm: Path  # language-model GGUF (F16/BF16/F32 or quantized)
+    mmproj: Path | None  # needed when the calibration set has images or videos
+    calibration: Path  # folder of images/videos, or JSONL
     out: Path
-    chunk: int | None = None          # first item to process (None: 0, or where an appended run stopped)
-    max_items: int | None = None      # most items to process in this run
-    append: bool = False              # add to the matrix already in `out`
-    force: bool = False               # overwrite `out` (without append)
+    chunk: int | None = None  # first item to process (None: 0, or where an appended run stopped)
+    max_items: int | None = None  # most items to process in this run
+    append: bool = False  # add to the matrix already in `out`
+    force: bool = False  # overwrite `out` (without append)
     n_ctx: int = 4096
     n_batch: int = 512
     threads: int | None = None
-    kv_type: str = "f16"              # llama.cpp's defaults; "f32" + flash_attn False for exact f32 math
+    kv_type: str = "f16"  # llama.cpp's defaults; "f32" + flash_attn False for exact f32 math
     flash_attn: bool | None = None
     n_gpu_layers: int | None = None
-    process_output: bool = False      # also collect output.weight (llama-imatrix --process-output)
+    process_output: bool = False  # also collect output.weight (llama-imatrix --process-output)
     progress: bool = True
 
 
 @dataclass
 class ImatrixResult:
     path: Path
-    first: int            # index of the first item processed by this run
-    done: int             # items processed by this run
-    total_items: int      # items in the calibration set
-    chunk_count: int      # chunks (items) the matrix holds in total
-    entries: int          # weights with statistics
+    first: int  # index of the first item processed by this run
+    done: int  # items processed by this run
+    total_items: int  # items in the calibration set
+    chunk_count: int  # chunks (items) the matrix holds in total
+    entries: int  # weights with statistics
 
 
 def compute_imatrix(job: ImatrixJob) -> ImatrixResult:
@@ -77,12 +78,12 @@ def compute_imatrix(job: ImatrixJob) -> ImatrixResult:
     first = job.chunk if job.chunk is not None else (base.chunk_count if resumable else 0)
     if first < 0 or first > len(items) or (first == len(items) and not resumable):
         raise ValueError(f"--chunk {first}: the calibration set {label} has {len(items)} items")
-    todo = items[first:] if job.max_items is None else items[first:first + job.max_items]
+    todo = items[first:] if job.max_items is None else items[first : first + job.max_items]
     datasets = base.datasets if resumable else base.datasets + [label]
     if any(it.needs_vision for it in todo) and job.mmproj is None:
         first_media = next(it for it in todo if it.needs_vision)
         raise ValueError(f"{first_media.where}: images/videos need the mmproj (--mmproj or --model-dir)")
-    if not todo:   # an appended run on the same set that already finished
+    if not todo:  # an appended run on the same set that already finished
         return ImatrixResult(out, first, 0, len(items), base.chunk_count, len(base.sums))
 
     done = 0
@@ -95,7 +96,7 @@ def compute_imatrix(job: ImatrixJob) -> ImatrixResult:
             try:
                 _evaluate(model, it)
                 collector.commit()
-            except (ValueError, RuntimeError) as e:   # bad media, prompt too long, NaN activations
+            except (ValueError, RuntimeError) as e:  # bad media, prompt too long, NaN activations
                 collector.discard()
                 msg = " ".join(str(e).split())
                 raise ValueError(msg if msg.startswith(it.where) else f"{it.where}: {msg}") from None
@@ -112,8 +113,10 @@ def compute_imatrix(job: ImatrixJob) -> ImatrixResult:
         if model.vision is not None:
             model.vision.close()
     if not collector.totals.sums and not base.sums:
-        raise ValueError(f"{label}: no matmul saw 16 or more positions at once (llama-imatrix ignores smaller "
-                         "batches); the calibration items are too short")
+        raise ValueError(
+            f"{label}: no matmul saw 16 or more positions at once (llama-imatrix ignores smaller "
+            "batches); the calibration items are too short"
+        )
     entries = len(set(base.sums) | set(collector.totals.sums))
     return ImatrixResult(out, first, done, len(items), base.chunk_count + done, entries)
 
@@ -133,24 +136,35 @@ def _evaluate(model, it: Item) -> None:
     tokens = model.lm.tokenize(it.text, parse_special=True)
     for s in range(0, len(tokens), ctx.n_ctx):
         ctx.clear()
-        ctx.decode_tokens(tokens[s:s + ctx.n_ctx], 0)
+        ctx.decode_tokens(tokens[s : s + ctx.n_ctx], 0)
     ctx.clear()
 
 
 def _load(job: ImatrixJob, collector: ImatrixCollector, vision: bool):
     """MiniCPMV from the runtime's public pieces, with the collector as llama.cpp's eval callback."""
+    from minicpmv.cpu import default_threads
     from minicpmv.runtime.chat import MiniCPMV
+    from minicpmv.runtime.loader import check_pair
     from minicpmv.runtime.llama import LlamaModel
     from minicpmv.runtime.llama_context import ContextParams, LlamaContext
-    from minicpmv.cpu import default_threads
     from minicpmv.runtime.vision import VisionEncoder
+
     threads = job.threads or default_threads()
     enc = VisionEncoder.load(job.mmproj, n_threads=threads) if vision else None
     lm = LlamaModel(job.lm, n_gpu_layers=job.n_gpu_layers)
-    MiniCPMV.check_pair(enc, lm)
-    ctx = LlamaContext(lm, ContextParams(n_ctx=job.n_ctx, n_batch=job.n_batch, n_threads=threads,
-                                         kv_type=job.kv_type, flash_attn=job.flash_attn,
-                                         cb_eval=collector, logits_all=True))
+    check_pair(enc, lm)
+    ctx = LlamaContext(
+        lm,
+        ContextParams(
+            n_ctx=job.n_ctx,
+            n_batch=job.n_batch,
+            n_threads=threads,
+            kv_type=job.kv_type,
+            flash_attn=job.flash_attn,
+            cb_eval=collector,
+            logits_all=True,
+        ),
+    )
     return MiniCPMV(lm, ctx, enc)
 
 
@@ -160,10 +174,12 @@ def _save(out: Path, base: ImatrixSums, new: Stats, datasets: list[str], chunk_c
         s = new.sums.get(name)
         b = base.sums.get(name)
         if s is not None and b is not None and b.shape != s.shape:
-            raise ValueError(f"{out}: entry {name} has {b.size} values, the model gives {s.size}; "
-                             "the matrix was computed for another model")
+            raise ValueError(
+                f"{out}: entry {name} has {b.size} values, the model gives {s.size}; "
+                "the matrix was computed for another model"
+            )
         sums[name] = (0 if b is None else b.astype(np.float64)) + (0 if s is None else s)
-        counts[name] = (0 if b is None else np.round(base.counts[name]).astype(np.int64)) + \
-            (0 if s is None else new.counts[name])
+        counts[name] = (0 if b is None else np.round(base.counts[name]).astype(np.int64)) + (
+            0 if s is None else new.counts[name]
+        )
     write_imatrix(out, ImatrixSums(sums, counts, datasets, chunk_count, chunk_size))
-

@@ -25,16 +25,17 @@ def check_port(host: str, port: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
     except OSError as e:
-        raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host") \
-            from None
+        raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host") from None
 
 
 def check_exposure(host: str, guarded: bool, no_auth: bool, guard: str) -> None:
     """ValueError (one line) when `host` is reachable from other machines and nothing guards it:
     `guard` names the option that would (e.g. "--auth USER:PASSWORD")."""
     if not is_loopback(host) and not guarded and not no_auth:
-        raise ValueError(f"--host {host} makes this reachable from other machines: give {guard}, or --no-auth "
-                         "to allow anyone who can reach the port")
+        raise ValueError(
+            f"--host {host} makes this reachable from other machines: give {guard}, or --no-auth "
+            "to allow anyone who can reach the port"
+        )
 
 
 def url_host(host: str) -> str:

@@ -23,48 +23,119 @@ M = MediaOptions()
 
 Model = Annotated[Optional[Path], typer.Option("--model", "-m", help="Language-model GGUF file.")]
 Mmproj = Annotated[Optional[Path], typer.Option("--mmproj", help="Vision projector (mmproj) GGUF file.")]
-ModelDir = Annotated[Optional[Path], typer.Option("--model-dir", "-d",
-                                                  help="Folder holding both GGUF files (told apart by their metadata).")]
-Hf = Annotated[Optional[str], typer.Option(
-    "--hf", metavar="REPO[:QUANT]",
-    help="Hugging Face repo with GGUF files, e.g. openbmb/MiniCPM-V-4_5-gguf:Q8_0: the language model of QUANT "
-         "(default Q4_K_M) and the mmproj are downloaded once into the Hub cache. Without any model option: "
-         f"${ENV_VAR} (a folder or REPO[:QUANT]), else {DEFAULT_MODEL}.")]
-MmprojQuant = Annotated[Optional[str], typer.Option(
-    "--mmproj-quant", metavar="TYPE", help="Which mmproj of a Hub repo with several (default: the only one, else f16).")]
-Refresh = Annotated[bool, typer.Option(
-    "--refresh", help="Ask the Hub for newer files even when the model is cached (cached files are otherwise "
-                      "used without any network request).")]
+ModelDir = Annotated[
+    Optional[Path],
+    typer.Option("--model-dir", "-d", help="Folder holding both GGUF files (told apart by their metadata)."),
+]
+Hf = Annotated[
+    Optional[str],
+    typer.Option(
+        "--hf",
+        metavar="REPO[:QUANT]",
+        help="Hugging Face repo with GGUF files, e.g. openbmb/MiniCPM-V-4_5-gguf:Q8_0: the language model of QUANT "
+        "(default Q4_K_M) and the mmproj are downloaded once into the Hub cache. Without any model option: "
+        f"${ENV_VAR} (a folder or REPO[:QUANT]), else {DEFAULT_MODEL}.",
+    ),
+]
+MmprojQuant = Annotated[
+    Optional[str],
+    typer.Option(
+        "--mmproj-quant",
+        metavar="TYPE",
+        help="Which mmproj of a Hub repo with several (default: the only one, else f16).",
+    ),
+]
+Refresh = Annotated[
+    bool,
+    typer.Option(
+        "--refresh",
+        help="Ask the Hub for newer files even when the model is cached (cached files are otherwise "
+        "used without any network request).",
+    ),
+]
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads (default: all cores).")]
-Ctx = Annotated[Optional[int], typer.Option(
-    "--ctx", "-c", min=256,
-    help="Fix the context length in tokens (at most the model's trained 40,960). Default: sized for each turn "
-         "(prompt + --max-tokens, rounded up to 512) and grown as the conversation needs, up to the trained "
-         "context.")]
-LowMemory = Annotated[bool, typer.Option(
-    "--low-memory", help="For 8 GB machines: KV cache in q8_0 and the vision weights read from the mmproj for each "
-                         "image instead of kept in memory (about 1.4 GB less; slower vision, slightly different "
-                         "numbers: see README, Memory).")]
-KvType = Annotated[Optional[str], typer.Option(
-    "--kv-type", help="KV cache precision: f16 (default), q8_0 (half the memory; --low-memory's), f32 (exactly "
-                      "reproducible logits).")]
-FlashAttn = Annotated[Optional[bool], typer.Option(
-    "--flash-attn/--no-flash-attn", help="llama.cpp's flash attention (default: llama.cpp decides, on for the CPU; "
-                                         "q8_0 KV cache needs it).")]
-GpuLayers = Annotated[Optional[int], typer.Option(
-    "--gpu-layers", help="Layers on the GPU (-1 all; default: all on macOS, none elsewhere).")]
-VisionDtype = Annotated[str, typer.Option(
-    "--vision-dtype", help="Vision encoder precision: auto (bf16 where a quick measurement on this machine finds it "
-                           "at least 15% faster than f32, measured once and cached), bf16, f32.")]
+Ctx = Annotated[
+    Optional[int],
+    typer.Option(
+        "--ctx",
+        "-c",
+        min=256,
+        help="Fix the context length in tokens (at most the model's trained 40,960). Default: sized for each turn "
+        "(prompt + --max-tokens, rounded up to 512) and grown as the conversation needs, up to the trained "
+        "context.",
+    ),
+]
+LowMemory = Annotated[
+    bool,
+    typer.Option(
+        "--low-memory",
+        help="For 8 GB machines: KV cache in q8_0 and the vision weights read from the mmproj for each "
+        "image instead of kept in memory (about 1.4 GB less; slower vision, slightly different "
+        "numbers: see README, Memory).",
+    ),
+]
+KvType = Annotated[
+    Optional[str],
+    typer.Option(
+        "--kv-type",
+        help="KV cache precision: f16 (default), q8_0 (half the memory; --low-memory's), f32 (exactly "
+        "reproducible logits).",
+    ),
+]
+FlashAttn = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--flash-attn/--no-flash-attn",
+        help="llama.cpp's flash attention (default: llama.cpp decides, on for the CPU; q8_0 KV cache needs it).",
+    ),
+]
+GpuLayers = Annotated[
+    Optional[int],
+    typer.Option("--gpu-layers", help="Layers on the GPU (-1 all; default: all on macOS, none elsewhere)."),
+]
+VisionDtype = Annotated[
+    str,
+    typer.Option(
+        "--vision-dtype",
+        help="Vision encoder precision: auto (bf16 where a quick measurement on this machine finds it "
+        "at least 15% faster than f32, measured once and cached), bf16, f32.",
+    ),
+]
 LlamaLog = Annotated[bool, typer.Option("--llama-log", help="Show llama.cpp's own log (silent by default).")]
 
 
-def model_options(model: Optional[Path], mmproj: Optional[Path], model_dir: Optional[Path], hf: Optional[str],
-                  mmproj_quant: Optional[str], refresh: bool, threads: Optional[int], ctx: Optional[int],
-                  low_memory: bool, kv_type: Optional[str], flash_attn: Optional[bool], gpu_layers: Optional[int],
-                  vision_dtype: str, llama_log: bool) -> ModelOptions:
-    return ModelOptions(model, mmproj, model_dir, hf, mmproj_quant, refresh, threads, ctx, low_memory, kv_type,
-                        flash_attn, gpu_layers, vision_dtype, llama_log)
+def model_options(
+    model: Optional[Path],
+    mmproj: Optional[Path],
+    model_dir: Optional[Path],
+    hf: Optional[str],
+    mmproj_quant: Optional[str],
+    refresh: bool,
+    threads: Optional[int],
+    ctx: Optional[int],
+    low_memory: bool,
+    kv_type: Optional[str],
+    flash_attn: Optional[bool],
+    gpu_layers: Optional[int],
+    vision_dtype: str,
+    llama_log: bool,
+) -> ModelOptions:
+    return ModelOptions(
+        model,
+        mmproj,
+        model_dir,
+        hf,
+        mmproj_quant,
+        refresh,
+        threads,
+        ctx,
+        low_memory,
+        kv_type,
+        flash_attn,
+        gpu_layers,
+        vision_dtype,
+        llama_log,
+    )
 
 
 # -- how an answer is made (ChatOptions) and videos sampled (MediaOptions) ----------------------
@@ -81,57 +152,137 @@ System = Annotated[str, typer.Option("--system", help=HELP["system"])]
 MaxSlices = Annotated[Optional[int], typer.Option("--max-slices", min=1, help=HELP["max_slices"])]
 ImageId = Annotated[Optional[bool], typer.Option("--image-id/--no-image-id", help=HELP["image_id"])]
 Fps = Annotated[float, typer.Option("--fps", min=0.01, help=HELP["fps"])]
-Packing = Annotated[Optional[int], typer.Option(
-    "--packing", min=1, max=PACKING_LIMIT,
-    help=f"Video: frames per 64-token group (default: automatic, at most {MAX_NUM_PACKING} as the model card). "
-         f"Above {MAX_NUM_PACKING} is this project's extension: the card caps packing at {MAX_NUM_PACKING}, this "
-         "raises the cap.")]
+Packing = Annotated[
+    Optional[int],
+    typer.Option(
+        "--packing",
+        min=1,
+        max=PACKING_LIMIT,
+        help=f"Video: frames per 64-token group (default: automatic, at most {MAX_NUM_PACKING} as the model card). "
+        f"Above {MAX_NUM_PACKING} is this project's extension: the card caps packing at {MAX_NUM_PACKING}, this "
+        "raises the cap.",
+    ),
+]
 MaxFrames = Annotated[int, typer.Option("--max-frames", min=1, help=HELP["max_frames"])]
 
 
-def chat_options(think: bool, max_tokens: int, temperature: Optional[float], top_p: Optional[float],
-                 top_k: Optional[int], repeat_penalty: Optional[float], greedy: bool, seed: Optional[int],
-                 system: str, max_slices: Optional[int], image_id: Optional[bool]) -> ChatOptions:
-    return ChatOptions(think, max_tokens, temperature, top_p, top_k, repeat_penalty, greedy, seed, system,
-                       max_slices, image_id)
+def chat_options(
+    think: bool,
+    max_tokens: int,
+    temperature: Optional[float],
+    top_p: Optional[float],
+    top_k: Optional[int],
+    repeat_penalty: Optional[float],
+    greedy: bool,
+    seed: Optional[int],
+    system: str,
+    max_slices: Optional[int],
+    image_id: Optional[bool],
+) -> ChatOptions:
+    return ChatOptions(
+        think, max_tokens, temperature, top_p, top_k, repeat_penalty, greedy, seed, system, max_slices, image_id
+    )
 
 
 # -- what a network front end accepts (Limits) and who may use it -------------------------------
 
-MaxUploadMb = Annotated[float, typer.Option(FLAGS["max_upload_mb"], min=0.001,
-                                            help=f"Largest file a user may upload to the page, in MB "
-                                                 f"(default {L.max_upload_mb:g}).")]
-MaxBodyMb = Annotated[float, typer.Option(FLAGS["max_body_mb"], min=0.001,
-                                          help=f"Largest request body, in MB; media come inline as base64, "
-                                               f"4/3 of their size (default {L.max_body_mb:g}).")]
-MaxImagePixels = Annotated[int, typer.Option(FLAGS["max_image_pixels"], min=1,
-                                             help=f"Most pixels of one image, checked before it is decoded "
-                                                  f"(default {L.max_image_pixels:,}).")]
-MaxVideoSeconds = Annotated[float, typer.Option(FLAGS["max_video_seconds"], min=0.1,
-                                                help=f"Longest video, in seconds (default {L.max_video_seconds:g}).")]
-MaxVideoFrames = Annotated[int, typer.Option(FLAGS["max_video_frames"], min=1,
-                                             help=f"Most frames sampled from one video (default "
-                                                  f"{L.max_video_frames}).")]
-MaxVideoPixels = Annotated[int, typer.Option(FLAGS["max_video_pixels"], min=1,
-                                             help=f"Most pixels of one video frame (default {L.max_video_pixels:,}, "
-                                                  "1080p).")]
-MaxNewTokens = Annotated[int, typer.Option(FLAGS["max_new_tokens"], min=1,
-                                           help=f"Most tokens one answer may ask for; more is refused "
-                                                f"(default {L.max_new_tokens}).")]
-MaxQueue = Annotated[int, typer.Option(FLAGS["max_queue"], min=1,
-                                       help=f"Most requests waiting for the model; beyond it they are refused as "
-                                            f"busy (default {L.max_queue}).")]
-Host = Annotated[str, typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only). Another "
-                                                  "address makes it reachable from other machines, which needs a "
-                                                  "login or key, or --no-auth.")]
-NoAuth = Annotated[bool, typer.Option("--no-auth", help="Listen on a non-loopback --host without any login or key "
-                                                        "(anyone who can reach the port can use the model).")]
+MaxUploadMb = Annotated[
+    float,
+    typer.Option(
+        FLAGS["max_upload_mb"],
+        min=0.001,
+        help=f"Largest file a user may upload to the page, in MB (default {L.max_upload_mb:g}).",
+    ),
+]
+MaxBodyMb = Annotated[
+    float,
+    typer.Option(
+        FLAGS["max_body_mb"],
+        min=0.001,
+        help=f"Largest request body, in MB; media come inline as base64, "
+        f"4/3 of their size (default {L.max_body_mb:g}).",
+    ),
+]
+MaxImagePixels = Annotated[
+    int,
+    typer.Option(
+        FLAGS["max_image_pixels"],
+        min=1,
+        help=f"Most pixels of one image, checked before it is decoded (default {L.max_image_pixels:,}).",
+    ),
+]
+MaxVideoSeconds = Annotated[
+    float,
+    typer.Option(
+        FLAGS["max_video_seconds"], min=0.1, help=f"Longest video, in seconds (default {L.max_video_seconds:g})."
+    ),
+]
+MaxVideoFrames = Annotated[
+    int,
+    typer.Option(
+        FLAGS["max_video_frames"], min=1, help=f"Most frames sampled from one video (default {L.max_video_frames})."
+    ),
+]
+MaxVideoPixels = Annotated[
+    int,
+    typer.Option(
+        FLAGS["max_video_pixels"],
+        min=1,
+        help=f"Most pixels of one video frame (default {L.max_video_pixels:,}, 1080p).",
+    ),
+]
+MaxNewTokens = Annotated[
+    int,
+    typer.Option(
+        FLAGS["max_new_tokens"],
+        min=1,
+        help=f"Most tokens one answer may ask for; more is refused (default {L.max_new_tokens}).",
+    ),
+]
+MaxQueue = Annotated[
+    int,
+    typer.Option(
+        FLAGS["max_queue"],
+        min=1,
+        help=f"Most requests waiting for the model; beyond it they are refused as busy (default {L.max_queue}).",
+    ),
+]
+Host = Annotated[
+    str,
+    typer.Option(
+        "--host",
+        help="Address to listen on (127.0.0.1: this machine only). Another "
+        "address makes it reachable from other machines, which needs a "
+        "login or key, or --no-auth.",
+    ),
+]
+NoAuth = Annotated[
+    bool,
+    typer.Option(
+        "--no-auth",
+        help="Listen on a non-loopback --host without any login or key "
+        "(anyone who can reach the port can use the model).",
+    ),
+]
 
 
-def limits(max_upload_mb: float = L.max_upload_mb, max_body_mb: float = L.max_body_mb,
-           max_image_pixels: int = L.max_image_pixels, max_video_seconds: float = L.max_video_seconds,
-           max_video_frames: int = L.max_video_frames, max_video_pixels: int = L.max_video_pixels,
-           max_new_tokens: int = L.max_new_tokens, max_queue: int = L.max_queue) -> Limits:
-    return Limits(max_upload_mb=max_upload_mb, max_body_mb=max_body_mb, max_image_pixels=max_image_pixels,
-                  max_video_seconds=max_video_seconds, max_video_frames=max_video_frames,
-                  max_video_pixels=max_video_pixels, max_new_tokens=max_new_tokens, max_queue=max_queue)
+def limits(
+    max_upload_mb: float = L.max_upload_mb,
+    max_body_mb: float = L.max_body_mb,
+    max_image_pixels: int = L.max_image_pixels,
+    max_video_seconds: float = L.max_video_seconds,
+    max_video_frames: int = L.max_video_frames,
+    max_video_pixels: int = L.max_video_pixels,
+    max_new_tokens: int = L.max_new_tokens,
+    max_queue: int = L.max_queue,
+) -> Limits:
+    return Limits(
+        max_upload_mb=max_upload_mb,
+        max_body_mb=max_body_mb,
+        max_image_pixels=max_image_pixels,
+        max_video_seconds=max_video_seconds,
+        max_video_frames=max_video_frames,
+        max_video_pixels=max_video_pixels,
+        max_new_tokens=max_new_tokens,
+        max_queue=max_queue,
+    )

@@ -47,10 +47,11 @@ def _is_file(arg: str) -> bool:
 
 def show_cached() -> None:
     from minicpmv import hub
+
     models, partial = hub.list_cached()
     typer.echo(f"Hugging Face cache: {hub.hf_cache_dir()}")
     if not models and not partial:
-        typer.echo(f"no MiniCPM-V model cached yet; `minicpm-run IMAGE \"QUESTION\"` downloads {hub.DEFAULT_MODEL}")
+        typer.echo(f'no MiniCPM-V model cached yet; `minicpm-run IMAGE "QUESTION"` downloads {hub.DEFAULT_MODEL}')
     for c in models:
         typer.echo(f"{c.repo}: {c.summary}  ->  {c.use}")
     for repo, n in partial:
@@ -60,44 +61,83 @@ def show_cached() -> None:
 # no_args_is_help: a bare `minicpm-run` shows the help instead of fetching 6 GB for an empty chat.
 @app.command(context_settings={"help_option_names": ["-h", "--help"]}, no_args_is_help=True)
 def run(
-    inputs: List[str] = typer.Argument(None, metavar="[IMAGE|VIDEO ...] [QUESTION]",
-                                       help="Image or video files, then the question. Without a question "
-                                            "(the last argument is a file, or nothing is given) an "
-                                            "interactive chat starts. The question is always text."),
-    model: opt.Model = None, mmproj: opt.Mmproj = None, model_dir: opt.ModelDir = None, hf: opt.Hf = None,
-    mmproj_quant: opt.MmprojQuant = None, refresh: opt.Refresh = False,
-    list_cached: bool = typer.Option(False, "--list-cached",
-                                     help="List the MiniCPM-V models in the Hugging Face cache and exit."),
+    inputs: List[str] = typer.Argument(
+        None,
+        metavar="[IMAGE|VIDEO ...] [QUESTION]",
+        help="Image or video files, then the question. Without a question "
+        "(the last argument is a file, or nothing is given) an "
+        "interactive chat starts. The question is always text.",
+    ),
+    model: opt.Model = None,
+    mmproj: opt.Mmproj = None,
+    model_dir: opt.ModelDir = None,
+    hf: opt.Hf = None,
+    mmproj_quant: opt.MmprojQuant = None,
+    refresh: opt.Refresh = False,
+    list_cached: bool = typer.Option(
+        False, "--list-cached", help="List the MiniCPM-V models in the Hugging Face cache and exit."
+    ),
     think: opt.Think = False,
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer at the end instead of streaming it."),
-    max_tokens: opt.MaxTokens = opt.C.max_tokens, temperature: opt.Temperature = None, top_p: opt.TopP = None,
-    top_k: opt.TopK = None, repeat_penalty: opt.RepeatPenalty = None, greedy: opt.Greedy = False,
-    seed: opt.Seed = None, system: opt.System = "", max_slices: opt.MaxSlices = None, image_id: opt.ImageId = None,
-    threads: opt.Threads = None, ctx: opt.Ctx = None, low_memory: opt.LowMemory = False, kv_type: opt.KvType = None,
-    flash_attn: opt.FlashAttn = None, gpu_layers: opt.GpuLayers = None, vision_dtype: opt.VisionDtype = "auto",
+    max_tokens: opt.MaxTokens = opt.C.max_tokens,
+    temperature: opt.Temperature = None,
+    top_p: opt.TopP = None,
+    top_k: opt.TopK = None,
+    repeat_penalty: opt.RepeatPenalty = None,
+    greedy: opt.Greedy = False,
+    seed: opt.Seed = None,
+    system: opt.System = "",
+    max_slices: opt.MaxSlices = None,
+    image_id: opt.ImageId = None,
+    threads: opt.Threads = None,
+    ctx: opt.Ctx = None,
+    low_memory: opt.LowMemory = False,
+    kv_type: opt.KvType = None,
+    flash_attn: opt.FlashAttn = None,
+    gpu_layers: opt.GpuLayers = None,
+    vision_dtype: opt.VisionDtype = "auto",
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, thinking, timings."),
-    fps: opt.Fps = opt.M.fps, packing: opt.Packing = None, max_frames: opt.MaxFrames = opt.M.max_frames,
-    verbose: bool = typer.Option(False, "--verbose", "-v",
-                                 help="Print timings (vision ms per slice, prefill and decode tokens/s) and "
-                                      "the context size and KV cache MiB whenever the context is created or grown."),
+    fps: opt.Fps = opt.M.fps,
+    packing: opt.Packing = None,
+    max_frames: opt.MaxFrames = opt.M.max_frames,
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="Print timings (vision ms per slice, prefill and decode tokens/s) and "
+        "the context size and KV cache MiB whenever the context is created or grown.",
+    ),
     llama_log: opt.LlamaLog = False,
-    version: bool = typer.Option(False, "--version", is_eager=True,
-                                 help="Print a system report for bug reports (versions, CPU, llama.cpp build, "
-                                      "weight buffers, vision precision, threads) and exit."),
-    web: bool = typer.Option(False, "--web",
-                             help="Start a local chat page (drop images and videos, see the reasoning) instead "
-                                  "of a terminal chat; needs pip install 'minicpmv[web]'. The other options "
-                                  "set the page's model and defaults."),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        help="Print a system report for bug reports (versions, CPU, llama.cpp build, "
+        "weight buffers, vision precision, threads) and exit.",
+    ),
+    web: bool = typer.Option(
+        False,
+        "--web",
+        help="Start a local chat page (drop images and videos, see the reasoning) instead "
+        "of a terminal chat; needs pip install 'minicpmv[web]'. The other options "
+        "set the page's model and defaults.",
+    ),
     host: opt.Host = "127.0.0.1",
     port: int = typer.Option(7860, "--port", min=1, max=65535, help="--web: port to listen on."),
-    auth: Optional[str] = typer.Option(None, "--auth", metavar="USER:PASSWORD|FILE",
-                                       help="--web: require this login (or the USER:PASSWORD lines of FILE)."),
+    auth: Optional[str] = typer.Option(
+        None,
+        "--auth",
+        metavar="USER:PASSWORD|FILE",
+        help="--web: require this login (or the USER:PASSWORD lines of FILE).",
+    ),
     no_auth: opt.NoAuth = False,
-    max_upload_mb: opt.MaxUploadMb = opt.L.max_upload_mb, max_image_pixels: opt.MaxImagePixels = opt.L.max_image_pixels,
+    max_upload_mb: opt.MaxUploadMb = opt.L.max_upload_mb,
+    max_image_pixels: opt.MaxImagePixels = opt.L.max_image_pixels,
     max_video_seconds: opt.MaxVideoSeconds = opt.L.max_video_seconds,
     max_video_frames: opt.MaxVideoFrames = opt.L.max_video_frames,
     max_video_pixels: opt.MaxVideoPixels = opt.L.max_video_pixels,
-    max_new_tokens: opt.MaxNewTokens = opt.L.max_new_tokens, max_queue: opt.MaxQueue = opt.L.max_queue,
+    max_new_tokens: opt.MaxNewTokens = opt.L.max_new_tokens,
+    max_queue: opt.MaxQueue = opt.L.max_queue,
 ) -> None:
     """Ask MiniCPM-V 4.5 about images and videos, or chat interactively.
 
@@ -114,6 +154,7 @@ def run(
     """
     if version:
         from .system_report import format_report, system_report
+
         typer.echo(format_report(system_report()))
         return
     if list_cached:
@@ -121,17 +162,38 @@ def run(
         return
     inputs = list(inputs or [])
     question = inputs.pop() if inputs and not _is_file(inputs[-1]) else None
-    mo = opt.model_options(model, mmproj, model_dir, hf, mmproj_quant, refresh, threads, ctx, low_memory, kv_type,
-                           flash_attn, gpu_layers, vision_dtype, llama_log)
-    co = opt.chat_options(think, max_tokens, temperature, top_p, top_k, repeat_penalty, greedy, seed, system,
-                          max_slices, image_id)
+    mo = opt.model_options(
+        model,
+        mmproj,
+        model_dir,
+        hf,
+        mmproj_quant,
+        refresh,
+        threads,
+        ctx,
+        low_memory,
+        kv_type,
+        flash_attn,
+        gpu_layers,
+        vision_dtype,
+        llama_log,
+    )
+    co = opt.chat_options(
+        think, max_tokens, temperature, top_p, top_k, repeat_penalty, greedy, seed, system, max_slices, image_id
+    )
     media = MediaOptions(fps, packing, max_frames)
     page = None
     if web:
         page = _web_checks(inputs, question, as_json, host, port, auth, no_auth)
-        lim = opt.limits(max_upload_mb=max_upload_mb, max_image_pixels=max_image_pixels,
-                         max_video_seconds=max_video_seconds, max_video_frames=max_video_frames,
-                         max_video_pixels=max_video_pixels, max_new_tokens=max_new_tokens, max_queue=max_queue)
+        lim = opt.limits(
+            max_upload_mb=max_upload_mb,
+            max_image_pixels=max_image_pixels,
+            max_video_seconds=max_video_seconds,
+            max_video_frames=max_video_frames,
+            max_video_pixels=max_video_pixels,
+            max_new_tokens=max_new_tokens,
+            max_queue=max_queue,
+        )
         try:
             lim.check_max_tokens(co.max_tokens, "--max-tokens")
         except ValueError as e:
@@ -141,7 +203,7 @@ def run(
 
     conv = Conversation()
     progress = verbose or sys.stderr.isatty()
-    for f in inputs:   # files named on the command line are the operator's own: loaded as they are
+    for f in inputs:  # files named on the command line are the operator's own: loaded as they are
         try:
             item = load_file(Path(f), media, progress=progress)
         except MediaError as e:
@@ -158,7 +220,7 @@ def run(
         fail(str(e))
     except KeyboardInterrupt:
         typer.echo("minicpm-run: interrupted; run the same command again to resume a download", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     m.progress = progress  # long videos: a bar while frames are encoded
     if verbose:
         typer.echo(f"vision dtype: {m.vision.dtype_choice.describe()}", err=True)
@@ -166,8 +228,16 @@ def run(
         m.watch_context(lambda change: typer.echo(str(change), err=True))
     if page is not None:
         try:
-            page.serve(m, co, media, lim, host, port, auth=auth,
-                       title=model_title(m.lm.path, m.vision.path, ctx, m.lm.n_ctx_train))
+            page.serve(
+                m,
+                co,
+                media,
+                lim,
+                host,
+                port,
+                auth=auth,
+                title=model_title(m.lm.path, m.vision.path, ctx, m.lm.n_ctx_train),
+            )
         except (OSError, ValueError) as e:  # the port was taken since check_port; an unreadable --auth file
             fail(str(e))
         except KeyboardInterrupt:
@@ -182,13 +252,15 @@ def run(
     except (ValueError, RuntimeError) as e:
         fail(str(e))
     except KeyboardInterrupt:
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
-def _web_checks(inputs: list, question: Optional[str], as_json: bool, host: str, port: int, auth: Optional[str],
-                no_auth: bool):
+def _web_checks(
+    inputs: list, question: Optional[str], as_json: bool, host: str, port: int, auth: Optional[str], no_auth: bool
+):
     """--web's own checks, before anything is loaded; returns the page module."""
     from .listen import check_exposure, check_port
+
     if inputs or question is not None:
         fail("--web takes no files or question: drop them on the page")
     if as_json:

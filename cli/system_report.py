@@ -34,10 +34,10 @@ def system_report() -> list[tuple[str, str]]:
     import llama_cpp as ll
     import torch
 
-    from minicpmv.runtime.weight_buffers import plan_for_this_machine, system_features
     from minicpmv.runtime.llama_backend import backend_init
     from minicpmv.runtime.llama_load import default_gpu_layers, load_mode
     from minicpmv.runtime.vision_dtype import choose_vision_dtype
+    from minicpmv.runtime.weight_buffers import plan_for_this_machine, system_features
 
     backend_init()
     cpu = cpu_info()
@@ -50,8 +50,10 @@ def system_report() -> list[tuple[str, str]]:
     rows += [
         ("python", f"{platform.python_version()} ({sys.executable})"),
         ("platform", platform.platform()),
-        ("cpu", f"{cpu.model} ({cpu.machine}), {cpu.physical_cores} physical cores, "
-                f"{cpu.logical_cpus} usable logical CPUs"),
+        (
+            "cpu",
+            f"{cpu.model} ({cpu.machine}), {cpu.physical_cores} physical cores, {cpu.logical_cpus} usable logical CPUs",
+        ),
         ("cpu flags", " ".join(cpu.reported_flags) or "(none reported)"),
         ("memory", _memory_gb()),
         ("llama.cpp build", " ".join(f"{k}={v}" for k, v in features.items() if v != "0") or "(no features)"),

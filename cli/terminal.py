@@ -26,12 +26,20 @@ def print_stats(stats, out=None) -> None:
     out = out or sys.stderr
     v = stats.vision_ms
     if v:
-        print(f"vision: {len(v)} slices encoded, {sum(v) / len(v):.1f} ms per slice "
-              f"({stats.images_encoded} images)", file=out)
-    print(f"prefill: {stats.tokens_prefilled} tokens (from position {stats.prefill_start} of "
-          f"{stats.prompt_tokens}) in {stats.prefill_ms:.0f} ms, {stats.prefill_tps:.1f} tok/s", file=out)
-    print(f"decode: {stats.decode_tokens} tokens in {stats.decode_ms:.0f} ms, {stats.decode_tps:.1f} tok/s; "
-          f"time to first token {stats.ttft_ms:.0f} ms; finish: {stats.finish_reason}", file=out)
+        print(
+            f"vision: {len(v)} slices encoded, {sum(v) / len(v):.1f} ms per slice ({stats.images_encoded} images)",
+            file=out,
+        )
+    print(
+        f"prefill: {stats.tokens_prefilled} tokens (from position {stats.prefill_start} of "
+        f"{stats.prompt_tokens}) in {stats.prefill_ms:.0f} ms, {stats.prefill_tps:.1f} tok/s",
+        file=out,
+    )
+    print(
+        f"decode: {stats.decode_tokens} tokens in {stats.decode_ms:.0f} ms, {stats.decode_tps:.1f} tok/s; "
+        f"time to first token {stats.ttft_ms:.0f} ms; finish: {stats.finish_reason}",
+        file=out,
+    )
 
 
 def answer_once(model, conv: Conversation, o: ChatOptions, *, stream: bool, as_json: bool, verbose: bool) -> str:
@@ -40,15 +48,24 @@ def answer_once(model, conv: Conversation, o: ChatOptions, *, stream: bool, as_j
     tty = sys.stdout.isatty()
     if as_json:
         a = model.chat(conv.msgs, **kw)
-        typer.echo(json.dumps({"answer": str(a), "thinking": a.thinking, "finish_reason": a.stats.finish_reason,
-                               "timings": a.stats.as_dict()}, ensure_ascii=False))
+        typer.echo(
+            json.dumps(
+                {
+                    "answer": str(a),
+                    "thinking": a.thinking,
+                    "finish_reason": a.stats.finish_reason,
+                    "timings": a.stats.as_dict(),
+                },
+                ensure_ascii=False,
+            )
+        )
     elif stream:
         s = model.chat(conv.msgs, stream=True, **kw)
         in_think, shown = False, ""
         for p in s:
             if p.thinking and not in_think and tty:
                 sys.stdout.write(DIM)
-            if not p.thinking and in_think:   # reasoning done: close it on its own paragraph
+            if not p.thinking and in_think:  # reasoning done: close it on its own paragraph
                 gap = "\n" * max(0, 2 - (len(shown) - len(shown.rstrip("\n"))))
                 sys.stdout.write((RESET if tty else "") + gap)
             in_think = p.thinking
@@ -70,10 +87,12 @@ def answer_once(model, conv: Conversation, o: ChatOptions, *, stream: bool, as_j
     return str(a)
 
 
-def interactive(model, conv: Conversation, o: ChatOptions, media: MediaOptions, *, stream: bool,
-                verbose: bool) -> None:
-    typer.echo("Interactive chat. Commands: /image PATH (image or video for the next question), /reset, "
-               "/think (toggle thinking), /quit", err=True)
+def interactive(model, conv: Conversation, o: ChatOptions, media: MediaOptions, *, stream: bool, verbose: bool) -> None:
+    typer.echo(
+        "Interactive chat. Commands: /image PATH (image or video for the next question), /reset, "
+        "/think (toggle thinking), /quit",
+        err=True,
+    )
     while True:
         try:
             line = input("> ").strip()
@@ -94,7 +113,7 @@ def interactive(model, conv: Conversation, o: ChatOptions, media: MediaOptions, 
             typer.echo(f"(thinking {'on' if o.think else 'off'})", err=True)
             continue
         if line.startswith("/image"):
-            path = line[len("/image"):].strip()
+            path = line[len("/image") :].strip()
             if not path:
                 typer.echo("usage: /image PATH", err=True)
                 continue
@@ -109,7 +128,7 @@ def interactive(model, conv: Conversation, o: ChatOptions, media: MediaOptions, 
         if line.startswith("/"):
             typer.echo(f"unknown command {line.split()[0]}; commands: /image PATH, /reset, /think, /quit", err=True)
             continue
-        conv.ask(line)   # typed text is text: a path here is a question, not a file
+        conv.ask(line)  # typed text is text: a path here is a question, not a file
         try:
             conv.answered(answer_once(model, conv, o, stream=stream, as_json=False, verbose=verbose))
         except (ValueError, RuntimeError) as e:

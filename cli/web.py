@@ -16,8 +16,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from minicpmv.schema import REFERENCE_SAMPLING as S, THINKING_SAMPLING as TS
-
+from minicpmv.schema import REFERENCE_SAMPLING as S
+from minicpmv.schema import THINKING_SAMPLING as TS
 from minicpmv.session.limits import FLAGS, Limits
 from minicpmv.session.options import ChatOptions, MediaOptions
 
@@ -60,8 +60,13 @@ def read_auth(auth: str | None) -> list[tuple[str, str]] | None:
 
 def _optional(label: str, value, empty: str = "default") -> gr.Textbox:
     """A number field that may stay empty (gr.Number shows None as 0)."""
-    return gr.Textbox("" if value is None else str(value), label=label, placeholder=empty, max_lines=1,
-                      elem_id=label.lower().replace(" ", "-"))
+    return gr.Textbox(
+        "" if value is None else str(value),
+        label=label,
+        placeholder=empty,
+        max_lines=1,
+        elem_id=label.lower().replace(" ", "-"),
+    )
 
 
 def _number(label: str, text: str, kind=float):
@@ -75,37 +80,59 @@ def _number(label: str, text: str, kind=float):
         raise ValueError(f"{label}: {text!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
-def page_opts(o: ChatOptions, limits: Limits, think, max_tokens, seed, greedy, temperature, top_p, top_k,
-              repeat_penalty, system) -> ChatOptions:
+def page_opts(
+    o: ChatOptions, limits: Limits, think, max_tokens, seed, greedy, temperature, top_p, top_k, repeat_penalty, system
+) -> ChatOptions:
     """The CLI options with the page's settings applied (ValueError, one line, for a bad one)."""
     n = int(max_tokens or o.max_tokens)
     if n > limits.max_new_tokens:
-        raise ValueError(f"Max new tokens: {n} is more than the limit of {limits.max_new_tokens} "
-                         f"({FLAGS['max_new_tokens']})")
+        raise ValueError(
+            f"Max new tokens: {n} is more than the limit of {limits.max_new_tokens} ({FLAGS['max_new_tokens']})"
+        )
     return dataclasses.replace(
-        o, think=bool(think), max_tokens=n, seed=_number("Seed", seed, int),
-        greedy=bool(greedy), temperature=_number("Temperature", temperature), top_p=_number("Top-p", top_p),
-        top_k=_number("Top-k", top_k, int), repeat_penalty=_number("Repetition penalty", repeat_penalty),
-        system=system or "")
+        o,
+        think=bool(think),
+        max_tokens=n,
+        seed=_number("Seed", seed, int),
+        greedy=bool(greedy),
+        temperature=_number("Temperature", temperature),
+        top_p=_number("Top-p", top_p),
+        top_k=_number("Top-k", top_k, int),
+        repeat_penalty=_number("Repetition penalty", repeat_penalty),
+        system=system or "",
+    )
 
 
 def build_page(chat: LocalChat, title: str) -> gr.Blocks:
     o = chat.opts
-    with gr.Blocks(title="MiniCPM-V 4.5", analytics_enabled=False,
-                   delete_cache=(DELETE_EVERY_S, DELETE_AFTER_S)) as page:
-        session = gr.State(lambda: Session())   # a new conversation per tab (the class itself would be
+    with gr.Blocks(
+        title="MiniCPM-V 4.5", analytics_enabled=False, delete_cache=(DELETE_EVERY_S, DELETE_AFTER_S)
+    ) as page:
+        session = gr.State(lambda: Session())  # a new conversation per tab (the class itself would be
         # taken for a dataclass value)
         gr.Markdown(f"### MiniCPM-V 4.5 · local chat\n<small>{title}</small>")
-        chatbot = gr.Chatbot(elem_id="chat", height="60vh", min_height=360, show_label=False, buttons=["copy"],
-                             feedback_options=None, allow_file_downloads=False,
-                             placeholder="Drop images or a video into the box below and ask about them.")
+        chatbot = gr.Chatbot(
+            elem_id="chat",
+            height="60vh",
+            min_height=360,
+            show_label=False,
+            buttons=["copy"],
+            feedback_options=None,
+            allow_file_downloads=False,
+            placeholder="Drop images or a video into the box below and ask about them.",
+        )
         error = gr.Markdown(visible=False, elem_id="error")
-        box = gr.MultimodalTextbox(elem_id="msg", file_count="multiple", file_types=["image", "video"],
-                                   sources=["upload"], show_label=False, submit_btn=True,
-                                   placeholder="Ask about images or a video (drop or attach files)…")
+        box = gr.MultimodalTextbox(
+            elem_id="msg",
+            file_count="multiple",
+            file_types=["image", "video"],
+            sources=["upload"],
+            show_label=False,
+            submit_btn=True,
+            placeholder="Ask about images or a video (drop or attach files)…",
+        )
         with gr.Row():
-            think = gr.Checkbox(o.think, label="Thinking", elem_id="think", container=False, scale=4,
-                                min_width=100)
+            think = gr.Checkbox(o.think, label="Thinking", elem_id="think", container=False, scale=4, min_width=100)
             stop = gr.Button("Stop", elem_id="stop", variant="stop", size="sm", scale=1, min_width=90)
             regen = gr.Button("Regenerate", elem_id="regenerate", size="sm", scale=1, min_width=90)
             clear = gr.Button("Clear", elem_id="clear", size="sm", scale=1, min_width=90)
@@ -113,20 +140,28 @@ def build_page(chat: LocalChat, title: str) -> gr.Blocks:
             # text fields, not numbers: empty means the model card's default (or a random seed), as
             # leaving the CLI option out does
             with gr.Row():
-                max_tokens = gr.Number(o.max_tokens, label=f"Max new tokens (at most {chat.limits.max_new_tokens})",
-                                       precision=0, minimum=1, maximum=chat.limits.max_new_tokens,
-                                       elem_id="max-tokens")
+                max_tokens = gr.Number(
+                    o.max_tokens,
+                    label=f"Max new tokens (at most {chat.limits.max_new_tokens})",
+                    precision=0,
+                    minimum=1,
+                    maximum=chat.limits.max_new_tokens,
+                    elem_id="max-tokens",
+                )
                 seed = _optional("Seed", o.seed, "random")
-                greedy = gr.Checkbox(o.greedy, label="Greedy", elem_id="greedy",
-                                     info="always take the most likely token")
+                greedy = gr.Checkbox(
+                    o.greedy, label="Greedy", elem_id="greedy", info="always take the most likely token"
+                )
             with gr.Row():
                 temperature = _optional("Temperature", o.temperature)
                 top_p = _optional("Top-p", o.top_p)
                 top_k = _optional("Top-k", o.top_k)
                 repeat_penalty = _optional("Repetition penalty", o.repeat_penalty)
-            gr.Markdown("<small>Empty: the model card's sampling, which differs with thinking on "
-                        f"(T {S.temperature}; top-p {S.top_p}, top-k {S.top_k}, penalty {S.repetition_penalty} "
-                        f"without; {TS.top_p}, {TS.top_k}, {TS.repetition_penalty} with).</small>")
+            gr.Markdown(
+                "<small>Empty: the model card's sampling, which differs with thinking on "
+                f"(T {S.temperature}; top-p {S.top_p}, top-k {S.top_k}, penalty {S.repetition_penalty} "
+                f"without; {TS.top_p}, {TS.top_k}, {TS.repetition_penalty} with).</small>"
+            )
             system = gr.Textbox(o.system, label="System prompt", lines=2, elem_id="system")
         settings = [think, max_tokens, seed, greedy, temperature, top_p, top_k, repeat_penalty, system]
 
@@ -164,11 +199,18 @@ def build_page(chat: LocalChat, title: str) -> gr.Blocks:
             return shown(s)
 
         unlock = dict(fn=lambda: gr.MultimodalTextbox(interactive=True), outputs=box, queue=False)
-        model_queue = dict(inputs=[session, *settings], outputs=[chatbot, error], concurrency_id="model",
-                           concurrency_limit=1, show_progress="minimal")
+        model_queue = dict(
+            inputs=[session, *settings],
+            outputs=[chatbot, error],
+            concurrency_id="model",
+            concurrency_limit=1,
+            show_progress="minimal",
+        )
         gate = dict(fn=has_question, inputs=session, outputs=None, queue=False)
-        for asked in (box.submit(ask, [session, box], [chatbot, error, box]),
-                      regen.click(regenerate, [session], [chatbot, error, box])):
+        for asked in (
+            box.submit(ask, [session, box], [chatbot, error, box]),
+            regen.click(regenerate, [session], [chatbot, error, box]),
+        ):
             asked.then(**gate).success(answer, **model_queue).then(**unlock)
         clear.click(clear_all, [session], [chatbot, error])
         # Stop must not wait behind the answer it stops: no concurrency limit, no queue.
@@ -176,18 +218,40 @@ def build_page(chat: LocalChat, title: str) -> gr.Blocks:
     return page
 
 
-def serve(model, opts: ChatOptions, media: MediaOptions, limits: Limits, host: str, port: int, title: str,
-          auth: str | None = None) -> None:
+def serve(
+    model,
+    opts: ChatOptions,
+    media: MediaOptions,
+    limits: Limits,
+    host: str,
+    port: int,
+    title: str,
+    auth: str | None = None,
+) -> None:
     """Serve the page until Ctrl+C."""
     logins = read_auth(auth)
     page = build_page(LocalChat(model, opts, media, limits), title)
     page.queue(default_concurrency_limit=1, max_size=limits.max_queue)
     theme = gr.themes.Default(font=FONTS, font_mono=MONO_FONTS)
-    page.launch(server_name=host, server_port=port, quiet=True, prevent_thread_lock=True, show_error=True,
-                theme=theme, css=CSS, enable_monitoring=False, ssr_mode=False, footer_links=[], auth=logins,
-                max_file_size=limits.max_upload_bytes)
-    print(f"minicpm-run: chat page at http://{url_host(host)}:{page.server_port}/ (Ctrl+C to stop)",
-          file=sys.stderr, flush=True)
+    page.launch(
+        server_name=host,
+        server_port=port,
+        quiet=True,
+        prevent_thread_lock=True,
+        show_error=True,
+        theme=theme,
+        css=CSS,
+        enable_monitoring=False,
+        ssr_mode=False,
+        footer_links=[],
+        auth=logins,
+        max_file_size=limits.max_upload_bytes,
+    )
+    print(
+        f"minicpm-run: chat page at http://{url_host(host)}:{page.server_port}/ (Ctrl+C to stop)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         page.block_thread()
     finally:

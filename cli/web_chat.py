@@ -13,28 +13,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from minicpmv.schema import THINK_END, THINK_START
-
 from minicpmv.runtime.video import VideoFrames
+from minicpmv.schema import THINK_END, THINK_START
 from minicpmv.session.conversation import Conversation
 from minicpmv.session.limits import Limits
 from minicpmv.session.media import MediaError, describe_media, load_upload
 from minicpmv.session.options import ChatOptions, MediaOptions
 
-STREAM_INTERVAL_S = 0.05   # redraw the streamed answer at most this often (every piece still stops)
+STREAM_INTERVAL_S = 0.05  # redraw the streamed answer at most this often (every piece still stops)
 THINK_MARKS = (THINK_START, THINK_END)
 
 
 @dataclass
 class Turn:
     """One question and its answer as the page shows them."""
+
     question: str
-    images: list[Path]                # shown as thumbnails
-    notes: list[str]                  # "clip.mp4: 15 frames in 5 groups of up to 3"
-    thinking: str = ""                # streamed reasoning (with the model's <think> marks)
+    images: list[Path]  # shown as thumbnails
+    notes: list[str]  # "clip.mp4: 15 frames in 5 groups of up to 3"
+    thinking: str = ""  # streamed reasoning (with the model's <think> marks)
     answer: str = ""
-    status: str = ""                  # "waiting ...", shown until the answer starts
-    footer: str = ""                  # timings, in small print
+    status: str = ""  # "waiting ...", shown until the answer starts
+    footer: str = ""  # timings, in small print
     streaming: bool = False
     done: bool = False
 
@@ -42,11 +42,12 @@ class Turn:
 @dataclass
 class Session:
     """One browser tab: the model's messages (`conv.msgs`) and the turns on the page."""
+
     conv: Conversation = field(default_factory=Conversation)
     turns: list[Turn] = field(default_factory=list)
-    error: str = ""                   # the last one-line error, shown under the chat
-    stop_requested: bool = False      # set by the Stop button, read between streamed pieces
-    busy: bool = False                # an answer is being generated for this tab
+    error: str = ""  # the last one-line error, shown under the chat
+    stop_requested: bool = False  # set by the Stop button, read between streamed pieces
+    busy: bool = False  # an answer is being generated for this tab
 
     @property
     def pending(self) -> Turn | None:
@@ -92,8 +93,13 @@ def chat_messages(s: Session) -> list[dict]:
         out.append({"role": "user", "content": content})
         if t.thinking:
             thinking_open = t.streaming and not t.answer and THINK_MARKS[1] not in t.thinking
-            out.append({"role": "assistant", "content": _shown_thinking(t.thinking) or "…",
-                        "metadata": {"title": "Thinking", "status": "pending" if thinking_open else "done"}})
+            out.append(
+                {
+                    "role": "assistant",
+                    "content": _shown_thinking(t.thinking) or "…",
+                    "metadata": {"title": "Thinking", "status": "pending" if thinking_open else "done"},
+                }
+            )
         if t.answer or not t.thinking:
             out.append({"role": "assistant", "content": t.answer or t.status or ("" if t.done else "…")})
         if t.footer:
@@ -111,7 +117,7 @@ class LocalChat:
         self.opts = opts
         self.media = media
         self.limits = limits
-        self.answering = 0            # tabs being answered right now
+        self.answering = 0  # tabs being answered right now
 
     # -- questions -----------------------------------------------------------------------------
 
@@ -149,8 +155,10 @@ class LocalChat:
         """One uploaded file, read once (its size checked before it is read)."""
         size = path.stat().st_size
         if size > self.limits.max_upload_bytes:
-            raise MediaError(f"{path.name}: {size / 2**20:.1f} MB is more than the limit of "
-                             f"{self.limits.max_upload_mb:g} MB (--max-upload-mb)")
+            raise MediaError(
+                f"{path.name}: {size / 2**20:.1f} MB is more than the limit of "
+                f"{self.limits.max_upload_mb:g} MB (--max-upload-mb)"
+            )
         return load_upload(path.read_bytes(), path.name, self.media, self.limits)
 
     def regenerate(self, s: Session) -> bool:
@@ -220,7 +228,7 @@ class LocalChat:
                     yield
             result = None if stream is None or stopped else stream.result
             if stream is not None and result is None:
-                stream.close()   # stopped: the turn goes back to the model, the counters are kept
+                stream.close()  # stopped: the turn goes back to the model, the counters are kept
             if result is not None:
                 turn.answer, turn.thinking = str(result), result.thinking
             turn.answer = turn.answer.strip()
@@ -237,7 +245,7 @@ class LocalChat:
             s.conv.answered(turn.answer)
         finally:
             if stream is not None:
-                stream.close()   # whatever ended this answer, the model's turn goes back
+                stream.close()  # whatever ended this answer, the model's turn goes back
             turn.streaming, turn.done = False, True
             s.busy, s.stop_requested = False, False
             self.answering -= 1

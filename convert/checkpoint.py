@@ -37,9 +37,9 @@ SINGLE_FILE = "model.safetensors"
 class TensorRef:
     name: str
     file: Path
-    dtype: str           # safetensors dtype string, e.g. "BF16"
+    dtype: str  # safetensors dtype string, e.g. "BF16"
     shape: tuple[int, ...]
-    offset: int          # absolute byte offset in the file
+    offset: int  # absolute byte offset in the file
     nbytes: int
 
     @property
@@ -73,7 +73,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes, shape {shape} needs {expect}")
         if base + end > size:
             raise CheckpointError(
-                f"{path}: truncated shard: tensor {name} ends at byte {base + end}, file has {size} bytes")
+                f"{path}: truncated shard: tensor {name} ends at byte {base + end}, file has {size} bytes"
+            )
         refs[name] = TensorRef(name, path, dtype, shape, base + start, end - start)
     spans = sorted((r.offset, r.offset + r.nbytes, r.name) for r in refs.values())
     for (_, a_end, a), (b_start, b_end, b) in zip(spans, spans[1:]):
@@ -87,15 +88,21 @@ def _entry(path: Path, name: str, info) -> tuple[str, tuple[int, ...], tuple[int
     try:
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     except (TypeError, KeyError):
-        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} lacks dtype, shape or "
-                              f"data_offsets ({json.dumps(info)[:120]})") from None
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header: tensor {name!r} lacks dtype, shape or "
+            f"data_offsets ({json.dumps(info)[:120]})"
+        ) from None
     if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+
     def counts(v) -> bool:
         return isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)
+
     if not counts(shape) or not counts(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has shape {json.dumps(shape)} "
-                              f"and data_offsets {json.dumps(offsets)}")
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header: tensor {name!r} has shape {json.dumps(shape)} "
+            f"and data_offsets {json.dumps(offsets)}"
+        )
     return dtype, tuple(shape), (offsets[0], offsets[1])
 
 
@@ -106,13 +113,14 @@ def read_index(index: Path) -> dict[str, str]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{index}: not a safetensors index (not JSON: {e})") from None
     except (KeyError, TypeError):
-        raise CheckpointError(f"{index}: not a safetensors index (no \"weight_map\" object)") from None
+        raise CheckpointError(f'{index}: not a safetensors index (no "weight_map" object)') from None
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: not a safetensors index (\"weight_map\" is not an object)")
+        raise CheckpointError(f'{index}: not a safetensors index ("weight_map" is not an object)')
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard or Path(shard).name != shard:
-            raise CheckpointError(f"{index}: tensor {name!r} is mapped to {shard!r}, not a shard file name "
-                                  "in the checkpoint folder")
+            raise CheckpointError(
+                f"{index}: tensor {name!r} is mapped to {shard!r}, not a shard file name in the checkpoint folder"
+            )
     return weight_map
 
 
@@ -214,5 +222,5 @@ class Checkpoint:
         self._fds.clear()
 
     def __del__(self) -> None:
-        if getattr(self, "_fds", None):   # absent when __init__ raised
+        if getattr(self, "_fds", None):  # absent when __init__ raised
             self.close()

@@ -50,7 +50,7 @@ class MiniCPMVConfig:
     text: TextConfig
     vision: VisionConfig
     query_num: int = QUERY_NUM
-    image_size: int = SCALE_RESOLUTION   # slice size (scale_resolution)
+    image_size: int = SCALE_RESOLUTION  # slice size (scale_resolution)
     patch_size: int = PATCH_SIZE
     max_slice_nums: int = MAX_SLICE_NUMS
     use_image_id: bool = True

@@ -12,17 +12,29 @@ from .config import CheckpointError, MiniCPMVConfig
 def dims(cfg: MiniCPMVConfig) -> dict[str, int]:
     """The schema's dimension names (see minicpmv.schema) sized by config.json."""
     t, v = cfg.text, cfg.vision
-    return {"H": t.hidden_size, "V": t.vocab_size, "I": t.intermediate_size, "hd": t.head_dim,
-            "Hq": t.num_attention_heads * t.head_dim, "Hkv": t.num_key_value_heads * t.head_dim,
-            "Hv": v.hidden_size, "Iv": v.intermediate_size, "P": v.patch_size,
-            "Np": v.num_patches_per_side ** 2, "Q": cfg.query_num}
+    return {
+        "H": t.hidden_size,
+        "V": t.vocab_size,
+        "I": t.intermediate_size,
+        "hd": t.head_dim,
+        "Hq": t.num_attention_heads * t.head_dim,
+        "Hkv": t.num_key_value_heads * t.head_dim,
+        "Hv": v.hidden_size,
+        "Iv": v.intermediate_size,
+        "P": v.patch_size,
+        "Np": v.num_patches_per_side**2,
+        "Q": cfg.query_num,
+    }
 
 
 def expected_shapes(cfg: MiniCPMVConfig) -> dict[str, tuple[int, ...]]:
     """Checkpoint name -> shape of every tensor (all vision layers: the checkpoint holds them all)."""
-    return schema.checkpoint_shapes(dims(cfg), text_layers=cfg.text.num_hidden_layers,
-                                    vision_layers=cfg.vision.num_hidden_layers,
-                                    tied=cfg.text.tie_word_embeddings)
+    return schema.checkpoint_shapes(
+        dims(cfg),
+        text_layers=cfg.text.num_hidden_layers,
+        vision_layers=cfg.vision.num_hidden_layers,
+        tied=cfg.text.tie_word_embeddings,
+    )
 
 
 def validate(ckpt: Checkpoint, cfg: MiniCPMVConfig, prefixes: tuple[str, ...] = ("llm.", "vpm.", "resampler.")) -> None:

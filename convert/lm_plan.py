@@ -17,9 +17,16 @@ def lm_plans(ckpt: Checkpoint, cfg: MiniCPMVConfig) -> list[TensorPlan]:
     """One plan per language-model tensor, in llama.cpp order (token_embd, blocks, output_norm, output).
 
     Types are left F32 here; the quantization policy assigns them (it needs the whole list)."""
-    return [TensorPlan(t.gguf, ckpt.shape(t.hf), (lambda n=t.hf: ckpt.f32(n)), source=t.hf,
-                       load_rows=(lambda a, b, n=t.hf: ckpt.raw_rows(n, a, b)))
-            for t in _lm_tensors(cfg)]
+    return [
+        TensorPlan(
+            t.gguf,
+            ckpt.shape(t.hf),
+            (lambda n=t.hf: ckpt.f32(n)),
+            source=t.hf,
+            load_rows=(lambda a, b, n=t.hf: ckpt.raw_rows(n, a, b)),
+        )
+        for t in _lm_tensors(cfg)
+    ]
 
 
 def _lm_tensors(cfg: MiniCPMVConfig) -> list[schema.Tensor]:
@@ -31,13 +38,16 @@ def published_lm_layout() -> tuple[MiniCPMVConfig, list[tuple[str, tuple[int, ..
     lm_plans writes them: the schema's table sized by the published config.json (it ships in
     reference_files/). What the size table of --quant is computed from."""
     import json
+
     from .synthetic import REFERENCE_DIR
+
     cfg = parse_config(json.loads((REFERENCE_DIR / "config.json").read_text(encoding="utf-8")))
     return cfg, [(t.gguf, t.shape) for t in _lm_tensors(cfg)]
 
 
-def add_lm_metadata(w: gguf.GGUFWriter, cfg: MiniCPMVConfig, vocab: Vocab, *, name: str,
-                    file_type: int, n_params: int) -> None:
+def add_lm_metadata(
+    w: gguf.GGUFWriter, cfg: MiniCPMVConfig, vocab: Vocab, *, name: str, file_type: int, n_params: int
+) -> None:
     t = cfg.text
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)

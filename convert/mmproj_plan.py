@@ -41,6 +41,7 @@ def parse_mmproj_type(name: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # tensor types
 
+
 def tensor_type(name: str, shape: tuple[int, ...], mmproj_type: str) -> Q:
     """GGML type of one mmproj tensor (docs/llamacpp.md §2.4: what the CPU backend accepts).
 
@@ -60,18 +61,24 @@ def tensor_type(name: str, shape: tuple[int, ...], mmproj_type: str) -> Q:
 # ----------------------------------------------------------------------------------------------
 # plans
 
+
 def check_supported(cfg: MiniCPMVConfig, where: str) -> None:
     v, D = cfg.vision, cfg.text.hidden_size
     if v.num_patches_per_side != CLIP_POS_BUCKETS:
         raise CheckpointError(
             f"{where}: vision_config image_size {v.image_size} / patch_size {v.patch_size} gives "
-            f"{v.num_patches_per_side} position buckets per side; llama.cpp's clip requires {CLIP_POS_BUCKETS}")
+            f"{v.num_patches_per_side} position buckets per side; llama.cpp's clip requires {CLIP_POS_BUCKETS}"
+        )
     if v.hidden_size % v.num_attention_heads:
-        raise CheckpointError(f"{where}: vision_config hidden_size {v.hidden_size} is not a multiple of "
-                              f"num_attention_heads {v.num_attention_heads}")
+        raise CheckpointError(
+            f"{where}: vision_config hidden_size {v.hidden_size} is not a multiple of "
+            f"num_attention_heads {v.num_attention_heads}"
+        )
     if D % RESAMPLER_HEAD_DIM:
-        raise CheckpointError(f"{where}: hidden_size {D} is not a multiple of {RESAMPLER_HEAD_DIM} "
-                              f"(resampler heads are {RESAMPLER_HEAD_DIM} wide)")
+        raise CheckpointError(
+            f"{where}: hidden_size {D} is not a multiple of {RESAMPLER_HEAD_DIM} "
+            f"(resampler heads are {RESAMPLER_HEAD_DIM} wide)"
+        )
 
 
 def mmproj_plans(ckpt: Checkpoint, cfg: MiniCPMVConfig, mmproj_type: str) -> list[TensorPlan]:
@@ -82,8 +89,16 @@ def mmproj_plans(ckpt: Checkpoint, cfg: MiniCPMVConfig, mmproj_type: str) -> lis
     plans: list[TensorPlan] = []
     for t in schema.tensors(schema.MMPROJ, dims(cfg), layers=cfg.vision_layers_used):
         load, load_rows = _loaders(ckpt, t)
-        plans.append(TensorPlan(t.gguf, t.shape, load, tensor_type(t.gguf, t.shape, mmproj_type),
-                                source=t.hf or "(computed 2-D sin-cos)", load_rows=load_rows))
+        plans.append(
+            TensorPlan(
+                t.gguf,
+                t.shape,
+                load,
+                tensor_type(t.gguf, t.shape, mmproj_type),
+                source=t.hf or "(computed 2-D sin-cos)",
+                load_rows=load_rows,
+            )
+        )
     return plans
 
 
@@ -92,10 +107,10 @@ def _loaders(ckpt: Checkpoint, t: schema.Tensor):
     hf = t.hf
     if t.take == "copy":
         return (lambda: ckpt.f32(hf)), (lambda a, b: ckpt.f32_rows(hf, a, b))
-    if t.take.startswith("split:"):   # rows j*D .. (j+1)*D of the packed [Wq; Wk; Wv] (or biases)
+    if t.take.startswith("split:"):  # rows j*D .. (j+1)*D of the packed [Wq; Wk; Wv] (or biases)
         o = int(t.take.split(":")[1]) * t.shape[0]
         rows = None if len(t.shape) == 1 else (lambda a, b: ckpt.f32_rows(hf, o + a, o + b))
-        return (lambda: ckpt.f32(hf)[o:o + t.shape[0]].copy()), rows
+        return (lambda: ckpt.f32(hf)[o : o + t.shape[0]].copy()), rows
     if t.take == "transpose":
         return (lambda: np.ascontiguousarray(ckpt.f32(hf).T)), None
     if t.take == "sincos":
@@ -106,6 +121,7 @@ def _loaders(ckpt: Checkpoint, t: schema.Tensor):
 
 # ----------------------------------------------------------------------------------------------
 # metadata
+
 
 def add_mmproj_metadata(w: gguf.GGUFWriter, cfg: MiniCPMVConfig, mmproj_type: str, *, name: str) -> None:
     """Every key llama.cpp's clip loader reads for a MiniCPM-V 4.5 projector, with its exact value type."""

@@ -26,8 +26,12 @@ MODELFILE_NAME = "Modelfile"
 
 # Reference chat() sampling without thinking (docs/reference-model.md §6.2), as Ollama parameters.
 # (llama.cpp's MiniCPM-V docs suggest --repeat-penalty 1.05.)
-SAMPLING = (("temperature", REFERENCE_SAMPLING.temperature), ("top_p", REFERENCE_SAMPLING.top_p),
-            ("top_k", REFERENCE_SAMPLING.top_k), ("repeat_penalty", REFERENCE_SAMPLING.repetition_penalty))
+SAMPLING = (
+    ("temperature", REFERENCE_SAMPLING.temperature),
+    ("top_p", REFERENCE_SAMPLING.top_p),
+    ("top_k", REFERENCE_SAMPLING.top_k),
+    ("repeat_penalty", REFERENCE_SAMPLING.repetition_penalty),
+)
 
 # Context window. One image costs up to ~665 tokens (overview + 3x3 slices of 64 query tokens each,
 # docs/reference-model.md §5.1); Ollama's own prompt budget assumes 768 per image
@@ -107,8 +111,7 @@ def _from_path(path: str) -> str:
     return p
 
 
-def render_modelfile(lm_file: str, mmproj_file: str, *, num_ctx: int = NUM_CTX,
-                     system: str | None = None) -> str:
+def render_modelfile(lm_file: str, mmproj_file: str, *, num_ctx: int = NUM_CTX, system: str | None = None) -> str:
     """Modelfile text. Paths are written as given (relative ones are resolved by Ollama against
     the Modelfile's folder)."""
     if num_ctx < 1024:
@@ -134,9 +137,16 @@ def render_modelfile(lm_file: str, mmproj_file: str, *, num_ctx: int = NUM_CTX,
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(out_dir: Path, lm_path: Path, mmproj_path: Path, force: bool = False, *,
-                    num_ctx: int = NUM_CTX, system: str | None = None,
-                    outputs: OutputSet | None = None) -> Path:
+def write_modelfile(
+    out_dir: Path,
+    lm_path: Path,
+    mmproj_path: Path,
+    force: bool = False,
+    *,
+    num_ctx: int = NUM_CTX,
+    system: str | None = None,
+    outputs: OutputSet | None = None,
+) -> Path:
     """Write OUT/Modelfile with FROM paths relative to OUT. Refuses to overwrite an existing
     Modelfile unless force (raises writer.OutputExistsError). With `outputs`, the Modelfile joins that
     set of files (renamed together with the GGUFs it names, which need not exist yet); otherwise it
@@ -149,11 +159,14 @@ def write_modelfile(out_dir: Path, lm_path: Path, mmproj_path: Path, force: bool
             if not Path(p).is_file():
                 raise FileNotFoundError(f"{p}: GGUF file not found")
     base = os.path.abspath(out_dir)
-    text = render_modelfile(os.path.relpath(os.path.abspath(lm_path), base),
-                            os.path.relpath(os.path.abspath(mmproj_path), base),
-                            num_ctx=num_ctx, system=system)
+    text = render_modelfile(
+        os.path.relpath(os.path.abspath(lm_path), base),
+        os.path.relpath(os.path.abspath(mmproj_path), base),
+        num_ctx=num_ctx,
+        system=system,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (contextlib.nullcontext(outputs) if outputs is not None else OutputSet(force)) as outs:
+    with contextlib.nullcontext(outputs) if outputs is not None else OutputSet(force) as outs:
         with open(outs.add(target), "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
     return target
@@ -163,8 +176,9 @@ def write_modelfile(out_dir: Path, lm_path: Path, mmproj_path: Path, force: bool
 # Modelfile for GGUF files that already exist (`minicpm-convert --modelfile-only DIR`)
 
 
-def modelfile_for_existing(*paths: Path, out_dir: Path | None = None, force: bool = False,
-                           num_ctx: int = NUM_CTX, system: str | None = None) -> Path:
+def modelfile_for_existing(
+    *paths: Path, out_dir: Path | None = None, force: bool = False, num_ctx: int = NUM_CTX, system: str | None = None
+) -> Path:
     """Write a Modelfile for GGUF files that already exist, without converting.
 
     `paths`: a folder holding the language-model GGUF and the mmproj GGUF, or the two files. The

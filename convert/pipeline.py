@@ -46,10 +46,21 @@ def mmproj_file_name(type_name: str) -> str:
     return f"mmproj-{MODEL_NAME}-{type_name.upper()}.gguf"
 
 
-def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj_type: str = "f16",
-            imatrix: Path | None = None, ollama: bool = False, force: bool = False,
-            threads: int | None = None, progress: bool = True, write_lm: bool = True,
-            write_mmproj: bool = True, log: Callable[[str], None] | None = None) -> ConvertResult:
+def convert(
+    ckpt_dir: Path,
+    out_dir: Path,
+    *,
+    quant_type: str = "Q4_K_M",
+    mmproj_type: str = "f16",
+    imatrix: Path | None = None,
+    ollama: bool = False,
+    force: bool = False,
+    threads: int | None = None,
+    progress: bool = True,
+    write_lm: bool = True,
+    write_mmproj: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ConvertResult:
     """Convert `ckpt_dir` into `out_dir`. Every output is written under a temporary name and the set
     renamed at the end: an error, Ctrl-C or a handled signal leaves the folder as it was. `log`
     receives one-line notes (e.g. leftovers of an interrupted run that were removed)."""
@@ -69,6 +80,7 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
     jobs: list[tuple[Path, str, object, list[TensorPlan]]] = []
     if ollama:
         from .modelfile import MODELFILE_NAME
+
         check_output(out_dir / MODELFILE_NAME, force)  # refuse before spending minutes converting
 
     if write_lm:
@@ -76,18 +88,27 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
         raw_cfg = json.loads((ckpt_dir / "config.json").read_text(encoding="utf-8"))
         vocab = load_vocab(ckpt_dir, cfg.text.vocab_size, raw_cfg)
         plans = lm_plan.lm_plans(ckpt, cfg)
-        imat = quant.load_imatrix(imatrix, [p.name for p in plans], shapes={p.name: p.shape for p in plans}) \
-            if imatrix else None
+        imat = (
+            quant.load_imatrix(imatrix, [p.name for p in plans], shapes={p.name: p.shape for p in plans})
+            if imatrix
+            else None
+        )
         # with an imatrix llama-quantize changes a few choices (e.g. Q4_0's first ffn_down -> Q4_1)
         shapes = [(p.name, p.shape) for p in plans]
-        types = quant.lm_tensor_types(shapes, spec, cfg.text.num_hidden_layers,
-                                      n_gqa=cfg.text.num_attention_heads // cfg.text.num_key_value_heads,
-                                      has_imatrix=imat is not None)
+        types = quant.lm_tensor_types(
+            shapes,
+            spec,
+            cfg.text.num_hidden_layers,
+            n_gqa=cfg.text.num_attention_heads // cfg.text.num_key_value_heads,
+            has_imatrix=imat is not None,
+        )
         if imat is None:
             need = quant.first_needing_imatrix(shapes, types, spec)
             if need:
-                raise ValueError(f"--quant {spec.name} needs an importance matrix, as in llama-quantize (tensor "
-                                 f"{need[0]} would be {need[1].name}); pass --imatrix FILE (minicpm-imatrix makes one)")
+                raise ValueError(
+                    f"--quant {spec.name} needs an importance matrix, as in llama-quantize (tensor "
+                    f"{need[0]} would be {need[1].name}); pass --imatrix FILE (minicpm-imatrix makes one)"
+                )
         imat_meta = quant.imatrix_metadata(imatrix) if imatrix else {}
         for p, t in zip(plans, types):
             p.ggml_type = t
@@ -99,6 +120,7 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
             lm_plan.add_lm_metadata(w, cfg, vocab, name=MODEL_NAME, file_type=int(spec.ftype), n_params=n)
             for k, v in imat_meta.items():  # the keys llama-quantize adds when it uses an imatrix
                 (w.add_string if isinstance(v, str) else w.add_uint32)(k, v)
+
         jobs.append((lm_path, LM_ARCH, lm_meta, plans))
 
     if write_mmproj:
@@ -107,13 +129,16 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
 
         def mm_meta(w):
             mmproj_plan.add_mmproj_metadata(w, cfg, mm_spec, name=MODEL_NAME)
+
         jobs.append((mm_path, MMPROJ_ARCH, mm_meta, mplans))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     n_stale, freed = remove_stale_partials(out_dir)
     if n_stale and log:
-        log(f"removed {n_stale} unfinished file{'s' if n_stale > 1 else ''} of an interrupted conversion "
-            f"from {out_dir} ({freed / 1e9:.2f} GB freed)")
+        log(
+            f"removed {n_stale} unfinished file{'s' if n_stale > 1 else ''} of an interrupted conversion "
+            f"from {out_dir} ({freed / 1e9:.2f} GB freed)"
+        )
     total = sum(p.n_elements for _, _, _, plans_ in jobs for p in plans_)
     bar = tqdm(total=total, unit="param", unit_scale=True, desc="converting", disable=not progress)
 
@@ -132,6 +157,7 @@ def convert(ckpt_dir: Path, out_dir: Path, *, quant_type: str = "Q4_K_M", mmproj
                 write_gguf_file(outs.add(path), arch, meta, plans_, encode, on_tensor=tick)
             if ollama:
                 from .modelfile import write_modelfile
+
                 modelfile = write_modelfile(out_dir, lm_path, mm_path, force=force, outputs=outs)
     finally:
         bar.close()

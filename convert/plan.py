@@ -13,11 +13,11 @@ from minicpmv.gguf_info import row_size
 
 @dataclass
 class TensorPlan:
-    name: str                                 # GGUF tensor name
-    shape: tuple[int, ...]                    # numpy (row-major) shape; ggml ne is reversed
-    load: Callable[[], np.ndarray]            # -> float32 array of `shape`, loaded only when written
+    name: str  # GGUF tensor name
+    shape: tuple[int, ...]  # numpy (row-major) shape; ggml ne is reversed
+    load: Callable[[], np.ndarray]  # -> float32 array of `shape`, loaded only when written
     ggml_type: GGMLQuantizationType = GGMLQuantizationType.F32
-    source: str = ""                          # checkpoint tensor(s) it comes from, for messages
+    source: str = ""  # checkpoint tensor(s) it comes from, for messages
     meta: dict = field(default_factory=dict)
     # Optional: rows [start, stop) of the tensor viewed as [n_rows, row_len], as float32 or as the
     # checkpoint stores them (bf16 as uint16 bits, f16). Tensors that need no transform set it so

@@ -37,9 +37,10 @@ REFERENCE_DIR = Path(__file__).with_name("reference_files")
 class SyntheticSpec:
     """What a scale changes in the published config.json (its language-model keys and its
     `vision_config` keys), and how the tokenizer and the weights are made."""
+
     text: Mapping[str, int]
     vision: Mapping[str, int]
-    vocab: str = "tiny"           # "tiny" (trained here) or "real" (the published tokenizer)
+    vocab: str = "tiny"  # "tiny" (trained here) or "real" (the published tokenizer)
     n_merges: int = 300
     seed: int = 0
 
@@ -49,8 +50,8 @@ class SyntheticSpec:
         for k, v in overrides.items():
             if k in text:
                 text[k] = v
-            elif k.startswith("vision_") and k[len("vision_"):] in vision:
-                vision[k[len("vision_"):]] = v
+            elif k.startswith("vision_") and k[len("vision_") :] in vision:
+                vision[k[len("vision_") :]] = v
             elif k in ("vocab", "n_merges", "seed"):
                 fields[k] = v
             else:
@@ -62,23 +63,46 @@ SCALES: dict[str, SyntheticSpec] = {
     # hidden 256 so K-quants (256-blocks) apply; GQA 4:2; vision width 96 (a multiple of 32 but not
     # 256, like 1152) and ffn 200 (not a multiple of 32, like 4304) so the mmproj type rules bite.
     "tiny": SyntheticSpec(
-        dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-             intermediate_size=512),
-        dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=200)),
+        dict(
+            hidden_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            intermediate_size=512,
+        ),
+        dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=200),
+    ),
     # several layers so llama-quantize's use_more_bits() picks some layers and not others.
     "medium": SyntheticSpec(
-        dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-             intermediate_size=1536),
-        dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=200)),
+        dict(
+            hidden_size=512,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=64,
+            intermediate_size=1536,
+        ),
+        dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=200),
+    ),
     # the published shapes
     "full": SyntheticSpec(
-        dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-             intermediate_size=12288),
-        dict(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304), vocab="real"),
+        dict(
+            hidden_size=4096,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            intermediate_size=12288,
+        ),
+        dict(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304),
+        vocab="real",
+    ),
 }
 
 # ----------------------------------------------------------------------------------------------
 # tokenizer
+
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table (used by Qwen's byte-level BPE)."""
@@ -108,8 +132,7 @@ _PRETOK = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0
 def train_bpe(n_merges: int) -> tuple[list[str], list[tuple[str, str]]]:
     """A small byte-level BPE (vocab of 256 bytes + merges) trained on a built-in corpus."""
     b2u = bytes_to_unicode()
-    words = collections.Counter(
-        tuple(b2u[b] for b in w.encode("utf-8")) for w in _PRETOK.findall(_CORPUS))
+    words = collections.Counter(tuple(b2u[b] for b in w.encode("utf-8")) for w in _PRETOK.findall(_CORPUS))
     vocab = [b2u[b] for b in range(256)]
     merges: list[tuple[str, str]] = []
     for _ in range(n_merges):
@@ -155,7 +178,7 @@ def write_tokenizer(out: Path, spec: SyntheticSpec) -> dict[int, int]:
     vocab = {t: i for i, t in enumerate(vocab_list)}
     base = len(vocab_list)
     remap = {128244: vocab["<unk>"]}
-    for content, rid in sorted(real_added.items(), key=lambda kv: kv[1]):
+    for _content, rid in sorted(real_added.items(), key=lambda kv: kv[1]):
         remap[rid] = base + (rid - 151643)
     added = {c: remap[i] for c, i in real_added.items()}
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -169,6 +192,7 @@ def write_tokenizer(out: Path, spec: SyntheticSpec) -> dict[int, int]:
 
 # ----------------------------------------------------------------------------------------------
 # tensors
+
 
 def _init_kind(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     """(mean, std) of the random init: norms near 1, biases small, matrices ~ 1/sqrt(fan_in)."""
@@ -195,8 +219,9 @@ def _shard_plan(names: Iterable[str]) -> list[list[str]]:
     return [shards[k] for k in sorted(shards)]
 
 
-def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...]]],
-                      make: Callable[[str, tuple[int, ...]], Iterable[np.ndarray]]) -> int:
+def write_safetensors(
+    path: Path, entries: list[tuple[str, tuple[int, ...]]], make: Callable[[str, tuple[int, ...]], Iterable[np.ndarray]]
+) -> int:
     """Stream a bf16 safetensors file; `make(name, shape)` yields bf16 bit chunks (uint16) in order."""
     header: dict = {"__metadata__": {"format": "pt"}}
     off = 0
@@ -260,8 +285,13 @@ def make_checkpoint(out: Path | str, scale: str = "tiny", *, progress: bool = Fa
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=sum(int(np.prod(s)) * 2 for s in shapes.values()), unit="B", unit_scale=True,
-                   desc=f"synthetic {scale}")
+
+        bar = tqdm(
+            total=sum(int(np.prod(s)) * 2 for s in shapes.values()),
+            unit="B",
+            unit_scale=True,
+            desc=f"synthetic {scale}",
+        )
 
     def make_tracked(name, shape):
         for c in make(name, shape):
@@ -282,13 +312,23 @@ def make_checkpoint(out: Path | str, scale: str = "tiny", *, progress: bool = Fa
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m minicpmv.convert.synthetic",
-                                 description="Write a synthetic MiniCPM-V 4.5 checkpoint (real layout, random weights).")
+    ap = argparse.ArgumentParser(
+        prog="python -m minicpmv.convert.synthetic",
+        description="Write a synthetic MiniCPM-V 4.5 checkpoint (real layout, random weights).",
+    )
     ap.add_argument("out", type=Path, help="output folder (created)")
-    ap.add_argument("--scale", choices=sorted(SCALES), default="tiny",
-                    help="tiny/medium: test fixtures; full: real shapes, about 17 GB")
-    ap.add_argument("--vocab", choices=["tiny", "real"], default=None,
-                    help="tokenizer: a small trained BPE or the real 151,748-token one (default per scale)")
+    ap.add_argument(
+        "--scale",
+        choices=sorted(SCALES),
+        default="tiny",
+        help="tiny/medium: test fixtures; full: real shapes, about 17 GB",
+    )
+    ap.add_argument(
+        "--vocab",
+        choices=["tiny", "real"],
+        default=None,
+        help="tokenizer: a small trained BPE or the real 151,748-token one (default per scale)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     over = {"seed": a.seed} | ({"vocab": a.vocab} if a.vocab else {})

@@ -17,7 +17,7 @@ from gguf import TokenType
 
 from .config import CheckpointError
 
-PRE_TOKENIZER = "qwen2"   # what llama.cpp's hash detection gives every Qwen2/Qwen3 tokenizer
+PRE_TOKENIZER = "qwen2"  # what llama.cpp's hash detection gives every Qwen2/Qwen3 tokenizer
 TOKENIZER_MODEL = "gpt2"
 
 
@@ -26,12 +26,9 @@ class Vocab:
     tokens: list[str]
     types: list[int]
     merges: list[str]
-    special_ids: dict[str, int]          # bos/eos/unk/pad -> id
+    special_ids: dict[str, int]  # bos/eos/unk/pad -> id
     add_bos: bool | None
     chat_template: str | None
-
-    def id_of(self, token: str) -> int:
-        return self.tokens.index(token)
 
 
 def _read_json(path: Path) -> dict:
@@ -44,8 +41,11 @@ def _read_json(path: Path) -> dict:
 
 
 def _looks_special(tok: str) -> bool:
-    return (tok.startswith("<|") and tok.endswith("|>")) or (tok.startswith("<｜") and tok.endswith("｜>")) \
+    return (
+        (tok.startswith("<|") and tok.endswith("|>"))
+        or (tok.startswith("<｜") and tok.endswith("｜>"))
         or tok in ("<pad>", "<mask>")
+    )
 
 
 def load_vocab(ckpt_dir: Path, vocab_size: int, config: dict | None = None) -> Vocab:
@@ -114,8 +114,12 @@ def add_vocab_metadata(w: gguf.GGUFWriter, v: Vocab) -> None:
     w.add_token_list(v.tokens)
     w.add_token_types(v.types)
     w.add_token_merges(v.merges)
-    adders = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id,
-              "pad": w.add_pad_token_id}
+    adders = {
+        "bos": w.add_bos_token_id,
+        "eos": w.add_eos_token_id,
+        "unk": w.add_unk_token_id,
+        "pad": w.add_pad_token_id,
+    }
     for typ, tid in v.special_ids.items():
         adders[typ](tid)
     if v.add_bos is not None:

@@ -34,7 +34,7 @@ class OutputExistsError(FileExistsError):
 # that a later run can tell leftovers of a killed process from anything else in the folder.
 TEMP_PREFIX = ".minicpmv-partial."
 _TEMP_RE = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)\.(.+)")
-_LEGACY_TEMP_RE = re.compile(r"\.(.+\.gguf|Modelfile)\.(\d+)\.tmp")   # before TEMP_PREFIX existed
+_LEGACY_TEMP_RE = re.compile(r"\.(.+\.gguf|Modelfile)\.(\d+)\.tmp")  # before TEMP_PREFIX existed
 
 
 def check_output(path: Path, force: bool) -> None:
@@ -51,7 +51,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:   # exists, owned by someone else
+    except PermissionError:  # exists, owned by someone else
         return True
     return True
 
@@ -84,7 +84,7 @@ class OutputSet:
 
     def __init__(self, force: bool = False):
         self.force = force
-        self.files: list[tuple[Path, Path]] = []   # (temporary, final)
+        self.files: list[tuple[Path, Path]] = []  # (temporary, final)
 
     def add(self, final: Path) -> Path:
         """Register `final` (refused if it exists without force); returns the path to write."""
@@ -114,24 +114,38 @@ class OutputSet:
             self.discard()
 
 
-def write_gguf(path: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
-               plans: list[TensorPlan], encode: Encoder, *, force: bool = False,
-               on_tensor: Callable[[TensorPlan], None] | None = None) -> Path:
+def write_gguf(
+    path: Path,
+    arch: str,
+    add_metadata: Callable[[GGUFWriter], None],
+    plans: list[TensorPlan],
+    encode: Encoder,
+    *,
+    force: bool = False,
+    on_tensor: Callable[[TensorPlan], None] | None = None,
+) -> Path:
     """Write `plans` to `path` (atomic). `on_tensor` is called after each tensor (progress)."""
     with OutputSet(force) as outs:
         write_gguf_file(outs.add(path), arch, add_metadata, plans, encode, on_tensor=on_tensor)
     return Path(path)
 
 
-def write_gguf_file(path: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
-                    plans: list[TensorPlan], encode: Encoder, *,
-                    on_tensor: Callable[[TensorPlan], None] | None = None) -> None:
+def write_gguf_file(
+    path: Path,
+    arch: str,
+    add_metadata: Callable[[GGUFWriter], None],
+    plans: list[TensorPlan],
+    encode: Encoder,
+    *,
+    on_tensor: Callable[[TensorPlan], None] | None = None,
+) -> None:
     """Write `plans` to `path` as it goes (callers write to a temporary name: OutputSet)."""
     w = GGUFWriter(path, arch, use_temp_file=False)
     add_metadata(w)
     for p in plans:
-        w.add_tensor_info(p.name, (p.n_rows, p.nbytes // max(p.n_rows, 1)), np.dtype(np.uint8), p.nbytes,
-                          raw_dtype=p.ggml_type)
+        w.add_tensor_info(
+            p.name, (p.n_rows, p.nbytes // max(p.n_rows, 1)), np.dtype(np.uint8), p.nbytes, raw_dtype=p.ggml_type
+        )
         # GGUFWriter derived ne from the byte shape; store the logical shape (the 4-D patch
         # embedding keeps all its dims). GGUF stores ne, the reversed numpy shape.
         w.tensors[-1][p.name].shape = list(p.shape)
@@ -233,7 +247,7 @@ def _blocks(plans: list[TensorPlan], encode: Encoder) -> Iterator[tuple[TensorPl
             t.start()
         while True:
             item = get(out_q)
-            if item is None:   # all written: both stages have ended or are ending
+            if item is None:  # all written: both stages have ended or are ending
                 for t in threads:
                     t.join()
                 return

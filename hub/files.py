@@ -21,15 +21,15 @@ DEFAULT_MMPROJ_QUANT = "f16"
 # Quant names as they appear in GGUF file names: llama.cpp's file types and tensor types.
 QUANT_LABELS = frozenset(
     {n.split("_", 1)[1] for n in gguf.LlamaFileType.__members__ if n.startswith(("ALL_", "MOSTLY_"))}
-    | {t.name for t in gguf.GGMLQuantizationType})
+    | {t.name for t in gguf.GGMLQuantizationType}
+)
 
 # llama.cpp's split files: NAME-00001-of-00003.gguf (llama.cpp loads the rest from the first part).
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})(?=\.gguf$)", re.IGNORECASE)
 
 # What conversion reads (convert/checkpoint.py, config.py, tokenizer.py), at the repo root only:
 # no *.bin/*.pt duplicates of the weights, no images, no remote code.
-CHECKPOINT_PATTERNS = ("*.safetensors", "*.json", "merges.txt", "vocab.txt", "tokenizer.model",
-                       "chat_template.jinja")
+CHECKPOINT_PATTERNS = ("*.safetensors", "*.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja")
 
 
 class RepoFilesError(ValueError):
@@ -65,7 +65,7 @@ def _label(name: str) -> str:
 
 @dataclass(frozen=True)
 class GGUFPair:
-    lm: tuple[str, ...]      # repo paths; several parts when llama.cpp split the file (first part first)
+    lm: tuple[str, ...]  # repo paths; several parts when llama.cpp split the file (first part first)
     mmproj: str
 
     @property
@@ -81,24 +81,30 @@ def _lm_groups(names: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def select_gguf(names: Iterable[str], where: str, quant: str, quant_given: bool = True,
-                mmproj_quant: str | None = None) -> GGUFPair:
+def select_gguf(
+    names: Iterable[str], where: str, quant: str, quant_given: bool = True, mmproj_quant: str | None = None
+) -> GGUFPair:
     """Pick the language model of `quant` and the mmproj (`mmproj_quant`, default the only one or f16)
     among `names` (paths in the repo). `quant_given=False`: a repo with a single language model
     serves it whatever its quant. Raises RepoFilesError naming what `where` has."""
     names = list(names)
     ggufs = [n for n in names if n.lower().endswith(".gguf")]
     if not ggufs:
-        hint = (f"; it holds a checkpoint: convert it with `minicpm-convert {where} -o OUT`"
-                if any(n.endswith(".safetensors") for n in names) else "")
+        hint = (
+            f"; it holds a checkpoint: convert it with `minicpm-convert {where} -o OUT`"
+            if any(n.endswith(".safetensors") for n in names)
+            else ""
+        )
         raise RepoFilesError(f"{where} has no .gguf files{hint}")
     mms = [n for n in ggufs if is_mmproj(n)]
     groups = _lm_groups([n for n in ggufs if not is_mmproj(n)])
     if not groups:
         raise RepoFilesError(f"{where} has no language-model GGUF, only mmproj files ({', '.join(mms)})")
     if not mms:
-        raise RepoFilesError(f"{where} has no mmproj GGUF (vision projector, 'mmproj' in its name) next to "
-                             f"its language models ({', '.join(groups)})")
+        raise RepoFilesError(
+            f"{where} has no mmproj GGUF (vision projector, 'mmproj' in its name) next to "
+            f"its language models ({', '.join(groups)})"
+        )
 
     lm_hits = [g for g in groups if has_quant(g, quant)]
     if not lm_hits and not quant_given and len(groups) == 1:
@@ -107,8 +113,10 @@ def select_gguf(names: Iterable[str], where: str, quant: str, quant_given: bool 
         have = ", ".join(sorted({_label(g) for g in groups}))
         if not lm_hits:
             raise RepoFilesError(f"{where} has no language-model GGUF of quant {quant}; available: {have}")
-        raise RepoFilesError(f"{where}: several language-model GGUFs match {quant} "
-                             f"({', '.join(lm_hits)}); give a more precise quant name")
+        raise RepoFilesError(
+            f"{where}: several language-model GGUFs match {quant} "
+            f"({', '.join(lm_hits)}); give a more precise quant name"
+        )
 
     if mmproj_quant is None and len(mms) == 1:
         mm_hits = mms
@@ -129,8 +137,11 @@ def checkpoint_files(names: Iterable[str], where: str) -> list[str]:
     names = list(names)
     keep = sorted(n for n in names if "/" not in n and any(fnmatch.fnmatch(n, p) for p in CHECKPOINT_PATTERNS))
     if not any(n.endswith(".safetensors") for n in keep):
-        hint = (f"; it holds GGUF files: run them with `minicpm-run --hf {where} IMAGE \"QUESTION\"`"
-                if any(n.lower().endswith(".gguf") for n in names) else "")
+        hint = (
+            f'; it holds GGUF files: run them with `minicpm-run --hf {where} IMAGE "QUESTION"`'
+            if any(n.lower().endswith(".gguf") for n in names)
+            else ""
+        )
         raise RepoFilesError(f"{where} has no .safetensors weights to convert{hint}")
     if "config.json" not in keep:
         raise RepoFilesError(f"{where} has no config.json at its root: not a Hugging Face checkpoint")

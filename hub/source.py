@@ -33,9 +33,10 @@ def looks_like_repo_id(s: str) -> bool:
 @dataclass(frozen=True)
 class HubRef:
     """A Hub repo and the language-model quant wanted from it."""
+
     repo: str
     quant: str = DEFAULT_QUANT
-    quant_given: bool = False       # False: DEFAULT_QUANT, or the repo's only language model
+    quant_given: bool = False  # False: DEFAULT_QUANT, or the repo's only language model
     revision: str = "main"
 
     def __str__(self) -> str:
@@ -43,25 +44,32 @@ class HubRef:
 
 
 def parse_hub_ref(spec: str, what: str = "--hf") -> HubRef:
-    """"owner/name" or "owner/name:QUANT" (repo ids never contain ':')."""
+    """ "owner/name" or "owner/name:QUANT" (repo ids never contain ':')."""
     repo, sep, quant = spec.strip().partition(":")
     if not looks_like_repo_id(repo) or (sep and not re.fullmatch(r"[A-Za-z0-9_.-]+", quant)):
-        raise ModelSourceError(f"{what} {spec!r}: expected a Hugging Face repo id OWNER/NAME[:QUANT], "
-                               f"e.g. {DEFAULT_MODEL}")
+        raise ModelSourceError(
+            f"{what} {spec!r}: expected a Hugging Face repo id OWNER/NAME[:QUANT], e.g. {DEFAULT_MODEL}"
+        )
     return HubRef(repo, quant if sep else DEFAULT_QUANT, bool(sep))
 
 
 @dataclass(frozen=True)
 class ModelChoice:
     """Local files (`path` = LM GGUF with `mmproj`, or a folder holding both) or a Hub repo."""
-    origin: str                     # the option or variable that decided: for messages
+
+    origin: str  # the option or variable that decided: for messages
     path: Path | None = None
     mmproj: Path | None = None
     hub: HubRef | None = None
 
 
-def choose_model(model: Path | None = None, mmproj: Path | None = None, model_dir: Path | None = None,
-                 hf: str | None = None, env: Mapping[str, str] = os.environ) -> ModelChoice:
+def choose_model(
+    model: Path | None = None,
+    mmproj: Path | None = None,
+    model_dir: Path | None = None,
+    hf: str | None = None,
+    env: Mapping[str, str] = os.environ,
+) -> ModelChoice:
     """Apply the precedence above; conflicting explicit options are an error, not a silent choice."""
     if model_dir is not None and (model is not None or mmproj is not None):
         raise ModelSourceError("use either --model-dir or --model/--mmproj, not both")

@@ -16,18 +16,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The flags a bug report and the benchmarks show (the full list is a few hundred words long).
-REPORTED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-                  "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve", "bf16")
+REPORTED_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "asimd",
+    "asimddp",
+    "i8mm",
+    "sve",
+    "bf16",
+)
 
 
 @dataclass(frozen=True)
 class CpuInfo:
-    model: str                  # "AMD EPYC 9B14", "Apple M2", ...
-    machine: str                # platform.machine(): x86_64, arm64, aarch64
-    system: str                 # platform.system(): Linux, Darwin, Windows
+    model: str  # "AMD EPYC 9B14", "Apple M2", ...
+    machine: str  # platform.machine(): x86_64, arm64, aarch64
+    system: str  # platform.system(): Linux, Darwin, Windows
     flags: frozenset[str]
     physical_cores: int
-    logical_cpus: int           # usable by this process (affinity), not the machine's total
+    logical_cpus: int  # usable by this process (affinity), not the machine's total
 
     @property
     def flags_digest(self) -> str:
@@ -89,9 +104,14 @@ def cpu_info() -> CpuInfo:
             model, flags, cores = parse_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
         except OSError:
             pass
-    return CpuInfo(model=model or platform.processor() or "unknown CPU", machine=platform.machine(),
-                   system=platform.system(), flags=flags,
-                   physical_cores=max(1, min(cores or usable, usable)), logical_cpus=usable)
+    return CpuInfo(
+        model=model or platform.processor() or "unknown CPU",
+        machine=platform.machine(),
+        system=platform.system(),
+        flags=flags,
+        physical_cores=max(1, min(cores or usable, usable)),
+        logical_cpus=usable,
+    )
 
 
 def default_threads() -> int:

@@ -11,6 +11,9 @@ It is also the gate in front of llama.cpp and gguf-py: every GGUF the runtime op
 first, and every count, length, type and shape is checked against what the format allows and what
 the file holds (each tensor's data inside the file), so a malformed file is refused with one line
 naming the fault instead of reaching code that aborts the process or fails with a numpy message.
+
+Size: one job over ~400 lines: the header walk and its bounds checks are one pass (each check
+sits where its value is read), and the folder helpers are a few lines on top of it.
 """
 
 from __future__ import annotations
@@ -30,14 +33,24 @@ import numpy as np
 from .schema import ARCH_KEY, LM_ARCH, MMPROJ_ARCH
 
 GT = gguf.GGUFValueType
-_SCALAR = {GT.UINT8: "<B", GT.INT8: "<b", GT.UINT16: "<H", GT.INT16: "<h", GT.UINT32: "<I",
-           GT.INT32: "<i", GT.FLOAT32: "<f", GT.BOOL: "<?", GT.UINT64: "<Q", GT.INT64: "<q",
-           GT.FLOAT64: "<d"}
+_SCALAR = {
+    GT.UINT8: "<B",
+    GT.INT8: "<b",
+    GT.UINT16: "<H",
+    GT.INT16: "<h",
+    GT.UINT32: "<I",
+    GT.INT32: "<i",
+    GT.FLOAT32: "<f",
+    GT.BOOL: "<?",
+    GT.UINT64: "<Q",
+    GT.INT64: "<q",
+    GT.FLOAT64: "<d",
+}
 _SIZE = {t: struct.calcsize(f) for t, f in _SCALAR.items()}
-VERSIONS = (2, 3)           # GGUF versions with this layout (llama.cpp reads both)
-MAX_DIMS = 4                # GGML_MAX_DIMS
-MAX_STRING = 1 << 30        # GGUF_MAX_STRING_LENGTH of llama.cpp's reader
-MAX_NAME = 63               # a ggml tensor name holds 63 bytes (GGML_MAX_NAME - 1)
+VERSIONS = (2, 3)  # GGUF versions with this layout (llama.cpp reads both)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_STRING = 1 << 30  # GGUF_MAX_STRING_LENGTH of llama.cpp's reader
+MAX_NAME = 63  # a ggml tensor name holds 63 bytes (GGML_MAX_NAME - 1)
 # smallest possible entries (an empty name is refused anyway): key length + 1 byte of key + type +
 # a one-byte value; name length + n_dims + type + offset
 _MIN_KV, _MIN_TENSOR = 8 + 1 + 4 + 1, 8 + 4 + 4 + 8
@@ -78,9 +91,9 @@ def row_size(t: gguf.GGMLQuantizationType, n: int) -> int:
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    shape: tuple[int, ...]            # ggml order (ne): shape[0] is the row length
+    shape: tuple[int, ...]  # ggml order (ne): shape[0] is the row length
     ggml_type: gguf.GGMLQuantizationType
-    offset: int                       # absolute byte offset in the file
+    offset: int  # absolute byte offset in the file
 
     @property
     def row_bytes(self) -> int:
@@ -102,15 +115,8 @@ class TensorInfo:
 @dataclass
 class GGUFInfo:
     path: Path
-    metadata: dict[str, object]       # scalar and string values only (arrays are skipped)
+    metadata: dict[str, object]  # scalar and string values only (arrays are skipped)
     tensors: dict[str, TensorInfo]
-
-    def rows(self, name: str, ids: list[int]) -> np.ndarray:
-        """Rows `ids` of a 2-D tensor, dequantized to float32 [len(ids), shape[0]]."""
-        t = self.tensors[name]
-        data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.n_rows, t.row_bytes))
-        return gguf.quants.dequantize(np.asarray(data[ids]), t.ggml_type).reshape(len(ids), t.shape[0]) \
-            .astype(np.float32, copy=False)
 
 
 def read_gguf_info(path: str | os.PathLike) -> GGUFInfo:
@@ -154,8 +160,10 @@ class _Header:
         file (a length or a count), so the fault may be corruption as well as truncation."""
         if n > self.size - self.pos:
             if claimed:
-                self.fail(f"truncated or corrupt: {what} claims {size_text(n)} at offset {self.pos}, "
-                          f"the file ends at {self.size}")
+                self.fail(
+                    f"truncated or corrupt: {what} claims {size_text(n)} at offset {self.pos}, "
+                    f"the file ends at {self.size}"
+                )
             self.fail(f"truncated: {what} needs {size_text(n)} at offset {self.pos}, the file ends at {self.size}")
         p = self.pos
         self.pos += n
@@ -172,7 +180,7 @@ class _Header:
         p = self.take(n, what, claimed=True)
         if n > MAX_STRING:
             self.fail(f"{what} claims {size_text(n)}, more than GGUF allows for a string ({size_text(MAX_STRING)})")
-        return self.mm[p:p + n]
+        return self.mm[p : p + n]
 
     def name(self, what: str) -> str:
         """A key or tensor name: non-empty UTF-8 text (readers look them up by name)."""
@@ -200,7 +208,7 @@ class _Header:
                 self.pos = pos - n
                 self.take(n, f"string {j + 1} of {count} of {what}", claimed=True)
             if vocabulary:
-                word = mm[pos - n:pos] or f"[EMPTY_{j}]".encode()
+                word = mm[pos - n : pos] or f"[EMPTY_{j}]".encode()
                 if seen.setdefault(word, j) != j:
                     self.fail(f"{what}: token {j} {word.decode('utf-8', 'replace')!r} repeats token {seen[word]}")
         self.pos = pos
@@ -230,8 +238,10 @@ class _Header:
         n_tensors, n_kv = self.u64("the tensor count"), self.u64("the key/value count")
         least = n_kv * _MIN_KV + n_tensors * _MIN_TENSOR
         if least > self.size - self.pos:
-            self.fail(f"truncated or corrupt: the header announces {n_kv} key/value pairs and {n_tensors} tensors, "
-                      f"whose descriptions need at least {size_text(least)}; the file ends at {self.size}")
+            self.fail(
+                f"truncated or corrupt: the header announces {n_kv} key/value pairs and {n_tensors} tensors, "
+                f"whose descriptions need at least {size_text(least)}; the file ends at {self.size}"
+            )
         return n_tensors, n_kv
 
     def key_values(self, n_kv: int) -> tuple[dict[str, object], dict[str, int]]:
@@ -286,8 +296,9 @@ class _Header:
         for i in range(n_tensors):
             name = self.name(f"the name of tensor {i + 1} of {n_tensors}")
             if len(name.encode()) > MAX_NAME:
-                self.fail(f"tensor {i + 1} of {n_tensors}: the name {name[:70]!r} is longer than ggml's "
-                          f"{MAX_NAME} bytes")
+                self.fail(
+                    f"tensor {i + 1} of {n_tensors}: the name {name[:70]!r} is longer than ggml's {MAX_NAME} bytes"
+                )
             if name in seen:
                 self.fail(f"tensor {name} appears twice")
             seen.add(name)
@@ -307,8 +318,9 @@ class _Header:
                 self.fail(f"tensor {name} has unknown ggml type {raw_type}")
             shape = dims or (1,)
             if shape[0] % block:
-                self.fail(f"tensor {name}: rows of {shape[0]} elements are not a multiple of "
-                          f"{ttype.name}'s block of {block}")
+                self.fail(
+                    f"tensor {name}: rows of {shape[0]} elements are not a multiple of {ttype.name}'s block of {block}"
+                )
             nbytes = math.prod(shape) // block * type_size
             out.append((name, tuple(int(d) for d in dims), ttype, offset, nbytes))
         return out
@@ -320,18 +332,27 @@ class _Header:
         end, before = 0, None
         for name, shape, ttype, offset, nbytes in tensors:
             if offset != end:
-                was = f"{before[0]} ({before[1].name} {list(before[2])}) ends at {end}" if before else "the data starts at 0"
-                self.fail(f"tensor {name}: data offset {offset}, but {was} (tensor data follows in order, "
-                          f"aligned to {align} bytes)")
+                was = (
+                    f"{before[0]} ({before[1].name} {list(before[2])}) ends at {end}"
+                    if before
+                    else "the data starts at 0"
+                )
+                self.fail(
+                    f"tensor {name}: data offset {offset}, but {was} (tensor data follows in order, "
+                    f"aligned to {align} bytes)"
+                )
             end, before = offset + (nbytes + align - 1) // align * align, (name, ttype, shape)
         for name, _, _, offset, nbytes in tensors:
             if data_start + offset + nbytes > self.size:
-                self.fail(f"truncated: tensor {name} needs {size_text(nbytes)} at offset {data_start + offset}, "
-                          f"the file ends at {self.size}")
+                self.fail(
+                    f"truncated: tensor {name} needs {size_text(nbytes)} at offset {data_start + offset}, "
+                    f"the file ends at {self.size}"
+                )
         return {name: TensorInfo(name, shape, ttype, data_start + offset) for name, shape, ttype, offset, _ in tensors}
 
 
 # --------------------------------------------------------------------------- which file is which
+
 
 def gguf_architecture(path: str | os.PathLike) -> str | None:
     """`general.architecture` of a GGUF file (None if absent); ModelFileError (GGUFFormatError for
@@ -365,15 +386,19 @@ def find_model_files(*paths: str | os.PathLike) -> tuple[Path, Path]:
         if arch is None:
             raise ModelFileError(f"{f}: GGUF has no {ARCH_KEY}")
         if arch not in found:
-            raise ModelFileError(f"{f}: {ARCH_KEY} is {arch!r}; MiniCPM-V 4.5 needs {LM_ARCH!r} "
-                                 f"(language model) or {MMPROJ_ARCH!r} (mmproj)")
+            raise ModelFileError(
+                f"{f}: {ARCH_KEY} is {arch!r}; MiniCPM-V 4.5 needs {LM_ARCH!r} "
+                f"(language model) or {MMPROJ_ARCH!r} (mmproj)"
+            )
         found[arch].append(f)
     for arch, kind in ((LM_ARCH, "language-model"), (MMPROJ_ARCH, "mmproj")):
         if not found[arch]:
             raise ModelFileError(f"{where}: need exactly one {kind} ({arch}) GGUF, found none")
         if len(found[arch]) > 1:
-            raise ModelFileError(f"{where}: need exactly one {kind} ({arch}) GGUF, found several candidate "
-                                 f"files ({', '.join(f.name for f in found[arch])}); pass the two files explicitly")
+            raise ModelFileError(
+                f"{where}: need exactly one {kind} ({arch}) GGUF, found several candidate "
+                f"files ({', '.join(f.name for f in found[arch])}); pass the two files explicitly"
+            )
     return found[LM_ARCH][0], found[MMPROJ_ARCH][0]
 
 
@@ -388,8 +413,9 @@ def model_pair(model_path: str | os.PathLike, mmproj_path: str | os.PathLike | N
     mmproj_path = Path(mmproj_path)
     for p, what in ((model_path, "language model"), (mmproj_path, "mmproj")):
         if p.is_dir():
-            raise ModelFileError(f"{p} is a folder, not the {what} file: give the folder alone to use "
-                                 "the two GGUF files in it")
+            raise ModelFileError(
+                f"{p} is a folder, not the {what} file: give the folder alone to use the two GGUF files in it"
+            )
         if not p.is_file():
             raise ModelFileError(f"{p}: {what} file not found")
     if gguf_architecture(mmproj_path) != MMPROJ_ARCH:

@@ -20,13 +20,19 @@ from minicpmv.gguf_info import row_size
 
 from . import ggml
 
-MIN_CHUNK_ELEMENTS = 1 << 18   # below this a thread hand-off costs more than it saves
-MAX_CHUNK_ELEMENTS = 1 << 22   # bounds the float32 scratch of a 16-bit input (16 MB per chunk)
+MIN_CHUNK_ELEMENTS = 1 << 18  # below this a thread hand-off costs more than it saves
+MAX_CHUNK_ELEMENTS = 1 << 22  # bounds the float32 scratch of a 16-bit input (16 MB per chunk)
 _ITEMSIZE = {Q.F32: 4, Q.F16: 2, Q.BF16: 2}
 
 
-def encode(x: np.ndarray, t: Q, imatrix: np.ndarray | None = None, n_threads: int | None = None,
-           name: str = "", src_type: Q | None = None) -> np.ndarray:
+def encode(
+    x: np.ndarray,
+    t: Q,
+    imatrix: np.ndarray | None = None,
+    n_threads: int | None = None,
+    name: str = "",
+    src_type: Q | None = None,
+) -> np.ndarray:
     """Tensor -> uint8 array [n_rows, row_bytes] in GGML type `t` (rows = all but the last axis).
 
     `x`: float32 values, or with `src_type` BF16/F16 the raw 16-bit patterns (uint16/float16 array).
@@ -59,21 +65,25 @@ def encode(x: np.ndarray, t: Q, imatrix: np.ndarray | None = None, n_threads: in
         imat = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
         n_mat = imat.size // n_per_row
         if imat.size != n_mat * n_per_row or n_mat < 1 or n_rows % n_mat:
-            raise ValueError(f"{label}: importance matrix has {imat.size} values, expected {n_per_row} "
-                             f"per matrix for rows of {n_per_row}")
+            raise ValueError(
+                f"{label}: importance matrix has {imat.size} values, expected {n_per_row} "
+                f"per matrix for rows of {n_per_row}"
+            )
         rows_per_mat = n_rows // n_mat
     elif ggml.requires_imatrix(t):
         raise ValueError(f"{label}: GGML type {t.name} needs an importance matrix")
 
     # chunks of whole rows that never straddle two matrices (each has its own imatrix row)
-    n_threads = max(1, n_threads or cpu_info().logical_cpus)   # like llama-quantize: every usable CPU
+    n_threads = max(1, n_threads or cpu_info().logical_cpus)  # like llama-quantize: every usable CPU
     elems = min(MAX_CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, -(-rows.size // (4 * n_threads))))
     per_chunk = max(1, elems // n_per_row)
-    chunks = [(r, min(r + per_chunk, (r // rows_per_mat + 1) * rows_per_mat, n_rows))
-              for r in _chunk_starts(n_rows, rows_per_mat, per_chunk)]
+    chunks = [
+        (r, min(r + per_chunk, (r // rows_per_mat + 1) * rows_per_mat, n_rows))
+        for r in _chunk_starts(n_rows, rows_per_mat, per_chunk)
+    ]
     src, dst, item = rows.ctypes.data, out.ctypes.data, _ITEMSIZE[src_type]
     imat_ptr = imat.ctypes.data if imat is not None else None
-    same = src_type == t   # llama-quantize copies such a tensor unchanged
+    same = src_type == t  # llama-quantize copies such a tensor unchanged
     if same:
         out[...] = rows.view(np.uint8).reshape(n_rows, row_bytes)
 

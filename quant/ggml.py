@@ -23,7 +23,9 @@ def lib_dir() -> Path:
         return Path(env)
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llama-cpp-python is not installed: it provides the ggml quantizers (pip install llama-cpp-python)")
+        raise RuntimeError(
+            "llama-cpp-python is not installed: it provides the ggml quantizers (pip install llama-cpp-python)"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "lib"
 
 
@@ -39,11 +41,9 @@ def lib() -> ctypes.CDLL:
     i64, sz, ptr, ty = ctypes.c_int64, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
     _sig(so.ggml_quantize_chunk, sz, ty, ptr, ptr, i64, i64, i64, ptr)
     _sig(so.ggml_type_size, sz, ty)
-    _sig(so.ggml_is_quantized, ctypes.c_bool, ty)
     _sig(so.ggml_quantize_requires_imatrix, ctypes.c_bool, ty)
     _sig(so.ggml_validate_row_data, ctypes.c_bool, ty, ptr, sz)
     _sig(so.ggml_type_name, ctypes.c_char_p, ty)
-    _sig(so.ggml_quantize_init, None, ty)
     _sig(so.ggml_bf16_to_fp32_row, None, ptr, ptr, i64)
     _sig(so.ggml_fp16_to_fp32_row, None, ptr, ptr, i64)
     _sig(so.ggml_op_name, ctypes.c_char_p, ty)
@@ -64,10 +64,6 @@ def quantize_chunk(t: int, src: int, dst: int, nrows: int, n_per_row: int, imatr
     return lib().ggml_quantize_chunk(t, src, dst, 0, nrows, n_per_row, imatrix)
 
 
-def is_quantized(t: int) -> bool:
-    return lib().ggml_is_quantized(t)
-
-
 def requires_imatrix(t: int) -> bool:
     return lib().ggml_quantize_requires_imatrix(t)
 
@@ -86,25 +82,32 @@ def to_f32_row(src_type: str, src: int, dst: int, n: int) -> None:
     fn(src, dst, n)
 
 
-def quantize_init(t: int) -> None:
-    lib().ggml_quantize_init(t)
-
-
 # --------------------------------------------------------------------------- graph nodes
 
 MAX_DIMS, MAX_SRC, MAX_NAME, MAX_OP_PARAMS = 4, 10, 64, 64
-_OBJECT_SIZE = 32   # struct ggml_object (ggml.c), which ggml_tensor_overhead() adds to the tensor
+_OBJECT_SIZE = 32  # struct ggml_object (ggml.c), which ggml_tensor_overhead() adds to the tensor
 
 
 class Tensor(ctypes.Structure):
     """`struct ggml_tensor` as ggml.h of the pinned llama-cpp-python (0.3.36) declares it. Checked
     against ggml_tensor_overhead() before first use, so a changed layout fails loudly."""
-    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
-                ("ne", ctypes.c_int64 * MAX_DIMS), ("nb", ctypes.c_size_t * MAX_DIMS),
-                ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * (MAX_OP_PARAMS // 4)), ("flags", ctypes.c_int32),
-                ("src", ctypes.c_void_p * MAX_SRC), ("view_src", ctypes.c_void_p), ("view_offs", ctypes.c_size_t),
-                ("data", ctypes.c_void_p), ("name", ctypes.c_char * MAX_NAME), ("extra", ctypes.c_void_p),
-                ("padding", ctypes.c_char * 8)]
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * MAX_DIMS),
+        ("nb", ctypes.c_size_t * MAX_DIMS),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * (MAX_OP_PARAMS // 4)),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * MAX_SRC),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * MAX_NAME),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
 
 
 def tensor_at(addr: int) -> Tensor:
@@ -117,8 +120,10 @@ def tensor_at(addr: int) -> Tensor:
 def _check_layout() -> None:
     want = lib().ggml_tensor_overhead() - _OBJECT_SIZE
     if ctypes.sizeof(Tensor) != want:
-        raise RuntimeError(f"libggml-base's struct ggml_tensor is {want} bytes, these bindings expect "
-                           f"{ctypes.sizeof(Tensor)}: llama-cpp-python version mismatch")
+        raise RuntimeError(
+            f"libggml-base's struct ggml_tensor is {want} bytes, these bindings expect "
+            f"{ctypes.sizeof(Tensor)}: llama-cpp-python version mismatch"
+        )
 
 
 @lru_cache(maxsize=None)

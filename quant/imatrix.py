@@ -21,19 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFWriter, GGMLQuantizationType, Keys
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, Keys
 
 from minicpmv.gguf_info import read_gguf_info
 
 from .policy import allows_quantization
 
 _META_KEYS = (Keys.IMatrix.DATASETS, Keys.IMatrix.CHUNK_COUNT, Keys.IMatrix.CHUNK_SIZE)
-_GGUF_TYPE = "imatrix"   # general.type of llama-imatrix's files
+_GGUF_TYPE = "imatrix"  # general.type of llama-imatrix's files
 
 
 @dataclass
 class Imatrix:
-    values: dict[str, np.ndarray]            # name -> float32 per-column weights (n_mat * n_cols)
+    values: dict[str, np.ndarray]  # name -> float32 per-column weights (n_mat * n_cols)
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
 
@@ -50,7 +50,7 @@ def read_imatrix(path: Path) -> Imatrix:
     """Every entry of an imatrix file (GGUF or legacy .dat)."""
     path = Path(path)
     im = _read_gguf(path) if _magic(path) == b"GGUF" else _read_legacy(path)
-    for name, v in im.values.items():   # llama-quantize refuses any non-finite value
+    for name, v in im.values.items():  # llama-quantize refuses any non-finite value
         if not np.isfinite(v).all():
             raise ValueError(f"{path}: importance matrix entry {name} has non-finite values")
     return im
@@ -69,8 +69,9 @@ def imatrix_metadata(path: Path) -> dict[str, str | int]:
     return meta
 
 
-def load_imatrix(path: Path, tensor_names: list[str],
-                 shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+def load_imatrix(
+    path: Path, tensor_names: list[str], shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
     """The imatrix weights of the given GGUF tensors (tensors without an entry are left out).
 
     Raises ValueError naming the first `blk.*` weight to be quantized that has no entry, or (when
@@ -78,12 +79,12 @@ def load_imatrix(path: Path, tensor_names: list[str],
     wrong size is dropped, as llama-quantize ignores it."""
     path = Path(path)
     values = read_imatrix(path).values
-    missing = [n for n in tensor_names if n not in values and n.startswith("blk.")
-               and allows_quantization(n, (2, 2))]
+    missing = [n for n in tensor_names if n not in values and n.startswith("blk.") and allows_quantization(n, (2, 2))]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"{path}: importance matrix has no entry for tensor {missing[0]}{more}; "
-                         f"it was not computed for this model")
+        raise ValueError(
+            f"{path}: importance matrix has no entry for tensor {missing[0]}{more}; it was not computed for this model"
+        )
     out = {}
     for n in tensor_names:
         v = values.get(n)
@@ -91,12 +92,14 @@ def load_imatrix(path: Path, tensor_names: list[str],
             continue
         if shapes is not None and n in shapes:
             shape = shapes[n]
-            want = shape[-1] * (shape[0] if len(shape) == 3 else 1)   # ne[0] * ne[2]
+            want = shape[-1] * (shape[0] if len(shape) == 3 else 1)  # ne[0] * ne[2]
             if v.size != want:
                 if n in ("token_embd.weight", "per_layer_token_embd.weight"):
                     continue
-                raise ValueError(f"{path}: importance matrix entry {n} has {v.size} values, "
-                                 f"tensor rows have {want}; it was computed for another model")
+                raise ValueError(
+                    f"{path}: importance matrix entry {n} has {v.size} values, "
+                    f"tensor rows have {want}; it was computed for another model"
+                )
         out[n] = v
     return out
 
@@ -105,6 +108,7 @@ def load_imatrix(path: Path, tensor_names: list[str],
 class ImatrixSums:
     """The raw content of a GGUF imatrix: per weight the float32 sums of squared inputs
     [n_mat, n_cols] and the float32 counts [n_mat] (whole numbers), plus the imatrix.* keys."""
+
     sums: dict[str, np.ndarray]
     counts: dict[str, np.ndarray]
     datasets: list[str] = field(default_factory=list)
@@ -117,7 +121,7 @@ def read_imatrix_sums(path: Path) -> ImatrixSums:
     path = Path(path)
     if _magic(path) != b"GGUF":
         raise ValueError(f"{path}: not a GGUF importance matrix (a legacy .dat holds no raw sums)")
-    read_gguf_info(path)   # a malformed file: one line (GGUFFormatError, a ValueError) before gguf-py sees it
+    read_gguf_info(path)  # a malformed file: one line (GGUFFormatError, a ValueError) before gguf-py sees it
     r = GGUFReader(path)
     if not r.tensors:
         raise ValueError(f"{path}: importance matrix has no data")
@@ -130,7 +134,7 @@ def read_imatrix_sums(path: Path) -> ImatrixSums:
                 if d is not None:
                     if t.tensor_type != GGMLQuantizationType.F32:
                         raise ValueError(f"{path}: {t.name} must be F32")
-                    d[t.name[:-len(suffix)]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+                    d[t.name[: -len(suffix)]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
                 break
     for name in set(sums) | set(counts):
         if name not in sums or name not in counts:
@@ -141,8 +145,13 @@ def read_imatrix_sums(path: Path) -> ImatrixSums:
         sums[name] = sums[name].reshape(c.size, -1)
     field_ = r.fields[Keys.IMatrix.DATASETS]
     datasets = [str(bytes(field_.parts[i]), "utf-8") for i in field_.data]
-    return ImatrixSums(sums, counts, datasets, int(r.fields[Keys.IMatrix.CHUNK_COUNT].parts[-1][0]),
-                       int(r.fields[Keys.IMatrix.CHUNK_SIZE].parts[-1][0]))
+    return ImatrixSums(
+        sums,
+        counts,
+        datasets,
+        int(r.fields[Keys.IMatrix.CHUNK_COUNT].parts[-1][0]),
+        int(r.fields[Keys.IMatrix.CHUNK_SIZE].parts[-1][0]),
+    )
 
 
 def write_imatrix(path: Path, im: ImatrixSums) -> Path:
@@ -151,7 +160,7 @@ def write_imatrix(path: Path, im: ImatrixSums) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         w = GGUFWriter(tmp, "imatrix")
-        w.kv_data[0].pop(Keys.General.ARCHITECTURE)   # imatrix.cpp writes general.type only
+        w.kv_data[0].pop(Keys.General.ARCHITECTURE)  # imatrix.cpp writes general.type only
         w.add_type(_GGUF_TYPE)
         w.add_array(Keys.IMatrix.DATASETS, list(im.datasets))
         w.add_uint32(Keys.IMatrix.CHUNK_COUNT, int(im.chunk_count))
@@ -178,7 +187,7 @@ def _read_gguf(path: Path) -> Imatrix:
     raw = read_imatrix_sums(path)
     out = {}
     for name in sorted(raw.sums):
-        s, c = raw.sums[name], np.round(raw.counts[name])   # llama.cpp: std::lround of each count
+        s, c = raw.sums[name], np.round(raw.counts[name])  # llama.cpp: std::lround of each count
         if s.size == 0:
             continue
         # count 0: the tensor never saw input during calibration -> neutral weights of 1

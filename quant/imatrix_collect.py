@@ -27,13 +27,14 @@ import numpy as np
 
 from . import ggml
 
-MIN_ROWS = 16   # llama-imatrix: "why are small batches ignored (<16 tokens)?"
-_F32 = 0        # GGML_TYPE_F32
+MIN_ROWS = 16  # llama-imatrix: "why are small batches ignored (<16 tokens)?"
+_F32 = 0  # GGML_TYPE_F32
 
 
 @dataclass
 class Stats:
     """Per weight name: float64 sums of squared inputs [n_mat, n_cols] and int64 counts [n_mat]."""
+
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -41,8 +42,10 @@ class Stats:
         for name, s in other.sums.items():
             if name in self.sums:
                 if self.sums[name].shape != s.shape:
-                    raise ValueError(f"importance matrix entry {name} has {self.sums[name].size} values, "
-                                     f"the model gives {s.size}: not the same model")
+                    raise ValueError(
+                        f"importance matrix entry {name} has {self.sums[name].size} values, "
+                        f"the model gives {s.size}: not the same model"
+                    )
                 self.sums[name] = self.sums[name] + s
                 self.counts[name] = self.counts[name] + other.counts[name]
             else:
@@ -88,15 +91,15 @@ class ImatrixCollector:
         name = weight_name(src0.name)
         ne0, ne1, ne2, ne3 = (int(v) for v in src1.ne)
         n_mat = int(src0.ne[2] * src0.ne[3])
-        x = _view(p1, src1)                                   # [ne3, ne2, ne1, ne0] float32
+        x = _view(p1, src1)  # [ne3, ne2, ne1, ne0] float32
         if not np.isfinite(x).all():
             raise ValueError(f"non-finite activations at the input of {name} (the model produces NaN/inf)")
-        sq = np.einsum("abij,abij->abj", x, x, dtype=np.float64)   # sum over rows: [ne3, ne2, ne0]
+        sq = np.einsum("abij,abij->abj", x, x, dtype=np.float64)  # sum over rows: [ne3, ne2, ne0]
         acc = np.zeros((n_mat, ne0), np.float64)
         for i3 in range(ne3):
             for i2 in range(ne2):
                 acc[(i3 % int(src0.ne[3])) * int(src0.ne[2]) + (i2 % int(src0.ne[2]))] += sq[i3, i2]
-        counts = np.full(n_mat, (ne1 * ne2 * ne3) // n_mat, np.int64)   # ggml_nrows(src1) / n_mat
+        counts = np.full(n_mat, (ne1 * ne2 * ne3) // n_mat, np.int64)  # ggml_nrows(src1) / n_mat
         self.pending.add(Stats({name: acc}, {name: counts}))
 
     # -- item bookkeeping ----------------------------------------------------------------------

@@ -19,17 +19,18 @@ from .policy import QuantSpec, first_needing_imatrix, lm_tensor_types
 @dataclass(frozen=True)
 class MixtureSize:
     name: str
-    nbytes: int              # tensor data of the language-model GGUF
+    nbytes: int  # tensor data of the language-model GGUF
     n_params: int
-    needs_imatrix: bool      # llama-quantize refuses the type without an importance matrix
+    needs_imatrix: bool  # llama-quantize refuses the type without an importance matrix
 
     @property
     def bpw(self) -> float:
         return 8.0 * self.nbytes / self.n_params
 
 
-def mixture_size(tensors: list[tuple[str, tuple[int, ...]]], spec: QuantSpec, n_layer: int, n_gqa: int,
-                 input_type: Q = Q.F32) -> MixtureSize:
+def mixture_size(
+    tensors: list[tuple[str, tuple[int, ...]]], spec: QuantSpec, n_layer: int, n_gqa: int, input_type: Q = Q.F32
+) -> MixtureSize:
     """Size of `tensors` quantized with `spec` (with an imatrix only if the type needs one; the
     optional-imatrix types change a few tensors with one). Tensors that stay unquantized keep
     `input_type` (the converter writes norms as F32)."""

@@ -7,5 +7,16 @@ from .llama_backend import ContextOverflowError, LlamaError
 from .results import Answer, ChatStats, ChatStream, Piece
 from .video import Video, VideoFrames, load_video
 
-__all__ = ["MiniCPMV", "Answer", "ChatStats", "ChatStream", "Piece", "ModelFileError", "ContextOverflowError",
-           "LlamaError", "Video", "VideoFrames", "load_video"]
+__all__ = [
+    "MiniCPMV",
+    "Answer",
+    "ChatStats",
+    "ChatStream",
+    "Piece",
+    "ModelFileError",
+    "ContextOverflowError",
+    "LlamaError",
+    "Video",
+    "VideoFrames",
+    "load_video",
+]

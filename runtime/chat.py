@@ -22,19 +22,19 @@ timings. `stream=True` returns a `ChatStream`: an iterator of `Piece` strings (e
 Threads: calls on one model are served one at a time (turn.py): chat(), prefill(), reset() and
 close() wait for the model's turn, and a stream keeps it until it is exhausted, closed or freed,
 whichever thread reads it.
+
+Size: a little over 350 lines, most of them the public API's two long signatures (load, chat: one
+argument a line as the formatter writes them) and their documentation; each job is delegated.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from minicpmv.cpu import default_threads
-from minicpmv.gguf_info import ModelFileError, model_pair
 from minicpmv.schema import QUERY_NUM, REFERENCE_SAMPLING, SLOT_TOKEN, STOP_TOKENS, THINK_END, THINKING_SAMPLING
 
 from .content import Content
@@ -42,12 +42,12 @@ from .context_size import ContextChange, GrowingContext
 from .generate import generate
 from .kv_cache import KVContents, SlotRun, TextRun, decode, plan_steps
 from .llama import LlamaModel
-from .llama_backend import LlamaError
-from .llama_context import ContextParams, KV_TYPES, LlamaContext
-from .sampler import SamplingParams
-from .token_embeddings import TokenEmbeddings
+from .llama_context import ContextParams, LlamaContext
+from .loader import load_pair
 from .prompt import Prompt, Slot
 from .results import Answer, ChatStats, ChatStream
+from .sampler import SamplingParams
+from .token_embeddings import TokenEmbeddings
 from .turn import TurnLock
 from .vision_cache import EmbeddingCache, media_key
 
@@ -55,9 +55,17 @@ from .vision_cache import EmbeddingCache, media_key
 class MiniCPMV:
     """MiniCPM-V 4.5: llama.cpp language model + torch vision encoder, one conversation's KV cache."""
 
-    def __init__(self, lm: LlamaModel, ctx: LlamaContext | None, vision, *, cache_bytes: int = 1 << 30,
-                 fuse_placeholders: bool = True, ctx_params: ContextParams | None = None,
-                 n_ctx: int | None = None):
+    def __init__(
+        self,
+        lm: LlamaModel,
+        ctx: LlamaContext | None,
+        vision,
+        *,
+        cache_bytes: int = 1 << 30,
+        fuse_placeholders: bool = True,
+        ctx_params: ContextParams | None = None,
+        n_ctx: int | None = None,
+    ):
         """`ctx` fixes the context; `n_ctx` fixes its size (made at the first prefill); neither sizes
         it per turn with `ctx_params` (context_size.py)."""
         self.lm, self.vision = lm, vision
@@ -68,21 +76,32 @@ class MiniCPMV:
         self.progress = False  # a progress bar (stderr) while many slices/frames are encoded
         self.vision_cache = EmbeddingCache(vision, cache_bytes)
         self.content = Content()
-        self._kv = KVContents()   # what the KV cache holds
+        self._kv = KVContents()  # what the KV cache holds
         self.stop_ids = frozenset(t for t in (lm.token_id(s) for s in STOP_TOKENS) if t is not None)
         self.think_end_id = lm.token_id(THINK_END)
         self.last: Answer | None = None
         self.stats = ChatStats()
-        self._turn = TurnLock()   # one caller at a time on the KV cache and the context
+        self._turn = TurnLock()  # one caller at a time on the KV cache and the context
 
     # -- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, model_path: str | os.PathLike, mmproj_path: str | os.PathLike | None = None, *,
-             n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int | None = None,
-             vision_dtype: str = "auto", n_batch: int = 512, kv_type: str | None = None,
-             flash_attn: bool | None = None, fuse_placeholders: bool = True,
-             verbose: bool = False, low_memory: bool = False) -> "MiniCPMV":
+    def load(
+        cls,
+        model_path: str | os.PathLike,
+        mmproj_path: str | os.PathLike | None = None,
+        *,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        n_gpu_layers: int | None = None,
+        vision_dtype: str = "auto",
+        n_batch: int = 512,
+        kv_type: str | None = None,
+        flash_attn: bool | None = None,
+        fuse_placeholders: bool = True,
+        verbose: bool = False,
+        low_memory: bool = False,
+    ) -> "MiniCPMV":
         """Load the language model GGUF and the mmproj GGUF, or a folder holding both.
 
         `n_gpu_layers` None = all layers on Metal on macOS, CPU elsewhere. llama.cpp's defaults keep
@@ -100,40 +119,20 @@ class MiniCPMV:
         kept but read from the mmproj (page cache) for every image, one slice at a time. Costs and
         peak memory of both profiles: BENCHMARKS.md.
         """
-        kv_type = kv_type or ("q8_0" if low_memory else "f16")
-        if kv_type not in KV_TYPES:
-            raise ValueError(f"kv_type: {kv_type!r} is not one of {', '.join(KV_TYPES)}")
-        if kv_type == "q8_0" and flash_attn is False:
-            raise ValueError("kv_type q8_0 needs flash attention (flash_attn None or True)")
-        model_path, mmproj_path = model_pair(model_path, mmproj_path)
-
-        from .vision import VisionEncoder
-        threads = n_threads or default_threads()
-        try:
-            vision = VisionEncoder.load(mmproj_path, dtype=vision_dtype, n_threads=threads,
-                                        **(dict(resident=False, sub_batch_tokens=1) if low_memory else {}))
-        except (ValueError, OSError) as e:
-            raise ModelFileError(str(e).splitlines()[0] if str(e) else f"{mmproj_path}: cannot load") from None
-        try:
-            lm = LlamaModel(model_path, n_gpu_layers=n_gpu_layers, verbose=verbose)
-        except LlamaError as e:
-            raise ModelFileError(str(e)) from None
-        cls.check_pair(vision, lm)
-        if n_ctx is not None and 0 < lm.n_ctx_train < n_ctx:
-            vision.close()
-            lm.close()
-            raise ValueError(f"n_ctx {n_ctx} is more than the {lm.n_ctx_train} positions {Path(model_path).name} "
-                             "was trained with")
-        params = ContextParams(n_ctx=n_ctx or 0, n_batch=n_batch, n_threads=threads, kv_type=kv_type,
-                               flash_attn=flash_attn)
+        lm, vision, params = load_pair(
+            model_path,
+            mmproj_path,
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_gpu_layers=n_gpu_layers,
+            vision_dtype=vision_dtype,
+            n_batch=n_batch,
+            kv_type=kv_type,
+            flash_attn=flash_attn,
+            verbose=verbose,
+            low_memory=low_memory,
+        )
         return cls(lm, None, vision, fuse_placeholders=fuse_placeholders, ctx_params=params, n_ctx=n_ctx)
-
-    @staticmethod
-    def check_pair(vision, lm: LlamaModel) -> None:
-        """ModelFileError unless the mmproj's embeddings are as wide as the language model's input."""
-        if vision is not None and vision.embed_dim != lm.n_embd:
-            raise ModelFileError(f"{vision.path}: mmproj produces {vision.embed_dim}-wide embeddings but the "
-                                 f"language model {lm.path.name} expects {lm.n_embd}; use the matching pair")
 
     @property
     def ctx(self) -> LlamaContext | None:
@@ -173,13 +172,26 @@ class MiniCPMV:
 
     # -- prompt --------------------------------------------------------------------------------
 
-    def build_prompt(self, msgs: list[dict], *, enable_thinking: bool = False, system_prompt: str = "",
-                     max_slice_nums: int | None = None, use_image_id: bool | None = None,
-                     temporal_ids: list[list[int]] | None = None) -> Prompt:
+    def build_prompt(
+        self,
+        msgs: list[dict],
+        *,
+        enable_thinking: bool = False,
+        system_prompt: str = "",
+        max_slice_nums: int | None = None,
+        use_image_id: bool | None = None,
+        temporal_ids: list[list[int]] | None = None,
+    ) -> Prompt:
         """The reference's prompt for `msgs`, with the per-conversation defaults of content.py."""
-        return self.content.prompt(msgs, enable_thinking=enable_thinking, system_prompt=system_prompt,
-                                   max_slice_nums=max_slice_nums, use_image_id=use_image_id,
-                                   temporal_ids=temporal_ids, query_num=self.query_num)
+        return self.content.prompt(
+            msgs,
+            enable_thinking=enable_thinking,
+            system_prompt=system_prompt,
+            max_slice_nums=max_slice_nums,
+            use_image_id=use_image_id,
+            temporal_ids=temporal_ids,
+            query_num=self.query_num,
+        )
 
     def prompt_token_ids(self, prompt: Prompt, slot_id: int | None = None) -> list[int]:
         """The prompt as the reference's input ids (slots as `<unk>` unless `slot_id` is given)."""
@@ -192,28 +204,36 @@ class MiniCPMV:
     def _prefill(self, prompt: Prompt, stats: ChatStats, room: int = 1) -> None:
         """Decode `prompt` into the KV cache, in a context with `room` positions after it (up to the limit)."""
         keys = [media_key(m, prompt.max_slice_nums) for m in prompt.media]
-        seq = KVContents([SlotRun(keys[s.media_index], s.index, self.query_num) if isinstance(s, Slot)
-                        else TextRun(self.lm.tokenize(s)) for s in prompt.segments])
+        seq = KVContents(
+            [
+                SlotRun(keys[s.media_index], s.index, self.query_num)
+                if isinstance(s, Slot)
+                else TextRun(self.lm.tokenize(s))
+                for s in prompt.segments
+            ]
+        )
         n = len(seq)
         stats.prompt_tokens = n
         slots = seq.slots()
-        self._context.check_prompt(n, f"{len(slots)} image slots x {self.query_num} + "
-                                      f"{n - len(slots) * self.query_num} text tokens")
-        start = self._kv.common_prefix(seq, limit=n - 1)   # always re-decode at least the last position
+        self._context.check_prompt(
+            n, f"{len(slots)} image slots x {self.query_num} + {n - len(slots) * self.query_num} text tokens"
+        )
+        start = self._kv.common_prefix(seq, limit=n - 1)  # always re-decode at least the last position
         if self.ctx is not None and not self.ctx.truncate(start):
             start = 0
 
         # vision for the slots that will be decoded (cached embeddings are reused), before the
         # context is made or grown: the encoder's working memory is free again by then
-        media = dict(zip(reversed(keys), reversed(prompt.media)))   # the first item of equal content
+        media = dict(zip(reversed(keys), reversed(prompt.media)))  # the first item of equal content
 
         def encode(first: int) -> dict:
             wanted = {slot.media_key: media[slot.media_key] for pos, slot in slots if pos >= first}
             return self.vision_cache.embeddings(wanted, prompt.max_slice_nums, stats, self.progress)
+
         embs = encode(start)
-        kept, self._kv = self._kv, KVContents()   # empty while the context may be replaced
+        kept, self._kv = self._kv, KVContents()  # empty while the context may be replaced
         new_start = self._context.make_room(n + max(1, room), start, stats)
-        if new_start < start:   # the cache could not be carried over: earlier slots are decoded too
+        if new_start < start:  # the cache could not be carried over: earlier slots are decoded too
             embs = encode(new_start)
         start = new_start
         self._kv = kept.prefix(start)
@@ -222,8 +242,14 @@ class MiniCPMV:
         t0 = time.perf_counter()
         b0 = self.ctx.n_batches
         try:
-            decode(self.ctx, plan_steps(seq, start, self.fuse_placeholders and self.tok_embd.available),
-                   n, embs, self.tok_embd, stats)
+            decode(
+                self.ctx,
+                plan_steps(seq, start, self.fuse_placeholders and self.tok_embd.available),
+                n,
+                embs,
+                self.tok_embd,
+                stats,
+            )
         except BaseException:
             self._clear()  # a failed batch may have left part of itself in the cache
             raise
@@ -232,26 +258,52 @@ class MiniCPMV:
         stats.tokens_prefilled = n - start
         stats.prefill_ms = (time.perf_counter() - t0) * 1e3
 
-    def prefill(self, msgs: list[dict], *, enable_thinking: bool = False, system_prompt: str = "",
-                max_slice_nums: int | None = None, use_image_id: bool | None = None,
-                temporal_ids: list[list[int]] | None = None) -> np.ndarray:
+    def prefill(
+        self,
+        msgs: list[dict],
+        *,
+        enable_thinking: bool = False,
+        system_prompt: str = "",
+        max_slice_nums: int | None = None,
+        use_image_id: bool | None = None,
+        temporal_ids: list[list[int]] | None = None,
+    ) -> np.ndarray:
         """Prefill the conversation (reusing the cache) and return a copy of the next-token logits."""
         with self._turn.call():
-            prompt = self.build_prompt(msgs, enable_thinking=enable_thinking, system_prompt=system_prompt,
-                                       max_slice_nums=max_slice_nums, use_image_id=use_image_id,
-                                       temporal_ids=temporal_ids)
+            prompt = self.build_prompt(
+                msgs,
+                enable_thinking=enable_thinking,
+                system_prompt=system_prompt,
+                max_slice_nums=max_slice_nums,
+                use_image_id=use_image_id,
+                temporal_ids=temporal_ids,
+            )
             self.stats = ChatStats()
             self._prefill(prompt, self.stats)
             return self.ctx.logits().copy()
 
     # -- chat ----------------------------------------------------------------------------------
 
-    def chat(self, msgs: list[dict], *, enable_thinking: bool = False, stream: bool = False,
-             max_new_tokens: int = 2048, temperature: float | None = None, top_p: float | None = None,
-             top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
-             system_prompt: str = "", max_slice_nums: int | None = None, use_image_id: bool | None = None,
-             temporal_ids: list[list[int]] | None = None, greedy: bool = False,
-             show_thinking: bool = True, stop: list[str] | tuple[str, ...] = ()) -> "Answer | ChatStream":
+    def chat(
+        self,
+        msgs: list[dict],
+        *,
+        enable_thinking: bool = False,
+        stream: bool = False,
+        max_new_tokens: int = 2048,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        system_prompt: str = "",
+        max_slice_nums: int | None = None,
+        use_image_id: bool | None = None,
+        temporal_ids: list[list[int]] | None = None,
+        greedy: bool = False,
+        show_thinking: bool = True,
+        stop: list[str] | tuple[str, ...] = (),
+    ) -> "Answer | ChatStream":
         """Answer the last user message of `msgs` (the reference's `chat()` semantics).
 
         msgs: [{'role': 'user'|'assistant', 'content': str | [item, ...]}], first role user; the
@@ -273,19 +325,37 @@ class MiniCPMV:
             top_p=defaults.top_p if top_p is None else top_p,
             top_k=defaults.top_k if top_k is None else top_k,
             repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else repetition_penalty,
-            seed=seed, greedy=greedy)
+            seed=seed,
+            greedy=greedy,
+        )
         hold = self._turn.acquire(stream=stream)
-        handed_over = False   # to the ChatStream, which gives the turn back when it ends
+        handed_over = False  # to the ChatStream, which gives the turn back when it ends
         try:
-            prompt = self.build_prompt(msgs, enable_thinking=enable_thinking, system_prompt=system_prompt,
-                                       max_slice_nums=max_slice_nums, use_image_id=use_image_id,
-                                       temporal_ids=temporal_ids)
+            prompt = self.build_prompt(
+                msgs,
+                enable_thinking=enable_thinking,
+                system_prompt=system_prompt,
+                max_slice_nums=max_slice_nums,
+                use_image_id=use_image_id,
+                temporal_ids=temporal_ids,
+            )
             stats = ChatStats()
             self.stats = stats
             self._prefill(prompt, stats, room=max_new_tokens)
-            gen = generate(self.ctx, self.lm, self._kv, sp, max_new_tokens=max_new_tokens,
-                           thinking=enable_thinking, show_thinking=show_thinking, stop_ids=self.stop_ids,
-                           think_end=self.think_end_id, stats=stats, t_start=t_start, stop=tuple(stop))
+            gen = generate(
+                self.ctx,
+                self.lm,
+                self._kv,
+                sp,
+                max_new_tokens=max_new_tokens,
+                thinking=enable_thinking,
+                show_thinking=show_thinking,
+                stop_ids=self.stop_ids,
+                think_end=self.think_end_id,
+                stats=stats,
+                t_start=t_start,
+                stop=tuple(stop),
+            )
             if stream:
                 out = ChatStream(gen, on_result=self._finished, stats=stats, hold=hold)
                 handed_over = True

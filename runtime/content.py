@@ -27,8 +27,14 @@ from .prompt import Prompt, PromptError, build_prompt
 from .video import Video, VideoFrames
 
 
-def load_media(path: str | os.PathLike, *, fps: float = video.DEFAULT_FPS, packing: int | None = None,
-               max_frames: int = video.MAX_NUM_FRAMES, progress: bool = False) -> Image.Image | VideoFrames:
+def load_media(
+    path: str | os.PathLike,
+    *,
+    fps: float = video.DEFAULT_FPS,
+    packing: int | None = None,
+    max_frames: int = video.MAX_NUM_FRAMES,
+    progress: bool = False,
+) -> Image.Image | VideoFrames:
     """A file as content: a video file as its sampled frames, anything else as an RGB image."""
     if video.is_video_path(path):
         return video.load_video(Path(path), fps=fps, packing=packing, max_frames=max_frames, progress=progress)
@@ -45,7 +51,7 @@ class Content:
 
     def __init__(self) -> None:
         self._video: tuple[tuple, VideoFrames] | None = None
-        self.opened = 0   # image and video files opened (tests: text is never opened)
+        self.opened = 0  # image and video files opened (tests: text is never opened)
 
     def item(self, c):
         """One content item -> str, RGB PIL image or VideoFrames (paths and Videos are loaded)."""
@@ -60,8 +66,10 @@ class Content:
         if isinstance(c, os.PathLike):
             self.opened += 1
             return self.video(Video(Path(c))) if video.is_video_path(c) else load_image(Path(c))
-        raise PromptError(f"a content item of type {_describe(c)}: give text as str, images as PIL images or "
-                          "pathlib.Path, videos as pathlib.Path or runtime.Video")
+        raise PromptError(
+            f"a content item of type {_describe(c)}: give text as str, images as PIL images or "
+            "pathlib.Path, videos as pathlib.Path or runtime.Video"
+        )
 
     def video(self, v: Video) -> VideoFrames:
         """Decoded once per (file version or bytes, sampling)."""
@@ -101,9 +109,17 @@ class Content:
             out.append({"role": m.get("role"), "content": conv})
         return out, (groups if has_video else None)
 
-    def prompt(self, msgs: list[dict], *, enable_thinking: bool = False, system_prompt: str = "",
-               max_slice_nums: int | None = None, use_image_id: bool | None = None,
-               temporal_ids: list[list[int]] | None = None, query_num: int) -> Prompt:
+    def prompt(
+        self,
+        msgs: list[dict],
+        *,
+        enable_thinking: bool = False,
+        system_prompt: str = "",
+        max_slice_nums: int | None = None,
+        use_image_id: bool | None = None,
+        temporal_ids: list[list[int]] | None = None,
+        query_num: int,
+    ) -> Prompt:
         """The reference's prompt for `msgs`, with the per-conversation defaults: max_slice_nums
         MAX_SLICE_NUMS and image ids, or VIDEO_MAX_SLICE_NUMS and none when the conversation holds a
         video."""
@@ -117,6 +133,12 @@ class Content:
             max_slice_nums = VIDEO_MAX_SLICE_NUMS if has_video else MAX_SLICE_NUMS
         if use_image_id is None:
             use_image_id = not has_video
-        return build_prompt(msgs, system_prompt=system_prompt, enable_thinking=enable_thinking,
-                            max_slice_nums=max_slice_nums, use_image_id=use_image_id,
-                            temporal_ids=temporal_ids, query_num=query_num)
+        return build_prompt(
+            msgs,
+            system_prompt=system_prompt,
+            enable_thinking=enable_thinking,
+            max_slice_nums=max_slice_nums,
+            use_image_id=use_image_id,
+            temporal_ids=temporal_ids,
+            query_num=query_num,
+        )

@@ -35,11 +35,10 @@ from .results import ChatStats
 # exactly the cells a larger one would (greedy answers do not depend on the size); and at most 511
 # unused positions, 72 MiB of f16 KV cache on the 8B model.
 GRANULE = 512
-GROWTH = 1.5   # a grown context is at least 1.5x the old one: a long chat copies its cache O(log n) times
+GROWTH = 1.5  # a grown context is at least 1.5x the old one: a long chat copies its cache O(log n) times
 
 
-def context_size(needed: int, limit: int, current: int = 0, *, granule: int = GRANULE,
-                 growth: float = GROWTH) -> int:
+def context_size(needed: int, limit: int, current: int = 0, *, granule: int = GRANULE, growth: float = GROWTH) -> int:
     """n_ctx for a turn that needs `needed` positions (prompt + tokens to generate) when the context
     holds `current` (0: none yet): `current` if that is enough (or cannot grow), else `needed` and
     at least `growth` x `current`, rounded up to `granule`, and at most `limit`."""
@@ -59,11 +58,12 @@ def kv_cache_bytes(n_ctx: int, shape: KVShape, kv_type: str) -> int:
 @dataclass(frozen=True)
 class ContextChange:
     """A context was created (or, `previous` > 0, replaced by a larger one)."""
+
     n_ctx: int
     kv_bytes: int
-    previous: int = 0     # n_ctx of the context it replaced
-    kept: int = 0         # KV positions copied over from it
-    fixed: bool = False   # sized by the caller (n_ctx / --ctx)
+    previous: int = 0  # n_ctx of the context it replaced
+    kept: int = 0  # KV positions copied over from it
+    fixed: bool = False  # sized by the caller (n_ctx / --ctx)
 
     def __str__(self) -> str:
         if self.fixed:
@@ -79,8 +79,9 @@ class GrowingContext:
     """The conversation's llama.cpp context: a fixed one given by the caller, or one created and
     grown as turns need (see the module docstring). `ctx` is None until the first prefill."""
 
-    def __init__(self, lm: LlamaModel, params: ContextParams, fixed: LlamaContext | None = None,
-                 fixed_size: int | None = None):
+    def __init__(
+        self, lm: LlamaModel, params: ContextParams, fixed: LlamaContext | None = None, fixed_size: int | None = None
+    ):
         """`fixed`: a context made by the caller; `fixed_size`: a size fixed by the caller, the
         context made at the first prefill (after that turn's images are encoded, so the vision
         encoder's working memory and the KV cache are not resident at the same time on a first
@@ -91,7 +92,8 @@ class GrowingContext:
         self.limit = fixed.n_ctx if fixed is not None else fixed_size or lm.n_ctx_train
         self._shape = lm.kv_shape()
         self.last: ContextChange | None = (
-            ContextChange(fixed.n_ctx, self.kv_bytes(fixed.n_ctx), fixed=True) if fixed is not None else None)
+            ContextChange(fixed.n_ctx, self.kv_bytes(fixed.n_ctx), fixed=True) if fixed is not None else None
+        )
         self._watch: Callable[[ContextChange], None] | None = None
 
     def kv_bytes(self, n_ctx: int) -> int:
@@ -111,8 +113,10 @@ class GrowingContext:
             room = f"the context holds n_ctx={self.limit}; raise n_ctx (--ctx)"
         else:
             room = f"the model's trained context holds {self.limit} (n_ctx_train); start a new conversation"
-        raise ContextOverflowError(f"the prompt needs {n} tokens ({parts}) plus room to answer, but {room} "
-                                   "or use fewer images/slices (--max-slices)")
+        raise ContextOverflowError(
+            f"the prompt needs {n} tokens ({parts}) plus room to answer, but {room} "
+            "or use fewer images/slices (--max-slices)"
+        )
 
     def make_room(self, needed: int, keep: int, stats: ChatStats) -> int:
         """Make the context hold `needed` positions (up to the limit), keeping the first `keep`
@@ -132,7 +136,7 @@ class GrowingContext:
         old, self.ctx = self.ctx, None
         state = old.seq_state() if old is not None and keep else None
         if old is not None:
-            old.close()   # before the new cache is allocated: never two caches at once
+            old.close()  # before the new cache is allocated: never two caches at once
         ctx = LlamaContext(self.lm, dataclasses.replace(self.params, n_ctx=size))
         kept = keep if state is not None and ctx.load_seq_state(state) else 0
         del state
@@ -140,8 +144,9 @@ class GrowingContext:
         if old is not None:
             stats.ctx_grows += 1
             stats.tokens_kept = kept
-        self.last = ContextChange(ctx.n_ctx, self.kv_bytes(ctx.n_ctx), old.n_ctx if old is not None else 0, kept,
-                                  fixed=self.fixed)
+        self.last = ContextChange(
+            ctx.n_ctx, self.kv_bytes(ctx.n_ctx), old.n_ctx if old is not None else 0, kept, fixed=self.fixed
+        )
         if self._watch is not None:
             self._watch(self.last)
         return kept

@@ -12,8 +12,8 @@ from minicpmv.schema import THINK_END, THINK_START
 from .kv_cache import KVContents
 from .llama import LlamaModel
 from .llama_context import LlamaContext
-from .sampler import Sampler, SamplingParams
 from .results import Answer, ChatStats, Piece
+from .sampler import Sampler, SamplingParams
 
 
 class StopStrings:
@@ -22,34 +22,46 @@ class StopStrings:
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(s for s in stops if s)
-        self.text = ""      # the answer so far, what was released and what is held back
-        self.released = 0   # characters of `text` given out
+        self.text = ""  # the answer so far, what was released and what is held back
+        self.released = 0  # characters of `text` given out
 
     def feed(self, piece: str) -> tuple[str, bool]:
         """(text that may be given out now, whether a stop string was reached)."""
         self.text += piece
         if not self.stops:
-            out, self.released = self.text[self.released:], len(self.text)
+            out, self.released = self.text[self.released :], len(self.text)
             return out, False
         hits = [i for i in (self.text.find(s, max(0, self.released - len(s) + 1)) for s in self.stops) if i >= 0]
         if hits:
             end = min(hits)
-            out = self.text[self.released:end] if end > self.released else ""
+            out = self.text[self.released : end] if end > self.released else ""
             self.text, self.released = self.text[:end], end
             return out, True
         hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
         end = max(self.released, len(self.text) - hold)
-        out, self.released = self.text[self.released:end], end
+        out, self.released = self.text[self.released : end], end
         return out, False
 
     def flush(self) -> str:
-        out, self.released = self.text[self.released:], len(self.text)
+        out, self.released = self.text[self.released :], len(self.text)
         return out
 
 
-def generate(ctx: LlamaContext, lm: LlamaModel, kv: KVContents, sp: SamplingParams, *, max_new_tokens: int,
-             thinking: bool, show_thinking: bool, stop_ids: frozenset[int], think_end: int | None,
-             stats: ChatStats, t_start: float, stop: tuple[str, ...] = ()) -> Generator[Piece, None, Answer]:
+def generate(
+    ctx: LlamaContext,
+    lm: LlamaModel,
+    kv: KVContents,
+    sp: SamplingParams,
+    *,
+    max_new_tokens: int,
+    thinking: bool,
+    show_thinking: bool,
+    stop_ids: frozenset[int],
+    think_end: int | None,
+    stats: ChatStats,
+    t_start: float,
+    stop: tuple[str, ...] = (),
+) -> Generator[Piece, None, Answer]:
     """Sample and decode until a stop token (or, in the answer, one of the `stop` strings, which is
     left out); yields Pieces, returns the Answer. `kv` is the cache contents this turn was
     prefilled into (generated tokens are appended to it). The caller holds the model's turn
@@ -63,7 +75,7 @@ def generate(ctx: LlamaContext, lm: LlamaModel, kv: KVContents, sp: SamplingPara
     think_parts: list[str] = []
     answer_parts: list[str] = []
     tokens: list[int] = []
-    lead = True       # strip the newlines that open the answer (template: lstrip after </think>)
+    lead = True  # strip the newlines that open the answer (template: lstrip after </think>)
     stop_text = StopStrings(stop)
     stopped = False
     if thinking and show_thinking:
@@ -95,7 +107,7 @@ def generate(ctx: LlamaContext, lm: LlamaModel, kv: KVContents, sp: SamplingPara
                     if lead and thinking:  # "\n\n" after </think>: part of the block's format
                         body = text.lstrip("\n")
                         if show_thinking and len(body) < len(text):
-                            yield Piece(text[:len(text) - len(body)], True)
+                            yield Piece(text[: len(text) - len(body)], True)
                         text = body
                     if text:
                         lead = False
@@ -143,5 +155,5 @@ def _cut_raw(generated: str, answer: str) -> str:
     i = generated.rfind(answer) if answer else -1
     if i < 0:
         i = generated.find(THINK_END)
-        return generated[:i + len(THINK_END)] if i >= 0 else ""
-    return generated[:i + len(answer)]
+        return generated[: i + len(THINK_END)] if i >= 0 else ""
+    return generated[: i + len(answer)]

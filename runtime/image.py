@@ -25,8 +25,8 @@ mtmd's plan and also runs llama.cpp's compiled code):
   (1000x700 and 1920x1080 differ; 640x480, 896x448, 1344x1344 are bit-identical);
 - it rounds half away from zero (`std::round`) in float32 where the reference rounds half to
   even in float64: for random sizes sliced by both, ~7% get a different overview size and
-  ~11% a different overview or slice size (101x2003: overview 98x2002 vs 98x1988), and float32 errors make the (2,3)/(3,2) tie a real
-  tie (1002x1002: mtmd 2 cols x 3 rows, reference 3 x 2).
+  ~11% a different overview or slice size (101x2003: overview 98x2002 vs 98x1988), and float32
+  errors make the (2,3)/(3,2) tie a real tie (1002x1002: mtmd 2 cols x 3 rows, reference 3 x 2).
 Where the sizes agree, the overview pixels are bit-identical (mtmd's resampler is a Pillow port).
 For 640x480, 800x600, 1344x1344 and 1920x1080 both give the same grid, overview and slice sizes.
 
@@ -71,13 +71,18 @@ class ImageError(ValueError):
 
 # --------------------------------------------------------------------------- reference rules
 
+
 def ensure_divide(length: float, patch_size: int) -> int:
     """Nearest multiple of `patch_size` (Python round: half to even), at least one patch."""
     return max(round(length / patch_size) * patch_size, patch_size)
 
 
-def find_best_resize(size: tuple[float, float], scale_resolution: int = SCALE_RESOLUTION,
-                     patch_size: int = PATCH_SIZE, allow_upscale: bool = False) -> tuple[int, int]:
+def find_best_resize(
+    size: tuple[float, float],
+    scale_resolution: int = SCALE_RESOLUTION,
+    patch_size: int = PATCH_SIZE,
+    allow_upscale: bool = False,
+) -> tuple[int, int]:
     """(width, height) of about scale_resolution^2 pixels with the aspect of `size`.
 
     Images not larger than scale_resolution^2 keep their size unless `allow_upscale`.
@@ -91,9 +96,13 @@ def find_best_resize(size: tuple[float, float], scale_resolution: int = SCALE_RE
     return ensure_divide(width, patch_size), ensure_divide(height, patch_size)
 
 
-def get_refine_size(size: tuple[int, int], grid: tuple[int, int],
-                    scale_resolution: int = SCALE_RESOLUTION, patch_size: int = PATCH_SIZE,
-                    allow_upscale: bool = True) -> tuple[int, int]:
+def get_refine_size(
+    size: tuple[int, int],
+    grid: tuple[int, int],
+    scale_resolution: int = SCALE_RESOLUTION,
+    patch_size: int = PATCH_SIZE,
+    allow_upscale: bool = True,
+) -> tuple[int, int]:
     """(width, height) of the refined image: grid cells of about scale_resolution^2 each."""
     width, height = size
     gx, gy = grid
@@ -102,9 +111,12 @@ def get_refine_size(size: tuple[int, int], grid: tuple[int, int],
     return bw * gx, bh * gy
 
 
-def get_sliced_grid(size: tuple[int, int], max_slice_nums: int = MAX_SLICE_NUMS,
-                    never_split: bool = False,
-                    scale_resolution: int = SCALE_RESOLUTION) -> tuple[int, int] | None:
+def get_sliced_grid(
+    size: tuple[int, int],
+    max_slice_nums: int = MAX_SLICE_NUMS,
+    never_split: bool = False,
+    scale_resolution: int = SCALE_RESOLUTION,
+) -> tuple[int, int] | None:
     """(cols, rows) of the slice grid, or None when the image is not sliced."""
     width, height = size
     log_ratio = math.log(width / height)
@@ -125,6 +137,7 @@ def get_sliced_grid(size: tuple[int, int], max_slice_nums: int = MAX_SLICE_NUMS,
 
 # --------------------------------------------------------------------------- slicing
 
+
 def normalize(img: Image.Image) -> np.ndarray:
     """RGB PIL image -> float32 [3, H, W], (x/255 - mean)/std computed in float32 like the reference."""
     a = np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.float32)
@@ -135,9 +148,10 @@ def normalize(img: Image.Image) -> np.ndarray:
 @dataclass
 class SlicedImage:
     """One image as the reference feeds it to the vision tower: overview first, then slices."""
-    grid: tuple[int, int] | None        # (cols, rows), None when not sliced
+
+    grid: tuple[int, int] | None  # (cols, rows), None when not sliced
     overview: Image.Image
-    slices: list[Image.Image] = field(default_factory=list)   # row-major
+    slices: list[Image.Image] = field(default_factory=list)  # row-major
     patch_size: int = PATCH_SIZE
 
     @property
@@ -154,9 +168,13 @@ class SlicedImage:
         return [normalize(im) for im in self.images]
 
 
-def slice_image(img: Image.Image, max_slice_nums: int = MAX_SLICE_NUMS,
-                scale_resolution: int = SCALE_RESOLUTION, patch_size: int = PATCH_SIZE,
-                never_split: bool = False) -> SlicedImage:
+def slice_image(
+    img: Image.Image,
+    max_slice_nums: int = MAX_SLICE_NUMS,
+    scale_resolution: int = SCALE_RESOLUTION,
+    patch_size: int = PATCH_SIZE,
+    never_split: bool = False,
+) -> SlicedImage:
     """Reference slicing of a PIL image (converted to RGB with PIL first, as the reference does).
 
     Only the two resizes the reference makes are done (overview, refined image); slices are crops.
@@ -178,12 +196,12 @@ def slice_image(img: Image.Image, max_slice_nums: int = MAX_SLICE_NUMS,
     refined = img.resize((refine_w, refine_h), Image.Resampling.BICUBIC)
     gx, gy = grid
     sw, sh = refine_w // gx, refine_h // gy
-    slices = [refined.crop((c * sw, r * sh, (c + 1) * sw, (r + 1) * sh))
-              for r in range(gy) for c in range(gx)]
+    slices = [refined.crop((c * sw, r * sh, (c + 1) * sw, (r + 1) * sh)) for r in range(gy) for c in range(gx)]
     return SlicedImage(grid, overview, slices, patch_size)
 
 
 # --------------------------------------------------------------------------- loading
+
 
 def check_size(size: tuple[int, int], name: str, max_pixels: int = MAX_PIXELS) -> None:
     """Raise ImageError for empty, oversized or absurdly elongated images."""
@@ -191,8 +209,10 @@ def check_size(size: tuple[int, int], name: str, max_pixels: int = MAX_PIXELS) -
     if w <= 0 or h <= 0:
         raise ImageError(f"{name}: empty image ({w}x{h} pixels)")
     if w * h > max_pixels:
-        raise ImageError(f"{name}: image of {w}x{h} = {w * h / 1e6:.0f} MP exceeds the limit of "
-                         f"{max_pixels / 1e6:.0f} MP", limit="max_image_pixels")
+        raise ImageError(
+            f"{name}: image of {w}x{h} = {w * h / 1e6:.0f} MP exceeds the limit of {max_pixels / 1e6:.0f} MP",
+            limit="max_image_pixels",
+        )
     if max(w, h) > MAX_ASPECT * min(w, h):
         raise ImageError(f"{name}: aspect ratio of {w}x{h} exceeds the limit of 1:{MAX_ASPECT}")
 
@@ -218,8 +238,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if mode != "RGB" else img
 
 
-def load_image(source: str | os.PathLike | bytes | Image.Image, *, name: str | None = None,
-               max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(
+    source: str | os.PathLike | bytes | Image.Image, *, name: str | None = None, max_pixels: int = MAX_PIXELS
+) -> Image.Image:
     """Open a file or bytes in memory (an upload), or take a PIL image, and return a decoded 8-bit
     RGB PIL image.
 
@@ -256,14 +277,16 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, *, name: str | N
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fp, formats=IMAGE_FORMATS) as img:
-                check_size(img.size, name, max_pixels)   # header only, nothing decoded yet
+                check_size(img.size, name, max_pixels)  # header only, nothing decoded yet
                 img.load()
                 return _to_rgb(img)
     except ImageError:
         raise
     except Image.DecompressionBombError:
-        raise ImageError(f"{name}: image exceeds the limit of {max_pixels / 1e6:.0f} MP "
-                         "(and PIL's decompression-bomb limit)", limit="max_image_pixels") from None
+        raise ImageError(
+            f"{name}: image exceeds the limit of {max_pixels / 1e6:.0f} MP (and PIL's decompression-bomb limit)",
+            limit="max_image_pixels",
+        ) from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not an image in a supported format ({', '.join(FORMAT_NAMES)})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:

@@ -17,8 +17,9 @@ from typing import ClassVar
 import numpy as np
 
 from .llama_context import LlamaContext
-from .token_embeddings import TokenEmbeddings
 from .results import ChatStats
+from .token_embeddings import TokenEmbeddings
+
 
 @dataclass
 class TextRun:
@@ -49,8 +50,8 @@ class TextRun:
 @dataclass(frozen=True)
 class SlotRun:
     media_key: bytes  # content key of the media item (vision_cache.media_key)
-    index: int        # 0: the overview, 1..: the slices
-    size: int         # embedding rows (the resampler's query_num)
+    index: int  # 0: the overview, 1..: the slices
+    size: int  # embedding rows (the resampler's query_num)
     is_slot: ClassVar[bool] = True
 
     def __len__(self) -> int:
@@ -75,6 +76,7 @@ Run = TextRun | SlotRun
 @dataclass
 class KVContents:
     """Cache contents: runs of text and slots, adjacent text runs merged."""
+
     runs: list[Run] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -132,6 +134,7 @@ class KVContents:
 @dataclass
 class Part:
     """Positions [start, start + hi - lo) of the sequence: items lo..hi of one run."""
+
     run: Run
     lo: int
     hi: int
@@ -141,6 +144,7 @@ class Part:
 @dataclass
 class Step:
     """One kind of decode call over consecutive positions: token batches, or embedding rows."""
+
     embeddings: bool
     parts: list[Part]
 
@@ -183,26 +187,33 @@ def plan_steps(seq: KVContents, start: int, fuse: bool) -> list[Step]:
     return steps
 
 
-def _rows(parts: list[Part], s: int, e: int, embs: dict[bytes, np.ndarray], tok_embd: TokenEmbeddings,
-          n_embd: int) -> np.ndarray:
+def _rows(
+    parts: list[Part], s: int, e: int, embs: dict[bytes, np.ndarray], tok_embd: TokenEmbeddings, n_embd: int
+) -> np.ndarray:
     """Embedding rows for positions s..e: slot rows from the vision output, tokens from token_embd."""
     out = np.empty((e - s, n_embd), dtype=np.float32)
     for p in parts:
         a, b = max(s, p.start), min(e, p.start + p.hi - p.lo)
         if a >= b:
             continue
-        out[a - s:b - s] = p.run.rows(p.lo + a - p.start, p.lo + b - p.start, embs, tok_embd)
+        out[a - s : b - s] = p.run.rows(p.lo + a - p.start, p.lo + b - p.start, embs, tok_embd)
     return out
 
 
-def decode(ctx: LlamaContext, steps: list[Step], n: int, embs: dict[bytes, np.ndarray],
-           tok_embd: TokenEmbeddings, stats: ChatStats) -> None:
+def decode(
+    ctx: LlamaContext,
+    steps: list[Step],
+    n: int,
+    embs: dict[bytes, np.ndarray],
+    tok_embd: TokenEmbeddings,
+    stats: ChatStats,
+) -> None:
     """Run the steps; logits only for position n - 1. Embedding rows are built one batch at a time
     (bounded memory)."""
     cap = ctx.embd_capacity
     for step in steps:
         if not step.embeddings:
-            tokens = [t for p in step.parts for t in p.run.tokens[p.lo:p.hi]]
+            tokens = [t for p in step.parts for t in p.run.tokens[p.lo : p.hi]]
             ctx.decode_tokens(tokens, step.start, logits_last=step.end == n)
             continue
         for c in range(step.start, step.end, cap):

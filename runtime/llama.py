@@ -22,6 +22,7 @@ from .weight_buffers import BufferPlan
 @dataclass(frozen=True)
 class KVShape:
     """What one KV cache position holds: in each of n_layer layers, n_head_kv heads of K and of V."""
+
     n_layer: int
     n_head_kv: int
     head_dim_k: int
@@ -31,18 +32,26 @@ class KVShape:
 class LlamaModel:
     """A loaded GGUF language model and its vocabulary."""
 
-    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int | None = None,
-                 vocab_only: bool = False, verbose: bool | str = False, buffers: BufferPlan | None = None,
-                 read_file: bool | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        n_gpu_layers: int | None = None,
+        vocab_only: bool = False,
+        verbose: bool | str = False,
+        buffers: BufferPlan | None = None,
+        read_file: bool | None = None,
+    ):
         init_backend(verbose)
         self.path = Path(path)
         if not self.path.is_file():
             raise LlamaError(f"{self.path}: no such model file")
-        self.file = ModelFile(self.path)   # read through this descriptor for the model's lifetime
+        self.file = ModelFile(self.path)  # read through this descriptor for the model's lifetime
         n_gpu = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
         try:
-            self.model, self.buffers = load_model(self.file, n_gpu_layers=n_gpu, vocab_only=vocab_only,
-                                                  buffers=buffers, read_file=read_file)
+            self.model, self.buffers = load_model(
+                self.file, n_gpu_layers=n_gpu, vocab_only=vocab_only, buffers=buffers, read_file=read_file
+            )
         except BaseException:
             self.file.close()
             raise
@@ -73,8 +82,12 @@ class LlamaModel:
         n_head = ll.llama_model_n_head(self.model)
         head = ll.llama_model_n_embd(self.model) // n_head if n_head else 0
         dim = lambda key: int(self.meta(key.format(arch=arch)) or head)  # noqa: E731
-        return KVShape(ll.llama_model_n_layer(self.model), ll.llama_model_n_head_kv(self.model),
-                       dim(gguf.Keys.Attention.KEY_LENGTH), dim(gguf.Keys.Attention.VALUE_LENGTH))
+        return KVShape(
+            ll.llama_model_n_layer(self.model),
+            ll.llama_model_n_head_kv(self.model),
+            dim(gguf.Keys.Attention.KEY_LENGTH),
+            dim(gguf.Keys.Attention.VALUE_LENGTH),
+        )
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)

@@ -24,8 +24,8 @@ class ContextOverflowError(LlamaError):
 
 
 _log_state = {"verbose": False, "init": False, "last": 0}
-_LOG_DEBUG, _LOG_CONT = 1, 5   # enum ggml_log_level (ggml.h)
-_log_tail: deque[str] = deque(maxlen=200)   # recent non-debug lines, for error messages
+_LOG_DEBUG, _LOG_CONT = 1, 5  # enum ggml_log_level (ggml.h)
+_log_tail: deque[str] = deque(maxlen=200)  # recent non-debug lines, for error messages
 
 
 @ll.llama_log_callback
@@ -58,7 +58,7 @@ def load_error() -> str | None:
     for line in reversed(_log_tail):
         _, sep, reason = line.partition("error loading model: ")
         if sep:
-            return re.sub(r"^[a-z_]+: ", "", " ".join(reason.split())) or None   # drop the C function name
+            return re.sub(r"^[a-z_]+: ", "", " ".join(reason.split())) or None  # drop the C function name
     return None
 
 

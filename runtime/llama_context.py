@@ -19,8 +19,8 @@ from minicpmv.cpu import default_threads
 from .llama import LlamaModel
 from .llama_backend import ContextOverflowError, LlamaError, release
 
-
 # --------------------------------------------------------------------------- batches
+
 
 class _Batch:
     """A preallocated llama_batch for one sequence (tokens, or embedding rows of width n_embd)."""
@@ -34,8 +34,7 @@ class _Batch:
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
         self.pos = np.ctypeslib.as_array(b.pos, shape=(capacity,))
-        self.logits = np.ctypeslib.as_array(ctypes.cast(b.logits, ctypes.POINTER(ctypes.c_int8)),
-                                            shape=(capacity,))
+        self.logits = np.ctypeslib.as_array(ctypes.cast(b.logits, ctypes.POINTER(ctypes.c_int8)), shape=(capacity,))
         if n_embd:
             self.embd = np.ctypeslib.as_array(b.embd, shape=(capacity, n_embd))
             self.token = None
@@ -60,12 +59,13 @@ class _Batch:
         self.batch.n_tokens = n
 
     def free(self) -> None:
-        if self.batch is not None:   # a struct passed by value: truthy whatever it holds
+        if self.batch is not None:  # a struct passed by value: truthy whatever it holds
             ll.llama_batch_free(self.batch)
             self.batch = None
 
 
 # --------------------------------------------------------------------------- context
+
 
 @dataclass
 class ContextParams:
@@ -73,8 +73,8 @@ class ContextParams:
     n_batch: int = 512
     n_threads: int | None = None
     embd_rows: int | None = None  # rows per embedding batch (default n_batch)
-    kv_type: str = "f16"         # KV cache precision: "f16" (llama.cpp's default), "f32" or "q8_0"
-    flash_attn: bool | None = None   # None: llama.cpp decides (on for CPU); its CPU kernel is f16
+    kv_type: str = "f16"  # KV cache precision: "f16" (llama.cpp's default), "f32" or "q8_0"
+    flash_attn: bool | None = None  # None: llama.cpp decides (on for CPU); its CPU kernel is f16
     # llama.cpp's eval callback (cb_eval): called with (address of a ggml_tensor of the graph, ask)
     # as the graph is computed, see ggml_backend_sched_eval_callback; e.g. quant.imatrix_collect
     cb_eval: Callable[[int, bool], bool] | None = None
@@ -123,18 +123,17 @@ class LlamaContext:
             cp.cb_eval_user_data = None
         self.ctx = ll.llama_init_from_model(model.model, cp)
         if not self.ctx:
-            raise LlamaError(f"cannot create a llama.cpp context with n_ctx={p.n_ctx} "
-                             "(out of memory?)")
+            raise LlamaError(f"cannot create a llama.cpp context with n_ctx={p.n_ctx} (out of memory?)")
         self.n_ctx = ll.llama_n_ctx(self.ctx)
         self.n_batch = cp.n_batch
         self.n_threads = threads
         self.mem = ll.llama_get_memory(self.ctx)
         self._tok = _Batch(self.n_batch)
         self._tok.logits_all = self.logits_all = p.logits_all
-        self._emb: _Batch | None = None     # allocated on the first embedding batch
+        self._emb: _Batch | None = None  # allocated on the first embedding batch
         self.embd_capacity = p.embd_rows or self.n_batch
         self.n_vocab = model.n_vocab
-        self.n_batches = 0   # llama_decode calls made by decode_tokens/decode_embd
+        self.n_batches = 0  # llama_decode calls made by decode_tokens/decode_embd
 
     def close(self) -> None:
         for b in ("_tok", "_emb"):
@@ -164,7 +163,7 @@ class LlamaContext:
         toks = np.asarray(tokens, dtype=np.int32)
         for s in range(0, n_all, self.n_batch):
             n = min(self.n_batch, n_all - s)
-            b.token[:n] = toks[s:s + n]
+            b.token[:n] = toks[s : s + n]
             b.fill(n, pos0 + s, logits_last and s + n == n_all)
             self._decode(b)
 
@@ -180,8 +179,10 @@ class LlamaContext:
         """Decode embedding rows [n, n_embd] at positions pos0.. (embd_capacity rows per batch)."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.model.n_embd:
-            raise LlamaError(f"embedding rows of shape {tuple(rows.shape)} do not match the language "
-                             f"model's embedding width {self.model.n_embd}")
+            raise LlamaError(
+                f"embedding rows of shape {tuple(rows.shape)} do not match the language "
+                f"model's embedding width {self.model.n_embd}"
+            )
         if self._emb is None:
             self._emb = _Batch(self.embd_capacity, self.model.n_embd)
             self._emb.logits_all = self.logits_all
@@ -189,7 +190,7 @@ class LlamaContext:
         n_all = rows.shape[0]
         for s in range(0, n_all, b.capacity):
             n = min(b.capacity, n_all - s)
-            b.embd[:n] = rows[s:s + n]
+            b.embd[:n] = rows[s : s + n]
             b.fill(n, pos0 + s, logits_last and s + n == n_all)
             self._decode(b)
 
@@ -204,8 +205,9 @@ class LlamaContext:
         """[n, n_vocab] logits of the last decode call's n positions, in a context made with
         ContextParams.logits_all (a view)."""
         if not self.logits_all or n > self.n_batch:
-            raise LlamaError(f"logits of {n} positions need ContextParams(logits_all=True) and one batch "
-                             f"(n_batch {self.n_batch})")
+            raise LlamaError(
+                f"logits of {n} positions need ContextParams(logits_all=True) and one batch (n_batch {self.n_batch})"
+            )
         ptr = ll.llama_get_logits(self.ctx)
         if not ptr:
             raise LlamaError("no logits available (nothing decoded with logits)")

@@ -26,15 +26,21 @@ def default_gpu_layers() -> int:
 def load_mode(n_gpu_layers: int, vocab_only: bool, read_file: bool | None) -> str:
     """How load_model brings a language model's weights in (see its `read_file`)."""
     cpu_only = n_gpu_layers == 0 and not vocab_only
-    if read_file is None:   # the default: CPU loads read (or map and drop), GPU loads map
+    if read_file is None:  # the default: CPU loads read (or map and drop), GPU loads map
         if cpu_only and weight_pages.supported():
             return LOAD_MAPPED_DROPPED
         read_file = cpu_only
     return LOAD_READ if read_file else LOAD_MAPPED
 
 
-def load_model(file: ModelFile, *, n_gpu_layers: int = 0, vocab_only: bool = False,
-               read_file: bool | None = None, buffers: BufferPlan | None = None) -> tuple[int, WeightBuffers]:
+def load_model(
+    file: ModelFile,
+    *,
+    n_gpu_layers: int = 0,
+    vocab_only: bool = False,
+    read_file: bool | None = None,
+    buffers: BufferPlan | None = None,
+) -> tuple[int, WeightBuffers]:
     """llama_model_load_from_file of an open file with this project's settings.
 
     `read_file`: None (default) for this project's choice: CPU-only on Linux, the file mapped with
@@ -47,7 +53,7 @@ def load_model(file: ModelFile, *, n_gpu_layers: int = 0, vocab_only: bool = Fal
     (GGUFFormatError, one line, for a malformed file: llama.cpp must never see one, some faults abort
     it); LlamaError if llama.cpp refuses it anyway.
     """
-    file.info   # noqa: B018 (the check)
+    file.info  # noqa: B018 (the check)
     backend_init()
     mp = ll.llama_model_default_params()
     mp.n_gpu_layers = n_gpu_layers
@@ -61,10 +67,12 @@ def load_model(file: ModelFile, *, n_gpu_layers: int = 0, vocab_only: bool = Fal
         mp.progress_callback = dropper.callback
     elif how == LOAD_READ:
         mp.load_mode = ll.LLAMA_LOAD_MODE_NONE
-    clear_log()   # what this load logs explains its failure
+    clear_log()  # what this load logs explains its failure
     model = ll.llama_model_load_from_file(str(file.open_path).encode(), mp)
     if not model:
         reason = load_error()
-        raise LlamaError(f"{file.path}: llama.cpp cannot load this file as a language model"
-                         + (f": {reason}" if reason else " (run with --verbose for llama.cpp's log)"))
+        raise LlamaError(
+            f"{file.path}: llama.cpp cannot load this file as a language model"
+            + (f": {reason}" if reason else " (run with --verbose for llama.cpp's log)")
+        )
     return model, wb

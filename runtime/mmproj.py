@@ -25,8 +25,15 @@ import torch
 from minicpmv import schema
 from minicpmv.gguf_info import GGUFFormatError
 from minicpmv.schema import (
-    MINICPMV_VERSION, PROJECTOR_TYPE, R_PROJ, R_QUERY, RESAMPLER_HEAD_DIM, V_PATCH_EMBD, V_POS_EMBD,
-    ClipKeys, v_blk,
+    MINICPMV_VERSION,
+    PROJECTOR_TYPE,
+    R_PROJ,
+    R_QUERY,
+    RESAMPLER_HEAD_DIM,
+    V_PATCH_EMBD,
+    V_POS_EMBD,
+    ClipKeys,
+    v_blk,
 )
 
 from .model_file import ModelFile
@@ -38,16 +45,16 @@ class MmprojError(ValueError):
 
 @dataclass(frozen=True)
 class VisionHParams:
-    n_embd: int            # vision width (1152)
-    n_ff: int              # vision MLP width (4304)
-    n_head: int            # vision heads (16)
-    n_layer: int           # vision blocks (27)
-    patch_size: int        # 14
-    image_size: int        # slice size the model was trained for (448)
-    eps: float             # LayerNorm epsilon for tower and resampler (1e-6)
-    pos_buckets: int       # NaViT position buckets per side (980 / 14 = 70)
-    query_num: int         # resampler queries (64)
-    embed_dim: int         # resampler / LM width (4096)
+    n_embd: int  # vision width (1152)
+    n_ff: int  # vision MLP width (4304)
+    n_head: int  # vision heads (16)
+    n_layer: int  # vision blocks (27)
+    patch_size: int  # 14
+    image_size: int  # slice size the model was trained for (448)
+    eps: float  # LayerNorm epsilon for tower and resampler (1e-6)
+    pos_buckets: int  # NaViT position buckets per side (980 / 14 = 70)
+    query_num: int  # resampler queries (64)
+    embed_dim: int  # resampler / LM width (4096)
     n_head_resampler: int  # embed_dim // 128
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
@@ -56,22 +63,23 @@ class VisionHParams:
 @dataclass(frozen=True)
 class TensorLocation:
     """Where a tensor's data is in the file, to read it again later without a memory map."""
+
     name: str
-    offset: int                            # absolute byte offset
+    offset: int  # absolute byte offset
     nbytes: int
     qtype: gguf.GGMLQuantizationType
-    shape: tuple[int, ...]                 # numpy order
+    shape: tuple[int, ...]  # numpy order
 
 
 @dataclass
 class Mmproj:
     path: Path
-    file: ModelFile                    # the open file: later reads (streamed weights) go through it
+    file: ModelFile  # the open file: later reads (streamed weights) go through it
     hparams: VisionHParams
     # our naming (fc1 = ffn_up) -> the file's tensor (dequantized on access) or a float32 tensor
     tensors: dict[str, gguf.ReaderTensor | torch.Tensor]
-    legacy_ffn: bool                   # the file stored fc1/fc2 under swapped names
-    source_types: dict[str, str]       # tensor name (as in the file) -> ggml type name
+    legacy_ffn: bool  # the file stored fc1/fc2 under swapped names
+    source_types: dict[str, str]  # tensor name (as in the file) -> ggml type name
 
     def get(self, name: str) -> torch.Tensor:
         """float32 tensor in numpy shape order (a fresh copy for file tensors)."""
@@ -87,8 +95,9 @@ class Mmproj:
     def locate(self, name: str) -> TensorLocation:
         """Where `name` (our naming) lives in the file, then forget it (nothing is read)."""
         t = self.tensors.pop(name)
-        return TensorLocation(name, int(t.data_offset), int(t.n_bytes), t.tensor_type,
-                              tuple(int(d) for d in reversed(t.shape.tolist())))
+        return TensorLocation(
+            name, int(t.data_offset), int(t.n_bytes), t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist()))
+        )
 
 
 def read_tensor(fd: int, loc: TensorLocation) -> torch.Tensor:
@@ -154,13 +163,14 @@ def read_hparams(reader: gguf.GGUFReader, shapes: dict[str, tuple[int, ...]], pa
         raise MmprojError(f"{path}: {ClipKeys.PROJECTOR_TYPE} is {ptype!r}, expected {PROJECTOR_TYPE!r} (MiniCPM-V)")
     version = _field(reader, ClipKeys.MINICPMV_VERSION, path)
     if version is not None and int(version) != MINICPMV_VERSION:
-        raise MmprojError(f"{path}: {ClipKeys.MINICPMV_VERSION} is {version}, only {MINICPMV_VERSION} "
-                          "(MiniCPM-V 4.5) is supported")
+        raise MmprojError(
+            f"{path}: {ClipKeys.MINICPMV_VERSION} is {version}, only {MINICPMV_VERSION} (MiniCPM-V 4.5) is supported"
+        )
 
-    patch = _need(shapes, path, V_PATCH_EMBD + ".weight")        # [n_embd, 3, p, p]
-    pos = _need(shapes, path, V_POS_EMBD + ".weight")            # [buckets^2, n_embd]
-    proj = _need(shapes, path, R_PROJ + ".weight")               # [embed_dim, embed_dim]
-    query = _need(shapes, path, R_QUERY)                         # [query_num, embed_dim]
+    patch = _need(shapes, path, V_PATCH_EMBD + ".weight")  # [n_embd, 3, p, p]
+    pos = _need(shapes, path, V_POS_EMBD + ".weight")  # [buckets^2, n_embd]
+    proj = _need(shapes, path, R_PROJ + ".weight")  # [embed_dim, embed_dim]
+    query = _need(shapes, path, R_QUERY)  # [query_num, embed_dim]
     up = _need(shapes, path, v_blk("ffn_up", 0) + ".weight")
 
     def get(key: str, default):
@@ -203,8 +213,10 @@ def read_hparams(reader: gguf.GGUFReader, shapes: dict[str, tuple[int, ...]], pa
         image_std=std[:3],
     )
     if hp.n_embd != patch[0] or hp.n_head < 1 or hp.n_embd % hp.n_head:
-        raise MmprojError(f"{path}: {ClipKeys.EMBEDDING_LENGTH}={hp.n_embd} does not fit "
-                          f"{V_PATCH_EMBD}.weight {patch} / {hp.n_head} heads")
+        raise MmprojError(
+            f"{path}: {ClipKeys.EMBEDDING_LENGTH}={hp.n_embd} does not fit "
+            f"{V_PATCH_EMBD}.weight {patch} / {hp.n_head} heads"
+        )
     if hp.query_num != query[0]:
         raise MmprojError(f"{path}: {ClipKeys.MINICPMV_QUERY_NUM}={hp.query_num} but {R_QUERY} has {query[0]} rows")
     check_free_values(hp, path)
@@ -217,14 +229,18 @@ def check_free_values(hp: VisionHParams, path: Path) -> None:
     epsilon, and pixel statistics that normalize (a zero std divides by zero)."""
     p = hp.patch_size
     if p < 1 or hp.image_size % p or not p <= hp.image_size <= hp.pos_buckets * p:
-        raise MmprojError(f"{path}: {ClipKeys.IMAGE_SIZE}={hp.image_size} is not a multiple of the patch size {p} "
-                          f"between {p} and {hp.pos_buckets * p} (what the position table covers)")
+        raise MmprojError(
+            f"{path}: {ClipKeys.IMAGE_SIZE}={hp.image_size} is not a multiple of the patch size {p} "
+            f"between {p} and {hp.pos_buckets * p} (what the position table covers)"
+        )
     if not 0 < hp.eps < 1:
         raise MmprojError(f"{path}: {ClipKeys.LAYERNORM_EPS}={hp.eps} is not a small positive number")
     stats = hp.image_mean + hp.image_std
     if len(stats) != 6 or not all(math.isfinite(x) for x in stats) or min(hp.image_std) <= 0:
-        raise MmprojError(f"{path}: {ClipKeys.IMAGE_MEAN}/{ClipKeys.IMAGE_STD} must be three finite numbers each, "
-                          f"the std positive (they are {list(hp.image_mean)} / {list(hp.image_std)})")
+        raise MmprojError(
+            f"{path}: {ClipKeys.IMAGE_MEAN}/{ClipKeys.IMAGE_STD} must be three finite numbers each, "
+            f"the std positive (they are {list(hp.image_mean)} / {list(hp.image_std)})"
+        )
 
 
 def is_legacy_ffn(shapes: dict[str, tuple[int, ...]], n_embd: int, has_general_type: bool) -> bool:
@@ -243,8 +259,14 @@ def is_legacy_ffn(shapes: dict[str, tuple[int, ...]], n_embd: int, has_general_t
 def expected_tensors(hp: VisionHParams) -> list[schema.Tensor]:
     """The mmproj tensors the vision path reads, with the shapes `hp` implies (the schema's table;
     `resampler.pos_embed_k` is left out: the runtime recomputes the sin-cos table)."""
-    dims = {"Hv": hp.n_embd, "Iv": hp.n_ff, "H": hp.embed_dim, "P": hp.patch_size,
-            "Np": hp.pos_buckets ** 2, "Q": hp.query_num}
+    dims = {
+        "Hv": hp.n_embd,
+        "Iv": hp.n_ff,
+        "H": hp.embed_dim,
+        "P": hp.patch_size,
+        "Np": hp.pos_buckets**2,
+        "Q": hp.query_num,
+    }
     return [t for t in schema.tensors(schema.MMPROJ, dims, layers=hp.n_layer) if not t.computed]
 
 
@@ -256,7 +278,7 @@ def load_mmproj(path: str | Path) -> Mmproj:
         raise MmprojError(f"{path}: mmproj file not found")
     file = ModelFile(path)
     try:
-        file.info   # noqa: B018 (checked before gguf-py sees a malformed file)
+        file.info  # noqa: B018 (checked before gguf-py sees a malformed file)
     except GGUFFormatError as e:
         file.close()
         raise MmprojError(str(e)) from None

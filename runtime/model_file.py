@@ -42,7 +42,7 @@ class ModelFile:
             self.close()
             raise IsADirectoryError(f"{self.path}: a folder, not a GGUF file")
         self.size = st.st_size
-        self.identity = (st.st_dev, st.st_ino)   # what /proc/self/maps shows for a mapping of it
+        self.identity = (st.st_dev, st.st_ino)  # what /proc/self/maps shows for a mapping of it
         self.open_path = _fd_path(self.fd) or self.path
 
     @cached_property

@@ -38,6 +38,7 @@ class PromptError(ValueError):
 @dataclass(frozen=True)
 class Slot:
     """64 embedding rows: the overview (index 0) or a slice (1..) of `Prompt.media[media_index]`."""
+
     media_index: int
     index: int
 
@@ -45,9 +46,10 @@ class Slot:
 @dataclass
 class Media:
     """One placeholder's worth of pixels: an image, or a temporal group of video frames."""
+
     frames: list[Image.Image]
-    temporal_ids: list[int] | None       # None for a still image (reference: group [-1])
-    grid: tuple[int, int] | None         # (cols, rows) of the slices, None if not sliced
+    temporal_ids: list[int] | None  # None for a still image (reference: group [-1])
+    grid: tuple[int, int] | None  # (cols, rows) of the slices, None if not sliced
 
     @property
     def n_slots(self) -> int:
@@ -56,9 +58,9 @@ class Media:
 
 @dataclass
 class Prompt:
-    segments: list[str | Slot]            # text pieces and slots, in order
+    segments: list[str | Slot]  # text pieces and slots, in order
     media: list[Media] = field(default_factory=list)
-    text: str = ""                        # the rendered chat template, before tag expansion
+    text: str = ""  # the rendered chat template, before tag expansion
     max_slice_nums: int = MAX_SLICE_NUMS  # the slicing the placeholders were built for
 
     def token_ids(self, tokenize, slot_id: int, query_num: int = QUERY_NUM) -> list[int]:
@@ -71,6 +73,7 @@ class Prompt:
 
 
 # --------------------------------------------------------------------------- step 1: messages
+
 
 def flatten_messages(msgs: list[dict], system_prompt: str = "") -> tuple[list[dict], list[Image.Image]]:
     """Reference `chat()` message handling: content lists -> one string per message (images as
@@ -107,6 +110,7 @@ def flatten_messages(msgs: list[dict], system_prompt: str = "") -> tuple[list[di
 
 # --------------------------------------------------------------------------- step 2: template
 
+
 def _split_think(content: str) -> tuple[str, str]:
     """(reasoning, answer) of an assistant message, as the template splits it."""
     if THINK_END not in content:
@@ -116,8 +120,9 @@ def _split_think(content: str) -> tuple[str, str]:
     return reasoning, answer
 
 
-def render_chat(messages: list[dict], *, enable_thinking: bool | None = False,
-                add_generation_prompt: bool = True) -> str:
+def render_chat(
+    messages: list[dict], *, enable_thinking: bool | None = False, add_generation_prompt: bool = True
+) -> str:
     """The checkpoint's Jinja chat template (no tools) for system/user/assistant messages.
 
     An assistant message after the last user message keeps its think block (rendered as
@@ -142,8 +147,10 @@ def render_chat(messages: list[dict], *, enable_thinking: bool | None = False,
             reasoning, answer = _split_think(content)
             last = i == len(messages) - 1
             if i > last_query and (last or reasoning):
-                out.append(f"<|im_start|>assistant\n{THINK_START}\n{reasoning.strip(chr(10))}\n{THINK_END}\n\n"
-                           f"{answer.lstrip(chr(10))}")
+                out.append(
+                    f"<|im_start|>assistant\n{THINK_START}\n{reasoning.strip(chr(10))}\n{THINK_END}\n\n"
+                    f"{answer.lstrip(chr(10))}"
+                )
             else:
                 out.append(f"<|im_start|>assistant\n{answer}")
             out.append("<|im_end|>\n")
@@ -158,14 +165,17 @@ def render_chat(messages: list[dict], *, enable_thinking: bool | None = False,
 
 # --------------------------------------------------------------------------- step 3: placeholders
 
+
 def _group_frames(n_images: int, temporal_ids: list[list[int]] | None) -> list[tuple[int, int]]:
     """(first image index, group size) per placeholder."""
     if temporal_ids is None:
         return [(i, 1) for i in range(n_images)]
     sizes = [len(g) for g in temporal_ids]
     if any(s < 1 for s in sizes) or sum(sizes) != n_images:
-        raise PromptError(f"temporal_ids groups hold {sum(sizes)} frame ids but the conversation has "
-                          f"{n_images} images; every image (frame) needs exactly one id")
+        raise PromptError(
+            f"temporal_ids groups hold {sum(sizes)} frame ids but the conversation has "
+            f"{n_images} images; every image (frame) needs exactly one id"
+        )
     out, start = [], 0
     for s in sizes:
         out.append((start, s))
@@ -173,8 +183,15 @@ def _group_frames(n_images: int, temporal_ids: list[list[int]] | None) -> list[t
     return out
 
 
-def place_media(text: str, images: list[Image.Image], *, max_slice_nums: int = MAX_SLICE_NUMS, use_image_id: bool = True,
-           temporal_ids: list[list[int]] | None = None, query_num: int = QUERY_NUM) -> Prompt:
+def place_media(
+    text: str,
+    images: list[Image.Image],
+    *,
+    max_slice_nums: int = MAX_SLICE_NUMS,
+    use_image_id: bool = True,
+    temporal_ids: list[list[int]] | None = None,
+    query_num: int = QUERY_NUM,
+) -> Prompt:
     """Replace the image tags of a rendered prompt by placeholders made of text and `Slot`s."""
     chunks = text.split(IMAGE_TAG)
     if len(chunks) - 1 != len(images):
@@ -193,17 +210,19 @@ def place_media(text: str, images: list[Image.Image], *, max_slice_nums: int = M
             segs.append(s)
 
     for i in range(len(images)):
-        if i not in first_of:          # 2nd..nth frame of a group: no placeholder, text stripped
+        if i not in first_of:  # 2nd..nth frame of a group: no placeholder, text stripped
             add_text(chunks[i].strip())
             continue
         k, size = first_of[i]
-        frames = images[i:i + size]
+        frames = images[i : i + size]
         grid = get_sliced_grid(frames[0].size, max_slice_nums) if max_slice_nums > 1 else None
         for f in frames[1:]:
             g = get_sliced_grid(f.size, max_slice_nums) if max_slice_nums > 1 else None
             if g != grid:
-                raise PromptError(f"frames of one temporal group slice differently ({grid} vs {g}); "
-                                  "give the frames of a group the same size")
+                raise PromptError(
+                    f"frames of one temporal group slice differently ({grid} vs {g}); "
+                    "give the frames of a group the same size"
+                )
         m = len(media)
         tids = temporal_ids[k] if temporal_ids is not None else None
         media.append(Media(list(frames), tids, grid))
@@ -226,11 +245,24 @@ def place_media(text: str, images: list[Image.Image], *, max_slice_nums: int = M
     return Prompt(segs, media, text, max_slice_nums)
 
 
-def build_prompt(msgs: list[dict], *, system_prompt: str = "", enable_thinking: bool = False,
-                 max_slice_nums: int = MAX_SLICE_NUMS, use_image_id: bool = True,
-                 temporal_ids: list[list[int]] | None = None, query_num: int = QUERY_NUM) -> Prompt:
+def build_prompt(
+    msgs: list[dict],
+    *,
+    system_prompt: str = "",
+    enable_thinking: bool = False,
+    max_slice_nums: int = MAX_SLICE_NUMS,
+    use_image_id: bool = True,
+    temporal_ids: list[list[int]] | None = None,
+    query_num: int = QUERY_NUM,
+) -> Prompt:
     """The reference's full prompt for `msgs` (content items: str or PIL images)."""
     messages, images = flatten_messages(msgs, system_prompt)
     text = render_chat(messages, enable_thinking=enable_thinking, add_generation_prompt=True)
-    return place_media(text, images, max_slice_nums=max_slice_nums, use_image_id=use_image_id,
-                  temporal_ids=temporal_ids, query_num=query_num)
+    return place_media(
+        text,
+        images,
+        max_slice_nums=max_slice_nums,
+        use_image_id=use_image_id,
+        temporal_ids=temporal_ids,
+        query_num=query_num,
+    )

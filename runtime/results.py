@@ -12,22 +12,23 @@ from typing import Callable, Generator
 @dataclass
 class ChatStats:
     """Counters and timings of one chat() turn (the tests assert on the counters)."""
-    prompt_tokens: int = 0          # positions in the full prompt (text tokens + 64 per slot)
-    prefill_start: int = 0          # first position decoded this turn (= reused KV length)
-    tokens_prefilled: int = 0       # positions decoded during prefill (text + embedding rows)
-    slots_prefilled: int = 0        # image slots decoded this turn
-    prefill_batches: int = 0        # llama_decode calls of the prefill
-    images_encoded: int = 0         # media items run through the vision encoder this turn
-    slots_encoded: int = 0          # overview/slice outputs computed this turn
-    vision_ms: list[float] = field(default_factory=list)   # per encoded slot
-    prefill_ms: float = 0.0         # LM prefill (excludes vision)
+
+    prompt_tokens: int = 0  # positions in the full prompt (text tokens + 64 per slot)
+    prefill_start: int = 0  # first position decoded this turn (= reused KV length)
+    tokens_prefilled: int = 0  # positions decoded during prefill (text + embedding rows)
+    slots_prefilled: int = 0  # image slots decoded this turn
+    prefill_batches: int = 0  # llama_decode calls of the prefill
+    images_encoded: int = 0  # media items run through the vision encoder this turn
+    slots_encoded: int = 0  # overview/slice outputs computed this turn
+    vision_ms: list[float] = field(default_factory=list)  # per encoded slot
+    prefill_ms: float = 0.0  # LM prefill (excludes vision)
     decode_tokens: int = 0
     decode_ms: float = 0.0
-    ttft_ms: float = 0.0            # start of chat() to the first sampled token
-    finish_reason: str = ""         # "stop", "length" (max_new_tokens) or "context" (n_ctx full)
-    n_ctx: int = 0                  # positions the context held this turn (context_size.py)
-    ctx_grows: int = 0              # 1 if this turn replaced the context by a larger one
-    tokens_kept: int = 0            # KV positions copied into the larger context (not decoded again)
+    ttft_ms: float = 0.0  # start of chat() to the first sampled token
+    finish_reason: str = ""  # "stop", "length" (max_new_tokens) or "context" (n_ctx full)
+    n_ctx: int = 0  # positions the context held this turn (context_size.py)
+    ctx_grows: int = 0  # 1 if this turn replaced the context by a larger one
+    tokens_kept: int = 0  # KV positions copied into the larger context (not decoded again)
 
     @property
     def prefill_tps(self) -> float:
@@ -45,6 +46,7 @@ class ChatStats:
 
 class Answer(str):
     """The answer text (thinking removed, stripped) with `.thinking`, `.raw` and `.stats`."""
+
     thinking: str
     raw: str
     stats: ChatStats
@@ -58,6 +60,7 @@ class Answer(str):
 
 class Piece(str):
     """One streamed text piece; `.thinking` is True for reasoning text."""
+
     thinking: bool
 
     def __new__(cls, text: str, thinking: bool):
@@ -72,19 +75,25 @@ class ChatStream:
 
     The stream holds the model's turn (`hold`, runtime/turn.py) from its chat() call until it is
     exhausted, fails, is closed, or is freed, whichever thread reads it. No reference cycle runs
-    through it, so dropping the last reference ends it at once: a finalizer closes the generator (which frees its sampler and records
-    the decode counters) and gives the turn back. close() may be called from any thread; it waits for
-    a piece being computed.
+    through it, so dropping the last reference ends it at once: a finalizer closes the generator
+    (which frees its sampler and records the decode counters) and gives the turn back. close() may
+    be called from any thread; it waits for a piece being computed.
     """
 
-    def __init__(self, gen: Generator[Piece, None, Answer], on_result: Callable[[Answer], None] | None = None,
-                 *, stats: ChatStats | None = None, hold=None):
+    def __init__(
+        self,
+        gen: Generator[Piece, None, Answer],
+        on_result: Callable[[Answer], None] | None = None,
+        *,
+        stats: ChatStats | None = None,
+        hold=None,
+    ):
         self.result: Answer | None = None
         self.stats = stats
         self._gen, self._on_result, self._hold = gen, on_result, hold
-        self._step = threading.Lock()   # one piece at a time; close() waits for the current one
+        self._step = threading.Lock()  # one piece at a time; close() waits for the current one
         self._end = weakref.finalize(self, _end_stream, gen, hold)
-        self._end.atexit = False        # at exit llama.cpp may be gone: nothing to give back then
+        self._end.atexit = False  # at exit llama.cpp may be gone: nothing to give back then
 
     def __iter__(self) -> "ChatStream":
         return self
@@ -100,7 +109,7 @@ class ChatStream:
             except StopIteration as e:
                 self.result = e.value
                 if self._on_result is not None:
-                    self._on_result(self.result)   # before another caller gets the turn
+                    self._on_result(self.result)  # before another caller gets the turn
                 self._end()
                 raise StopIteration from None
             except BaseException:

@@ -48,7 +48,7 @@ class Sampler:
         self.penalty = float(p.repetition_penalty)
         if self.penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.penalty}")
-        self._track = self.penalty != 1.0   # the generated ids matter only for the penalty
+        self._track = self.penalty != 1.0  # the generated ids matter only for the penalty
         self._seen: set[int] = set()
         self._seen_ids = np.zeros(64, dtype=np.int64)
         if p.greedy or p.temperature <= 0:

@@ -24,7 +24,7 @@ class TokenEmbeddings:
     """
 
     NAME = TOKEN_EMBD
-    MAX_CACHED = 1024   # rows (16 MB at the 8B model's width 4096)
+    MAX_CACHED = 1024  # rows (16 MB at the 8B model's width 4096)
 
     def __init__(self, file: ModelFile, n_embd: int):
         """`file`: the language model's GGUF, opened once (model_file.py)."""

@@ -25,9 +25,9 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
-IDLE_COLLECT_S = 1.0     # first garbage collection by a waiter behind an idle stream
-MAX_COLLECT_S = 30.0     # then at doubling intervals up to this
-WARN_S = 5.0             # a waiter behind a stream it read last itself is warned after this
+IDLE_COLLECT_S = 1.0  # first garbage collection by a waiter behind an idle stream
+MAX_COLLECT_S = 30.0  # then at doubling intervals up to this
+WARN_S = 5.0  # a waiter behind a stream it read last itself is warned after this
 
 
 class Hold:
@@ -70,15 +70,21 @@ class TurnLock:
                     raise RuntimeError("a MiniCPMV call was made from inside another call on the same model")
                 if h is not waited_for:
                     interval, waited_for, t0 = IDLE_COLLECT_S, h, time.monotonic()
-                if (h.stream and h.reader == me and not warned
-                        and time.monotonic() - max(t0, h.last_read) >= WARN_S):
+                if h.stream and h.reader == me and not warned and time.monotonic() - max(t0, h.last_read) >= WARN_S:
                     warned = True
-                    warnings.warn("waiting for an unfinished chat() stream that this thread read last: "
-                                  "close() it (or use it in a `with` block) if it is abandoned",
-                                  RuntimeWarning, stacklevel=3)
-                if not self._cond.wait(timeout=min(interval, WARN_S)) and h is self._holder and h.stream \
-                        and time.monotonic() - h.last_read >= interval:
-                    gc.collect()   # a dropped stream in a reference cycle gives the turn back here
+                    warnings.warn(
+                        "waiting for an unfinished chat() stream that this thread read last: "
+                        "close() it (or use it in a `with` block) if it is abandoned",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                if (
+                    not self._cond.wait(timeout=min(interval, WARN_S))
+                    and h is self._holder
+                    and h.stream
+                    and time.monotonic() - h.last_read >= interval
+                ):
+                    gc.collect()  # a dropped stream in a reference cycle gives the turn back here
                     interval = min(2 * interval, MAX_COLLECT_S)
             self._holder = Hold(self, stream)
             return self._holder

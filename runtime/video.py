@@ -17,16 +17,36 @@ from PIL import Image
 
 from .image import IMAGE_FORMATS
 from .video_decode import VideoLimits, VideoSource, decode_sampled, index_video, sniff_container
-from .video_sampling import (DEFAULT_FPS, MAX_NUM_FRAMES, MAX_NUM_PACKING, PACKING_LIMIT, VideoError, VideoPlan,
-                             plan_video_sampling)
+from .video_sampling import (
+    DEFAULT_FPS,
+    MAX_NUM_FRAMES,
+    MAX_NUM_PACKING,
+    PACKING_LIMIT,
+    VideoError,
+    VideoPlan,
+    plan_video_sampling,
+)
 
-__all__ = ["DEFAULT_FPS", "MAX_NUM_FRAMES", "MAX_NUM_PACKING", "PACKING_LIMIT", "Video", "VideoError",
-           "VideoFrames", "VideoLimits", "VideoPlan", "is_video_path", "load_video", "sniff_container"]
+__all__ = [
+    "DEFAULT_FPS",
+    "MAX_NUM_FRAMES",
+    "MAX_NUM_PACKING",
+    "PACKING_LIMIT",
+    "Video",
+    "VideoError",
+    "VideoFrames",
+    "VideoLimits",
+    "VideoPlan",
+    "is_video_path",
+    "load_video",
+    "sniff_container",
+]
 
 VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .mkv .webm .avi .flv .f4v .wmv .asf .mpg .mpeg .m2v .vob .ts .mts .m2ts "
-    ".3gp .3g2 .ogv .mxf .y4m .divx".split())
-IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .png .bmp .gif .webp .tif .tiff .mpo".split())   # image.IMAGE_FORMATS
+    ".3gp .3g2 .ogv .mxf .y4m .divx".split()
+)
+IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .png .bmp .gif .webp .tif .tiff .mpo".split())  # image.IMAGE_FORMATS
 
 
 @dataclass
@@ -41,6 +61,7 @@ class VideoFrames:
 class Video:
     """A video as chat content: a file (a path) or the file's bytes (an upload), and how it is
     sampled (load_video's arguments). `name` names it in error messages."""
+
     source: Path | bytes
     fps: float = DEFAULT_FPS
     packing: int | None = None
@@ -49,13 +70,27 @@ class Video:
     name: str | None = None
 
     def load(self, progress: bool = False) -> VideoFrames:
-        return load_video(self.source, fps=self.fps, packing=self.packing, max_frames=self.max_frames,
-                          progress=progress, limits=self.limits, name=self.name)
+        return load_video(
+            self.source,
+            fps=self.fps,
+            packing=self.packing,
+            max_frames=self.max_frames,
+            progress=progress,
+            limits=self.limits,
+            name=self.name,
+        )
 
 
-def load_video(source: str | Path | bytes, fps: float = DEFAULT_FPS, packing: int | None = None,
-               max_frames: int = MAX_NUM_FRAMES, progress: bool = False, *, limits: VideoLimits | None = None,
-               name: str | None = None) -> VideoFrames:
+def load_video(
+    source: str | Path | bytes,
+    fps: float = DEFAULT_FPS,
+    packing: int | None = None,
+    max_frames: int = MAX_NUM_FRAMES,
+    progress: bool = False,
+    *,
+    limits: VideoLimits | None = None,
+    name: str | None = None,
+) -> VideoFrames:
     """Sample a video (a file, or its bytes: an upload) as the model card does and decode only the
     sampled frames.
 
@@ -73,13 +108,19 @@ def load_video(source: str | Path | bytes, fps: float = DEFAULT_FPS, packing: in
     frames / stream duration.
     """
     src = VideoSource(source, name, limits or VideoLimits())
-    if packing is not None and (isinstance(packing, bool) or int(packing) != packing
-                                or not 1 <= packing <= PACKING_LIMIT):
+    if packing is not None and (
+        isinstance(packing, bool) or int(packing) != packing or not 1 <= packing <= PACKING_LIMIT
+    ):
         raise VideoError(f"packing must be an integer in 1..{PACKING_LIMIT}, got {packing!r}")
     index, avg_fps = index_video(src)
-    plan = plan_video_sampling(index.n_frames, avg_fps, choose_fps=fps, force_packing=packing,
-                               max_num_frames=max_frames,
-                               max_num_packing=MAX_NUM_PACKING if packing is None else packing)
+    plan = plan_video_sampling(
+        index.n_frames,
+        avg_fps,
+        choose_fps=fps,
+        force_packing=packing,
+        max_num_frames=max_frames,
+        max_num_packing=MAX_NUM_PACKING if packing is None else packing,
+    )
     src.check_plan(plan)
     images, n_decoded = decode_sampled(src, index, sorted(set(plan.frame_indices)), progress)
     return VideoFrames([images[i] for i in plan.frame_indices], plan.groups, plan, n_decoded)
@@ -102,10 +143,11 @@ def is_video_path(path: str | Path) -> bool:
         with Image.open(path, formats=IMAGE_FORMATS):
             return False
     except Image.DecompressionBombError:
-        return False    # a (huge) image
+        return False  # a (huge) image
     except OSError:
-        pass            # not an image Pillow knows (UnidentifiedImageError): ask PyAV
+        pass  # not an image Pillow knows (UnidentifiedImageError): ask PyAV
     import av
+
     try:
         with av.open(str(path)) as container:
             return bool(container.streams.video)

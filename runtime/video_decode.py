@@ -15,7 +15,6 @@ from PIL import Image
 
 from .video_sampling import VideoError, VideoPlan
 
-
 # What a network front end accepts (VideoLimits.checked): FFmpeg's demuxer for the container, told by
 # the file's first bytes (so no other demuxer ever sees the data), and the stream's codec.
 CONTAINER_MAGIC = {"mp4": "MP4/MOV", "matroska": "WebM/Matroska", "avi": "AVI"}
@@ -28,9 +27,10 @@ class VideoLimits:
     container and codec, the frame size) or before the sampled frames are (the duration and how
     many frames are kept). None: no bound. `checked` restricts the container to CONTAINER_MAGIC,
     told by content, and the codec to VIDEO_CODECS."""
+
     max_seconds: float | None = None
-    max_frames: int | None = None         # distinct sampled frames kept as RGB images
-    max_pixels: int | None = None         # width x height of a frame
+    max_frames: int | None = None  # distinct sampled frames kept as RGB images
+    max_pixels: int | None = None  # width x height of a frame
     checked: bool = False
 
 
@@ -48,6 +48,7 @@ def sniff_container(head: bytes) -> str | None:
 @dataclass
 class PacketIndex:
     """What one demux pass (no decoding) tells us about the video stream."""
+
     n_frames: int
     sorted_pts: list[int] | None  # None: some packet has no pts -> count decoded frames instead
     keyframe_ranks: list[int]  # presentation-order numbers of keyframes, sorted
@@ -97,11 +98,13 @@ class VideoSource:
                 head = f.read(12)
         self.format = sniff_container(head) if limits.checked else None
         if limits.checked and self.format is None:
-            raise VideoError(f"{self.name}: not a video in a supported container "
-                             f"({', '.join(CONTAINER_MAGIC.values())})")
+            raise VideoError(
+                f"{self.name}: not a video in a supported container ({', '.join(CONTAINER_MAGIC.values())})"
+            )
 
     def open(self):
         import av
+
         target = io.BytesIO(self.data) if self.data is not None else str(self.path)
         try:
             return av.open(target, format=self.format, metadata_errors="ignore")
@@ -117,21 +120,29 @@ class VideoSource:
                 raise VideoError(f"{self.name}: video codec {name} is not one of {', '.join(sorted(VIDEO_CODECS))}")
         w, h = stream.codec_context.width or 0, stream.codec_context.height or 0
         if lim.max_pixels is not None and w * h > lim.max_pixels:
-            raise VideoError(f"{self.name}: frames of {w}x{h} exceed the limit of {lim.max_pixels / 1e6:.1f} MP",
-                             limit="max_pixels")
+            raise VideoError(
+                f"{self.name}: frames of {w}x{h} exceed the limit of {lim.max_pixels / 1e6:.1f} MP", limit="max_pixels"
+            )
         if lim.max_seconds is not None and container.duration and container.duration / 1e6 > lim.max_seconds:
-            raise VideoError(f"{self.name}: {container.duration / 1e6:.0f} s long, more than the limit of "
-                             f"{lim.max_seconds:.0f} s", limit="max_seconds")
+            raise VideoError(
+                f"{self.name}: {container.duration / 1e6:.0f} s long, more than the limit of {lim.max_seconds:.0f} s",
+                limit="max_seconds",
+            )
 
     def check_plan(self, plan: VideoPlan) -> None:
         lim = self.limits
         if lim.max_seconds is not None and plan.duration > lim.max_seconds:
-            raise VideoError(f"{self.name}: {plan.duration:.0f} s long, more than the limit of {lim.max_seconds:.0f} s",
-                             limit="max_seconds")
+            raise VideoError(
+                f"{self.name}: {plan.duration:.0f} s long, more than the limit of {lim.max_seconds:.0f} s",
+                limit="max_seconds",
+            )
         n = len(set(plan.frame_indices))
         if lim.max_frames is not None and n > lim.max_frames:
-            raise VideoError(f"{self.name}: sampling it takes {n} frames, more than the limit of {lim.max_frames} "
-                             "(sample fewer: fps, max_frames)", limit="max_frames")
+            raise VideoError(
+                f"{self.name}: sampling it takes {n} frames, more than the limit of {lim.max_frames} "
+                "(sample fewer: fps, max_frames)",
+                limit="max_frames",
+            )
 
 
 def _reason(e: Exception) -> str:
@@ -158,6 +169,7 @@ def _video_stream(container, src: VideoSource):
 
 def _scan_packets(container, stream, src: VideoSource) -> PacketIndex:
     import av
+
     path = src.name
     pts, keyframes = [], []
     try:
@@ -192,8 +204,9 @@ def _average_fps(container, stream, n_frames: int, src: VideoSource) -> float:
     raise VideoError(f"{path}: cannot determine the video frame rate")
 
 
-def decode_sampled(src: VideoSource, index: PacketIndex, targets: list[int],
-                    progress: bool) -> tuple[dict[int, Image.Image], int]:
+def decode_sampled(
+    src: VideoSource, index: PacketIndex, targets: list[int], progress: bool
+) -> tuple[dict[int, Image.Image], int]:
     """Decode frames `targets` (sorted, distinct presentation-order numbers) of the first video stream.
 
     Packets are read in file order; between sampled frames, packets are not even sent to the
@@ -260,8 +273,10 @@ def decode_sampled(src: VideoSource, index: PacketIndex, targets: list[int],
         finally:
             bar.close()
     if next_t < len(targets):
-        raise VideoError(f"{path}: corrupt or truncated video, decoded {next_t} of {len(targets)} "
-                         f"sampled frames (frame {targets[next_t]} of {index.n_frames} missing)")
+        raise VideoError(
+            f"{path}: corrupt or truncated video, decoded {next_t} of {len(targets)} "
+            f"sampled frames (frame {targets[next_t]} of {index.n_frames} missing)"
+        )
     return images, n_decoded
 
 

@@ -53,9 +53,14 @@ class VideoPlan:
     fps: float
 
 
-def plan_video_sampling(n_frames_total: int, avg_fps: float, choose_fps: float = DEFAULT_FPS,
-                        force_packing: int | None = None, max_num_frames: int = MAX_NUM_FRAMES,
-                        max_num_packing: int = MAX_NUM_PACKING) -> VideoPlan:
+def plan_video_sampling(
+    n_frames_total: int,
+    avg_fps: float,
+    choose_fps: float = DEFAULT_FPS,
+    force_packing: int | None = None,
+    max_num_frames: int = MAX_NUM_FRAMES,
+    max_num_packing: int = MAX_NUM_PACKING,
+) -> VideoPlan:
     """The model card's encode_video, minus the decoding. Python `round` (half to even) as there.
 
     One deviation: where the card would ask for 0 frames (a clip shorter than half a sample
@@ -96,7 +101,7 @@ def plan_video_sampling(n_frames_total: int, avg_fps: float, choose_fps: float =
     timestamps = np.asarray(indices) / fps
     scale = np.arange(0, duration, TIME_SCALE)
     ids = (scale[nearest_scale_index(timestamps, scale)] / TIME_SCALE).astype(np.int32).tolist()
-    groups = [ids[i:i + packing] for i in range(0, len(ids), packing)]
+    groups = [ids[i : i + packing] for i in range(0, len(ids), packing)]
     return VideoPlan(indices, ids, groups, packing, duration, n_total, fps)
 
 
@@ -184,7 +189,7 @@ def _nth_element(a: list[int], first: int, nth: int, last: int) -> None:
     for i in range(first + 1, last):  # insertion sort
         v = a[i]
         if v < a[first]:
-            a[first + 1:i + 1] = a[first:i]
+            a[first + 1 : i + 1] = a[first:i]
             a[first] = v
         else:
             k = i

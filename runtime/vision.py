@@ -30,8 +30,16 @@ from .mmproj import Mmproj, VisionHParams, load_mmproj
 from .vision_dtype import DtypeChoice, choose_vision_dtype
 from .vision_ops import attention_for, block_forward, navit_position_ids, patch_rows, resample
 from .vision_threads import return_freed_memory, torch_threads, worker_pool
-from .vision_weights import (Block, FileTensors, Linear, ResamplerWeights, folded_scores, pack_linears,
-                             resampler_weights, tower_block)
+from .vision_weights import (
+    Block,
+    FileTensors,
+    Linear,
+    ResamplerWeights,
+    folded_scores,
+    pack_linears,
+    resampler_weights,
+    tower_block,
+)
 
 # Tokens per chunk: the tower and the resampler run on whole groups of at most this many patches
 # (the reference runs 16 slices per chunk); one image (at most 10 slices of ~1024 patches) is one
@@ -52,8 +60,15 @@ class VisionInputError(ValueError):
 class VisionEncoder:
     """Tower + resampler weights in compute dtype; `encode_slices` is the one entry point."""
 
-    def __init__(self, mm: Mmproj, choice: DtypeChoice, n_threads: int, *, resident: bool = True,
-                 sub_batch_tokens: int = SUB_BATCH_TOKENS):
+    def __init__(
+        self,
+        mm: Mmproj,
+        choice: DtypeChoice,
+        n_threads: int,
+        *,
+        resident: bool = True,
+        sub_batch_tokens: int = SUB_BATCH_TOKENS,
+    ):
         """`choice`: the compute dtype and how it was chosen (vision_dtype.py).
         `resident=True` keeps every weight in memory in the compute dtype (0.9 GB in bf16 for the
         full model). `resident=False` (the low-memory profile) keeps only the small tensors
@@ -79,19 +94,30 @@ class VisionEncoder:
         t = mm  # consumed: each tensor is dequantized, converted and dropped in turn (bounds peak memory)
         self.packed = pack = pack_linears(dtype)
 
-        def vec(name: str) -> torch.Tensor:   # LayerNorm parameters and tables stay float32
+        def vec(name: str) -> torch.Tensor:  # LayerNorm parameters and tables stay float32
             return t.take(name).float().contiguous()
 
         d, p = hp.n_embd, hp.patch_size
         patch_w = t.take(V_PATCH_EMBD + ".weight").reshape(d, 3 * p * p)  # the 14x14 conv as a linear
         self.patch = Linear(patch_w, t.take(V_PATCH_EMBD + ".bias"), dtype, pack=pack)
         self.pos_embd = vec(V_POS_EMBD + ".weight")
-        self.norms = [(vec(v_blk("ln1", i) + ".weight"), vec(v_blk("ln1", i) + ".bias"),
-                       vec(v_blk("ln2", i) + ".weight"), vec(v_blk("ln2", i) + ".bias")) for i in range(hp.n_layer)]
+        self.norms = [
+            (
+                vec(v_blk("ln1", i) + ".weight"),
+                vec(v_blk("ln1", i) + ".bias"),
+                vec(v_blk("ln2", i) + ".weight"),
+                vec(v_blk("ln2", i) + ".bias"),
+            )
+            for i in range(hp.n_layer)
+        ]
         self.post_ln_w, self.post_ln_b = vec(V_POST_LN + ".weight"), vec(V_POST_LN + ".bias")
         self.scores = folded_scores(t.take, hp, dtype, pack)
-        self.resampler_norms = (vec(R_LN_KV + ".weight"), vec(R_LN_KV + ".bias"),
-                                vec(R_LN_POST + ".weight"), vec(R_LN_POST + ".bias"))
+        self.resampler_norms = (
+            vec(R_LN_KV + ".weight"),
+            vec(R_LN_KV + ".bias"),
+            vec(R_LN_POST + ".weight"),
+            vec(R_LN_POST + ".bias"),
+        )
         # the big matrices: converted now (resident) or read again for every chunk
         self.blocks: list[Block] | None = None
         self.resampler: ResamplerWeights | None = None
@@ -101,8 +127,15 @@ class VisionEncoder:
         self._file = FileTensors(mm.file, {n: mm.locate(n) for n in list(mm.tensors)})
 
     @classmethod
-    def load(cls, mmproj_path: str | os.PathLike, *, dtype: str = "auto", n_threads: int | None = None,
-             resident: bool = True, sub_batch_tokens: int = SUB_BATCH_TOKENS) -> "VisionEncoder":
+    def load(
+        cls,
+        mmproj_path: str | os.PathLike,
+        *,
+        dtype: str = "auto",
+        n_threads: int | None = None,
+        resident: bool = True,
+        sub_batch_tokens: int = SUB_BATCH_TOKENS,
+    ) -> "VisionEncoder":
         if n_threads is not None and n_threads < 1:
             raise VisionInputError(f"n_threads: {n_threads} must be >= 1")
         threads = n_threads or default_threads()
@@ -130,8 +163,9 @@ class VisionEncoder:
         matrix) in the compute dtype, LayerNorm parameters and the position table in float32. The
         matrices read per chunk (resident=False) are not counted."""
         linears = [self.patch, self.scores]
-        vectors = [self.pos_embd, self.post_ln_w, self.post_ln_b, *self.resampler_norms] + \
-            [v for norms in self.norms for v in norms]
+        vectors = [self.pos_embd, self.post_ln_w, self.post_ln_b, *self.resampler_norms] + [
+            v for norms in self.norms for v in norms
+        ]
         if self.resident:
             linears += [lin for b in self.blocks for lin in (b.qkv, b.out, b.fc1, b.fc2)]
         big = self.resampler.nbytes if self.resampler is not None else 0
@@ -139,16 +173,22 @@ class VisionEncoder:
 
     # ----------------------------------------------------------------------- public API
 
-    def encode_slices(self, pixels: list[np.ndarray], temporal_ids: list[list[int]] | None = None,
-                      progress: bool = False) -> np.ndarray:
+    def encode_slices(
+        self, pixels: list[np.ndarray], temporal_ids: list[list[int]] | None = None, progress: bool = False
+    ) -> np.ndarray:
         """Normalized [3, H, W] float32 slices (H, W multiples of the patch size) -> [G, 64, D]
         float32, one row per group: each slice alone without `temporal_ids`; with them, one group
         per list (consecutive slices, frame-major, id -1 = no temporal term)."""
         sizes = self._check_pixels(pixels)
         groups = self._check_groups(temporal_ids, len(pixels))
         out = []
-        bar = tqdm(total=len(groups), unit="group" if temporal_ids else "slice", desc="vision",
-                   disable=not progress, leave=False)
+        bar = tqdm(
+            total=len(groups),
+            unit="group" if temporal_ids else "slice",
+            desc="vision",
+            disable=not progress,
+            leave=False,
+        )
         with bar, torch_threads(self.n_threads), torch.inference_mode():
             for chunk in _chunk_groups(groups, sizes, MAX_BATCH_TOKENS):
                 first = chunk[0][0]
@@ -182,8 +222,9 @@ class VisionEncoder:
             if shape is None or len(shape) != 3 or shape[0] != 3:
                 raise VisionInputError(f"pixels[{i}]: expected a [3, H, W] array, got shape {shape}")
             if shape[1] < p or shape[2] < p or shape[1] % p or shape[2] % p:
-                raise VisionInputError(f"pixels[{i}]: size {shape[1]}x{shape[2]} is not a positive "
-                                       f"multiple of the {p}-pixel patch")
+                raise VisionInputError(
+                    f"pixels[{i}]: size {shape[1]}x{shape[2]} is not a positive multiple of the {p}-pixel patch"
+                )
             sizes.append((shape[1] // p, shape[2] // p))
         return sizes
 
@@ -231,9 +272,9 @@ class VisionEncoder:
         attend = attention_for(dt, hp.n_head, self._pool() if dt == torch.bfloat16 else None, self.n_threads)
         subs = _sub_batches(lens, self.sub_batch_tokens)
         for blk in self._tower_blocks():
-            for lo, hi, sl in subs:   # whole slices: attention never crosses a sub-batch
+            for lo, hi, sl in subs:  # whole slices: attention never crosses a sub-batch
                 x[lo:hi] = block_forward(x[lo:hi], blk, lens[sl], hp.eps, dt, attend)
-            del blk   # a streamed block is freed before the next one is read
+            del blk  # a streamed block is freed before the next one is read
         return F.layer_norm(x, (d,), self.post_ln_w, self.post_ln_b, hp.eps)
 
     def _pool(self) -> ThreadPoolExecutor | None:
@@ -242,8 +283,9 @@ class VisionEncoder:
             self._workers = worker_pool(self.n_threads)
         return self._workers
 
-    def _resample(self, feats: torch.Tensor, sizes: list[tuple[int, int]],
-                  groups: list[tuple[int, list[int]]], temporal: bool) -> torch.Tensor:
+    def _resample(
+        self, feats: torch.Tensor, sizes: list[tuple[int, int]], groups: list[tuple[int, list[int]]], temporal: bool
+    ) -> torch.Tensor:
         """Packed tower output of the slices in `groups` -> [G, query_num, D], groups in runs of
         at most sub_batch_tokens patches (its keys and values are D = 4096 wide: for a whole image
         at once they would take about 0.6 GB)."""
@@ -253,9 +295,19 @@ class VisionEncoder:
         outs = []
         for run in _chunk_groups(groups, sizes, self.sub_batch_tokens):
             s0, s1 = run[0][0], run[-1][0] + len(run[-1][1])
-            outs.append(resample(r, self.scores, self.resampler_norms, hp, self.dtype,
-                                 feats[int(offs[s0]):int(offs[s1])], sizes[s0:s1],
-                                 [(s - s0, g) for s, g in run], temporal))
+            outs.append(
+                resample(
+                    r,
+                    self.scores,
+                    self.resampler_norms,
+                    hp,
+                    self.dtype,
+                    feats[int(offs[s0]) : int(offs[s1])],
+                    sizes[s0:s1],
+                    [(s - s0, g) for s, g in run],
+                    temporal,
+                )
+            )
         return torch.cat(outs)
 
 
@@ -276,7 +328,7 @@ def _chunk_groups(groups, sizes, budget: int):
     """Consecutive runs of whole groups whose patch count stays within `budget` (>= 1 group)."""
     chunk, tokens = [], 0
     for s, ids in groups:
-        n = sum(h * w for h, w in sizes[s:s + len(ids)])
+        n = sum(h * w for h, w in sizes[s : s + len(ids)])
         if chunk and tokens + n > budget:
             yield chunk
             chunk, tokens = [], 0

@@ -20,7 +20,7 @@ from .image import slice_image
 from .prompt import Media
 from .results import ChatStats
 
-VISION_BATCH_SLICES = 48   # slices (frames x slots) per vision call: normalized pixels are 2.4 MB each
+VISION_BATCH_SLICES = 48  # slices (frames x slots) per vision call: normalized pixels are 2.4 MB each
 
 
 class SlicingMismatchError(RuntimeError):
@@ -57,8 +57,9 @@ class EmbeddingCache:
         """Hold embeddings computed elsewhere (the same media key, mmproj and encoder dtype)."""
         self._remember(key, np.ascontiguousarray(emb, dtype=np.float32))
 
-    def embeddings(self, wanted: dict[bytes, Media], max_slice_nums: int, stats: ChatStats,
-                   progress: bool = False) -> dict[bytes, np.ndarray]:
+    def embeddings(
+        self, wanted: dict[bytes, Media], max_slice_nums: int, stats: ChatStats, progress: bool = False
+    ) -> dict[bytes, np.ndarray]:
         """Embeddings of every media item of `wanted`: cached ones as they are, the others encoded in
         bounded batches (all slots of an item in one vision call) and remembered."""
         out: dict[bytes, np.ndarray] = {}
@@ -95,15 +96,16 @@ class EmbeddingCache:
                 pixels += [pf[g] for pf in per_frame]
                 groups.append(list(m.temporal_ids) if m.temporal_ids is not None else [-1])
         t0 = time.perf_counter()
-        emb = np.asarray(self.vision.encode_slices(pixels, groups, progress=progress and len(groups) > 8),
-                         dtype=np.float32)
+        emb = np.asarray(
+            self.vision.encode_slices(pixels, groups, progress=progress and len(groups) > 8), dtype=np.float32
+        )
         ms = (time.perf_counter() - t0) * 1e3
         stats.images_encoded += len(todo)
         stats.slots_encoded += len(groups)
         stats.vision_ms += [ms / len(groups)] * len(groups)
         out, k = [], 0
         for m in todo:
-            out.append(np.ascontiguousarray(emb[k:k + m.n_slots]))
+            out.append(np.ascontiguousarray(emb[k : k + m.n_slots]))
             k += m.n_slots
         return out
 

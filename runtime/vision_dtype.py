@@ -6,8 +6,9 @@ through slow generic kernels (public reports: a bf16 `bmm` 27x slower than f32 o
 pytorch/pytorch#151934; bf16 matmuls slower than f32 on an M1 Pro, pytorch/pytorch#127477), so a CPU
 name says little. `auto` therefore times the attention half of one SigLIP encoder block at slice size
 (1024 patches, the real width, random weights) in both dtypes, through the encoder's own code
-(`vision_ops.attention_block`, the same packed oneDNN linears or their fallback, the same attention and
-worker threads), with the real thread count, and keeps bf16 only if it is at least `MARGIN` faster: f32 is the more exact one.
+(`vision_ops.attention_block`, the same packed oneDNN linears or their fallback, the same attention
+and worker threads), with the real thread count, and keeps bf16 only if it is at least `MARGIN`
+faster: f32 is the more exact one.
 
 The result is cached per (CPU model, torch version, thread count) in the user cache folder
 (`$MINICPMV_CACHE`, else `$XDG_CACHE_HOME/minicpmv` or `~/.cache/minicpmv`; `~/Library/Caches/minicpmv`
@@ -34,8 +35,8 @@ from .vision_ops import attention_block, attention_for
 from .vision_threads import torch_threads, worker_pool
 from .vision_weights import Linear, pack_linears
 
-MARGIN = 1.15          # bf16 is chosen when f32 time / bf16 time >= MARGIN
-PROBE_VERSION = 1      # bump when the timed workload changes: older cache entries are stale
+MARGIN = 1.15  # bf16 is chosen when f32 time / bf16 time >= MARGIN
+PROBE_VERSION = 1  # bump when the timed workload changes: older cache entries are stale
 CACHE_FILE = "vision-dtype.json"
 # SigLIP2-400M as in MiniCPM-V 4.5's mmproj (docs/reference-model.md §2): the probe's shapes.
 PROBE_WIDTH, PROBE_HEADS, PROBE_TOKENS = 1152, 16, 1024
@@ -44,9 +45,9 @@ DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 
 @dataclass(frozen=True)
 class DtypeChoice:
-    dtype: str                    # "bf16" or "f32"
-    source: str                   # "forced", "measured" or "cached"
-    f32_ms: float | None = None   # the probe (attention half of a block), best of the timed runs
+    dtype: str  # "bf16" or "f32"
+    source: str  # "forced", "measured" or "cached"
+    f32_ms: float | None = None  # the probe (attention half of a block), best of the timed runs
     bf16_ms: float | None = None
 
     @property
@@ -57,12 +58,14 @@ class DtypeChoice:
         """One line for --verbose and the system report."""
         if self.source == "forced":
             return f"{self.dtype} (forced)"
-        return (f"{self.dtype} ({self.source}: half an encoder block at slice size takes {self.f32_ms:.0f} ms "
-                f"in f32, {self.bf16_ms:.0f} ms in bf16; bf16 needs to be {MARGIN:.2f}x faster)")
+        return (
+            f"{self.dtype} ({self.source}: half an encoder block at slice size takes {self.f32_ms:.0f} ms "
+            f"in f32, {self.bf16_ms:.0f} ms in bf16; bf16 needs to be {MARGIN:.2f}x faster)"
+        )
 
 
 def decide(f32_ms: float, bf16_ms: float, margin: float = MARGIN) -> str:
-    """"bf16" only where it is clearly faster; equal within the margin keeps f32."""
+    """ "bf16" only where it is clearly faster; equal within the margin keeps f32."""
     return "bf16" if bf16_ms > 0 and f32_ms / bf16_ms >= margin else "f32"
 
 
@@ -79,10 +82,12 @@ def cache_key(threads: int) -> str:
     """One measurement per CPU (its name, architecture and feature flags: on aarch64 /proc/cpuinfo
     names no model, so the flags tell cores apart), torch version and thread count."""
     info = cpu_info()
-    return f"{info.model} | {platform.machine()} | flags {info.flags_digest} | torch {torch.__version__} | {threads} threads"
+    flags = info.flags_digest
+    return f"{info.model} | {platform.machine()} | flags {flags} | torch {torch.__version__} | {threads} threads"
 
 
 # --------------------------------------------------------------------------- the measurement
+
 
 def measure(threads: int, repeats: int = 2) -> tuple[float, float]:
     """(f32 ms, bf16 ms): the best of `repeats` runs of the attention half of one encoder block
@@ -120,10 +125,11 @@ def measure(threads: int, repeats: int = 2) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- the choice
 
+
 def _read_cache(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):   # missing or corrupt: measured again
+    except (OSError, ValueError):  # missing or corrupt: measured again
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -148,12 +154,16 @@ def _write_cache(path: Path, data: dict) -> None:
             json.dump(data, fh, indent=1, sort_keys=True)
         os.replace(tmp, path)
     except OSError:
-        return   # read-only or full home: the next load measures again
+        return  # read-only or full home: the next load measures again
 
 
-def choose_vision_dtype(requested: str = "auto", threads: int | None = None, *,
-                        cache: Path | None = None,
-                        measure_fn: Callable[[int], tuple[float, float]] = measure) -> DtypeChoice:
+def choose_vision_dtype(
+    requested: str = "auto",
+    threads: int | None = None,
+    *,
+    cache: Path | None = None,
+    measure_fn: Callable[[int], tuple[float, float]] = measure,
+) -> DtypeChoice:
     """`requested` = "auto" (measured once per machine, then cached), "bf16" or "f32" (forced)."""
     req = {"bfloat16": "bf16", "float32": "f32"}.get(requested, requested)
     if req in DTYPES:
@@ -168,8 +178,11 @@ def choose_vision_dtype(requested: str = "auto", threads: int | None = None, *,
     if hit is not None:
         return DtypeChoice(decide(*hit), "cached", *hit)
     f32_ms, bf16_ms = measure_fn(threads)
-    data[key] = {"probe": PROBE_VERSION, "f32_ms": round(f32_ms, 2), "bf16_ms": round(bf16_ms, 2),
-                 "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    data[key] = {
+        "probe": PROBE_VERSION,
+        "f32_ms": round(f32_ms, 2),
+        "bf16_ms": round(bf16_ms, 2),
+        "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     _write_cache(path, data)
     return DtypeChoice(decide(f32_ms, bf16_ms), "measured", f32_ms, bf16_ms)
-

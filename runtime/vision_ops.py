@@ -64,16 +64,25 @@ def temporal_embed(ids: list[int], embed_dim: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- a tower block
 
-def block_forward(x: torch.Tensor, blk: Block, lens: list[int], eps: float, dt: torch.dtype,
-                  attend) -> torch.Tensor:
+
+def block_forward(x: torch.Tensor, blk: Block, lens: list[int], eps: float, dt: torch.dtype, attend) -> torch.Tensor:
     """One pre-LN encoder block on packed float32 rows [N, d]; matmuls in `dt`."""
     x = attention_block(x, blk.ln1_w, blk.ln1_b, blk.qkv, blk.out, lens, eps, dt, attend)
     y = F.layer_norm(x, (x.shape[1],), blk.ln2_w, blk.ln2_b, eps).to(dt)
     return x + blk.fc2(blk.fc1(y))
 
 
-def attention_block(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, qkv: Linear, out: Linear,
-                    lens: list[int], eps: float, dt: torch.dtype, attend) -> torch.Tensor:
+def attention_block(
+    x: torch.Tensor,
+    ln_w: torch.Tensor,
+    ln_b: torch.Tensor,
+    qkv: Linear,
+    out: Linear,
+    lens: list[int],
+    eps: float,
+    dt: torch.dtype,
+    attend,
+) -> torch.Tensor:
     """The attention half of a block: x + out(attention(qkv(LN1(x))))."""
     y = F.layer_norm(x, (x.shape[1],), ln_w, ln_b, eps).to(dt)
     return x + out(attend(qkv(y), lens))
@@ -98,15 +107,16 @@ def attention_padded(qkv: torch.Tensor, lens: list[int], n_head: int) -> torch.T
         padded[pad_idx] = qkv
         qkv = padded
         mask = torch.arange(Lmax)[None, :] < torch.tensor(lens)[:, None]
-        mask = mask[:, None, None, :]                                # [B, 1, 1, Lmax], True = key
+        mask = mask[:, None, None, :]  # [B, 1, 1, Lmax], True = key
     q, k, v = qkv.view(B, Lmax, 3, nh, d // nh).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if uniform else mask, scale=1.0)
     a = a.transpose(1, 2).reshape(B * Lmax, d)
     return a if uniform else a[pad_idx]
 
 
-def attention_per_head(qkv: torch.Tensor, lens: list[int], n_head: int,
-                       pool: ThreadPoolExecutor | None, n_workers: int) -> torch.Tensor:
+def attention_per_head(
+    qkv: torch.Tensor, lens: list[int], n_head: int, pool: ThreadPoolExecutor | None, n_workers: int
+) -> torch.Tensor:
     """bf16 self-attention, one (slice, head) at a time on its own rows (no padding, no mask):
     QK^T and PV are bf16 matmuls with float32 accumulation, the softmax is computed in float32
     and rounded to bf16 (as the reference model run in bf16). At head_dim 72 this beats torch's
@@ -117,17 +127,17 @@ def attention_per_head(qkv: torch.Tensor, lens: list[int], n_head: int,
     N, d = qkv.shape[0], qkv.shape[1] // 3
     hd = d // nh
     qkv = qkv.view(N, 3, nh, hd)
-    q, k = qkv[:, :2].permute(1, 2, 0, 3).contiguous()         # [nh, N, hd] each
-    vt = qkv[:, 2].permute(1, 2, 0).contiguous()                # [nh, hd, N]
-    out_t = torch.empty(nh, hd, N, dtype=qkv.dtype)              # (P V)^T per head
+    q, k = qkv[:, :2].permute(1, 2, 0, 3).contiguous()  # [nh, N, hd] each
+    vt = qkv[:, 2].permute(1, 2, 0).contiguous()  # [nh, hd, N]
+    out_t = torch.empty(nh, hd, N, dtype=qkv.dtype)  # (P V)^T per head
     offs = np.cumsum([0] + lens)
     tasks = [(slice(int(offs[i]), int(offs[i + 1])), h) for i in range(len(lens)) for h in range(nh)]
 
     def run(part: list[tuple[slice, int]]) -> None:
         with torch.inference_mode():
             for rows, h in part:
-                p = torch.softmax(F.linear(q[h, rows], k[h, rows]), dim=-1)   # [n, n]
-                out_t[h, :, rows] = F.linear(vt[h, :, rows], p)            # V^T P^T
+                p = torch.softmax(F.linear(q[h, rows], k[h, rows]), dim=-1)  # [n, n]
+                out_t[h, :, rows] = F.linear(vt[h, :, rows], p)  # V^T P^T
 
     if pool is None:
         run(tasks)
@@ -141,9 +151,17 @@ def attention_per_head(qkv: torch.Tensor, lens: list[int], n_head: int,
 # --------------------------------------------------------------------------- the resampler
 
 
-def resample(r: ResamplerWeights, scores: Linear, norms: tuple[torch.Tensor, ...], hp: VisionHParams,
-             dt: torch.dtype, feats: torch.Tensor, sizes: list[tuple[int, int]],
-             groups: list[tuple[int, list[int]]], temporal: bool) -> torch.Tensor:
+def resample(
+    r: ResamplerWeights,
+    scores: Linear,
+    norms: tuple[torch.Tensor, ...],
+    hp: VisionHParams,
+    dt: torch.dtype,
+    feats: torch.Tensor,
+    sizes: list[tuple[int, int]],
+    groups: list[tuple[int, list[int]]],
+    temporal: bool,
+) -> torch.Tensor:
     """Packed tower output of consecutive slices -> [G, query_num, D], one row per group (its
     slices attended jointly; with `temporal`, each slice's keys get its frame's temporal row, id -1
     none). `norms`: ln_kv weight and bias, ln_post weight and bias."""
@@ -158,7 +176,7 @@ def resample(r: ResamplerWeights, scores: Linear, norms: tuple[torch.Tensor, ...
             rows = temporal_embed([max(t, 0) for t in ids], D)
             rows[torch.tensor([t < 0 for t in ids])] = 0.0
             keys = keys + torch.repeat_interleave(rows, torch.tensor(lens), dim=0)
-    s = scores(keys.to(dt))                                           # [N, H*Q]
+    s = scores(keys.to(dt))  # [N, H*Q]
     xv = x.to(dt)
     # Each group's keys are one contiguous run of packed rows (its frames, frame-major): one
     # attention over exactly those rows, so no padding or mask is needed.
@@ -166,10 +184,10 @@ def resample(r: ResamplerWeights, scores: Linear, norms: tuple[torch.Tensor, ...
     outs = []
     for first, g in groups:
         lo, hi = int(offs[first]), int(offs[first + len(g)])
-        p = torch.softmax(s[lo:hi].t().float(), dim=-1).to(dt)       # [H*Q, n], float32 softmax
-        px = torch.mm(p, xv[lo:hi]).view(H, Q, D)                    # P_h x
-        o = torch.baddbmm(r.bv, px, r.wv_t)                          # [H, Q, hd]
+        p = torch.softmax(s[lo:hi].t().float(), dim=-1).to(dt)  # [H*Q, n], float32 softmax
+        px = torch.mm(p, xv[lo:hi]).view(H, Q, D)  # P_h x
+        o = torch.baddbmm(r.bv, px, r.wv_t)  # [H, Q, hd]
         outs.append(o.transpose(0, 1).reshape(Q, D))
-    out = r.o(torch.cat(outs)).float()                                # [G*Q, D]
+    out = r.o(torch.cat(outs)).float()  # [G*Q, D]
     out = F.layer_norm(out, (D,), ln_post_w, ln_post_b, hp.eps)
     return r.proj(out.to(dt)).float().view(len(groups), Q, D)

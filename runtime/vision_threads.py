@@ -31,8 +31,9 @@ def worker_pool(n_threads: int) -> ThreadPoolExecutor:
     """n_threads single-threaded torch workers, all started now (a barrier keeps each one busy until
     all exist). Their set_num_threads(1) also records a process-wide default for threads created
     later, which is put back here (the workers keep their own setting of 1)."""
-    pool = ThreadPoolExecutor(n_threads, thread_name_prefix="vision-attn",
-                              initializer=torch.set_num_threads, initargs=(1,))
+    pool = ThreadPoolExecutor(
+        n_threads, thread_name_prefix="vision-attn", initializer=torch.set_num_threads, initargs=(1,)
+    )
     barrier = threading.Barrier(n_threads)
     for f in [pool.submit(barrier.wait) for _ in range(n_threads)]:
         f.result()
@@ -43,7 +44,7 @@ def worker_pool(n_threads: int) -> ThreadPoolExecutor:
 def _find_malloc_trim():
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):   # not glibc (macOS, musl)
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
         return None
 
 

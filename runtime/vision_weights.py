@@ -15,14 +15,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from minicpmv.schema import (R_ATTN_K, R_ATTN_OUT, R_ATTN_Q, R_ATTN_V, R_KV, R_LN_Q, R_PROJ, R_QUERY,
-                             v_blk)
+from minicpmv.schema import R_ATTN_K, R_ATTN_OUT, R_ATTN_Q, R_ATTN_V, R_KV, R_LN_Q, R_PROJ, R_QUERY, v_blk
 
 from .mmproj import TensorLocation, VisionHParams, read_tensor
 from .model_file import ModelFile
 
 Take = Callable[[str], torch.Tensor]
-Norms = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]   # ln1 w, b, ln2 w, b
+Norms = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # ln1 w, b, ln2 w, b
 
 # Pre-pack matmul weights into oneDNN's blocked layout (what torch's inductor does when freezing):
 # measurably faster than F.linear in bf16 and f32 on AVX-512, and fc1 gets GELU fused. Falls back
@@ -42,8 +41,9 @@ def onednn_available(dtype: torch.dtype) -> bool:
         return False
     try:
         w, x = torch.ones(8, 16, dtype=dtype), torch.ones(2, 16, dtype=dtype)
-        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, None),
-                                               None, "gelu", [], "tanh")
+        y = torch.ops.mkldnn._linear_pointwise(
+            x, torch.ops.mkldnn._reorder_linear_weight(w, None), None, "gelu", [], "tanh"
+        )
         return tuple(y.shape) == (2, 8)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
@@ -52,8 +52,9 @@ def onednn_available(dtype: torch.dtype) -> bool:
 class Linear:
     """y = x @ w.T + b (optionally tanh-GELU) on 2-D inputs in the compute dtype."""
 
-    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype,
-                 gelu: bool = False, pack: bool = False):
+    def __init__(
+        self, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype, gelu: bool = False, pack: bool = False
+    ):
         self.nbytes = w.numel() * dtype.itemsize + (b.numel() * dtype.itemsize if b is not None else 0)
         self.gelu = gelu
         w = w.to(dtype).contiguous()
@@ -74,22 +75,23 @@ class Linear:
 class Block:
     ln1_w: torch.Tensor
     ln1_b: torch.Tensor
-    qkv: Linear          # q|k|v fused: [3d, d], the attention scale folded into q
+    qkv: Linear  # q|k|v fused: [3d, d], the attention scale folded into q
     out: Linear
     ln2_w: torch.Tensor
     ln2_b: torch.Tensor
-    fc1: Linear          # with tanh GELU
+    fc1: Linear  # with tanh GELU
     fc2: Linear
 
 
 @dataclass
 class ResamplerWeights:
     """The resampler's big matrices (the folded score matrix is derived, see `folded_scores`)."""
-    kv: Linear           # tower width -> D, no bias
-    wv_t: torch.Tensor   # [H, D, hd] value projection, transposed per head
-    bv: torch.Tensor     # [H, 1, hd]
+
+    kv: Linear  # tower width -> D, no bias
+    wv_t: torch.Tensor  # [H, D, hd] value projection, transposed per head
+    bv: torch.Tensor  # [H, 1, hd]
     o: Linear
-    proj: Linear         # [out, in]: x @ proj_hf == F.linear(x, proj.weight)
+    proj: Linear  # [out, in]: x @ proj_hf == F.linear(x, proj.weight)
 
     @property
     def nbytes(self) -> int:
@@ -118,16 +120,22 @@ def linear(take: Take, base: str, dtype: torch.dtype, pack: bool, bias: bool = T
 def tower_block(i: int, take: Take, hp: VisionHParams, norms: Norms, dtype: torch.dtype, pack: bool) -> Block:
     """Tower block i; q|k|v fused, with the attention scale 1/sqrt(head_dim) folded into the q rows."""
     bases = [v_blk(k, i) for k in ("attn_q", "attn_k", "attn_v")]
-    w = torch.cat([take(b + ".weight") for b in bases]).float()   # the scale is folded in float32
+    w = torch.cat([take(b + ".weight") for b in bases]).float()  # the scale is folded in float32
     b = torch.cat([take(b + ".bias") for b in bases]).float()
     scale = (hp.n_embd // hp.n_head) ** -0.5
-    w[:hp.n_embd] *= scale
-    b[:hp.n_embd] *= scale
+    w[: hp.n_embd] *= scale
+    b[: hp.n_embd] *= scale
     ln1_w, ln1_b, ln2_w, ln2_b = norms
-    return Block(ln1_w=ln1_w, ln1_b=ln1_b, qkv=Linear(w, b, dtype, pack=pack),
-                 out=linear(take, v_blk("attn_out", i), dtype, pack), ln2_w=ln2_w, ln2_b=ln2_b,
-                 fc1=linear(take, v_blk("ffn_up", i), dtype, pack, gelu=True),
-                 fc2=linear(take, v_blk("ffn_down", i), dtype, pack))
+    return Block(
+        ln1_w=ln1_w,
+        ln1_b=ln1_b,
+        qkv=Linear(w, b, dtype, pack=pack),
+        out=linear(take, v_blk("attn_out", i), dtype, pack),
+        ln2_w=ln2_w,
+        ln2_b=ln2_b,
+        fc1=linear(take, v_blk("ffn_up", i), dtype, pack, gelu=True),
+        fc2=linear(take, v_blk("ffn_down", i), dtype, pack),
+    )
 
 
 def resampler_weights(take: Take, hp: VisionHParams, dtype: torch.dtype, pack: bool) -> ResamplerWeights:
@@ -137,7 +145,9 @@ def resampler_weights(take: Take, hp: VisionHParams, dtype: torch.dtype, pack: b
         kv=linear(take, R_KV, dtype, pack, bias=False),
         wv_t=take(R_ATTN_V + ".weight").view(H, hd, D).transpose(1, 2).to(dtype).contiguous(),
         bv=take(R_ATTN_V + ".bias").view(H, 1, hd).to(dtype),
-        o=linear(take, R_ATTN_OUT, dtype, pack), proj=linear(take, R_PROJ, dtype, pack, bias=False))
+        o=linear(take, R_ATTN_OUT, dtype, pack),
+        proj=linear(take, R_PROJ, dtype, pack, bias=False),
+    )
 
 
 def folded_scores(take: Take, hp: VisionHParams, dtype: torch.dtype, pack: bool) -> Linear:
@@ -153,8 +163,8 @@ def folded_scores(take: Take, hp: VisionHParams, dtype: torch.dtype, pack: bool)
     hd = D // H
     with torch.inference_mode():
         q = F.layer_norm(take(R_QUERY), (D,), take(R_LN_Q + ".weight"), take(R_LN_Q + ".bias"), hp.eps)
-        q = F.linear(q, take(R_ATTN_Q + ".weight"), take(R_ATTN_Q + ".bias"))   # [Q, D]
+        q = F.linear(q, take(R_ATTN_Q + ".weight"), take(R_ATTN_Q + ".bias"))  # [Q, D]
         wk = take(R_ATTN_K + ".weight").view(H, hd, D)
-        take(R_ATTN_K + ".bias")   # consumed: cancels in the softmax
-        qk = torch.bmm(q.view(Q, H, hd).transpose(0, 1), wk) * hd ** -0.5            # [H, Q, D]
+        take(R_ATTN_K + ".bias")  # consumed: cancels in the softmax
+        qk = torch.bmm(q.view(Q, H, hd).transpose(0, 1), wk) * hd**-0.5  # [H, Q, D]
     return Linear(qk.reshape(H * Q, D), None, dtype, pack=pack)

@@ -43,8 +43,7 @@ REPACK_BUFT = "CPU_REPACK"
 QT = gguf.GGMLQuantizationType
 # ggml_repack_get_optimal_repack_type, x86: weight type -> the compiled CPU feature its kernel needs.
 # Rows (ggml ne[1]) must also be a multiple of 8 (the 8x8 interleave).
-_X86_REPACK: dict[QT, str] = {QT.Q4_0: "AVX2", QT.Q4_K: "AVX2", QT.IQ4_NL: "AVX2", QT.MXFP4: "AVX2",
-                              QT.Q2_K: "AVX512"}
+_X86_REPACK: dict[QT, str] = {QT.Q4_0: "AVX2", QT.Q4_K: "AVX2", QT.IQ4_NL: "AVX2", QT.MXFP4: "AVX2", QT.Q2_K: "AVX512"}
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 # Language-model tensors that llama.cpp feeds to get_rows rather than mul_mat (never repacked).
 _NOT_MATMUL = (TOKEN_EMBD,)
@@ -52,8 +51,8 @@ _NOT_MATMUL = (TOKEN_EMBD,)
 
 @dataclass(frozen=True)
 class BufferPlan:
-    mode: str                   # "llama": llama.cpp's own choice; "repack": CPU_REPACK by name; "none"
-    reason: str                 # one line for --verbose and the system report
+    mode: str  # "llama": llama.cpp's own choice; "repack": CPU_REPACK by name; "none"
+    reason: str  # one line for --verbose and the system report
 
     @property
     def use_extra_bufts(self) -> bool:
@@ -71,8 +70,9 @@ def library_features(system_info: str) -> dict[str, str]:
     return out
 
 
-def choose(features: Mapping[str, str], machine: str, cpu_flags: Iterable[str], *,
-           gpu: bool = False, forced: str | None = None) -> BufferPlan:
+def choose(
+    features: Mapping[str, str], machine: str, cpu_flags: Iterable[str], *, gpu: bool = False, forced: str | None = None
+) -> BufferPlan:
     """The weight buffers for one load, from the library's compiled features and the CPU.
 
     `features`: `library_features(llama_print_system_info())`; `cpu_flags`: the kernel's CPU flags.
@@ -86,14 +86,22 @@ def choose(features: Mapping[str, str], machine: str, cpu_flags: Iterable[str], 
     if gpu:
         return BufferPlan("llama", "layers offloaded to a GPU: llama.cpp places the weights")
     if not lib_amx:
-        return BufferPlan("llama", "llama.cpp built without AMX: its own choice "
-                                   f"({'CPU_REPACK' if features.get('REPACK') == '1' else 'plain CPU memory'})")
+        return BufferPlan(
+            "llama",
+            "llama.cpp built without AMX: its own choice "
+            f"({'CPU_REPACK' if features.get('REPACK') == '1' else 'plain CPU memory'})",
+        )
     cpu = "this CPU has AMX" if cpu_amx else "this CPU has no AMX"
     if machine.lower() not in _X86 or features.get("REPACK") != "1":
-        return BufferPlan("none", f"llama.cpp built with AMX_INT8 ({cpu}): extra buffer types off "
-                                  "(AMX crashes; no CPU_REPACK in this build)")
-    return BufferPlan("repack", f"llama.cpp built with AMX_INT8 ({cpu}): AMX weight buffers crash "
-                                "(llama.cpp PR #26954), so CPU_REPACK only, by tensor name")
+        return BufferPlan(
+            "none",
+            f"llama.cpp built with AMX_INT8 ({cpu}): extra buffer types off (AMX crashes; no CPU_REPACK in this build)",
+        )
+    return BufferPlan(
+        "repack",
+        f"llama.cpp built with AMX_INT8 ({cpu}): AMX weight buffers crash "
+        "(llama.cpp PR #26954), so CPU_REPACK only, by tensor name",
+    )
 
 
 def repack_tensors(tensors: Iterable[tuple[str, tuple[int, ...], QT]], features: Mapping[str, str]) -> list[str]:
@@ -104,8 +112,14 @@ def repack_tensors(tensors: Iterable[tuple[str, tuple[int, ...], QT]], features:
     out = []
     for name, shape, qtype in tensors:
         need = _X86_REPACK.get(qtype)
-        if (need and features.get(need) == "1" and len(shape) == 2 and shape[1] % 8 == 0
-                and name.endswith(".weight") and name not in _NOT_MATMUL):
+        if (
+            need
+            and features.get(need) == "1"
+            and len(shape) == 2
+            and shape[1] % 8 == 0
+            and name.endswith(".weight")
+            and name not in _NOT_MATMUL
+        ):
             out.append(name)
     return out
 
@@ -113,6 +127,7 @@ def repack_tensors(tensors: Iterable[tuple[str, tuple[int, ...], QT]], features:
 def repack_tensors_in(gguf_path: str | os.PathLike) -> list[str]:
     """repack_tensors() of every tensor of a GGUF file, with this library's compiled features."""
     from minicpmv.gguf_info import read_gguf_info
+
     info = read_gguf_info(gguf_path)
     return repack_tensors(((t.name, t.shape, t.ggml_type) for t in info.tensors.values()), system_features())
 
@@ -140,6 +155,7 @@ def override_patterns(names: Iterable[str]) -> list[str]:
 
 # --------------------------------------------------------------------------- llama.cpp side
 
+
 class _Override(ctypes.Structure):
     # struct llama_model_tensor_buft_override (llama.h): llama-cpp-python declares the field only as
     # a void pointer.
@@ -161,8 +177,7 @@ def extra_buffer_types() -> dict[str, int]:
     dev = g.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
     if not dev:
         return {}
-    fn = g.ggml_backend_reg_get_proc_address(g.ggml_backend_dev_backend_reg(dev),
-                                             b"ggml_backend_dev_get_extra_bufts")
+    fn = g.ggml_backend_reg_get_proc_address(g.ggml_backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts")
     if not fn:
         return {}
     arr = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn)(dev)
@@ -175,11 +190,13 @@ def extra_buffer_types() -> dict[str, int]:
 
 def system_features() -> dict[str, str]:
     import llama_cpp as ll
+
     return library_features(ll.llama_print_system_info().decode("utf-8", "replace"))
 
 
 def plan_for_this_machine(*, gpu_layers: int = 0) -> BufferPlan:
     import llama_cpp as ll
+
     info = cpu_info()
     gpu = gpu_layers != 0 and bool(ll.llama_supports_gpu_offload())
     return choose(system_features(), info.machine, info.flags, gpu=gpu, forced=os.environ.get(ENV) or None)
@@ -188,6 +205,7 @@ def plan_for_this_machine(*, gpu_layers: int = 0) -> BufferPlan:
 @dataclass
 class WeightBuffers:
     """Applies a plan to a `llama_model_params` and keeps the override table alive for the load."""
+
     plan: BufferPlan
     repacked: list[str] = field(default_factory=list)
     _keep: list = field(default_factory=list, repr=False)

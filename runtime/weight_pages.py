@@ -36,12 +36,11 @@ from minicpmv.schema import TOKEN_EMBD
 from .model_file import ModelFile
 from .weight_buffers import WeightBuffers, repack_tensors_in
 
-DROP_EVERY = 64 << 20         # bytes loaded between two drops: the pages copied since stay resident meanwhile
+DROP_EVERY = 64 << 20  # bytes loaded between two drops: the pages copied since stay resident meanwhile
 
 
 def supported() -> bool:
-    return (sys.platform.startswith("linux") and os.path.exists("/proc/self/maps")
-            and hasattr(mmap, "MADV_DONTNEED"))
+    return sys.platform.startswith("linux") and os.path.exists("/proc/self/maps") and hasattr(mmap, "MADV_DONTNEED")
 
 
 def _identity(target: str | os.PathLike | ModelFile) -> tuple[int, int, int]:
@@ -64,7 +63,7 @@ def file_mappings(target: str | os.PathLike | ModelFile) -> list[tuple[int, int,
     out = []
     with open("/proc/self/maps") as f:
         for line in f:
-            parts = line.split(maxsplit=5)   # address perms offset dev inode [path]
+            parts = line.split(maxsplit=5)  # address perms offset dev inode [path]
             if len(parts) < 5 or int(parts[4]) != ino or parts[1][3:4] != "s":
                 continue
             maj, mnr = (int(x, 16) for x in parts[3].split(":"))
@@ -122,6 +121,7 @@ class PageDropper:
         self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         self._madvise.restype = ctypes.c_int
         import llama_cpp as ll
+
         # kept on self: llama.cpp calls it for the whole load
         self.callback = ll.llama_progress_callback(self._progress)
 
@@ -137,7 +137,7 @@ class PageDropper:
             # may fail (EINVAL) on a kernel built without huge pages, which maps 4 kB pages anyway
             if hasattr(mmap, "MADV_NOHUGEPAGE"):
                 self._madvise(start, end - start, mmap.MADV_NOHUGEPAGE)
-            for a, b in self.ranges:   # the part of file range [a, b) this mapping holds
+            for a, b in self.ranges:  # the part of file range [a, b) this mapping holds
                 lo, hi = max(a, off), min(b, off + end - start)
                 if hi > lo:
                     self._madvise(start + lo - off, hi - lo, mmap.MADV_DONTNEED)

@@ -11,7 +11,7 @@ from .media import Media
 @dataclass
 class Conversation:
     msgs: list[dict] = field(default_factory=list)
-    pending: list[Media] = field(default_factory=list)   # images/videos for the next question
+    pending: list[Media] = field(default_factory=list)  # images/videos for the next question
 
     def add_media(self, item: Media) -> None:
         self.pending.append(item)

@@ -28,8 +28,9 @@ def load_file(path: Path, media: MediaOptions, progress: bool = False) -> Media:
     """An image or a video file named by the operator (not by a remote user): an RGB image, or a
     video's sampled frames (--fps / --packing / --max-frames)."""
     try:
-        return content.load_media(path, fps=media.fps, packing=media.packing, max_frames=media.max_frames,
-                                  progress=progress)
+        return content.load_media(
+            path, fps=media.fps, packing=media.packing, max_frames=media.max_frames, progress=progress
+        )
     except (ValueError, OSError) as e:
         raise MediaError(" ".join(str(e).split())) from None
 
@@ -38,14 +39,22 @@ def load_upload(data: bytes, name: str, media: MediaOptions, limits: Limits, kin
     """Bytes sent by a user: "image" or "video" (`kind`), or told by content when None (a video
     container's signature, else an image). Decoded under `limits`; `name` names it in errors."""
     if len(data) > limits.max_upload_bytes:
-        raise MediaError(f"{name}: {len(data) / 2**20:.1f} MB is more than the limit of {limits.max_upload_mb:g} MB "
-                         f"({FLAGS['max_upload_mb']})")
+        raise MediaError(
+            f"{name}: {len(data) / 2**20:.1f} MB is more than the limit of {limits.max_upload_mb:g} MB "
+            f"({FLAGS['max_upload_mb']})"
+        )
     if kind is None:
         kind = "video" if sniff_container(data[:12]) else "image"
     try:
         if kind == "video":
-            return load_video(data, fps=media.fps, packing=media.packing, max_frames=media.max_frames,
-                              limits=limits.video(), name=name)
+            return load_video(
+                data,
+                fps=media.fps,
+                packing=media.packing,
+                max_frames=media.max_frames,
+                limits=limits.video(),
+                name=name,
+            )
         return load_image(data, name=name, max_pixels=limits.max_image_pixels)
     except (ImageError, VideoError) as e:
         msg = " ".join(str(e).split())
@@ -54,12 +63,16 @@ def load_upload(data: bytes, name: str, media: MediaOptions, limits: Limits, kin
 
 
 # the engine's name of a bound -> ours (limits.FLAGS)
-_LIMITS = {"max_image_pixels": "max_image_pixels", "max_seconds": "max_video_seconds",
-           "max_frames": "max_video_frames", "max_pixels": "max_video_pixels"}
+_LIMITS = {
+    "max_image_pixels": "max_image_pixels",
+    "max_seconds": "max_video_seconds",
+    "max_frames": "max_video_frames",
+    "max_pixels": "max_video_pixels",
+}
 
 
 def describe_media(item: Media) -> str:
-    """"640x480", or "15 frames in 5 groups of up to 3" for a video."""
+    """ "640x480", or "15 frames in 5 groups of up to 3" for a video."""
     if isinstance(item, VideoFrames):
         return f"{len(item.frames)} frames in {len(item.temporal_ids)} groups of up to {item.plan.packing}"
     return f"{item.width}x{item.height}"

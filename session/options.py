@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minicpmv.runtime.video import DEFAULT_FPS, MAX_NUM_FRAMES
-from minicpmv.schema import MAX_SLICE_NUMS, REFERENCE_SAMPLING as S, THINKING_SAMPLING as TS, VIDEO_MAX_SLICE_NUMS
+from minicpmv.schema import MAX_SLICE_NUMS, VIDEO_MAX_SLICE_NUMS
+from minicpmv.schema import REFERENCE_SAMPLING as S
+from minicpmv.schema import THINKING_SAMPLING as TS
 
-DEFAULT_MAX_TOKENS = 2048   # the reference chat()'s max_new_tokens
+DEFAULT_MAX_TOKENS = 2048  # the reference chat()'s max_new_tokens
 
 # One help text per option, for the CLI's --help, the page's labels and docs/serving.md.
 HELP = {
@@ -34,6 +36,7 @@ HELP = {
 @dataclass
 class ChatOptions:
     """How one answer is made. None: the reference's default (which differs with thinking on)."""
+
     think: bool = False
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float | None = None
@@ -45,21 +48,32 @@ class ChatOptions:
     system: str = ""
     max_slices: int | None = None
     image_id: bool | None = None
-    stop: list[str] = field(default_factory=list)   # the answer ends before any of these
+    stop: list[str] = field(default_factory=list)  # the answer ends before any of these
 
     def chat_kwargs(self) -> dict:
         """`MiniCPMV.chat` arguments (slices and image ids default per conversation there)."""
-        return dict(enable_thinking=self.think, max_new_tokens=self.max_tokens, temperature=self.temperature,
-                    top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repeat_penalty, seed=self.seed,
-                    greedy=self.greedy, system_prompt=self.system, max_slice_nums=self.max_slices,
-                    use_image_id=self.image_id, stop=list(self.stop))
+        return dict(
+            enable_thinking=self.think,
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repeat_penalty,
+            seed=self.seed,
+            greedy=self.greedy,
+            system_prompt=self.system,
+            max_slice_nums=self.max_slices,
+            use_image_id=self.image_id,
+            stop=list(self.stop),
+        )
 
 
 @dataclass
 class MediaOptions:
     """How videos are sampled (runtime.video.load_video): the model card's defaults."""
+
     fps: float = float(DEFAULT_FPS)
-    packing: int | None = None       # None: the card's automatic packing (at most 3)
+    packing: int | None = None  # None: the card's automatic packing (at most 3)
     max_frames: int = MAX_NUM_FRAMES
 
 
@@ -67,6 +81,7 @@ class MediaOptions:
 class ModelOptions:
     """Which model files and how they run (MiniCPMV.load's arguments). Model source precedence:
     model/mmproj or model_dir > hf > $MINICPMV_MODEL > the default Hub repo (minicpmv.hub.source)."""
+
     model: Path | None = None
     mmproj: Path | None = None
     model_dir: Path | None = None

@@ -26,15 +26,43 @@ import binascii
 import re
 
 ROLES = ("system", "user", "assistant", "tool")
-OLLAMA_FIELDS = {"model", "messages", "stream", "format", "keep_alive", "tools", "options", "think",
-                 "truncate", "shift", "logprobs", "top_logprobs"}
+OLLAMA_FIELDS = {
+    "model",
+    "messages",
+    "stream",
+    "format",
+    "keep_alive",
+    "tools",
+    "options",
+    "think",
+    "truncate",
+    "shift",
+    "logprobs",
+    "top_logprobs",
+}
 OLLAMA_MESSAGE_FIELDS = {"role", "content", "thinking", "images", "tool_calls", "tool_name", "tool_call_id"}
 OLLAMA_THINK_LEVELS = ("high", "medium", "low", "max")
 # llama-server's OpenAI-compatible fields used by examples (server-task.cpp params_from_json_cmpl and
 # server-common.cpp oaicompat_chat_params_parse); extend when an example uses another one.
-OPENAI_FIELDS = {"model", "messages", "stream", "max_tokens", "n_predict", "temperature", "top_p", "top_k",
-                 "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "seed", "stop",
-                 "chat_template_kwargs", "reasoning_format", "reasoning_effort"}
+OPENAI_FIELDS = {
+    "model",
+    "messages",
+    "stream",
+    "max_tokens",
+    "n_predict",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "chat_template_kwargs",
+    "reasoning_format",
+    "reasoning_effort",
+}
 NUMBER_FIELDS = {"temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"}
 INT_FIELDS = {"top_k", "max_tokens", "n_predict", "seed"}
 _DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64")
@@ -44,8 +72,9 @@ def strict_b64decode(s: object, where: str) -> bytes:
     """Standard alphabet, padded, nothing else (Go's base64.StdEncoding; what llama-server decodes whole)."""
     assert isinstance(s, str), f"{where}: expected a base64 string, got {type(s).__name__}"
     assert not s.startswith("data:"), f"{where}: a data: URL where plain base64 is expected"
-    assert len(s) % 4 == 0 and re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", s), \
+    assert len(s) % 4 == 0 and re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", s), (
         f"{where}: not one line of padded standard base64 (line breaks, URL-safe alphabet or no padding?)"
+    )
     try:
         return base64.b64decode(s, validate=True)
     except binascii.Error as e:
@@ -116,7 +145,8 @@ def check_llama_server_chat(req: object) -> list[tuple[str, bytes]]:
             assert isinstance(url, str), f"{where}.image_url.url: expected a string"
             head, sep, data = url.partition(",")
             kind = _DATA_URL.fullmatch(head)
-            assert sep and kind and "," not in data, \
+            assert sep and kind and "," not in data, (
                 f"{where}.image_url.url: expected data:image/<type>;base64,<data>, got {url[:40]!r}..."
+            )
             images.append((kind.group(1), strict_b64decode(data, f"{where}.image_url.url")))
     return images

@@ -7,8 +7,8 @@ CASES.json is a list of {"id", "app" (module of a typer app, e.g. "minicpmv.cli.
 "damage" (see `damage`), "out" (optional: a folder whose files are listed after the case)}. For
 each case the damaged copy is made, the CLI runs in this process (typer's CliRunner: the code of the
 entry point, with its stdout and stderr captured), the copy is removed and one JSON line is printed:
-{"id", "exit", "stdout", "stderr", "exception", "outputs" (file name -> sha256)}. A line {"id", "started"} comes first, so
-a case that kills the process (a signal) or hangs (faulthandler ends the process after
+{"id", "exit", "stdout", "stderr", "exception", "outputs" (file name -> sha256)}. A line
+{"id", "started"} comes first, so a case that kills the process (a signal) or hangs (faulthandler ends the process after
 CASE_TIMEOUT_S) is known by the last one started.
 """
 
@@ -44,7 +44,7 @@ def damage(spec: dict) -> Path:
     else:
         data = bytearray(src.read_bytes())
         if "truncate" in spec:
-            del data[spec["truncate"]:]
+            del data[spec["truncate"] :]
         else:
             data[spec["offset"]] ^= spec["xor"]
     target.write_bytes(data)
@@ -74,6 +74,7 @@ def outputs(case: dict) -> dict[str, str]:
 
 def main(cases_file: str) -> None:
     from typer.testing import CliRunner
+
     runner = CliRunner()
     for case in json.loads(Path(cases_file).read_text()):
         print(json.dumps({"id": case["id"], "started": True}), flush=True)
@@ -86,9 +87,19 @@ def main(cases_file: str) -> None:
             faulthandler.cancel_dump_traceback_later()
             remove(made)
         exc = res.exception if res.exception is not None and not isinstance(res.exception, SystemExit) else None
-        print(json.dumps({"id": case["id"], "exit": res.exit_code, "stdout": res.stdout, "stderr": res.stderr,
-                          "exception": None if exc is None else f"{type(exc).__name__}: {exc}",
-                          "outputs": outputs(case)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "id": case["id"],
+                    "exit": res.exit_code,
+                    "stdout": res.stdout,
+                    "stderr": res.stderr,
+                    "exception": None if exc is None else f"{type(exc).__name__}: {exc}",
+                    "outputs": outputs(case),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ def pytest_runtest_makereport(item, call):
     (a tool or package an oracle needs), and a skipped oracle must never pass silently."""
     outcome = yield
     rep = outcome.get_result()
-    if rep.skipped and os.environ.get("CI", "").lower() in ("1", "true", "yes") \
-            and not hasattr(rep, "wasxfail"):
+    if rep.skipped and os.environ.get("CI", "").lower() in ("1", "true", "yes") and not hasattr(rep, "wasxfail"):
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         rep.outcome = "failed"
         rep.longrepr = f"skipped in CI (an install step is missing?): {reason}"
@@ -45,6 +44,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def _converted(tmp_path_factory, ckpt: Path, **kw):
     """Factory: type name -> path of a conversion of `ckpt` (made once per session per type)."""
     from minicpmv.convert.pipeline import convert
+
     lm = "quant_type" in kw
     cache: dict[str, Path] = {}
 
@@ -55,6 +55,7 @@ def _converted(tmp_path_factory, ckpt: Path, **kw):
             res = convert(ckpt, out, progress=False, **{k: key for k in kw}, write_lm=lm, write_mmproj=not lm)
             cache[key] = res.lm_path if lm else res.mmproj_path
         return cache[key]
+
     return make
 
 
@@ -70,6 +71,12 @@ def tiny_mmproj_gguf(tmp_path_factory, tiny_ckpt):
     """Factory: mmproj type name (f32, f16, bf16, q8_0) -> converted mmproj GGUF path."""
     make = _converted(tmp_path_factory, tiny_ckpt, mmproj_type=None)
     return lambda mmproj_type="f32": make(mmproj_type)
+
+
+@pytest.fixture(scope="session")
+def files(tiny_lm_gguf, tiny_mmproj_gguf):
+    """(F32 language model, f32 mmproj) of the tiny checkpoint: the pair most tests load."""
+    return tiny_lm_gguf("F32"), tiny_mmproj_gguf("f32")
 
 
 @pytest.fixture(scope="session")
@@ -91,6 +98,7 @@ def tiny_real_vocab_gguf(tmp_path_factory, tiny_real_vocab_ckpt):
 def torch_one_thread():
     """torch on one thread for a module (use as an autouse alias): the machine is shared."""
     import torch
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -100,6 +108,7 @@ def torch_one_thread():
 @pytest.fixture(scope="session")
 def hf_tokenizer(tmp_path_factory, tiny_ckpt):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(hf_tokenizer_dir(tiny_ckpt, tmp_path_factory.mktemp("hftok"))))
 
 

@@ -32,13 +32,17 @@ import gguf
 from minicpmv.quant import ggml as qg
 
 QT = gguf.GGMLQuantizationType
-N_TOKENS = 512          # the batch llama.cpp's probe ops are built for
-GGML_DEVICE_CPU = 0     # enum ggml_backend_dev_type: GGML_BACKEND_DEVICE_TYPE_CPU
+N_TOKENS = 512  # the batch llama.cpp's probe ops are built for
+GGML_DEVICE_CPU = 0  # enum ggml_backend_dev_type: GGML_BACKEND_DEVICE_TYPE_CPU
 
 # LLM_TENSOR_INFOS (src/llama-arch.cpp): the op each tensor kind of a Qwen3 model is used with.
-_OPS = {"token_embd": "GET_ROWS", "output": "MUL_MAT", "output_norm": "MUL",
-        **{k: "MUL_MAT" for k in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")},
-        **{k: "MUL" for k in ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm")}}
+_OPS = {
+    "token_embd": "GET_ROWS",
+    "output": "MUL_MAT",
+    "output_norm": "MUL",
+    **{k: "MUL_MAT" for k in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")},
+    **{k: "MUL" for k in ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm")},
+}
 
 
 class _InitParams(ctypes.Structure):
@@ -58,18 +62,24 @@ def weight_op(name: str) -> str:
 def _libs() -> tuple[ctypes.CDLL, int]:
     """(libggml-base with the probe's signatures, the CPU device). Own CDLL objects for the very files
     llama_cpp loaded (dlopen returns the same instance), so these argtypes touch nobody else's."""
-    base_path = qg.lib()._name                      # libggml-base.{so,dylib} or ggml-base.dll
+    base_path = qg.lib()._name  # libggml-base.{so,dylib} or ggml-base.dll
     base = ctypes.CDLL(base_path)
-    core = ctypes.CDLL(base_path.replace("ggml-base", "ggml"))   # the backend registry lives in libggml
+    core = ctypes.CDLL(base_path.replace("ggml-base", "ggml"))  # the backend registry lives in libggml
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for fn, res, args in [
-        (base.ggml_init, p, [_InitParams]), (base.ggml_free, None, [p]),
+        (base.ggml_init, p, [_InitParams]),
+        (base.ggml_free, None, [p]),
         (base.ggml_tensor_overhead, ctypes.c_size_t, []),
-        (base.ggml_new_tensor, p, [p, i, i, ctypes.POINTER(i64)]), (base.ggml_new_tensor_1d, p, [p, i, i64]),
+        (base.ggml_new_tensor, p, [p, i, i, ctypes.POINTER(i64)]),
+        (base.ggml_new_tensor_1d, p, [p, i, i64]),
         (base.ggml_new_tensor_4d, p, [p, i, i64, i64, i64, i64]),
-        (base.ggml_mul_mat, p, [p, p, p]), (base.ggml_get_rows, p, [p, p, p]), (base.ggml_mul, p, [p, p, p]),
-        (base.ggml_backend_buft_alloc_buffer, p, [p, ctypes.c_size_t]), (base.ggml_backend_buffer_free, None, [p]),
-        (base.ggml_backend_dev_supports_op, ctypes.c_bool, [p, p]), (core.ggml_backend_dev_by_type, p, [i]),
+        (base.ggml_mul_mat, p, [p, p, p]),
+        (base.ggml_get_rows, p, [p, p, p]),
+        (base.ggml_mul, p, [p, p, p]),
+        (base.ggml_backend_buft_alloc_buffer, p, [p, ctypes.c_size_t]),
+        (base.ggml_backend_buffer_free, None, [p]),
+        (base.ggml_backend_dev_supports_op, ctypes.c_bool, [p, p]),
+        (core.ggml_backend_dev_by_type, p, [i]),
     ]:
         fn.restype, fn.argtypes = res, args
     dev = core.ggml_backend_dev_by_type(GGML_DEVICE_CPU)
@@ -83,7 +93,8 @@ def _op_builders(base: ctypes.CDLL) -> dict[str, Callable[[int, int, list[int]],
     f32, i32 = int(QT.F32), int(QT.I32)
     return {
         "MUL_MAT": lambda ctx, w, ne: base.ggml_mul_mat(
-            ctx, w, base.ggml_new_tensor_4d(ctx, f32, ne[0], N_TOKENS, ne[2], ne[3])),
+            ctx, w, base.ggml_new_tensor_4d(ctx, f32, ne[0], N_TOKENS, ne[2], ne[3])
+        ),
         "GET_ROWS": lambda ctx, w, ne: base.ggml_get_rows(ctx, w, base.ggml_new_tensor_1d(ctx, i32, N_TOKENS)),
         "MUL": lambda ctx, w, ne: base.ggml_mul(ctx, base.ggml_new_tensor_4d(ctx, f32, *ne), w),
     }
@@ -99,9 +110,9 @@ def buft_supports(buft: int, name: str, ggml_type: int, shape: tuple[int, ...]) 
     try:
         w = base.ggml_new_tensor(ctx, ggml_type, len(shape), (ctypes.c_int64 * len(shape))(*shape))
         op = _op_builders(base)[weight_op(name)](ctx, w, ne4)
-        wt = qg.tensor_at(w)           # struct ggml_tensor, layout checked against ggml_tensor_overhead()
+        wt = qg.tensor_at(w)  # struct ggml_tensor, layout checked against ggml_tensor_overhead()
         assert not wt.buffer, name
-        wt.buffer = base.ggml_backend_buft_alloc_buffer(buft, 0)   # the zero-size dummy buffer
+        wt.buffer = base.ggml_backend_buft_alloc_buffer(buft, 0)  # the zero-size dummy buffer
         try:
             return bool(base.ggml_backend_dev_supports_op(dev, op))
         finally:
@@ -115,6 +126,7 @@ def repack_tensors_by_ggml(tensors: Iterable[tuple[str, tuple[int, ...], int]]) 
     """Names of the (name, ggml shape ne, type) tensors that this library's CPU_REPACK would take, in order:
     the same question and answer shape as runtime/weight_buffers.py's repack_tensors()."""
     from minicpmv.runtime.weight_buffers import REPACK_BUFT, extra_buffer_types
+
     buft = extra_buffer_types().get(REPACK_BUFT)
     if not buft:
         raise RuntimeError(f"this llama.cpp has no {REPACK_BUFT} buffer type")

@@ -26,14 +26,28 @@ def hf_qwen3_of(ckpt: Path):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from minicpmv.convert.checkpoint import Checkpoint
+
     raw = json.loads((ckpt / "config.json").read_text())
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
-            "tie_word_embeddings", "attention_bias", "bos_token_id", "eos_token_id")
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "attention_bias",
+        "bos_token_id",
+        "eos_token_id",
+    )
     cfg = Qwen3Config(**{k: raw[k] for k in keys}, torch_dtype="float32")
     model = Qwen3ForCausalLM(cfg).eval()
     ck = Checkpoint(ckpt)
-    sd = {n[len("llm."):]: torch.from_numpy(ck.f32(n)) for n in ck.names() if n.startswith("llm.")}
+    sd = {n[len("llm.") :]: torch.from_numpy(ck.f32(n)) for n in ck.names() if n.startswith("llm.")}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
     return model

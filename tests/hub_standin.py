@@ -30,7 +30,7 @@ LFS_SUFFIXES = (".gguf", ".safetensors", ".bin", ".png")
 class Repo:
     files: dict[str, bytes]
     gated: bool = False
-    listed_sizes: dict[str, int] = field(default_factory=dict)   # sizes the listing claims instead
+    listed_sizes: dict[str, int] = field(default_factory=dict)  # sizes the listing claims instead
 
     @property
     def commit(self) -> str:
@@ -153,9 +153,19 @@ class HubStandIn:
             if is_lfs(name):
                 s["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": size, "pointerSize": 134}
             siblings.append(s)
-        body = json.dumps({"_id": "0" * 24, "id": repo_id, "modelId": repo_id, "sha": repo.commit,
-                           "private": False, "gated": "manual" if repo.gated else False, "disabled": False,
-                           "tags": ["gguf"], "siblings": siblings}).encode()
+        body = json.dumps(
+            {
+                "_id": "0" * 24,
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": repo.commit,
+                "private": False,
+                "gated": "manual" if repo.gated else False,
+                "disabled": False,
+                "tags": ["gguf"],
+                "siblings": siblings,
+            }
+        ).encode()
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(body)))
@@ -199,4 +209,4 @@ class HubStandIn:
             h.wfile.flush()
             h.close_connection = True  # the client sees the connection end in the middle of the body
             return
-        h.wfile.write(data[start:end + 1])
+        h.wfile.write(data[start : end + 1])

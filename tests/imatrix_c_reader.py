@@ -20,7 +20,7 @@ GGUF_TYPE_UINT32, GGUF_TYPE_STRING, GGUF_TYPE_ARRAY = 4, 8, 9
 GGML_TYPE_F32 = 0
 
 
-class _Params(ctypes.Structure):   # struct gguf_init_params
+class _Params(ctypes.Structure):  # struct gguf_init_params
     _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.POINTER(ctypes.c_void_p))]
 
 
@@ -36,12 +36,19 @@ class Loaded:
 def _lib():
     g = ggml.lib()
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    for name, res, args in (("gguf_init_from_file", p, [ctypes.c_char_p, _Params]), ("gguf_free", None, [p]),
-                            ("gguf_find_key", i64, [p, ctypes.c_char_p]), ("gguf_get_kv_type", ctypes.c_int, [p, i64]),
-                            ("gguf_get_arr_type", ctypes.c_int, [p, i64]), ("gguf_get_arr_n", ctypes.c_size_t, [p, i64]),
-                            ("gguf_get_arr_str", ctypes.c_char_p, [p, i64, ctypes.c_size_t]),
-                            ("gguf_get_val_u32", ctypes.c_uint32, [p, i64]), ("ggml_get_first_tensor", p, [p]),
-                            ("ggml_get_next_tensor", p, [p, p]), ("ggml_free", None, [p])):
+    for name, res, args in (
+        ("gguf_init_from_file", p, [ctypes.c_char_p, _Params]),
+        ("gguf_free", None, [p]),
+        ("gguf_find_key", i64, [p, ctypes.c_char_p]),
+        ("gguf_get_kv_type", ctypes.c_int, [p, i64]),
+        ("gguf_get_arr_type", ctypes.c_int, [p, i64]),
+        ("gguf_get_arr_n", ctypes.c_size_t, [p, i64]),
+        ("gguf_get_arr_str", ctypes.c_char_p, [p, i64, ctypes.c_size_t]),
+        ("gguf_get_val_u32", ctypes.c_uint32, [p, i64]),
+        ("ggml_get_first_tensor", p, [p]),
+        ("ggml_get_next_tensor", p, [p, p]),
+        ("ggml_free", None, [p]),
+    ):
         fn = getattr(g, name)
         fn.restype, fn.argtypes = res, args
     return g
@@ -53,14 +60,16 @@ def load_like_llama_quantize(path: Path) -> Loaded:
     gg = g.gguf_init_from_file(str(path).encode(), _Params(False, ctypes.pointer(ctx)))
     assert gg, f"{path}: ggml's GGUF parser rejects the file"
     try:
-        keys = {k: g.gguf_find_key(gg, k.encode()) for k in ("imatrix.datasets", "imatrix.chunk_count",
-                                                             "imatrix.chunk_size")}
+        keys = {
+            k: g.gguf_find_key(gg, k.encode())
+            for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
+        }
         # load_imatrix: "missing imatrix metadata" unless all three keys exist
         assert all(v != -1 for v in keys.values()), f"{path}: missing imatrix metadata {keys}"
         kd = keys["imatrix.datasets"]
         assert g.gguf_get_kv_type(gg, kd) == GGUF_TYPE_ARRAY and g.gguf_get_arr_type(gg, kd) == GGUF_TYPE_STRING
         datasets = [g.gguf_get_arr_str(gg, kd, i).decode() for i in range(g.gguf_get_arr_n(gg, kd))]
-        for k in ("imatrix.chunk_count", "imatrix.chunk_size"):   # gguf_get_val_u32 aborts on another type
+        for k in ("imatrix.chunk_count", "imatrix.chunk_size"):  # gguf_get_val_u32 aborts on another type
             assert g.gguf_get_kv_type(gg, keys[k]) == GGUF_TYPE_UINT32, k
         chunk_count = g.gguf_get_val_u32(gg, keys["imatrix.chunk_count"])
         chunk_size = g.gguf_get_val_u32(gg, keys["imatrix.chunk_size"])
@@ -74,7 +83,7 @@ def load_like_llama_quantize(path: Path) -> Loaded:
             name = tt.name.decode()
             for suffix, slot in ((".in_sum2", 0), (".counts", 1)):
                 if name.endswith(suffix):
-                    pairs.setdefault(name[:-len(suffix)], [None, None])[slot] = tt
+                    pairs.setdefault(name[: -len(suffix)], [None, None])[slot] = tt
             t = g.ggml_get_next_tensor(ctx, t)
         assert n_tensors >= 1, f"{path}: no data"
         weights, counts = {}, {}
@@ -84,11 +93,14 @@ def load_like_llama_quantize(path: Path) -> Loaded:
             nval = int(np.prod([s.ne[i] for i in range(4)]))
             ncounts = int(np.prod([c.ne[i] for i in range(4)]))
             sums = np.ctypeslib.as_array(ctypes.cast(s.data, ctypes.POINTER(ctypes.c_float)), (nval,)).copy()
-            cnt = [int(round(v)) for v in np.ctypeslib.as_array(ctypes.cast(c.data, ctypes.POINTER(ctypes.c_float)), (ncounts,))]
+            cnt = [
+                int(round(v))
+                for v in np.ctypeslib.as_array(ctypes.cast(c.data, ctypes.POINTER(ctypes.c_float)), (ncounts,))
+            ]
             ne0 = nval // ncounts
             e = np.empty(nval, np.float32)
-            for j, cj in enumerate(cnt):   # quantize.cpp load_imatrix: sums / count, 1 for count 0
-                e[j * ne0:(j + 1) * ne0] = sums[j * ne0:(j + 1) * ne0] / np.float32(cj) if cj > 0 else 1
+            for j, cj in enumerate(cnt):  # quantize.cpp load_imatrix: sums / count, 1 for count 0
+                e[j * ne0 : (j + 1) * ne0] = sums[j * ne0 : (j + 1) * ne0] / np.float32(cj) if cj > 0 else 1
             weights[name], counts[name] = e, cnt
         return Loaded(weights, datasets, chunk_count, chunk_size, counts)
     finally:

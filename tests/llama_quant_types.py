@@ -24,10 +24,18 @@ _SYMS = {
 }
 
 
-class ModelDesc(ctypes.Structure):   # struct llama_quant_model_desc
-    _fields_ = [("architecture", ctypes.c_char_p), ("n_embd", ctypes.c_uint32), ("n_ff", ctypes.c_uint32),
-                ("n_layer", ctypes.c_uint32), ("n_head", ctypes.c_uint32), ("n_head_kv", ctypes.c_uint32),
-                ("n_expert", ctypes.c_uint32), ("n_embd_head_k", ctypes.c_uint32), ("n_embd_head_v", ctypes.c_uint32)]
+class ModelDesc(ctypes.Structure):  # struct llama_quant_model_desc
+    _fields_ = [
+        ("architecture", ctypes.c_char_p),
+        ("n_embd", ctypes.c_uint32),
+        ("n_ff", ctypes.c_uint32),
+        ("n_layer", ctypes.c_uint32),
+        ("n_head", ctypes.c_uint32),
+        ("n_head_kv", ctypes.c_uint32),
+        ("n_expert", ctypes.c_uint32),
+        ("n_embd_head_k", ctypes.c_uint32),
+        ("n_embd_head_v", ctypes.c_uint32),
+    ]
 
 
 class _InitParams(ctypes.Structure):  # struct ggml_init_params (by value)
@@ -40,18 +48,33 @@ def _fn(name: str, restype, *argtypes):
     return f
 
 
-def llama_types(tensors: list[tuple[str, tuple[int, ...]]], ftype: int, *, n_embd: int, n_ff: int, n_layer: int,
-                n_head: int, n_head_kv: int, head_dim: int, input_type: int) -> list[int]:
+def llama_types(
+    tensors: list[tuple[str, tuple[int, ...]]],
+    ftype: int,
+    *,
+    n_embd: int,
+    n_ff: int,
+    n_layer: int,
+    n_head: int,
+    n_head_kv: int,
+    head_dim: int,
+    input_type: int,
+) -> list[int]:
     """GGML type ids llama-quantize picks for (gguf name, numpy shape) tensors of type `input_type`
     (pass them in llama-quantize's order: the counters advance along the list)."""
     p = ctypes.c_void_p
     from_meta = _fn("model_from_metadata", p, ctypes.POINTER(ModelDesc))
     init = _fn("init", p, p, ctypes.POINTER(L.llama_model_quantize_params))
     free = _fn("free", None, p)
-    compute = _fn("compute_types", None, p, ctypes.c_int, ctypes.POINTER(p), ctypes.POINTER(ctypes.c_int), ctypes.c_size_t)
+    compute = _fn(
+        "compute_types", None, p, ctypes.c_int, ctypes.POINTER(p), ctypes.POINTER(ctypes.c_int), ctypes.c_size_t
+    )
     g = ggml.lib()
     g.ggml_init.restype, g.ggml_init.argtypes = p, [_InitParams]
-    g.ggml_new_tensor.restype, g.ggml_new_tensor.argtypes = p, [p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
+    g.ggml_new_tensor.restype, g.ggml_new_tensor.argtypes = (
+        p,
+        [p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)],
+    )
     g.ggml_set_name.restype, g.ggml_set_name.argtypes = p, [p, ctypes.c_char_p]
     g.ggml_free.restype, g.ggml_free.argtypes = None, [p]
     g.ggml_tensor_overhead.restype = ctypes.c_size_t

@@ -17,9 +17,14 @@ from minicpmv.quant.imatrix import imatrix_metadata, read_imatrix
 from minicpmv.quant.policy import parse_type
 
 
-def quantize_model_with_llama_cpp(src_gguf: Path, dst_gguf: Path, type_name: str,
-                                  imatrix: Path | dict[str, np.ndarray] | None = None,
-                                  nthread: int = 0, verbose: bool = False) -> Path:
+def quantize_model_with_llama_cpp(
+    src_gguf: Path,
+    dst_gguf: Path,
+    type_name: str,
+    imatrix: Path | dict[str, np.ndarray] | None = None,
+    nthread: int = 0,
+    verbose: bool = False,
+) -> Path:
     """Quantize `src_gguf` to `dst_gguf` with llama.cpp (nthread <= 0: all hardware threads).
     llama.cpp's per-tensor log goes to stderr only with `verbose`."""
     import llama_cpp as L
@@ -29,7 +34,7 @@ def quantize_model_with_llama_cpp(src_gguf: Path, dst_gguf: Path, type_name: str
     params = L.llama_model_quantize_default_params()
     params.nthread = nthread
     params.ftype = int(spec.ftype)
-    keep: list = []   # ctypes buffers referenced by params must outlive the call
+    keep: list = []  # ctypes buffers referenced by params must outlive the call
 
     if imatrix is not None:
         meta: dict[str, str | int] = {}
@@ -45,7 +50,7 @@ def quantize_model_with_llama_cpp(src_gguf: Path, dst_gguf: Path, type_name: str
             e.name = name.encode()
             e.data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             e.size = arr.size
-        entries[len(values)].name = None   # terminator
+        entries[len(values)].name = None  # terminator
         params.imatrix = entries
         keep.append(entries)
         if meta:
@@ -56,7 +61,7 @@ def quantize_model_with_llama_cpp(src_gguf: Path, dst_gguf: Path, type_name: str
                     o.tag, o.value.val_str = L.LLAMA_KV_OVERRIDE_TYPE_STR, val.encode()[:127]
                 else:
                     o.tag, o.value.val_i64 = L.LLAMA_KV_OVERRIDE_TYPE_INT, val
-            kvs[len(meta)].key = b""   # terminator: empty key
+            kvs[len(meta)].key = b""  # terminator: empty key
             params.kv_overrides = kvs
             keep.append(kvs)
 

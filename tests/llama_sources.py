@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "llama-src"
-PROBE = Path("tools") / "mtmd" / "mtmd-image.h"   # a header the probes need
+PROBE = Path("tools") / "mtmd" / "mtmd-image.h"  # a header the probes need
 
 
 def llama_cpp_source_dir() -> Path:
@@ -35,15 +35,31 @@ def llama_cpp_source_dir() -> Path:
         return root
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps",
-                            "--no-binary", ":all:", "-d", tmp],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                f"llama-cpp-python=={version}",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                tmp,
+            ],
+            capture_output=True,
+            text=True,
+        )
         sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if not sdists:
             raise RuntimeError(f"cannot download the llama-cpp-python {version} sources: {r.stderr[-500:]}")
         with tarfile.open(sdists[0]) as tar:
-            members = [m for m in tar.getmembers()   # the headers are all the probes need
-                       if m.isfile() and "/vendor/llama.cpp/" in m.name and m.name.endswith((".h", ".hpp"))]
+            members = [
+                m
+                for m in tar.getmembers()  # the headers are all the probes need
+                if m.isfile() and "/vendor/llama.cpp/" in m.name and m.name.endswith((".h", ".hpp"))
+            ]
             tar.extractall(CACHE, members=members, filter="data")
     if not (root / PROBE).is_file():
         raise RuntimeError(f"llama-cpp-python {version} sources have no {PROBE}")

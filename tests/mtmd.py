@@ -22,13 +22,12 @@ import llama_cpp.mtmd_cpp as M
 import numpy as np
 
 from minicpmv.gguf_info import read_gguf_info
-from minicpmv.schema import R_PROJ
-
 from minicpmv.runtime.llama import LlamaModel
 from minicpmv.runtime.llama_backend import LlamaError, log_callback, recent_log, release
 from minicpmv.runtime.llama_context import LlamaContext
+from minicpmv.schema import R_PROJ
 
-TEXT, IMAGE = 0, 1   # enum mtmd_input_chunk_type
+TEXT, IMAGE = 0, 1  # enum mtmd_input_chunk_type
 
 
 def marker() -> str:
@@ -38,10 +37,10 @@ def marker() -> str:
 
 @dataclass
 class Chunk:
-    kind: int                       # TEXT or IMAGE
+    kind: int  # TEXT or IMAGE
     n_tokens: int
-    tokens: list[int] | None        # text chunks only
-    nx: int = 0                     # image chunks: token grid reported by mtmd
+    tokens: list[int] | None  # text chunks only
+    nx: int = 0  # image chunks: token grid reported by mtmd
     ny: int = 0
 
 
@@ -49,8 +48,15 @@ class Mtmd:
     """An mtmd context for one mmproj next to a loaded language model (vocab-only is enough unless
     chunks are evaluated into a context). `flash_attn` None keeps mtmd's default."""
 
-    def __init__(self, mmproj: str | os.PathLike, lm: LlamaModel, *, n_threads: int = 1,
-                 warmup: bool = False, flash_attn: bool | None = None):
+    def __init__(
+        self,
+        mmproj: str | os.PathLike,
+        lm: LlamaModel,
+        *,
+        n_threads: int = 1,
+        warmup: bool = False,
+        flash_attn: bool | None = None,
+    ):
         M.mtmd_helper_log_set(log_callback, ctypes.c_void_p(0))
         self.lm = lm
         p = M.mtmd_context_params_default()
@@ -59,8 +65,7 @@ class Mtmd:
         p.warmup = warmup
         p.print_timings = False
         if flash_attn is not None:
-            p.flash_attn_type = (ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                                 else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+            p.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = M.mtmd_init_from_file(str(mmproj).encode(), lm.model, p)
         if not self.ctx:
             raise LlamaError(f"mtmd could not load {mmproj}: {recent_log(1).strip()}")
@@ -68,8 +73,15 @@ class Mtmd:
         self.n_embd = int(read_gguf_info(mmproj).tensors[R_PROJ + ".weight"].shape[1])
 
     @classmethod
-    def open(cls, mmproj: str | os.PathLike, lm_path: str | os.PathLike, *, vocab_only: bool = True,
-             n_threads: int = 1, flash_attn: bool | None = False) -> "Mtmd":
+    def open(
+        cls,
+        mmproj: str | os.PathLike,
+        lm_path: str | os.PathLike,
+        *,
+        vocab_only: bool = True,
+        n_threads: int = 1,
+        flash_attn: bool | None = False,
+    ) -> "Mtmd":
         """An mtmd context with its own language model (mapped, as llama.cpp's tools load it), freed
         by `close`. Flash attention off by default: the oracle's vision path stays in float32."""
         lm = LlamaModel(lm_path, vocab_only=vocab_only, read_file=False)
@@ -98,13 +110,15 @@ class Mtmd:
         for a in arrays:
             if a.ndim != 3 or a.shape[2] != 3:
                 raise ValueError(f"images must be RGB uint8 [H, W, 3] arrays, got shape {a.shape}")
-        bmps = [M.mtmd_bitmap_init(a.shape[1], a.shape[0], a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
-                for a in arrays]
+        bmps = [
+            M.mtmd_bitmap_init(a.shape[1], a.shape[0], a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))) for a in arrays
+        ]
         text = (prompt if prompt is not None else marker() * len(arrays)).encode()
         txt = M.mtmd_input_text(text, len(text), False, True)
         handle = M.mtmd_input_chunks_init()
-        rc = M.mtmd_tokenize(self.ctx, handle, ctypes.byref(txt), (M.mtmd_bitmap_p_ctypes * len(bmps))(*bmps),
-                             len(bmps))
+        rc = M.mtmd_tokenize(
+            self.ctx, handle, ctypes.byref(txt), (M.mtmd_bitmap_p_ctypes * len(bmps))(*bmps), len(bmps)
+        )
         for b in bmps:
             M.mtmd_bitmap_free(b)
         if rc != 0:
@@ -185,17 +199,19 @@ class Chunks:
         """llama.cpp's pipeline (mtmd_helper_eval_chunks): encode and decode every chunk into `ctx`
         from position n_past; returns the next position."""
         new = ll.llama_pos(n_past)
-        rc = M.mtmd_helper_eval_chunks(self.mtmd.ctx, ctx.ctx, self.handle, n_past, 0, ctx.n_batch,
-                                       logits_last, ctypes.byref(new))
+        rc = M.mtmd_helper_eval_chunks(
+            self.mtmd.ctx, ctx.ctx, self.handle, n_past, 0, ctx.n_batch, logits_last, ctypes.byref(new)
+        )
         if rc != 0:
             raise LlamaError(f"mtmd_helper_eval_chunks returned {rc}: {recent_log(1).strip()}")
         return int(new.value)
 
     def eval_chunk(self, i: int, ctx: LlamaContext, n_past: int, *, logits_last: bool = False) -> int:
         """Decode one text chunk, or encode and decode one image chunk; returns the next position."""
-        new = ll.llama_pos(n_past)   # the helper adds a text chunk's tokens to it
-        rc = M.mtmd_helper_eval_chunk_single(self.mtmd.ctx, ctx.ctx, self._chunk(i), n_past, 0, ctx.n_batch,
-                                             logits_last, ctypes.byref(new))
+        new = ll.llama_pos(n_past)  # the helper adds a text chunk's tokens to it
+        rc = M.mtmd_helper_eval_chunk_single(
+            self.mtmd.ctx, ctx.ctx, self._chunk(i), n_past, 0, ctx.n_batch, logits_last, ctypes.byref(new)
+        )
         if rc != 0:
             raise LlamaError(f"mtmd chunk {i} failed ({rc}): {recent_log(1).strip()}")
         return int(new.value)
@@ -203,9 +219,18 @@ class Chunks:
     def decode_encoded(self, i: int, ctx: LlamaContext, n_past: int) -> int:
         """Decode image chunk i from the encoder output `encode(i)` left (without encoding again)."""
         new = ll.llama_pos(n_past)
-        rc = M.mtmd_helper_decode_image_chunk(self.mtmd.ctx, ctx.ctx, self._chunk(i),
-                                              M.mtmd_get_output_embd(self.mtmd.ctx), n_past, 0, ctx.n_batch,
-                                              ctypes.byref(new), M.mtmd_helper_post_decode_callback(0), None)
+        rc = M.mtmd_helper_decode_image_chunk(
+            self.mtmd.ctx,
+            ctx.ctx,
+            self._chunk(i),
+            M.mtmd_get_output_embd(self.mtmd.ctx),
+            n_past,
+            0,
+            ctx.n_batch,
+            ctypes.byref(new),
+            M.mtmd_helper_post_decode_callback(0),
+            None,
+        )
         if rc != 0:
             raise LlamaError(f"mtmd image chunk {i} failed ({rc}): {recent_log(1).strip()}")
         return int(new.value)

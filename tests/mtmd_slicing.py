@@ -11,10 +11,10 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SlicePlan:
-    overview: tuple[int, int]              # (w, h)
-    grid: tuple[int, int]                  # (cols, rows); (0, 0) = no slices
-    refined: tuple[int, int] | None        # (w, h) of the image the slices are cut from
-    slice: tuple[int, int] | None          # (w, h) of each slice
+    overview: tuple[int, int]  # (w, h)
+    grid: tuple[int, int]  # (cols, rows); (0, 0) = no slices
+    refined: tuple[int, int] | None  # (w, h) of the image the slices are cut from
+    slice: tuple[int, int] | None  # (w, h) of each slice
 
 
 def _round_half_away(x: float) -> int:
@@ -84,5 +84,5 @@ def mtmd_preprocess(image: np.ndarray) -> list[np.ndarray]:
     sw, sh = plan.slice
     for r in range(plan.grid[1]):
         for c in range(plan.grid[0]):
-            out.append(arr[r * sh:(r + 1) * sh, c * sw:(c + 1) * sw])
+            out.append(arr[r * sh : (r + 1) * sh, c * sw : (c + 1) * sw])
     return out

@@ -23,19 +23,49 @@ import json
 import re
 from dataclasses import dataclass, field
 
-COMMANDS = ("from", "license", "template", "system", "adapter", "draft", "renderer", "parser",
-            "parameter", "message", "requires")
+COMMANDS = (
+    "from",
+    "license",
+    "template",
+    "system",
+    "adapter",
+    "draft",
+    "renderer",
+    "parser",
+    "parameter",
+    "message",
+    "requires",
+)
 ROLES = ("system", "user", "assistant")
 
 # docs/ollama.md §3 (ollama/ollama@fb30760 api/types.go Options / Runner)
-INT_PARAMS = {"num_ctx", "num_batch", "num_gpu", "num_thread", "main_gpu", "draft_num_predict",
-              "num_keep", "seed", "num_predict", "top_k", "repeat_last_n"}
-FLOAT_PARAMS = {"top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",
-                "frequency_penalty"}
+INT_PARAMS = {
+    "num_ctx",
+    "num_batch",
+    "num_gpu",
+    "num_thread",
+    "main_gpu",
+    "draft_num_predict",
+    "num_keep",
+    "seed",
+    "num_predict",
+    "top_k",
+    "repeat_last_n",
+}
+FLOAT_PARAMS = {"top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty", "frequency_penalty"}
 BOOL_PARAMS = {"use_mmap"}
 LIST_PARAMS = {"stop"}
-DEPRECATED_PARAMS = {"penalize_newline", "low_vram", "f16_kv", "logits_all", "vocab_only",
-                     "use_mlock", "mirostat", "mirostat_tau", "mirostat_eta"}
+DEPRECATED_PARAMS = {
+    "penalize_newline",
+    "low_vram",
+    "f16_kv",
+    "logits_all",
+    "vocab_only",
+    "use_mlock",
+    "mirostat",
+    "mirostat_tau",
+    "mirostat_eta",
+}
 
 # Go strconv syntax accepted for the typed parameters (decimal forms; Go also takes hex floats)
 _GO_INT = re.compile(r"[+-]?[0-9]+\Z")
@@ -52,7 +82,7 @@ class ModelfileError(ValueError):
 
 @dataclass
 class Command:
-    name: str   # "model" for FROM (as Ollama stores it), lower-case command, or the parameter name
+    name: str  # "model" for FROM (as Ollama stores it), lower-case command, or the parameter name
     args: str
     line: int
 
@@ -240,8 +270,10 @@ def lint(mf: Modelfile) -> list[str]:
             except json.JSONDecodeError:
                 parsed = None
             if isinstance(parsed, list) or "," in t:
-                problems.append(f"stop {s!r}: a list on one line is ONE literal stop string; "
-                                f"write one PARAMETER stop line per string")
+                problems.append(
+                    f"stop {s!r}: a list on one line is ONE literal stop string; "
+                    f"write one PARAMETER stop line per string"
+                )
     return problems
 
 

@@ -20,9 +20,9 @@ _INLINE = re.compile(r"(?<!`)`([^`\n]+(?:\n[^`\n]+)*)`(?!`)")
 
 @dataclass(frozen=True)
 class Block:
-    lang: str        # the fence's info string, e.g. "sh", "python", "json lines"
-    text: str        # the lines between the fences, each ending with a newline
-    line: int        # 1-based line number of the opening fence, for messages
+    lang: str  # the fence's info string, e.g. "sh", "python", "json lines"
+    text: str  # the lines between the fences, each ending with a newline
+    line: int  # 1-based line number of the opening fence, for messages
 
     def __str__(self) -> str:
         return f"README.md:{self.line} ```{self.lang}"
@@ -65,15 +65,17 @@ def inline_code(markdown: str) -> list[str]:
 def find(blocks: list[Block], name: str, lang: str, marker: str) -> Block:
     """The one block tagged `lang` that contains `marker`; fails naming the example otherwise."""
     hits = [b for b in blocks if b.lang == lang and marker in b.text]
-    assert len(hits) == 1, (f"README example {name!r}: expected one ```{lang} block containing {marker!r}, "
-                            f"found {len(hits)} ({', '.join(map(str, hits)) or 'it was removed or changed'})")
+    assert len(hits) == 1, (
+        f"README example {name!r}: expected one ```{lang} block containing {marker!r}, "
+        f"found {len(hits)} ({', '.join(map(str, hits)) or 'it was removed or changed'})"
+    )
     return hits[0]
 
 
 @dataclass(frozen=True)
 class Command:
-    text: str        # as written, continuation lines joined (bash runs it unchanged)
-    comment: str     # the comment lines just above it, joined with spaces ("" if none)
+    text: str  # as written, continuation lines joined (bash runs it unchanged)
+    comment: str  # the comment lines just above it, joined with spaces ("" if none)
 
     @property
     def argv(self) -> list[str]:

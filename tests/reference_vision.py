@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from minicpmv.convert.checkpoint import Checkpoint
 from minicpmv.convert.config import load_config
 
-VISION_BATCH = 16        # the reference runs the tower on chunks of 16 slices (vision_batch_size)
+VISION_BATCH = 16  # the reference runs the tower on chunks of 16 slices (vision_batch_size)
 RESAMPLER_HEAD_DIM = 128  # num_heads = embed_dim // 128
 
 
@@ -56,7 +56,7 @@ def _sincos(dim: int, pos: np.ndarray) -> np.ndarray:
     """float32 [..., dim]: sin(pos*omega) for all omega, then cos; omega_k = 1/10000^(k/(dim/2))."""
     omega = np.arange(dim // 2, dtype=np.float32)
     omega /= dim / 2.0
-    omega = 1.0 / 10000 ** omega
+    omega = 1.0 / 10000**omega
     out = np.asarray(pos, dtype=np.float32)[..., None] * omega
     return np.concatenate([np.sin(out), np.cos(out)], axis=-1)
 
@@ -75,16 +75,19 @@ def temporal_embed(dim: int, t: int) -> np.ndarray:
 
 
 class ReferenceVision:
-    def __init__(self, ckpt_dir: Path | str, dtype: torch.dtype = torch.float32,
-                 bucket_coords: Callable[[int, int], torch.Tensor] = navit_bucket_coords):
+    def __init__(
+        self,
+        ckpt_dir: Path | str,
+        dtype: torch.dtype = torch.float32,
+        bucket_coords: Callable[[int, int], torch.Tensor] = navit_bucket_coords,
+    ):
         """bucket_coords(n, buckets) -> [n] bucket per patch row/column; replace it to emulate a
         different position rule (e.g. llama.cpp's floor(70*i/n))."""
         self.bucket_coords = bucket_coords
         self.cfg = load_config(Path(ckpt_dir))
         self.dtype = dtype
         ck = Checkpoint(Path(ckpt_dir))
-        self.w = {n: torch.from_numpy(ck.f32(n)).to(dtype) for n in ck.names()
-                  if n.startswith(("vpm.", "resampler."))}
+        self.w = {n: torch.from_numpy(ck.f32(n)).to(dtype) for n in ck.names() if n.startswith(("vpm.", "resampler."))}
         ck.close()
         v = self.cfg.vision
         self.patch = v.patch_size
@@ -99,7 +102,7 @@ class ReferenceVision:
         """[3, H, W] -> [3, 14, L*14]: the patches side by side in raster order
         (docs/reference-model.md §2.1)."""
         p = self.patch
-        cols = F.unfold(px[None], kernel_size=p, stride=p)[0]          # [3*p*p, L]
+        cols = F.unfold(px[None], kernel_size=p, stride=p)[0]  # [3*p*p, L]
         L = cols.shape[1]
         return cols.reshape(3, p, p, L).permute(0, 1, 3, 2).reshape(3, p, L * p)
 
@@ -112,7 +115,7 @@ class ReferenceVision:
         strips = [self._strip(torch.as_tensor(np.asarray(s)).to(self.dtype)) for s in pixel_slices]
         out: list[torch.Tensor] = []
         for start in range(0, len(strips), VISION_BATCH):
-            out += self._tower(strips[start:start + VISION_BATCH], sizes[start:start + VISION_BATCH])
+            out += self._tower(strips[start : start + VISION_BATCH], sizes[start : start + VISION_BATCH])
         return out
 
     def _tower(self, strips: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
@@ -124,14 +127,15 @@ class ReferenceVision:
         packed = packed.permute(0, 2, 1).reshape(B, 3, p, -1)
         Lmax = packed.shape[-1] // p
         lens = torch.tensor([h * w for h, w in sizes])
-        valid = torch.arange(Lmax)[None, :] < lens[:, None]                 # [B, Lmax]
+        valid = torch.arange(Lmax)[None, :] < lens[:, None]  # [B, Lmax]
 
-        x = F.conv2d(packed, W["vpm.embeddings.patch_embedding.weight"],
-                     W["vpm.embeddings.patch_embedding.bias"], stride=p)     # [B, Hv, 1, Lmax]
-        x = x.flatten(2).transpose(1, 2)                                    # [B, Lmax, Hv]
-        pos = torch.zeros(B, Lmax, dtype=torch.long)                        # padding keeps id 0
+        x = F.conv2d(
+            packed, W["vpm.embeddings.patch_embedding.weight"], W["vpm.embeddings.patch_embedding.bias"], stride=p
+        )  # [B, Hv, 1, Lmax]
+        x = x.flatten(2).transpose(1, 2)  # [B, Lmax, Hv]
+        pos = torch.zeros(B, Lmax, dtype=torch.long)  # padding keeps id 0
         for b, (h, w) in enumerate(sizes):
-            pos[b, :h * w] = navit_position_ids(h, w, self.buckets, self.bucket_coords)
+            pos[b, : h * w] = navit_position_ids(h, w, self.buckets, self.bucket_coords)
         x = x + W["vpm.embeddings.position_embedding.weight"][pos]
 
         mask = None
@@ -141,7 +145,7 @@ class ReferenceVision:
         for i in range(self.n_layers):
             x = self._layer(x, f"vpm.encoder.layers.{i}.", mask)
         x = F.layer_norm(x, x.shape[-1:], W["vpm.post_layernorm.weight"], W["vpm.post_layernorm.bias"], self.eps)
-        return [x[b, :h * w] for b, (h, w) in enumerate(sizes)]
+        return [x[b, : h * w] for b, (h, w) in enumerate(sizes)]
 
     def _lin(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
@@ -152,9 +156,10 @@ class ReferenceVision:
         B, L, Hv = x.shape
         hd = Hv // n_head
         h = F.layer_norm(x, (Hv,), W[pre + "layer_norm1.weight"], W[pre + "layer_norm1.bias"], eps)
-        q, k, v = (self._lin(h, pre + f"self_attn.{n}_proj").view(B, L, n_head, hd).transpose(1, 2)
-                   for n in ("q", "k", "v"))
-        att = (q @ k.transpose(-1, -2)) * hd ** -0.5
+        q, k, v = (
+            self._lin(h, pre + f"self_attn.{n}_proj").view(B, L, n_head, hd).transpose(1, 2) for n in ("q", "k", "v")
+        )
+        att = (q @ k.transpose(-1, -2)) * hd**-0.5
         if mask is not None:
             att = att + mask
         # the reference's softmax runs in float32 at least (a no-op for float32 / float64 weights)
@@ -167,8 +172,12 @@ class ReferenceVision:
 
     # -- resampler (docs/reference-model.md §3.4-§3.5, batched path) ----------------------------
 
-    def resample(self, features: list[torch.Tensor], tgt_sizes: list[tuple[int, int]],
-                 temporal_ids: list[list[int]] | None = None) -> torch.Tensor:
+    def resample(
+        self,
+        features: list[torch.Tensor],
+        tgt_sizes: list[tuple[int, int]],
+        temporal_ids: list[list[int]] | None = None,
+    ) -> torch.Tensor:
         """[G, 64, D]. temporal_ids: groups of consecutive slices (flattened length = #slices); each
         group's keys are concatenated frame-major into one attention; id -1 = no temporal term."""
         W, D, eps = self.w, self.embed_dim, self.eps
@@ -180,19 +189,24 @@ class ReferenceVision:
         assert len(flat_ids) == B, "temporal_ids must cover every slice exactly once"
         lens = [h * w for h, w in tgt_sizes]
         Lmax = max(lens)
-        pad = torch.zeros(B, Lmax, dtype=torch.bool)                        # True = ignore
+        pad = torch.zeros(B, Lmax, dtype=torch.bool)  # True = ignore
         for b, n in enumerate(lens):
             pad[b, n:] = True
         x = torch.nn.utils.rnn.pad_sequence([f.to(self.dtype) for f in features], batch_first=True)
-        x = F.linear(x, W["resampler.kv_proj.weight"])                      # no bias
+        x = F.linear(x, W["resampler.kv_proj.weight"])  # no bias
         x = F.layer_norm(x, (D,), W["resampler.ln_kv.weight"], W["resampler.ln_kv.bias"], eps)
         pos = torch.nn.utils.rnn.pad_sequence(
             [torch.from_numpy(pos_embed_2d(D, h, w).reshape(h * w, D)).to(self.dtype) for h, w in tgt_sizes],
-            batch_first=True)
+            batch_first=True,
+        )
         v = x
-        k = x + pos                                                         # positions on KEYS only
-        tvec = torch.stack([torch.zeros(D, dtype=self.dtype) if t == -1
-                            else torch.from_numpy(temporal_embed(D, t)).to(self.dtype) for t in flat_ids])
+        k = x + pos  # positions on KEYS only
+        tvec = torch.stack(
+            [
+                torch.zeros(D, dtype=self.dtype) if t == -1 else torch.from_numpy(temporal_embed(D, t)).to(self.dtype)
+                for t in flat_ids
+            ]
+        )
         k = k + tvec[:, None, :]
 
         # one attention per group: its slices' keys concatenated frame-major, padded across groups
@@ -208,7 +222,7 @@ class ReferenceVision:
         m = torch.nn.utils.rnn.pad_sequence(ms, batch_first=True, padding_value=True)
 
         q = F.layer_norm(W["resampler.query"], (D,), W["resampler.ln_q.weight"], W["resampler.ln_q.bias"], eps)
-        out = self._mha(q, k, v, m)                                         # [G, 64, D]
+        out = self._mha(q, k, v, m)  # [G, 64, D]
         out = F.layer_norm(out, (D,), W["resampler.ln_post.weight"], W["resampler.ln_post.bias"], eps)
         return out @ W["resampler.proj"]
 
@@ -221,10 +235,10 @@ class ReferenceVision:
         hd = D // nh
         wq, wk, wv = W["resampler.attn.in_proj_weight"].chunk(3, dim=0)
         bq, bk, bv = W["resampler.attn.in_proj_bias"].chunk(3, dim=0)
-        Q = F.linear(q, wq, bq).view(-1, nh, hd).transpose(0, 1)            # [nh, 64, hd]
-        K = F.linear(k, wk, bk).view(G, Lk, nh, hd).transpose(1, 2)         # [G, nh, Lk, hd]
+        Q = F.linear(q, wq, bq).view(-1, nh, hd).transpose(0, 1)  # [nh, 64, hd]
+        K = F.linear(k, wk, bk).view(G, Lk, nh, hd).transpose(1, 2)  # [G, nh, Lk, hd]
         V = F.linear(v, wv, bv).view(G, Lk, nh, hd).transpose(1, 2)
-        att = (Q[None] * math.sqrt(1.0 / hd)) @ K.transpose(-1, -2)         # [G, nh, 64, Lk]
+        att = (Q[None] * math.sqrt(1.0 / hd)) @ K.transpose(-1, -2)  # [G, nh, 64, Lk]
         att = att.masked_fill(ignore[:, None, None, :], float("-inf"))
         att = torch.softmax(att, dim=-1)
         o = (att @ V).transpose(1, 2).reshape(G, -1, D)

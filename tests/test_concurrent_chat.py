@@ -27,16 +27,26 @@ CALLS = [
     [{"role": "user", "content": "Count to ten."}],
     [{"role": "user", "content": [picture(672, 448, seed=2), "Describe the colours."]}],
     [{"role": "user", "content": "Write a short poem about the sea."}],
-    [{"role": "user", "content": [picture(448, 448, seed=3), "Is it dark?"]},
-     {"role": "assistant", "content": "No."}, {"role": "user", "content": "Why not?"}],
+    [
+        {"role": "user", "content": [picture(448, 448, seed=3), "Is it dark?"]},
+        {"role": "assistant", "content": "No."},
+        {"role": "user", "content": "Why not?"},
+    ],
     [{"role": "user", "content": "Name three colours."}],
 ]
 
 
 @pytest.fixture(scope="module")
 def model(tiny_lm_gguf, tiny_mmproj_gguf):
-    m = MiniCPMV.load(tiny_lm_gguf("F32"), tiny_mmproj_gguf("f32"), n_ctx=2048, n_threads=1,
-                      vision_dtype="f32", kv_type="f32", flash_attn=False)
+    m = MiniCPMV.load(
+        tiny_lm_gguf("F32"),
+        tiny_mmproj_gguf("f32"),
+        n_ctx=2048,
+        n_threads=1,
+        vision_dtype="f32",
+        kv_type="f32",
+        flash_attn=False,
+    )
     yield m
     m.close()
 
@@ -61,7 +71,7 @@ def ask(model, msgs):
 def ask_streaming(model, msgs):
     s = model.chat(msgs, greedy=True, max_new_tokens=TOKENS, stream=True)
     for _ in s:
-        time.sleep(0.002)   # slow reader: the others must wait for this stream, not slip in
+        time.sleep(0.002)  # slow reader: the others must wait for this stream, not slip in
     return s.result.tokens
 
 
@@ -87,13 +97,17 @@ def run_threads(fns: list) -> list:
 
 
 def test_threads_get_the_answers_they_get_alone(model, alone):
-    for round_ in range(3):   # different interleavings: which thread wins the turn varies
+    for round_ in range(3):  # different interleavings: which thread wins the turn varies
         fns = []
         for i, msgs in enumerate(CALLS):
             kind = (i + round_) % 3
-            fns.append((lambda m=msgs: ("chat", ask(model, m))) if kind == 0 else
-                       (lambda m=msgs: ("stream", ask_streaming(model, m))) if kind == 1 else
-                       (lambda m=msgs: ("prefill", model.prefill(m))))
+            fns.append(
+                (lambda m=msgs: ("chat", ask(model, m)))
+                if kind == 0
+                else (lambda m=msgs: ("stream", ask_streaming(model, m)))
+                if kind == 1
+                else (lambda m=msgs: ("prefill", model.prefill(m)))
+            )
         for i, r in enumerate(run_threads(fns)):
             assert not isinstance(r, BaseException), f"call {i}: {r!r}"
             kind, value = r
@@ -112,7 +126,7 @@ def test_a_stream_keeps_the_turn_until_it_is_exhausted(model, alone):
     other = threading.Thread(target=lambda: order.append(("other", ask(model, CALLS[3]))))
     other.start()
     other.join(0.5)
-    assert other.is_alive() and model.busy   # waiting for the stream's turn
+    assert other.is_alive() and model.busy  # waiting for the stream's turn
     rest = list(s)
     order.append(("stream", s.result.tokens))
     other.join(300)
@@ -133,9 +147,9 @@ def test_close_gives_the_turn_back(model, alone):
     s.close()
     other.join(300)
     assert got == [alone[5][0]]
-    assert s.closed and s.result is None and s.stats.decode_tokens >= 1   # the generator's cleanup ran
+    assert s.closed and s.result is None and s.stats.decode_tokens >= 1  # the generator's cleanup ran
     assert list(s) == []
-    s.close()   # twice is fine
+    s.close()  # twice is fine
 
 
 def test_close_from_another_thread_ends_the_reader(model):
@@ -173,14 +187,14 @@ def test_a_dropped_stream_gives_the_turn_back(model, alone):
 
 def test_a_stream_lost_in_a_reference_cycle_does_not_hold_the_model_forever(model, alone):
     gc.collect()
-    gc.disable()   # only the waiting caller's own collection may free the stream
+    gc.disable()  # only the waiting caller's own collection may free the stream
     try:
         s = model.chat(CALLS[1], greedy=True, max_new_tokens=TOKENS, stream=True)
         next(s)
         cycle: list = [s]
         cycle.append(cycle)
         del s, cycle
-        assert model.busy   # unreachable but not freed: no collection has run
+        assert model.busy  # unreachable but not freed: no collection has run
         got = run_threads([lambda: ask(model, CALLS[3])])
     finally:
         gc.enable()
@@ -192,12 +206,13 @@ def test_streams_read_from_any_worker_of_a_pool_keep_their_turn(model, alone):
     whose next() calls land on arbitrary workers of a pool. The second stream and the call wait
     for the first stream; none is taken over, and every answer is the one it gives alone."""
     from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(3) as pool:
         a = pool.submit(model.chat, CALLS[1], greedy=True, max_new_tokens=TOKENS, stream=True).result()
         b_fut = pool.submit(model.chat, CALLS[3], greedy=True, max_new_tokens=TOKENS, stream=True)
         c_fut = pool.submit(ask, model, CALLS[5])
         pieces = []
-        while (p := pool.submit(next, a, None).result()) is not None:   # any worker, one piece each
+        while (p := pool.submit(next, a, None).result()) is not None:  # any worker, one piece each
             pieces.append(p)
         b = b_fut.result(300)
         b_pieces = []
@@ -233,10 +248,11 @@ def test_a_caller_behind_its_own_abandoned_stream_is_warned(model, alone, monkey
     """A stream still referenced but not read holds the model; the thread that read it last and
     now waits is told why (in single-threaded code the wait would never end: close() it)."""
     import minicpmv.runtime.turn as turn
+
     monkeypatch.setattr(turn, "WARN_S", 0.2)
     s = model.chat(CALLS[1], greedy=True, max_new_tokens=TOKENS, stream=True)
     next(s)
-    threading.Timer(1.0, s.close).start()   # stands in for the user noticing the warning
+    threading.Timer(1.0, s.close).start()  # stands in for the user noticing the warning
     with pytest.warns(RuntimeWarning, match="unfinished chat\\(\\) stream that this thread read last"):
         assert ask(model, CALLS[5]) == alone[5][0]
     assert s.closed and not model.busy

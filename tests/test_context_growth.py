@@ -27,23 +27,24 @@ from minicpmv.runtime.llama_context import LlamaContext
 
 from .test_runtime_chat import picture, rel_err, run_cli
 
-TRAINED = 1024   # context_length of the short-context checkpoint below
+TRAINED = 1024  # context_length of the short-context checkpoint below
 
 
 # --------------------------------------------------------------------------- the sizing rule
 
+
 def test_context_size_rounds_grows_by_half_and_stops_at_the_trained_context():
     limit = 40960
-    assert context_size(110 + 100, limit) == 512           # first turn: prompt + max new tokens, rounded up
+    assert context_size(110 + 100, limit) == 512  # first turn: prompt + max new tokens, rounded up
     assert context_size(513, limit) == 1024
     assert context_size(1, limit) == GRANULE
-    assert context_size(500, limit, current=512) == 512    # fits: unchanged
+    assert context_size(500, limit, current=512) == 512  # fits: unchanged
     assert context_size(1100, limit, current=1024) == 1536  # grows by at least 1.5x ...
     assert context_size(5000, limit, current=1024) == 5120  # ... or to what the turn needs
-    assert context_size(60000, limit) == limit             # never beyond the trained context
+    assert context_size(60000, limit) == limit  # never beyond the trained context
     assert context_size(60000, limit, current=36864) == limit
     assert context_size(60000, limit, current=limit) == limit
-    assert context_size(3000, 2100) == 2100                # a limit that is not a multiple of the granule
+    assert context_size(3000, 2100) == 2100  # a limit that is not a multiple of the granule
     assert context_size(700, limit, granule=256) == 768
     # a conversation growing 100 positions a turn up to the limit: O(log n) copies, not one per turn
     current, grows = 0, 0
@@ -52,7 +53,7 @@ def test_context_size_rounds_grows_by_half_and_stops_at_the_trained_context():
         grows += new != current and current > 0
         assert new >= min(needed, limit) and new % GRANULE == 0
         current = new
-    assert current == limit and grows <= 11   # 512 * 1.5^11 > 40960
+    assert current == limit and grows <= 11  # 512 * 1.5^11 > 40960
 
 
 def test_kv_cache_bytes_of_the_8b_model():
@@ -66,18 +67,18 @@ def test_kv_cache_bytes_of_the_8b_model():
 
 # --------------------------------------------------------------------------- growth
 
-@pytest.fixture(scope="module")
-def files(tiny_lm_gguf, tiny_mmproj_gguf):
-    return tiny_lm_gguf("F32"), tiny_mmproj_gguf("f32")
-
 
 def load32(files, n_ctx=None) -> MiniCPMV:
     """f32 KV cache, no flash attention: logits do not depend on batching (MiniCPMV.load's docstring)."""
     return MiniCPMV.load(*files, n_ctx=n_ctx, n_threads=2, vision_dtype="f32", kv_type="f32", flash_attn=False)
 
 
-QUESTIONS = ["Tell me more about the colours and the shapes. " * 25, "And the background? " * 60,
-             "What else is there in the picture, from left to right? " * 30, "Why? " * 150]
+QUESTIONS = [
+    "Tell me more about the colours and the shapes. " * 25,
+    "And the background? " * 60,
+    "What else is there in the picture, from left to right? " * 30,
+    "Why? " * 150,
+]
 
 
 def converse(model: MiniCPMV, image) -> list:
@@ -102,17 +103,20 @@ def reference(files):
 
 def test_a_conversation_outgrowing_its_context_keeps_answering_with_its_prefix(files, reference):
     m = load32(files)
-    assert m.ctx is None   # nothing allocated at load
+    assert m.ctx is None  # nothing allocated at load
     changes = []
     m.watch_context(changes.append)
     answers = converse(m, picture(448, 448, seed=3))
     grown = 0
     for a, ref in zip(answers, reference):
         s, r = a.stats, ref.stats
-        assert a.tokens == ref.tokens   # the same greedy answer as with the large context
+        assert a.tokens == ref.tokens  # the same greedy answer as with the large context
         # the same reuse as in the large context: only the new part of the prompt is decoded
-        assert (s.prompt_tokens, s.prefill_start, s.tokens_prefilled) == \
-            (r.prompt_tokens, r.prefill_start, r.tokens_prefilled)
+        assert (s.prompt_tokens, s.prefill_start, s.tokens_prefilled) == (
+            r.prompt_tokens,
+            r.prefill_start,
+            r.tokens_prefilled,
+        )
         assert s.n_ctx >= s.prompt_tokens + 48 and s.n_ctx % GRANULE == 0
         if s.ctx_grows:
             grown += 1
@@ -120,10 +124,11 @@ def test_a_conversation_outgrowing_its_context_keeps_answering_with_its_prefix(f
     assert answers[0].stats.n_ctx == 512 and answers[0].stats.ctx_grows == 0
     assert grown >= 2 and answers[-1].stats.n_ctx < 8192
     assert sum(a.stats.images_encoded + a.stats.slots_prefilled for a in answers[1:]) == 0  # the slot was kept
-    assert sum(a.stats.decode_tokens for a in answers) > 48   # the answers said something
+    assert sum(a.stats.decode_tokens for a in answers) > 48  # the answers said something
     assert [c.n_ctx for c in changes] == sorted({a.stats.n_ctx for a in answers})
-    assert all(c.previous == 0 if i == 0 else c.previous == changes[i - 1].n_ctx and c.kept > 0
-               for i, c in enumerate(changes))
+    assert all(
+        c.previous == 0 if i == 0 else c.previous == changes[i - 1].n_ctx and c.kept > 0 for i, c in enumerate(changes)
+    )
     # and the cache the copies built is the one a large context builds: next-token logits agree
     msgs = [{"role": "user", "content": [picture(448, 448, seed=3), "What is in the image?"]}]
     for a in answers[:-1]:
@@ -138,23 +143,40 @@ def test_a_conversation_outgrowing_its_context_keeps_answering_with_its_prefix(f
 
 
 def test_a_refused_copy_decodes_the_prompt_again(files, reference, monkeypatch):
-    monkeypatch.setattr(LlamaContext, "seq_state", lambda self: None)   # as if llama.cpp could not write it
+    monkeypatch.setattr(LlamaContext, "seq_state", lambda self: None)  # as if llama.cpp could not write it
     m = load32(files)
     answers = converse(m, picture(448, 448, seed=3))
     grows = [a.stats for a in answers if a.stats.ctx_grows]
-    assert grows and all(s.prefill_start == 0 and s.tokens_kept == 0 and s.tokens_prefilled == s.prompt_tokens
-                         for s in grows)
+    assert grows and all(
+        s.prefill_start == 0 and s.tokens_kept == 0 and s.tokens_prefilled == s.prompt_tokens for s in grows
+    )
     assert [a.tokens for a in answers] == [r.tokens for r in reference]
     m.close()
 
 
-def test_a_stream_read_after_the_context_grew_is_refused(files):
+def test_the_context_never_grows_under_an_open_stream(files):
+    """A call that needs a larger context waits for the open stream (it holds the model's turn), so a
+    stream never reads from a context that was replaced under it."""
+    import threading
+
     m = load32(files)
-    stream = m.chat([{"role": "user", "content": "Hello"}], stream=True, greedy=True, max_new_tokens=8)
-    m.chat([{"role": "user", "content": "Hello " * 700}], greedy=True, max_new_tokens=2)   # grows
-    assert m.stats.ctx_grows == 1
-    with pytest.raises(RuntimeError, match="newer chat"):   # not a read from the freed context
-        list(stream)
+    hello = [{"role": "user", "content": "Hello"}]
+    alone = m.chat(hello, greedy=True, max_new_tokens=8).tokens
+    m.reset()
+    stream = m.chat(hello, stream=True, greedy=True, max_new_tokens=8)
+    next(stream)
+    grown = []
+    other = threading.Thread(
+        target=lambda: grown.append(
+            m.chat([{"role": "user", "content": "Hello " * 700}], greedy=True, max_new_tokens=2).stats
+        )
+    )
+    other.start()
+    other.join(0.5)
+    assert other.is_alive() and m.stats.ctx_grows == 0  # waiting for the stream
+    list(stream)
+    other.join(300)
+    assert stream.result.tokens == alone and grown[0].ctx_grows == 1
     m.close()
 
 
@@ -176,11 +198,13 @@ def test_reported_kv_size_is_llamacpps(files, kv_type):
 
 # --------------------------------------------------------------------------- the trained context
 
+
 @pytest.fixture(scope="module")
 def short_trained(tmp_path_factory, tiny_real_vocab_ckpt, tiny_real_vocab_gguf):
     """The real-vocabulary tiny checkpoint (it seldom samples an end token) converted with a trained
     context of TRAINED positions (config.json's max_position_embeddings -> qwen3.context_length)."""
     from minicpmv.convert.pipeline import convert
+
     ck = tmp_path_factory.mktemp("ckpt-short") / "tiny"
     ck.mkdir()
     for f in tiny_real_vocab_ckpt.iterdir():
@@ -189,8 +213,9 @@ def short_trained(tmp_path_factory, tiny_real_vocab_ckpt, tiny_real_vocab_gguf):
     cfg = json.loads((tiny_real_vocab_ckpt / "config.json").read_text())
     cfg["max_position_embeddings"] = TRAINED
     (ck / "config.json").write_text(json.dumps(cfg))
-    lm = convert(ck, tmp_path_factory.mktemp("lm-short"), progress=False, quant_type="Q8_0", write_lm=True,
-                 write_mmproj=False).lm_path
+    lm = convert(
+        ck, tmp_path_factory.mktemp("lm-short"), progress=False, quant_type="Q8_0", write_lm=True, write_mmproj=False
+    ).lm_path
     m = MiniCPMV.load(lm, tiny_real_vocab_gguf[1], n_threads=2, vision_dtype="f32")
     assert m.lm.n_ctx_train == TRAINED
     yield m
@@ -203,7 +228,7 @@ def test_a_prompt_beyond_the_trained_context_is_one_line(short_trained):
         m.chat([{"role": "user", "content": "word " * 1500}], max_new_tokens=4)
     msg = str(e.value)
     assert "\n" not in msg and re.search(r"needs \d{4} tokens", msg) and f"trained context holds {TRAINED}" in msg
-    assert m.ctx is None   # refused before any context was made
+    assert m.ctx is None  # refused before any context was made
 
 
 def test_generation_reaching_the_trained_context_ends_with_context(short_trained):
@@ -212,24 +237,57 @@ def test_generation_reaching_the_trained_context_ends_with_context(short_trained
     a = m.chat(msgs, greedy=True, max_new_tokens=5000)
     s = a.stats
     assert s.n_ctx == TRAINED and s.finish_reason == "context"
-    assert s.decode_tokens == TRAINED - s.prompt_tokens + 1   # every position used, the last token sampled
+    assert s.decode_tokens == TRAINED - s.prompt_tokens + 1  # every position used, the last token sampled
     # the next turn no longer fits: the error, and the model still answers a new conversation
     msgs += [{"role": "assistant", "content": str(a)}, {"role": "user", "content": "And then?"}]
     with pytest.raises(ContextOverflowError, match="trained context"):
         m.chat(msgs, max_new_tokens=4)
     b = m.chat([{"role": "user", "content": "Hello"}], greedy=True, max_new_tokens=4)
-    assert b.stats.decode_tokens > 0 and b.stats.n_ctx == TRAINED   # the context never shrinks
+    assert b.stats.decode_tokens > 0 and b.stats.n_ctx == TRAINED  # the context never shrinks
 
 
 # --------------------------------------------------------------------------- CLI
 
+
 def test_cli_verbose_prints_the_kv_cache_size(files):
-    res = run_cli(["--model", files[0], "--mmproj", files[1], "Hello", "--max-tokens", "4", "--greedy",
-                   "--vision-dtype", "f32", "--threads", "2", "--verbose"])
+    res = run_cli(
+        [
+            "--model",
+            files[0],
+            "--mmproj",
+            files[1],
+            "Hello",
+            "--max-tokens",
+            "4",
+            "--greedy",
+            "--vision-dtype",
+            "f32",
+            "--threads",
+            "2",
+            "--verbose",
+        ]
+    )
     assert res.exit_code == 0, res.stderr
     # the tiny model: 2 layers x 2 KV heads x 64, f16 K and V: 1 KiB a position
     assert "context: 512 tokens, KV cache 0.5 MiB (sized for the turn)" in res.stderr
-    res = run_cli(["--model", files[0], "--mmproj", files[1], "Hello", "--max-tokens", "4", "--greedy",
-                   "--vision-dtype", "f32", "--threads", "2", "--verbose", "--ctx", "3000"])
+    res = run_cli(
+        [
+            "--model",
+            files[0],
+            "--mmproj",
+            files[1],
+            "Hello",
+            "--max-tokens",
+            "4",
+            "--greedy",
+            "--vision-dtype",
+            "f32",
+            "--threads",
+            "2",
+            "--verbose",
+            "--ctx",
+            "3000",
+        ]
+    )
     assert res.exit_code == 0, res.stderr
     assert "context: 3072 tokens, KV cache 3.0 MiB (fixed by --ctx / n_ctx)" in res.stderr

@@ -13,18 +13,17 @@ import pytest
 
 from minicpmv.convert.checkpoint import read_safetensors_header
 
+from .helpers import one_error_line
+
 
 def run_convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "minicpmv.cli.convert", *args, "--quiet"],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "minicpmv.cli.convert", *args, "--quiet"], capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
-    assert res.returncode != 0
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, res.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+    one_error_line(res, *needles, code=None)
 
 
 @pytest.fixture
@@ -73,6 +72,7 @@ def _rewrite_shard(ckpt: Path, holder: str, edit) -> None:
     """Rewrite the bf16 shard holding tensor `holder`: `edit(dict name -> uint16 array)` changes it."""
     from minicpmv.convert.checkpoint import Checkpoint
     from minicpmv.convert.synthetic import write_safetensors
+
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     shard_name = index["weight_map"][holder]
     ck = Checkpoint(ckpt)
@@ -97,6 +97,7 @@ def test_unknown_tensor(ckpt_copy, tmp_path):
     # keep every expected tensor, add one that MiniCPM-V 4.5 does not have
     def add(t):
         t["llm.model.extra_head.weight"] = t["llm.model.norm.weight"]
+
     _rewrite_shard(ckpt_copy, "llm.model.norm.weight", add)
     res = run_convert(str(ckpt_copy), "-o", str(tmp_path / "out"))
     assert_one_line_error(res, "unknown tensor", "llm.model.extra_head.weight")
@@ -141,7 +142,10 @@ def test_one_run_writes_both_files_and_modelfile(tiny_ckpt, tmp_path):
     res = run_convert(str(tiny_ckpt), "-o", str(out), "--quant", "Q8_0", "--ollama")
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "MiniCPM-V-4.5-Q8_0.gguf", "Modelfile", "mmproj-MiniCPM-V-4.5-F16.gguf"]
+        "MiniCPM-V-4.5-Q8_0.gguf",
+        "Modelfile",
+        "mmproj-MiniCPM-V-4.5-F16.gguf",
+    ]
     text = (out / "Modelfile").read_text()
     assert "FROM ./MiniCPM-V-4.5-Q8_0.gguf" in text and "FROM ./mmproj-MiniCPM-V-4.5-F16.gguf" in text
     # the Modelfile for files that already exist: refused while one exists, rewritten with --force
@@ -158,16 +162,27 @@ def _write_header(shard: Path, header) -> None:
     data = shard.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     text = json.dumps(header).encode()
-    shard.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
 
 
-@pytest.mark.parametrize("edit, needles", [
-    (lambda h: [h], ["corrupt safetensors header (not a JSON object)"]),
-    (lambda h: {n: {k: v for k, v in e.items() if k != "data_offsets"} if n != "__metadata__" else e
-                for n, e in h.items()}, ["lacks dtype, shape or data_offsets"]),
-    (lambda h: {n: e | {"shape": "256"} if n != "__metadata__" else e for n, e in h.items()}, ['has shape "256"']),
-    (lambda h: {n: e | {"data_offsets": [0, 0]} if n != "__metadata__" else e for n, e in h.items()}, ["bytes, shape"]),
-])
+@pytest.mark.parametrize(
+    "edit, needles",
+    [
+        (lambda h: [h], ["corrupt safetensors header (not a JSON object)"]),
+        (
+            lambda h: {
+                n: {k: v for k, v in e.items() if k != "data_offsets"} if n != "__metadata__" else e
+                for n, e in h.items()
+            },
+            ["lacks dtype, shape or data_offsets"],
+        ),
+        (lambda h: {n: e | {"shape": "256"} if n != "__metadata__" else e for n, e in h.items()}, ['has shape "256"']),
+        (
+            lambda h: {n: e | {"data_offsets": [0, 0]} if n != "__metadata__" else e for n, e in h.items()},
+            ["bytes, shape"],
+        ),
+    ],
+)
 def test_corrupt_shard_header_entries(ckpt_copy, tmp_path, edit, needles):
     shard = ckpt_copy / "model-00002-of-00003.safetensors"
     with open(shard, "rb") as f:

@@ -48,18 +48,22 @@ DRIVER = textwrap.dedent("""
     sys.argv = ["minicpm-convert"] + sys.argv[1:]
     main()
 """)
-STALL = {"mmproj-": "v.", "MiniCPM-V-4.5-": "blk."}   # file name prefix -> its tensors' name prefix
+STALL = {"mmproj-": "v.", "MiniCPM-V-4.5-": "blk."}  # file name prefix -> its tensors' name prefix
 
 
-def start(ckpt: Path, out: Path, *extra: str, during: str = "mmproj-", stop_in: str = "main",
-          sig: int = signal.SIGTERM) -> subprocess.Popen:
+def start(
+    ckpt: Path, out: Path, *extra: str, during: str = "mmproj-", stop_in: str = "main", sig: int = signal.SIGTERM
+) -> subprocess.Popen:
     # SIGINT back to its default first: a shell starts background jobs with SIGINT ignored, Python then
     # keeps it ignored (as `nohup minicpm-convert ... &` should), and Ctrl-C could not be tested.
-    return subprocess.Popen([sys.executable, "-c", DRIVER, str(ckpt), "-o", str(out), "--quant", "Q8_0",
-                             "--ollama", "--quiet", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "STALL": STALL[during], "STOP_IN": stop_in, "SIG": str(int(sig))},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(ckpt), "-o", str(out), "--quant", "Q8_0", "--ollama", "--quiet", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "STALL": STALL[during], "STOP_IN": stop_in, "SIG": str(int(sig))},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
@@ -78,23 +82,29 @@ def wait_for(out: Path, prefix: str, proc: subprocess.Popen, timeout: float = 12
             pytest.fail(f"conversion ended before the signal: {proc.stderr.read()}")
         if out.is_dir():
             for f in out.iterdir():
-                if f.name.startswith(TEMP_PREFIX) and f.name.split(".", 3)[-1].startswith(prefix) \
-                        and f.stat().st_size > 0:
+                if (
+                    f.name.startswith(TEMP_PREFIX)
+                    and f.name.split(".", 3)[-1].startswith(prefix)
+                    and f.stat().st_size > 0
+                ):
                     return
         time.sleep(0.01)
     proc.kill()
     pytest.fail(f"no temporary file for {prefix} appeared")
 
 
-def files(out: Path) -> list[str]:
+def written(out: Path) -> list[str]:
     return sorted(f.name for f in out.iterdir()) if out.exists() else []
 
 
-@pytest.mark.parametrize("sig, code, during", [
-    (signal.SIGTERM, 143, "mmproj-"),          # the LM is complete, the mmproj half written
-    (signal.SIGHUP, 129, "MiniCPM-V-4.5-"),    # the LM half written
-    (signal.SIGINT, 130, "mmproj-"),           # Ctrl-C
-])
+@pytest.mark.parametrize(
+    "sig, code, during",
+    [
+        (signal.SIGTERM, 143, "mmproj-"),  # the LM is complete, the mmproj half written
+        (signal.SIGHUP, 129, "MiniCPM-V-4.5-"),  # the LM half written
+        (signal.SIGINT, 130, "mmproj-"),  # Ctrl-C
+    ],
+)
 def test_signal_leaves_nothing(tiny_ckpt, tmp_path, sig, code, during):
     out = tmp_path / "out"
     proc = start(tiny_ckpt, out, during=during)
@@ -103,10 +113,9 @@ def test_signal_leaves_nothing(tiny_ckpt, tmp_path, sig, code, during):
     check_interrupted(proc, out, sig, code)
 
 
-@pytest.mark.parametrize("sig, code, during", [
-    (signal.SIGTERM, 143, "mmproj-"),
-    (signal.SIGINT, 130, "MiniCPM-V-4.5-"),
-])
+@pytest.mark.parametrize(
+    "sig, code, during", [(signal.SIGTERM, 143, "mmproj-"), (signal.SIGINT, 130, "MiniCPM-V-4.5-")]
+)
 def test_signal_handled_by_a_worker_thread_still_stops_the_conversion(tiny_ckpt, tmp_path, sig, code, during):
     """The encoder thread gets the signal and then hangs: the main thread, waiting for its next block,
     must still see the signal (before the fix it waited for that block for ever)."""
@@ -120,41 +129,70 @@ def check_interrupted(proc: subprocess.Popen, out: Path, sig: int, code: int, ti
     assert proc.returncode == code, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and signal.Signals(sig).name in lines[0] and "no output written" in lines[0], err
-    assert files(out) == []
+    assert written(out) == []
 
 
 def test_force_keeps_the_old_set_until_the_new_one_is_complete(tiny_ckpt, tmp_path):
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "minicpmv.cli.convert", str(tiny_ckpt), "-o", str(out), "--quant",
-                        "Q8_0", "--ollama", "--quiet"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minicpmv.cli.convert",
+            str(tiny_ckpt),
+            "-o",
+            str(out),
+            "--quant",
+            "Q8_0",
+            "--ollama",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
-    before = {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in files(out)}
+    before = {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in written(out)}
     assert len(before) == 3
     proc = start(tiny_ckpt, out, "--force")
     wait_for(out, "mmproj-", proc)
     proc.send_signal(signal.SIGTERM)
     finish(proc)
     assert proc.returncode == 143
-    assert {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in files(out)} == before
+    assert {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in written(out)} == before
 
 
 def test_leftovers_of_a_killed_run_are_removed_by_the_next(tiny_ckpt, tmp_path):
     out = tmp_path / "out"
     proc = start(tiny_ckpt, out)
     wait_for(out, "mmproj-", proc)
-    proc.send_signal(signal.SIGKILL)   # no cleanup possible: the temporary files stay
+    proc.send_signal(signal.SIGKILL)  # no cleanup possible: the temporary files stay
     finish(proc, timeout=60)
-    left = [f for f in files(out) if f.startswith(TEMP_PREFIX)]
-    assert len(left) == 2, files(out)
+    left = [f for f in written(out) if f.startswith(TEMP_PREFIX)]
+    assert len(left) == 2, written(out)
     size = sum((out / f).stat().st_size for f in left)
     # a temporary file of a process that is still alive is not touched
     alive = out / f"{TEMP_PREFIX}{os.getppid()}.other.gguf"
     alive.write_bytes(b"x" * 10)
-    r = subprocess.run([sys.executable, "-m", "minicpmv.cli.convert", str(tiny_ckpt), "-o", str(out), "--quant",
-                        "Q8_0", "--ollama", "--quiet"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minicpmv.cli.convert",
+            str(tiny_ckpt),
+            "-o",
+            str(out),
+            "--quant",
+            "Q8_0",
+            "--ollama",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "removed 2 unfinished files" in lines[0], r.stderr
     assert f"({size / 1e9:.2f} GB freed)" in lines[0]
-    assert files(out) == sorted(["MiniCPM-V-4.5-Q8_0.gguf", "mmproj-MiniCPM-V-4.5-F16.gguf", "Modelfile",
-                                 alive.name])
+    assert written(out) == sorted(["MiniCPM-V-4.5-Q8_0.gguf", "mmproj-MiniCPM-V-4.5-F16.gguf", "Modelfile", alive.name])

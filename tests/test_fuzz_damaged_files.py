@@ -52,17 +52,38 @@ SEED = 20
 N_TRUNCATE_HEADER, N_TRUNCATE_DATA, N_FLIPS, N_RUN_SUBPROCESS = 10, 20, 200, 40
 N_SHARD_FLIPS, N_INDEX_FLIPS, N_CONVERT_SUBPROCESS = 10, 10, 8
 PREAMBLE = ((0, 4, "magic"), (4, 8, "version"), (8, 16, "tensor count"), (16, 24, "key/value count"))
-MUST_FAIL = {"magic", "version (other)", "key/value count", "key length", "string length", "array length",
-             "tensor name length", "tensor shape", "tensor offset", "truncated"}
+MUST_FAIL = {
+    "magic",
+    "version (other)",
+    "key/value count",
+    "key length",
+    "string length",
+    "array length",
+    "tensor name length",
+    "tensor shape",
+    "tensor offset",
+    "truncated",
+}
 # a smaller tensor count hides the last tensors (llama.cpp then ties the output to the embeddings; the
 # mmproj's last tensor is one the runtime recomputes); the rest are values a reader may accept
-MAY_ANSWER = {"version (same layout)", "tensor count", "key name", "value type", "string bytes", "number",
-              "array item type", "tensor name", "tensor type", "padding"}
+MAY_ANSWER = {
+    "version (same layout)",
+    "tensor count",
+    "key name",
+    "value type",
+    "string bytes",
+    "number",
+    "array item type",
+    "tensor name",
+    "tensor type",
+    "padding",
+}
 REPO = Path(__file__).resolve().parent.parent
 RUN, CONVERT = "minicpmv.cli.run", "minicpmv.cli.convert"
 
 
 # --------------------------------------------------------------------------- minicpm-run: what each byte is
+
 
 def byte_categories(path: Path) -> list[str]:
     """The category of every byte before the tensor data, from gguf-py's reader of the intact file."""
@@ -94,8 +115,10 @@ def byte_categories(path: Path) -> list[str]:
             for values in rest:
                 mark(values, "number")
     for t in r.tensors:
-        for part, what in zip(t.field.parts, ("tensor name length", "tensor name", "tensor shape", "tensor shape",
-                                              "tensor type", "tensor offset")):
+        for part, what in zip(
+            t.field.parts,
+            ("tensor name length", "tensor name", "tensor shape", "tensor shape", "tensor type", "tensor offset"),
+        ):
             mark(part, what)
     return [c or "padding" for c in cat]
 
@@ -110,13 +133,37 @@ def run_cases(kind: str, src: Path, other: Path, pic: Path, work: Path) -> list[
 
     def add(name: str, category: str, spec: dict) -> None:
         dst = work / f"{kind.replace(' ', '-')}-{len(out)}.gguf"
-        args = ["--model", str(dst if src == lm else lm), "--mmproj", str(dst if src == mm else mm), str(pic),
-                "What is in the picture?", "--max-tokens", "2", "--greedy", "--threads", "1", "--vision-dtype", "f32"]
-        out.append({"id": f"{kind} {name}", "app": RUN, "kind": kind, "category": category, "names": str(dst),
-                    "args": args, "damage": {"src": str(src), "dst": str(dst), **spec}})
+        args = [
+            "--model",
+            str(dst if src == lm else lm),
+            "--mmproj",
+            str(dst if src == mm else mm),
+            str(pic),
+            "What is in the picture?",
+            "--max-tokens",
+            "2",
+            "--greedy",
+            "--threads",
+            "1",
+            "--vision-dtype",
+            "f32",
+        ]
+        out.append(
+            {
+                "id": f"{kind} {name}",
+                "app": RUN,
+                "kind": kind,
+                "category": category,
+                "names": str(dst),
+                "args": args,
+                "damage": {"src": str(src), "dst": str(dst), **spec},
+            }
+        )
 
-    cuts = sorted(rng.choice(np.arange(1, header), N_TRUNCATE_HEADER, replace=False).tolist()
-                  + rng.choice(np.arange(header, size), N_TRUNCATE_DATA, replace=False).tolist())
+    cuts = sorted(
+        rng.choice(np.arange(1, header), N_TRUNCATE_HEADER, replace=False).tolist()
+        + rng.choice(np.arange(header, size), N_TRUNCATE_DATA, replace=False).tolist()
+    )
     for n in cuts:
         add(f"cut at {n}", "truncated", {"truncate": n})
     flips = [int(rng.integers(0, header)) for _ in range(N_FLIPS)] + list(range(PREAMBLE[-1][1]))
@@ -124,14 +171,14 @@ def run_cases(kind: str, src: Path, other: Path, pic: Path, work: Path) -> list[
     for k, off in enumerate(flips):
         x = int(rng.integers(1, 256))
         category = cats[off]
-        if category == "version":   # one little-endian uint32
+        if category == "version":  # one little-endian uint32
             category = "version (same layout)" if version ^ (x << 8 * (off - 4)) in VERSIONS else "version (other)"
         add(f"flip {k}: byte {off} ^ {x:#04x}", category, {"offset": off, "xor": x})
     return out
 
 
 def run_outcome(case: dict, res: dict) -> str:
-    """"error" or "answer" of a minicpm-run case; anything else fails with the case named."""
+    """ "error" or "answer" of a minicpm-run case; anything else fails with the case named."""
     where = f"{case['id']} ({case['category']})"
     if res["exit"] == 0:
         assert res["stderr"] == "" and res["stdout"].strip(), f"{where}: exit 0 with {res}"
@@ -155,6 +202,7 @@ def allowed(category: str) -> set[str]:
 
 # --------------------------------------------------------------------------- minicpm-convert
 
+
 def convert_cases(ckpt: Path, work: Path) -> list[dict]:
     """Flips in each shard's header and in the index, and index files of the wrong kind."""
     rng = np.random.default_rng([SEED, 1])
@@ -162,37 +210,67 @@ def convert_cases(ckpt: Path, work: Path) -> list[dict]:
 
     def add(name: str, file: str, category: str, spec: dict) -> None:
         dst, res = work / f"ckpt-{len(out)}", work / f"out-{len(out)}"
-        out.append({"id": f"{file} {name}", "app": CONVERT, "kind": "checkpoint", "category": category,
-                    "names": file, "out": str(res),
-                    "args": [str(dst), "-o", str(res), "--quant", "Q8_0", "--mmproj-type", "f16", "--threads", "1",
-                             "--quiet"],
-                    "damage": {"folder": True, "src": str(ckpt), "dst": str(dst), "file": file, **spec}})
+        out.append(
+            {
+                "id": f"{file} {name}",
+                "app": CONVERT,
+                "kind": "checkpoint",
+                "category": category,
+                "names": file,
+                "out": str(res),
+                "args": [
+                    str(dst),
+                    "-o",
+                    str(res),
+                    "--quant",
+                    "Q8_0",
+                    "--mmproj-type",
+                    "f16",
+                    "--threads",
+                    "1",
+                    "--quiet",
+                ],
+                "damage": {"folder": True, "src": str(ckpt), "dst": str(dst), "file": file, **spec},
+            }
+        )
 
     for shard in sorted(ckpt.glob("model-*.safetensors")):
         with open(shard, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
         for k in range(N_SHARD_FLIPS):
             off = int(rng.integers(0, 8 + n))
-            add(f"flip {k}: byte {off}", shard.name, "shard header length" if off < 8 else "shard header JSON",
-                {"offset": off, "xor": int(rng.integers(1, 256))})
+            add(
+                f"flip {k}: byte {off}",
+                shard.name,
+                "shard header length" if off < 8 else "shard header JSON",
+                {"offset": off, "xor": int(rng.integers(1, 256))},
+            )
     index = (ckpt / INDEX_FILE).read_bytes()
     for k in range(N_INDEX_FLIPS):
-        add(f"flip {k}", INDEX_FILE, "index flip", {"offset": int(rng.integers(0, len(index))),
-                                                     "xor": int(rng.integers(1, 256))})
+        add(
+            f"flip {k}",
+            INDEX_FILE,
+            "index flip",
+            {"offset": int(rng.integers(0, len(index))), "xor": int(rng.integers(1, 256))},
+        )
     weight_map = json.loads(index)["weight_map"]
     first = next(iter(weight_map))
-    for name, content in (("cut in half", index[:len(index) // 2]),
-                          ("binary bytes before the JSON", b"\xff\xfe" + index),
-                          ("a JSON list", b"[]"),
-                          ("weight_map a list", json.dumps({"weight_map": list(weight_map)}).encode()),
-                          ("a shard outside the folder",
-                           json.dumps({"weight_map": weight_map | {first: "../" + weight_map[first]}}).encode())):
+    for name, content in (
+        ("cut in half", index[: len(index) // 2]),
+        ("binary bytes before the JSON", b"\xff\xfe" + index),
+        ("a JSON list", b"[]"),
+        ("weight_map a list", json.dumps({"weight_map": list(weight_map)}).encode()),
+        (
+            "a shard outside the folder",
+            json.dumps({"weight_map": weight_map | {first: "../" + weight_map[first]}}).encode(),
+        ),
+    ):
         add(name, INDEX_FILE, f"index: {name}", {"content_hex": content.hex()})
     return out
 
 
 def convert_outcome(case: dict, res: dict, intact: dict[str, str]) -> str:
-    """"error" (one line naming the damaged file, nothing written) or "converted" (exactly what the
+    """ "error" (one line naming the damaged file, nothing written) or "converted" (exactly what the
     intact checkpoint converts to)."""
     where = case["id"]
     if res["exit"] == 0:
@@ -207,6 +285,7 @@ def convert_outcome(case: dict, res: dict, intact: dict[str, str]) -> str:
 
 # --------------------------------------------------------------------------- running them
 
+
 def one_error_line(res: dict, where: str, prog: str) -> str:
     assert res.get("exception") is None, f"{where}: traceback: {res['exception']}"
     assert res["exit"] == 2, f"{where}: exit {res['exit']}: {res['stderr']}"
@@ -218,15 +297,22 @@ def one_error_line(res: dict, where: str, prog: str) -> str:
 
 def run_in_workers(cases: list[dict], work: Path, n: int = 2) -> dict[str, dict]:
     """All cases through tests/cli_cases.py, split over `n` worker processes."""
+
     def worker(i: int) -> list[dict]:
         spec = work / f"cases-{i}.json"
         spec.write_text(json.dumps(cases[i::n]))
-        proc = subprocess.run([sys.executable, "-m", "tests.cli_cases", str(spec)], cwd=REPO, capture_output=True,
-                              text=True, timeout=60 * 10)
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.cli_cases", str(spec)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60 * 10,
+        )
         lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"id"')]
         started = [x["id"] for x in lines if x.get("started")]
-        assert proc.returncode == 0, (f"worker ended with {proc.returncode} during {started[-1] if started else '?'}: "
-                                      f"{proc.stderr[:2000]}")   # ggml's assertion comes first, then a backtrace
+        assert proc.returncode == 0, (
+            f"worker ended with {proc.returncode} during {started[-1] if started else '?'}: {proc.stderr[:2000]}"
+        )  # ggml's assertion comes first, then a backtrace
         return [x for x in lines if not x.get("started")]
 
     with ThreadPoolExecutor(n) as ex:
@@ -239,8 +325,9 @@ def run_command(case: dict) -> dict:
     """The case through the real command (`python -m` the CLI module: its entry point), a process each."""
     made = damage(case["damage"])
     try:
-        proc = subprocess.run([sys.executable, "-m", case["app"], *case["args"]], capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", case["app"], *case["args"]], capture_output=True, text=True, timeout=120
+        )
     finally:
         remove(made)
     assert proc.returncode >= 0, f"{case['id']}: killed by signal {-proc.returncode}"
@@ -302,14 +389,18 @@ def test_damaged_model_files(tiny_lm_gguf, tiny_mmproj_gguf, pic, tmp_path):
     results = run_in_workers(cases, tmp_path)
     outcomes = {c["id"]: run_outcome(c, results[c["id"]]) for c in cases}
     print("\n" + table(cases, outcomes, results, ("exit 2, one line", "normal answer")))
-    wrong = [f"{c['id']} ({c['category']}): {outcomes[c['id']]}: {results[c['id']]['stdout'][:80]!r}"
-             for c in cases if outcomes[c["id"]] not in allowed(c["category"])]
+    wrong = [
+        f"{c['id']} ({c['category']}): {outcomes[c['id']]}: {results[c['id']]['stdout'][:80]!r}"
+        for c in cases
+        if outcomes[c["id"]] not in allowed(c["category"])
+    ]
     assert not wrong, "\n".join(wrong)
     same_in_subprocesses(cases, outcomes, results, N_RUN_SUBPROCESS)
 
 
 def test_damaged_checkpoints(tiny_ckpt, tmp_path):
     from minicpmv.convert.pipeline import convert
+
     res = convert(tiny_ckpt, tmp_path / "intact", quant_type="Q8_0", mmproj_type="f16", threads=1, progress=False)
     intact = {p.name: sha256(p) for p in (res.lm_path, res.mmproj_path)}
     cases = convert_cases(tiny_ckpt, tmp_path)

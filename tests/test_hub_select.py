@@ -7,24 +7,43 @@ from pathlib import Path
 import pytest
 
 from minicpmv.hub.files import RepoFilesError, checkpoint_files, quant_label, select_gguf
-from minicpmv.hub.source import (DEFAULT_MODEL, ModelSourceError, choose_model, looks_like_repo_id,
-                                           parse_hub_ref)
+from minicpmv.hub.source import DEFAULT_MODEL, ModelSourceError, choose_model, looks_like_repo_id, parse_hub_ref
 
-OPENBMB = ["ggml-model-Q4_K_M.gguf", "ggml-model-Q4_K.gguf", "ggml-model-Q4_K_S.gguf", "ggml-model-Q8_0.gguf",
-           "ggml-model-F16.gguf", "ggml-model-BF16.gguf", "mmproj-model-f16.gguf", "README.md", ".gitattributes"]
+OPENBMB = [
+    "ggml-model-Q4_K_M.gguf",
+    "ggml-model-Q4_K.gguf",
+    "ggml-model-Q4_K_S.gguf",
+    "ggml-model-Q8_0.gguf",
+    "ggml-model-F16.gguf",
+    "ggml-model-BF16.gguf",
+    "mmproj-model-f16.gguf",
+    "README.md",
+    ".gitattributes",
+]
 
 
-@pytest.mark.parametrize("quant, lm", [("Q4_K_M", "ggml-model-Q4_K_M.gguf"), ("q4_k_m", "ggml-model-Q4_K_M.gguf"),
-                                       ("Q4_K", "ggml-model-Q4_K.gguf"), ("f16", "ggml-model-F16.gguf"),
-                                       ("BF16", "ggml-model-BF16.gguf"), ("q8_0", "ggml-model-Q8_0.gguf")])
+@pytest.mark.parametrize(
+    "quant, lm",
+    [
+        ("Q4_K_M", "ggml-model-Q4_K_M.gguf"),
+        ("q4_k_m", "ggml-model-Q4_K_M.gguf"),
+        ("Q4_K", "ggml-model-Q4_K.gguf"),
+        ("f16", "ggml-model-F16.gguf"),
+        ("BF16", "ggml-model-BF16.gguf"),
+        ("q8_0", "ggml-model-Q8_0.gguf"),
+    ],
+)
 def test_quant_is_a_whole_word_of_the_name(quant, lm):
     pair = select_gguf(OPENBMB, "o/r", quant)
     assert pair.lm == (lm,) and pair.mmproj == "mmproj-model-f16.gguf"
 
 
 def test_missing_quant_lists_what_the_repo_has():
-    with pytest.raises(RepoFilesError, match=r"^o/r has no language-model GGUF of quant Q5_K_M; "
-                                             r"available: BF16, F16, Q4_K, Q4_K_M, Q4_K_S, Q8_0$"):
+    with pytest.raises(
+        RepoFilesError,
+        match=r"^o/r has no language-model GGUF of quant Q5_K_M; "
+        r"available: BF16, F16, Q4_K, Q4_K_M, Q4_K_S, Q8_0$",
+    ):
         select_gguf(OPENBMB, "o/r", "Q5_K_M")
 
 
@@ -52,7 +71,7 @@ def test_default_quant_falls_back_to_the_only_language_model_but_an_asked_one_do
 
 def test_mmproj_choice():
     names = ["m-Q4_K_M.gguf", "mmproj-model-f16.gguf", "mmproj-model-q8_0.gguf", "mmproj-model-bf16.gguf"]
-    assert select_gguf(names, "o/r", "Q4_K_M").mmproj == "mmproj-model-f16.gguf"        # default f16
+    assert select_gguf(names, "o/r", "Q4_K_M").mmproj == "mmproj-model-f16.gguf"  # default f16
     assert select_gguf(names, "o/r", "Q4_K_M", mmproj_quant="Q8_0").mmproj == "mmproj-model-q8_0.gguf"
     with pytest.raises(RepoFilesError, match="no mmproj of type f32; available: BF16, F16, Q8_0"):
         select_gguf(names, "o/r", "Q4_K_M", mmproj_quant="f32")
@@ -68,26 +87,55 @@ def test_repos_without_a_pair():
 
 
 def test_quant_label():
-    assert [quant_label(n) for n in ("ggml-model-Q4_K_M.gguf", "mmproj-model-f16.gguf", "x-bf16.gguf",
-                                     "x-IQ4_XS.gguf", "x.gguf")] == ["Q4_K_M", "F16", "BF16", "IQ4_XS", None]
+    assert [
+        quant_label(n)
+        for n in ("ggml-model-Q4_K_M.gguf", "mmproj-model-f16.gguf", "x-bf16.gguf", "x-IQ4_XS.gguf", "x.gguf")
+    ] == ["Q4_K_M", "F16", "BF16", "IQ4_XS", None]
 
 
 def test_checkpoint_files_are_what_conversion_reads():
-    names = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
-             "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer_config.json",
-             "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "preprocessor_config.json",
-             "pytorch_model.bin", "model.pt", "assets/demo.png", "modeling_minicpmv.py", "README.md",
-             "subdir/config.json"]
+    names = [
+        "config.json",
+        "generation_config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "added_tokens.json",
+        "special_tokens_map.json",
+        "preprocessor_config.json",
+        "pytorch_model.bin",
+        "model.pt",
+        "assets/demo.png",
+        "modeling_minicpmv.py",
+        "README.md",
+        "subdir/config.json",
+    ]
     got = checkpoint_files(names, "o/r")
     assert got == sorted(n for n in names[:11])
     with pytest.raises(RepoFilesError, match="minicpm-run --hf o/r"):
         checkpoint_files(["ggml-model-Q4_K_M.gguf", "mmproj-model-f16.gguf"], "o/r")
 
 
-@pytest.mark.parametrize("s, ok", [("openbmb/MiniCPM-V-4_5-gguf", True), ("a/b", True), ("a.b/c_d-e", True),
-                                   ("./x", False), ("../x/y", False), ("/abs/path", False), ("a/b/c", False),
-                                   ("name", False), ("a/b.", False), ("a/-b", False), ("a--b/c", False),
-                                   ("a/b..c", False)])
+@pytest.mark.parametrize(
+    "s, ok",
+    [
+        ("openbmb/MiniCPM-V-4_5-gguf", True),
+        ("a/b", True),
+        ("a.b/c_d-e", True),
+        ("./x", False),
+        ("../x/y", False),
+        ("/abs/path", False),
+        ("a/b/c", False),
+        ("name", False),
+        ("a/b.", False),
+        ("a/-b", False),
+        ("a--b/c", False),
+        ("a/b..c", False),
+    ],
+)
 def test_repo_id_shape(s, ok):
     assert looks_like_repo_id(s) is ok
 

@@ -19,8 +19,14 @@ import pytest
 from PIL import Image
 
 from minicpmv.runtime import image as mi
-from minicpmv.runtime.image import (ImageError, load_image, slice_image,
-                                    find_best_resize, get_refine_size, get_sliced_grid)
+from minicpmv.runtime.image import (
+    ImageError,
+    find_best_resize,
+    get_refine_size,
+    get_sliced_grid,
+    load_image,
+    slice_image,
+)
 from minicpmv.runtime.prompt import IMAGE_TAG, Slot, place_media
 
 BICUBIC = Image.Resampling.BICUBIC
@@ -32,6 +38,7 @@ BICUBIC = Image.Resampling.BICUBIC
 # The sqrt/truncation step keeps the reference's float64 arithmetic on purpose: exact rational
 # arithmetic gives different sizes for some inputs (see test_float_artifacts_are_reproduced).
 
+
 def snap14(n: int, p: int = 14) -> int:
     q, r = divmod(int(n), p)
     if 2 * r > p or (2 * r == p and q % 2 == 1):
@@ -40,7 +47,7 @@ def snap14(n: int, p: int = 14) -> int:
 
 
 def fit_area(w: int, h: int, upscale: bool) -> tuple[int, int]:
-    if upscale or w * h > 448 ** 2:
+    if upscale or w * h > 448**2:
         aspect = w / h
         h = int(448 / math.sqrt(aspect))
         w = int(h * aspect)
@@ -49,17 +56,15 @@ def fit_area(w: int, h: int, upscale: bool) -> tuple[int, int]:
 
 def oracle_plan(W: int, H: int, max_slices: int = 9) -> dict:
     """grid (cols, rows) | None, overview (w, h), refined (w, h) | None, slice (w, h) | None."""
-    n = min(-(-W * H // 448 ** 2), max_slices)
+    n = min(-(-W * H // 448**2), max_slices)
     if n <= 1:
         return dict(grid=None, overview=fit_area(W, H, True), refined=None, slice=None)
-    grids = [(m, k // m) for k in (n - 1, n, n + 1) if 1 < k <= max_slices
-             for m in range(1, k + 1) if k % m == 0]
+    grids = [(m, k // m) for k in (n - 1, n, n + 1) if 1 < k <= max_slices for m in range(1, k + 1) if k % m == 0]
     target = math.log(W / H)
     ranked = sorted(range(len(grids)), key=lambda i: (abs(target - math.log(grids[i][0] / grids[i][1])), i))
     cols, rows = grids[ranked[0]]
     cell = fit_area(snap14(W, cols) // cols, snap14(H, rows) // rows, True)
-    return dict(grid=(cols, rows), overview=fit_area(W, H, False),
-                refined=(cell[0] * cols, cell[1] * rows), slice=cell)
+    return dict(grid=(cols, rows), overview=fit_area(W, H, False), refined=(cell[0] * cols, cell[1] * rows), slice=cell)
 
 
 def our_plan(W: int, H: int, max_slices: int = 9) -> dict:
@@ -67,8 +72,12 @@ def our_plan(W: int, H: int, max_slices: int = 9) -> dict:
     if grid is None:
         return dict(grid=None, overview=find_best_resize((W, H), allow_upscale=True), refined=None, slice=None)
     rw, rh = get_refine_size((W, H), grid)
-    return dict(grid=grid, overview=find_best_resize((W, H), allow_upscale=False),
-                refined=(rw, rh), slice=(rw // grid[0], rh // grid[1]))
+    return dict(
+        grid=grid,
+        overview=find_best_resize((W, H), allow_upscale=False),
+        refined=(rw, rh),
+        slice=(rw // grid[0], rh // grid[1]),
+    )
 
 
 # --------------------------------------------------------------------------- llama.cpp mtmd plan
@@ -104,11 +113,16 @@ def mtmd_slice_plan(W: int, H: int) -> dict:
     overview = mtmd_best_resize(W, H, False)
     log_ratio = f32(math.log(f32(W) / f32(H)))
     multiple = int(min(math.ceil(f32(W) * f32(H) / f32(448 * 448)), 9))
-    cands = [(m, n // m) for n in (multiple - 1, multiple, multiple + 1) if n != 1 and n <= 9
-             for m in range(1, n + 1) if n % m == 0]
+    cands = [
+        (m, n // m)
+        for n in (multiple - 1, multiple, multiple + 1)
+        if n != 1 and n <= 9
+        for m in range(1, n + 1)
+        if n % m == 0
+    ]
     grid, best = (1, 1), f32(np.inf)
     for gx, gy in cands:
-        err = f32(abs(float(log_ratio) - math.log(gx / gy)))   # float error: ties stay ties
+        err = f32(abs(float(log_ratio) - math.log(gx / gy)))  # float error: ties stay ties
         if err < best:
             grid, best = (gx, gy), err
     gx, gy = grid
@@ -188,17 +202,17 @@ def test_tgt_sizes_of_worked_examples():
 def test_rules_match_oracle_on_many_sizes():
     rng = random.Random(1234)
     sizes = [(rng.randint(1, 6000), rng.randint(1, 6000)) for _ in range(4000)]
-    sizes += [(rng.randint(1, 60), rng.randint(1, 4000)) for _ in range(500)]       # thin
-    sizes += [(w, w + d) for w in range(440, 1400, 7) for d in (-1, 0, 1)]         # near-square
+    sizes += [(rng.randint(1, 60), rng.randint(1, 4000)) for _ in range(500)]  # thin
+    sizes += [(w, w + d) for w in range(440, 1400, 7) for d in (-1, 0, 1)]  # near-square
     for W, H in sizes:
         for msn in (9, 4, 1):
             assert our_plan(W, H, msn) == oracle_plan(W, H, msn), (W, H, msn)
 
 
 def test_max_slice_nums_and_never_split():
-    assert get_sliced_grid((1920, 1080), 1) is None            # video setting: overview only
+    assert get_sliced_grid((1920, 1080), 1) is None  # video setting: overview only
     assert get_sliced_grid((1920, 1080), 9, never_split=True) is None
-    assert get_sliced_grid((4000, 4000), 9) == (3, 3)          # capped at 9 slices
+    assert get_sliced_grid((4000, 4000), 9) == (3, 3)  # capped at 9 slices
     assert get_sliced_grid((4000, 4000), 4) == (2, 2)
     s = slice_image(Image.new("RGB", (1920, 1080)), never_split=True)
     assert s.grid is None and s.slices == [] and s.overview.size == (602, 336)
@@ -218,6 +232,7 @@ def test_float_artifacts_are_reproduced():
 
 # --------------------------------------------------------------------------- pixels
 
+
 def noise(W, H, seed=0, mode="RGB"):
     a = np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8)
     return Image.fromarray(a, "RGB").convert(mode)
@@ -226,6 +241,7 @@ def noise(W, H, seed=0, mode="RGB"):
 def norm_ref(img: Image.Image) -> np.ndarray:
     """What the reference's preprocess does: uint8 -> float32 /255 -> transformers normalize."""
     from transformers.image_transforms import normalize
+
     a = np.asarray(img).astype(np.float32) / 255
     a = normalize(a, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], input_data_format="channels_last")
     return a.transpose(2, 0, 1)
@@ -245,8 +261,8 @@ def test_pixels_equal_pil_resize_crop_normalize(W, H):
     assert len(got) == len(expect)
     for g, e in zip(got, expect):
         e8 = np.asarray(e)
-        assert np.array_equal(g, norm_ref(e))                      # bitwise = reference pipeline
-        f64 = (e8.astype(np.float64) / 255 - 0.5) / 0.5              # and numerically the formula
+        assert np.array_equal(g, norm_ref(e))  # bitwise = reference pipeline
+        f64 = (e8.astype(np.float64) / 255 - 0.5) / 0.5  # and numerically the formula
         assert np.abs(g - f64.transpose(2, 0, 1)).max() < 1e-6
         assert g.min() >= -1 and g.max() <= 1
 
@@ -261,6 +277,7 @@ def test_non_rgb_pil_is_converted_like_the_reference():
 def test_patch_rows_match_unfold_layout():
     torch = pytest.importorskip("torch")
     from minicpmv.runtime.vision_ops import patch_rows
+
     px = np.random.default_rng(0).standard_normal((3, 28, 42)).astype(np.float32)
     # the reference's unfold gives [3*14*14, L] with rows ordered (channel, kh, kw)
     cols = torch.nn.functional.unfold(torch.from_numpy(px)[None], 14, stride=14)[0]
@@ -274,9 +291,10 @@ def test_only_needed_resizes(monkeypatch):
     def counting(self, *a, **k):
         calls.append(self.size)
         return orig(self, *a, **k)
+
     monkeypatch.setattr(Image.Image, "resize", counting)
     slice_image(Image.new("RGB", (1920, 1080)))
-    assert len(calls) == 2                      # overview + refined; slices are crops
+    assert len(calls) == 2  # overview + refined; slices are crops
     calls.clear()
     slice_image(Image.new("RGB", (300, 200)))
     assert len(calls) == 1
@@ -293,6 +311,7 @@ def test_large_image_is_fast():
 
 
 # --------------------------------------------------------------------------- placeholder
+
 
 def placeholder(size: tuple[int, int], image_id: int | None, query_num: int = 64, unk: str = "<unk>") -> str:
     """The prompt text of one image of `size` as the runtime expands it (prompt.expand), every slot
@@ -313,12 +332,16 @@ def test_placeholder_text():
     want = "<image_id>12</image_id><image>" + u + "</image>" + row + "\n" + row
     assert placeholder((1792, 896), 12) == want
     t = placeholder((896, 1344), None, query_num=2, unk="#")
-    assert t == "<image>##</image><slice>##</slice><slice>##</slice>\n" * 1 + \
-        "<slice>##</slice><slice>##</slice>\n<slice>##</slice><slice>##</slice>"
+    assert (
+        t
+        == "<image>##</image><slice>##</slice><slice>##</slice>\n" * 1
+        + "<slice>##</slice><slice>##</slice>\n<slice>##</slice><slice>##</slice>"
+    )
     assert not t.endswith("\n") and t.count("\n") == 2
 
 
 # --------------------------------------------------------------------------- llama.cpp mtmd
+
 
 @pytest.mark.parametrize("W,H", [(640, 480), (800, 600), (1024, 768), (1344, 1344), (1920, 1080), (448, 448)])
 def test_mtmd_agrees_on_these_sizes(W, H):
@@ -328,10 +351,16 @@ def test_mtmd_agrees_on_these_sizes(W, H):
 
 def test_mtmd_plan_matches_documented_table():
     # docs/llamacpp.md §4.5 (the mtmd plans)
-    t = {(300, 200): (None, (448, 448), None), (448, 448): (None, (448, 448), None),
-         (500, 400): ((2, 1), (504, 406), (350, 560)), (600, 300): ((2, 1), (602, 294), (448, 448)),
-         (640, 480): ((2, 1), (518, 392), (364, 546)), (800, 600): ((2, 2), (518, 392), (518, 392)),
-         (1344, 1344): ((3, 3), (448, 448), (448, 448)), (1920, 1080): ((4, 2), (602, 336), (420, 476))}
+    t = {
+        (300, 200): (None, (448, 448), None),
+        (448, 448): (None, (448, 448), None),
+        (500, 400): ((2, 1), (504, 406), (350, 560)),
+        (600, 300): ((2, 1), (602, 294), (448, 448)),
+        (640, 480): ((2, 1), (518, 392), (364, 546)),
+        (800, 600): ((2, 2), (518, 392), (518, 392)),
+        (1344, 1344): ((3, 3), (448, 448), (448, 448)),
+        (1920, 1080): ((4, 2), (602, 336), (420, 476)),
+    }
     for (W, H), want in t.items():
         m = mtmd_slice_plan(W, H)
         assert (m["grid"], m["overview"], m["slice"]) == want, (W, H)
@@ -355,7 +384,7 @@ def test_where_mtmd_differs_from_the_reference():
     m = mtmd_slice_plan(1000, 700)
     assert m["refined"] == our_plan(1000, 700)["refined"] == (1064, 756)
     assert m["letterbox"] != m["refined"]
-    assert mtmd_slice_plan(1344, 1344)["letterbox"] == (1344, 1344)   # no border: same slices
+    assert mtmd_slice_plan(1344, 1344)["letterbox"] == (1344, 1344)  # no border: same slices
 
 
 def test_mtmd_and_reference_disagree_often_on_rounding():
@@ -417,7 +446,9 @@ int main(int argc, char ** argv) {
 @pytest.fixture(scope="module")
 def mtmd_exe(tmp_path_factory):
     import llama_cpp
+
     from .llama_sources import llama_cpp_source_dir
+
     src = llama_cpp_source_dir()
     lib = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
     cxx = shutil.which("g++") or shutil.which("c++")
@@ -426,34 +457,45 @@ def mtmd_exe(tmp_path_factory):
     (d / "h.cpp").write_text(HARNESS)
     exe = d / "h"
     inc = [f"-I{src / p}" for p in ("tools/mtmd", "include", "ggml/include")]
-    r = subprocess.run([cxx, "-std=c++17", "-O1", *inc, str(d / "h.cpp"), f"-L{lib}", "-lmtmd",
-                        f"-Wl,-rpath,{lib}", "-o", str(exe)], capture_output=True, text=True)
+    r = subprocess.run(
+        [cxx, "-std=c++17", "-O1", *inc, str(d / "h.cpp"), f"-L{lib}", "-lmtmd", f"-Wl,-rpath,{lib}", "-o", str(exe)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, "harness does not compile: " + r.stderr[-500:]
     return exe
 
 
 def run_mtmd_plans(exe, sizes):
-    r = subprocess.run([str(exe)], input="".join(f"{w} {h}\n" for w, h in sizes), capture_output=True,
-                       text=True, check=True)
+    r = subprocess.run(
+        [str(exe)], input="".join(f"{w} {h}\n" for w, h in sizes), capture_output=True, text=True, check=True
+    )
     out = []
     for line in r.stdout.splitlines():
         gx, gy, ow, oh, rw, rh = map(int, line.split())
         grid = (gx, gy) if gx else None
-        out.append(dict(grid=grid, overview=(ow, oh), refined=(rw, rh) if grid else None,
-                        slice=(rw // gx, rh // gy) if grid else None))
+        out.append(
+            dict(
+                grid=grid,
+                overview=(ow, oh),
+                refined=(rw, rh) if grid else None,
+                slice=(rw // gx, rh // gy) if grid else None,
+            )
+        )
     return out
 
 
 def run_mtmd_pixels(exe, arr, tmp_path):
     h, w, _ = arr.shape
     arr.tofile(tmp_path / "in.rgb")
-    subprocess.run([str(exe), str(tmp_path / "in.rgb"), str(w), str(h), str(tmp_path / "out.bin")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [str(exe), str(tmp_path / "in.rgb"), str(w), str(h), str(tmp_path / "out.bin")], check=True, capture_output=True
+    )
     b, o, ims = (tmp_path / "out.bin").read_bytes(), 0, []
     while o < len(b):
-        iw, ih = np.frombuffer(b[o:o + 8], np.int32)
+        iw, ih = np.frombuffer(b[o : o + 8], np.int32)
         o += 8
-        ims.append(np.frombuffer(b[o:o + iw * ih * 3], np.uint8).reshape(ih, iw, 3))
+        ims.append(np.frombuffer(b[o : o + iw * ih * 3], np.uint8).reshape(ih, iw, 3))
         o += iw * ih * 3
     return ims
 
@@ -461,16 +503,26 @@ def run_mtmd_pixels(exe, arr, tmp_path):
 def test_mtmd_plan_emulation_matches_compiled_llamacpp(mtmd_exe):
     rng = random.Random(77)
     sizes = [(rng.randint(1, 5000), rng.randint(1, 5000)) for _ in range(3000)]
-    sizes += [(w, w) for w in range(440, 1500, 3)] + [(101, 2003), (1002, 1002), (300, 200), (500, 400),
-                                                      (600, 300), (1, 4000), (4000, 1), (1, 1)]
+    sizes += [(w, w) for w in range(440, 1500, 3)] + [
+        (101, 2003),
+        (1002, 1002),
+        (300, 200),
+        (500, 400),
+        (600, 300),
+        (1, 4000),
+        (4000, 1),
+        (1, 1),
+    ]
     got = run_mtmd_plans(mtmd_exe, sizes)
     for (W, H), g in zip(sizes, got):
         m = mtmd_slice_plan(W, H)
         assert {k: m[k] for k in g} == g, (W, H)
 
 
-@pytest.mark.parametrize("W,H,same_slices", [(1344, 1344, True), (640, 480, True), (896, 448, True),
-                                             (448, 448, True), (1000, 700, False), (1920, 1080, False)])
+@pytest.mark.parametrize(
+    "W,H,same_slices",
+    [(1344, 1344, True), (640, 480, True), (896, 448, True), (448, 448, True), (1000, 700, False), (1920, 1080, False)],
+)
 def test_mtmd_pixels_equal_ours_unless_letterboxed(mtmd_exe, tmp_path, W, H, same_slices):
     """mtmd's resampler is a Pillow port: the overview is bit-identical; slices are identical
     only when the refined image keeps the original aspect (no letter-box border)."""
@@ -488,16 +540,19 @@ def test_mtmd_pixels_equal_ours_unless_letterboxed(mtmd_exe, tmp_path, W, H, sam
 def test_mtmd_small_image_pixels_differ(mtmd_exe, tmp_path):
     arr = np.random.default_rng(3).integers(0, 256, (200, 300, 3), dtype=np.uint8)
     theirs = run_mtmd_pixels(mtmd_exe, arr, tmp_path)
-    assert [t.shape for t in theirs] == [(448, 448, 3)]                         # stretched
-    assert slice_image(Image.fromarray(arr)).overview.size == (546, 364)       # aspect kept
+    assert [t.shape for t in theirs] == [(448, 448, 3)]  # stretched
+    assert slice_image(Image.fromarray(arr)).overview.size == (546, 364)  # aspect kept
 
 
 # --------------------------------------------------------------------------- loading / bad input
 
+
 def png_header(w: int, h: int) -> bytes:
     """A PNG whose header claims w x h (no pixel data): enough for Image.open to report a size."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
@@ -538,10 +593,10 @@ def test_bad_files(tmp_path):
 
 def test_huge_images_refused_before_decoding(tmp_path):
     big = tmp_path / "big.png"
-    big.write_bytes(png_header(20000, 20000))              # 400 MP: beyond PIL's own bomb limit
+    big.write_bytes(png_header(20000, 20000))  # 400 MP: beyond PIL's own bomb limit
     assert_one_line_error(big, str(big), "100 MP")
     mid = tmp_path / "mid.png"
-    mid.write_bytes(png_header(12000, 12000))              # 144 MP: PIL would only warn
+    mid.write_bytes(png_header(12000, 12000))  # 144 MP: PIL would only warn
     assert_one_line_error(mid, str(mid), "12000x12000", "100 MP")
 
 
@@ -574,8 +629,8 @@ def test_mode_conversions(tmp_path):
     assert got.mode == "RGB" and np.array_equal(np.asarray(got), want)
 
     # 16-bit gray PNG: scaled (k*257 -> k), not clipped at 255
-    a16 = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257)
-    a16[0, 0], a16[0, 1] = 65535, 128          # 128/257 = 0.498 -> 0
+    a16 = np.arange(256, dtype=np.uint16).reshape(16, 16) * 257
+    a16[0, 0], a16[0, 1] = 65535, 128  # 128/257 = 0.498 -> 0
     p = save(tmp_path, "g16.png", Image.fromarray(a16))
     with Image.open(p) as raw:
         assert raw.mode.startswith("I")
@@ -613,20 +668,29 @@ def test_alpha_is_dropped_as_the_reference_does_on_every_path(tmp_path):
     the reference's Image.open(path).convert("RGB") gives it, whether it comes as a file (chat
     content, CLI) or as a PIL image; transparent pixels keep their stored colour."""
     from minicpmv.runtime.content import Content, load_media
+
     rgba = np.random.default_rng(5).integers(0, 256, (30, 40, 4), dtype=np.uint8)
-    rgba[:10, :, 3] = 0                                    # fully transparent rows, dark colours kept
+    rgba[:10, :, 3] = 0  # fully transparent rows, dark colours kept
     pal = Image.fromarray(rgba[..., :3]).quantize(16)
-    files = [save(tmp_path, "rgba.png", Image.fromarray(rgba, "RGBA")),
-             save(tmp_path, "la.png", Image.fromarray(rgba[..., [0, 3]], "LA")),
-             save(tmp_path, "pal.png", pal, transparency=3)]
+    files = [
+        save(tmp_path, "rgba.png", Image.fromarray(rgba, "RGBA")),
+        save(tmp_path, "la.png", Image.fromarray(rgba[..., [0, 3]], "LA")),
+        save(tmp_path, "pal.png", pal, transparency=3),
+    ]
     content = Content()
     for p in files:
         with Image.open(p) as raw, warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # PIL: "palette images with transparency ... RGBA first"
+            warnings.simplefilter("ignore")  # PIL: "palette images with transparency ... RGBA first"
             want = np.asarray(raw.convert("RGB"))
             pil = raw.copy()
-        for got in (load_image(p), load_image(p.read_bytes()), load_image(pil), load_media(p), content.item(p),
-                    content.item(pil)):
+        for got in (
+            load_image(p),
+            load_image(p.read_bytes()),
+            load_image(pil),
+            load_media(p),
+            content.item(p),
+            content.item(pil),
+        ):
             assert got.mode == "RGB" and np.array_equal(np.asarray(got), want), p.name
 
 
@@ -634,9 +698,9 @@ def test_other_pil_modes_to_rgb():
     a = np.array([[0, 257 * 100, 65535, 32896]], dtype=np.uint16)
     big_endian = Image.frombytes("I;16B", (4, 1), a.astype(">u2").tobytes())
     assert np.asarray(load_image(big_endian))[0, :, 1].tolist() == [0, 100, 255, 128]
-    as_int = Image.fromarray(a.astype(np.int32))                       # mode "I"
+    as_int = Image.fromarray(a.astype(np.int32))  # mode "I"
     assert np.asarray(load_image(as_int))[0, :, 1].tolist() == [0, 100, 255, 128]
-    flt = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32))      # mode "F" in [0, 1]
+    flt = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32))  # mode "F" in [0, 1]
     assert np.asarray(load_image(flt))[0, :, 0].tolist() == [0, 128, 255]
     for mode in ["1", "L", "YCbCr", "HSV", "CMYK", "RGBX", "RGBa", "La", "PA", "LA"]:
         out = load_image(Image.new(mode, (3, 2)))

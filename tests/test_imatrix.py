@@ -15,8 +15,6 @@ Oracles:
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +23,10 @@ import torch
 from PIL import Image
 
 from minicpmv.cli.calibration import DEFAULT_QUESTION, read_calibration
-from minicpmv.quant.imatrix import read_imatrix, read_imatrix_sums
 from minicpmv.cli.imatrix_compute import ImatrixJob, compute_imatrix
+from minicpmv.quant.imatrix import read_imatrix, read_imatrix_sums
 
+from . import helpers
 from .imatrix_c_reader import load_like_llama_quantize
 from .quant_helpers import MATMULS, assert_same_as_llama
 
@@ -35,13 +34,19 @@ N_CTX = 256
 # Measured on the tiny checkpoint (f32 weights, f32 KV cache, no flash attention): per-column sums
 # agree with transformers to 1.0e-6 relative; the bound leaves room for thread-order rounding.
 RTOL = 1e-4
-HF_LINEAR = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
+HF_LINEAR = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 LINES = [
     "The quick brown fox jumps over the lazy dog. What is in the image? Describe the picture in detail.",
-    "There is a cat sitting on the table next to a red apple and a blue cup. " * 16,   # > N_CTX tokens
-    "short line",                                                                      # < 16 tokens
+    "There is a cat sitting on the table next to a red apple and a blue cup. " * 16,  # > N_CTX tokens
+    "short line",  # < 16 tokens
     "How many people are there in the photo? Two people are walking along the river at sunset.",
     json.dumps({"text": "Please answer the question about the image and the video, step by step."}),
 ]
@@ -53,15 +58,9 @@ def _one_thread(torch_one_thread):
     pass
 
 
-@pytest.fixture(scope="module")
-def files(tiny_lm_gguf, tiny_mmproj_gguf):
-    return tiny_lm_gguf("F32"), tiny_mmproj_gguf("f32")
-
-
 def run(files, cal: Path, out: Path, **kw):
     lm, mm = files
-    job = ImatrixJob(lm, mm, cal, out, n_ctx=N_CTX, threads=2, kv_type="f32", flash_attn=False,
-                     progress=False, **kw)
+    job = ImatrixJob(lm, mm, cal, out, n_ctx=N_CTX, threads=2, kv_type="f32", flash_attn=False, progress=False, **kw)
     return compute_imatrix(job)
 
 
@@ -113,6 +112,7 @@ def image_matrices(files, image_cals, tmp_path_factory) -> tuple[Path, Path]:
 
 # --------------------------------------------------------------------------- oracle: transformers
 
+
 def hf_imatrix(model, token_lists: list[list[int]]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Sum of squared inputs per column and row count of every nn.Linear of the layers, float64."""
     sums: dict[str, np.ndarray] = {}
@@ -124,7 +124,9 @@ def hf_imatrix(model, token_lists: list[list[int]]) -> tuple[dict[str, np.ndarra
             x = args[0].detach().double().reshape(-1, args[0].shape[-1])
             sums[name] = sums.get(name, 0) + (x * x).sum(0).numpy()
             counts[name] = counts.get(name, 0) + x.shape[0]
+
         return f
+
     for i, layer in enumerate(model.model.layers):
         for hf, g in HF_LINEAR.items():
             hooks.append(layer.get_submodule(hf).register_forward_pre_hook(hook(f"blk.{i}.{g}.weight")))
@@ -143,12 +145,13 @@ def calibration_tokens(lm_path: Path, cal: Path) -> list[list[int]]:
     as the reference prompt; pieces under 16 tokens dropped."""
     from minicpmv.runtime.llama import LlamaModel
     from minicpmv.runtime.prompt import build_prompt
+
     lm = LlamaModel(lm_path, vocab_only=True)
     out = []
     for it in read_calibration(cal):
         if it.kind == "text":
             ids = lm.tokenize(it.text, parse_special=True)
-            out += [ids[s:s + N_CTX] for s in range(0, len(ids), N_CTX)]
+            out += [ids[s : s + N_CTX] for s in range(0, len(ids), N_CTX)]
         else:
             out.append(build_prompt(it.messages()).token_ids(lm.tokenize, 0))
     lm.close()
@@ -157,7 +160,7 @@ def calibration_tokens(lm_path: Path, cal: Path) -> list[list[int]]:
 
 def test_text_matrix_equals_transformers(files, text_cal, text_matrix, hf_qwen3):
     pieces = calibration_tokens(files[0], text_cal)
-    assert len(pieces) == 5 and sorted(map(len, pieces))[-1] == N_CTX   # line 2 split, line 3 dropped
+    assert len(pieces) == 5 and sorted(map(len, pieces))[-1] == N_CTX  # line 2 split, line 3 dropped
     want_sums, want_counts = hf_imatrix(hf_qwen3, pieces)
     got = read_imatrix_sums(text_matrix)
     assert sorted(got.sums) == sorted(want_sums) and len(want_sums) == 2 * len(MATMULS)
@@ -183,9 +186,11 @@ def test_llama_quantize_reader_loads_the_file(text_matrix, image_matrices):
 
 # --------------------------------------------------------------------------- images
 
+
 def test_image_positions_change_the_matrix(files, image_cals, image_matrices):
     from minicpmv.runtime.llama import LlamaModel
     from minicpmv.runtime.prompt import build_prompt
+
     chat, with_img = (read_imatrix_sums(p) for p in image_matrices)
     lm = LlamaModel(files[0], vocab_only=True)
     added = 0
@@ -206,29 +211,31 @@ def test_image_positions_change_the_matrix(files, image_cals, image_matrices):
 
 
 @pytest.mark.parametrize("type_name", ["IQ2_M", "Q3_K_M"])
-def test_quantizing_with_the_image_matrix_matches_llama_quantize(tiny_ckpt, tiny_lm_gguf, image_matrices,
-                                                                 tmp_path, type_name):
+def test_quantizing_with_the_image_matrix_matches_llama_quantize(
+    tiny_ckpt, tiny_lm_gguf, image_matrices, tmp_path, type_name
+):
     assert_same_as_llama(tiny_ckpt, tiny_lm_gguf("BF16"), tmp_path, type_name, imatrix=image_matrices[1])
 
 
 # --------------------------------------------------------------------------- appending
 
+
 def test_append_resumes_and_adds_up(files, text_cal, text_matrix, tmp_path):
     out = tmp_path / "m.gguf"
     part = run(files, text_cal, out, max_items=2)
     assert (part.first, part.done, read_imatrix_sums(out).chunk_count) == (0, 2, 2)
-    rest = run(files, text_cal, out, append=True)           # resumes after the two items it holds
+    rest = run(files, text_cal, out, append=True)  # resumes after the two items it holds
     assert (rest.first, rest.done, rest.chunk_count) == (2, len(LINES) - 2, len(LINES))
     full, resumed = read_imatrix_sums(text_matrix), read_imatrix_sums(out)
     assert resumed.datasets == [str(text_cal)] and resumed.chunk_count == len(LINES)
     for name in full.sums:
         assert np.array_equal(resumed.counts[name], full.counts[name]), name
         np.testing.assert_allclose(resumed.sums[name], full.sums[name], rtol=1e-6, err_msg=name)
-    assert run(files, text_cal, out, append=True).done == 0   # nothing left of this set
+    assert run(files, text_cal, out, append=True).done == 0  # nothing left of this set
 
     other = tmp_path / "other.jsonl"
     other.write_text(text_cal.read_text())
-    again = run(files, other, out, append=True)             # another set: starts at 0, counts add up
+    again = run(files, other, out, append=True)  # another set: starts at 0, counts add up
     assert (again.first, again.done, again.chunk_count) == (0, len(LINES), 2 * len(LINES))
     twice = read_imatrix_sums(out)
     assert twice.datasets == [str(text_cal), str(other)]
@@ -242,8 +249,10 @@ def test_a_bad_item_keeps_the_items_before_it(files, tmp_path):
     before it, and --append continues from there once the file is fixed."""
     picture(tmp_path / "a.png", 0)
     (tmp_path / "b.png").write_bytes(b"not a picture")
-    cal = write_jsonl(tmp_path / "c.jsonl", [{"image": "a.png", "text": q} for q in QUESTIONS[:2]]
-                      + [{"image": "b.png"}, {"text": QUESTIONS[2]}])
+    cal = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"image": "a.png", "text": q} for q in QUESTIONS[:2]] + [{"image": "b.png"}, {"text": QUESTIONS[2]}],
+    )
     out = tmp_path / "m.gguf"
     with pytest.raises(ValueError, match=r"c\.jsonl:3: .*b\.png"):
         run(files, cal, out)
@@ -255,36 +264,52 @@ def test_a_bad_item_keeps_the_items_before_it(files, tmp_path):
 
 # --------------------------------------------------------------------------- calibration files, CLI
 
+
 def test_calibration_items(tmp_path):
     picture(tmp_path / "a.png", 0)
     (tmp_path / "sub").mkdir()
     picture(tmp_path / "sub" / "b.jpg", 1)
-    cal = write_jsonl(tmp_path / "c.jsonl", [{"image": "a.png"}, {"image": str(tmp_path / "sub" / "b.jpg"),
-                                                                   "text": "Q?"},
-                                              "plain text line", {"text": "chat"}, '"a JSON string"'])
+    cal = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"image": "a.png"},
+            {"image": str(tmp_path / "sub" / "b.jpg"), "text": "Q?"},
+            "plain text line",
+            {"text": "chat"},
+            '"a JSON string"',
+        ],
+    )
     items = read_calibration(cal)
-    assert [(i.kind, i.text) for i in items] == [("image", DEFAULT_QUESTION), ("image", "Q?"),
-                                                ("text", "plain text line"), ("chat", "chat"),
-                                                ("text", '"a JSON string"')]
+    assert [(i.kind, i.text) for i in items] == [
+        ("image", DEFAULT_QUESTION),
+        ("image", "Q?"),
+        ("text", "plain text line"),
+        ("chat", "chat"),
+        ("text", '"a JSON string"'),
+    ]
     assert items[0].media == tmp_path / "a.png" and items[2].where == f"{cal}:3"
     folder = read_calibration(tmp_path)
     assert [i.media.name for i in folder] == ["a.png", "b.jpg"]
-    for row, needle in (({"image": "missing.png"}, "missing.png not found"), ({"img": "a.png"}, "unknown key 'img'"),
-                        ('{"image": ', "not valid JSON"), ({"image": "a.png", "video": "a.png"}, "not both"),
-                        ({}, "empty item")):
+    for row, needle in (
+        ({"image": "missing.png"}, "missing.png not found"),
+        ({"img": "a.png"}, "unknown key 'img'"),
+        ('{"image": ', "not valid JSON"),
+        ({"image": "a.png", "video": "a.png"}, "not both"),
+        ({}, "empty item"),
+    ):
         bad = write_jsonl(tmp_path / "bad.jsonl", ["ok line", row])
         with pytest.raises(ValueError, match=needle) as e:
             read_calibration(bad)
         assert "bad.jsonl:2" in str(e.value)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "minicpmv.cli.imatrix", *args, "--quiet"],
-                          capture_output=True, text=True, timeout=600)
+def run_cli(*args: str):
+    return helpers.run_cli("minicpm-imatrix", *args, "--quiet", timeout=600)
 
 
 def test_cli_folder_of_images_and_a_video(files, tmp_path):
     from .video_fixtures import make_video
+
     d = tmp_path / "cal"
     d.mkdir()
     picture(d / "a.png", 3)
@@ -321,8 +346,5 @@ def test_cli_bad_input_is_one_line(files, tmp_path):
         ((str(good), *model, "-o", str(out), "--chunk", "5"), "has 1 items"),
     ]
     for args, needle in cases:
-        res = run_cli(*args)
-        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-        assert res.returncode == 2 and len(lines) == 1, (args, res.stderr)
-        assert needle in lines[0], (needle, lines[0])
+        helpers.one_error_line(run_cli(*args), needle)
     assert not out.exists() and taken.read_bytes() == b"x"

@@ -16,8 +16,10 @@ from minicpmv.runtime.llama_context import ContextParams, LlamaContext
 
 from .hf_oracles import hf_tokenizer_dir
 
-PROMPT = ("<|im_start|>user\nWhat is in the image? Describe the picture in detail, please.<|im_end|>\n"
-          "<|im_start|>assistant\n<think>\n\n</think>\n\nThe")
+PROMPT = (
+    "<|im_start|>user\nWhat is in the image? Describe the picture in detail, please.<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\nThe"
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ class Oracle:
         out = list(tokens)
         for _ in range(n_new):
             out.append(int(self.logits(out)[-1].argmax()))
-        return out[len(tokens):]
+        return out[len(tokens) :]
 
     def close(self) -> None:
         self.ctx.close()
@@ -70,7 +72,7 @@ def test_f32_logits_match_transformers(tiny_lm_gguf, hf_qwen3, prompt_ids):
     ids = list(prompt_ids)
     for _ in range(20):
         ids.append(int(hf_logits(hf_qwen3, ids)[-1].argmax()))
-    assert ours_gen == ids[len(prompt_ids):]
+    assert ours_gen == ids[len(prompt_ids) :]
     m.close()
 
 
@@ -94,8 +96,13 @@ def test_tensor_types(tiny_lm_gguf, outtype, want):
         expect = Q.F32 if len(t.shape) == 1 else want
         assert t.tensor_type == expect, t.name
     names = {t.name for t in r.tensors}
-    assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.attn_q_norm.weight",
-            "blk.0.ffn_down.weight"} <= names
+    assert {
+        "token_embd.weight",
+        "output.weight",
+        "output_norm.weight",
+        "blk.1.attn_q_norm.weight",
+        "blk.0.ffn_down.weight",
+    } <= names
 
 
 TOKENIZE_CASES = [
@@ -123,9 +130,11 @@ def real_vocab_gguf(tmp_path_factory):
     """The real 151,748-token tokenizer: a tiny model with the published vocabulary (F16 to keep it small)."""
     from minicpmv.convert.pipeline import convert
     from minicpmv.convert.synthetic import make_checkpoint
+
     ck = make_checkpoint(tmp_path_factory.mktemp("realvocab") / "ck", "tiny", vocab="real")
-    out = convert(ck, tmp_path_factory.mktemp("realvocab-out"), quant_type="F16", write_mmproj=False,
-                  progress=False).lm_path
+    out = convert(
+        ck, tmp_path_factory.mktemp("realvocab-out"), quant_type="F16", write_mmproj=False, progress=False
+    ).lm_path
     return ck, out
 
 
@@ -148,14 +157,15 @@ def test_real_vocab_special_ids_and_types(real_vocab_gguf):
 
     def val(key):
         return f[key].contents()
-    assert val(Keys.Tokenizer.BOS_ID) == 151644      # tokenizer_config bos_token <|im_start|>
-    assert val(Keys.Tokenizer.EOS_ID) == 151645      # <|im_end|>
-    assert val(Keys.Tokenizer.UNK_ID) == 128244      # <unk> re-uses an in-vocabulary id
+
+    assert val(Keys.Tokenizer.BOS_ID) == 151644  # tokenizer_config bos_token <|im_start|>
+    assert val(Keys.Tokenizer.EOS_ID) == 151645  # <|im_end|>
+    assert val(Keys.Tokenizer.UNK_ID) == 128244  # <unk> re-uses an in-vocabulary id
     assert val(Keys.Tokenizer.PAD_ID) == 151643
     tokens, types = val(Keys.Tokenizer.LIST), val(Keys.Tokenizer.TOKEN_TYPE)
     assert len(tokens) == 151748
     assert tokens[151669] == "<image>" and types[151669] == TokenType.CONTROL
-    assert tokens[151667] == "<think>" and types[151667] == TokenType.USER_DEFINED   # special = false
+    assert tokens[151667] == "<think>" and types[151667] == TokenType.USER_DEFINED  # special = false
     assert types[151643] == TokenType.CONTROL and types[128244] == TokenType.CONTROL
     assert types[1000] == TokenType.NORMAL
 
@@ -211,11 +221,13 @@ def test_metadata_keys_and_types(tiny_lm_gguf, tiny_ckpt):
 def test_data_is_exact_f32(tiny_lm_gguf, tiny_ckpt):
     """F32 output holds the bf16 weights exactly (bf16 -> f32 is lossless), in ggml's layout."""
     from minicpmv.convert.checkpoint import Checkpoint
+
     ck = Checkpoint(tiny_ckpt)
     r = GGUFReader(tiny_lm_gguf("F32"))
     t = {x.name: x for x in r.tensors}
-    np.testing.assert_array_equal(np.asarray(t["blk.1.ffn_down.weight"].data),
-                                  ck.f32("llm.model.layers.1.mlp.down_proj.weight"))
+    np.testing.assert_array_equal(
+        np.asarray(t["blk.1.ffn_down.weight"].data), ck.f32("llm.model.layers.1.mlp.down_proj.weight")
+    )
     np.testing.assert_array_equal(np.asarray(t["output.weight"].data), ck.f32("llm.lm_head.weight"))
 
 
@@ -223,6 +235,7 @@ def test_streaming_in_row_blocks_gives_the_same_file(tiny_lm_gguf, tiny_ckpt, tm
     """Large tensors are streamed in row blocks (bounded memory); the bytes must not change."""
     from minicpmv.convert import writer
     from minicpmv.convert.pipeline import convert
+
     monkeypatch.setattr(writer, "BLOCK_ELEMENTS", 3000)  # forces many blocks per matrix
     small = convert(tiny_ckpt, tmp_path, quant_type="Q8_0", write_mmproj=False, progress=False).lm_path
     assert small.read_bytes() == tiny_lm_gguf("Q8_0").read_bytes()
@@ -234,14 +247,18 @@ def test_writer_failure_mid_stream_leaves_nothing(tmp_path, monkeypatch):
 
     from minicpmv.convert import writer
     from minicpmv.convert.plan import TensorPlan
+
     monkeypatch.setattr(writer, "BLOCK_ELEMENTS", 64)
 
     def rows(a, b):
         if a >= 32:
             raise OSError("disk went away")
         return np.ones((b - a, 32), np.float32)
-    plans = [TensorPlan("a.weight", (8, 32), lambda: np.zeros((8, 32), np.float32)),
-             TensorPlan("b.weight", (64, 32), lambda: rows(0, 64), load_rows=rows)]
+
+    plans = [
+        TensorPlan("a.weight", (8, 32), lambda: np.zeros((8, 32), np.float32)),
+        TensorPlan("b.weight", (64, 32), lambda: rows(0, 64), load_rows=rows),
+    ]
     for p in plans:
         p.ggml_type = GGMLQuantizationType.F32
     out = tmp_path / "x.gguf"

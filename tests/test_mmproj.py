@@ -23,10 +23,9 @@ from minicpmv.convert.checkpoint import Checkpoint
 from minicpmv.convert.config import CheckpointError
 from minicpmv.convert.mmproj_plan import parse_mmproj_type
 from minicpmv.convert.pipeline import convert
-
 from minicpmv.runtime.llama_backend import recent_log
-from .mtmd import IMAGE, TEXT, Mtmd
 
+from .mtmd import IMAGE, TEXT, Mtmd
 from .mtmd_slicing import mtmd_plan, mtmd_preprocess
 from .reference_vision import ReferenceVision, navit_bucket_coords, pos_embed_2d, to_pixels
 
@@ -81,12 +80,15 @@ def read(path: Path) -> gguf.GGUFReader:
 # ----------------------------------------------------------------------------------------------
 # type names, metadata, tensors
 
+
 def test_parse_mmproj_type(tiny_ckpt, tmp_path):
     assert [parse_mmproj_type(t) for t in ("F16", "f32", "BF16", "Q8_0")] == ["f16", "f32", "bf16", "q8_0"]
     with pytest.raises(ValueError, match="f16, f32, bf16, q8_0"):
         parse_mmproj_type("q4_k")
     from typer.testing import CliRunner
+
     from minicpmv.cli.convert import app
+
     res = CliRunner().invoke(app, [str(tiny_ckpt), "-o", str(tmp_path / "o"), "--no-lm", "--mmproj-type", "q4_k"])
     assert res.exit_code == 2 and "--mmproj-type" in res.output and not (tmp_path / "o").exists()
 
@@ -196,8 +198,8 @@ def test_tensor_values_and_transforms(tiny_mmproj_gguf, tiny_ckpt):
     eq(f32["resampler.kv.weight"], ck.f32("resampler.kv_proj.weight"))
     w, b = ck.f32("resampler.attn.in_proj_weight"), ck.f32("resampler.attn.in_proj_bias")
     for j, k in enumerate("qkv"):
-        eq(f32[f"resampler.attn.{k}.weight"], w[j * D:(j + 1) * D])
-        eq(f32[f"resampler.attn.{k}.bias"], b[j * D:(j + 1) * D])
+        eq(f32[f"resampler.attn.{k}.weight"], w[j * D : (j + 1) * D])
+        eq(f32[f"resampler.attn.{k}.bias"], b[j * D : (j + 1) * D])
     eq(f32["resampler.proj.weight"], ck.f32("resampler.proj").T)
     eq(f32["resampler.pos_embed_k"], pos_embed_2d(D, 70, 70).reshape(4900, D))
 
@@ -209,15 +211,16 @@ def test_tensor_values_and_transforms(tiny_mmproj_gguf, tiny_ckpt):
             if mtype == "bf16":  # the checkpoint is bf16: lossless
                 eq(y, x)
             elif mtype == "f16" or y.shape[-1] % 32 or x.ndim != 2:
-                np.testing.assert_allclose(y, x, rtol=2 ** -11, atol=2 ** -24, err_msg=name)
+                np.testing.assert_allclose(y, x, rtol=2**-11, atol=2**-24, err_msg=name)
             else:  # q8_0: error within half a step of each 32-block's scale
                 blocks = np.abs(x.reshape(-1, 32)).max(axis=1, keepdims=True) / 127
                 # q = round(x/d), d = amax/127 stored as f16
-                assert np.all(np.abs((y - x).reshape(-1, 32)) <= blocks * (0.5 + 127 * 2 ** -11) + 1e-7), name
+                assert np.all(np.abs((y - x).reshape(-1, 32)) <= blocks * (0.5 + 127 * 2**-11) + 1e-7), name
 
 
 # ----------------------------------------------------------------------------------------------
 # mtmd: loading, token layout, embeddings
+
 
 def expected_layout(w: int, h: int) -> list[str]:
     cols, rows = mtmd_plan(w, h).grid
@@ -248,14 +251,22 @@ def test_token_layout(tiny_mmproj_gguf, lm, size):
 
 def test_embedding_width_checked_by_mtmd(tiny_mmproj_gguf, lm, tmp_path):
     import llama_cpp
+
     with Mtmd.open(tiny_mmproj_gguf("f16"), lm, vocab_only=False) as mt:  # full LM: mtmd compares widths
         assert llama_cpp.llama_model_n_embd_inp(mt.lm.model) == mt.n_embd == 256
         (emb,) = mt.encode_image(make_image(448, 448))
         assert emb.shape == (64, 256) and np.isfinite(emb).all()
     # an mmproj from a checkpoint whose LM is 128 wide is refused next to the 256-wide LM
     from minicpmv.convert.synthetic import make_checkpoint
-    other = make_checkpoint(tmp_path / "narrow", "tiny", hidden_size=128, num_attention_heads=2,
-                            num_key_value_heads=1, intermediate_size=256)
+
+    other = make_checkpoint(
+        tmp_path / "narrow",
+        "tiny",
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=256,
+    )
     narrow = convert(other, tmp_path / "out", quant_type="F32", write_lm=False, progress=False).mmproj_path
     with pytest.raises(RuntimeError, match="mtmd could not load"):
         Mtmd.open(narrow, lm, vocab_only=False)
@@ -274,8 +285,9 @@ def test_mtmd_embeddings_match_reference(tiny_mmproj_gguf, lm, ref_out, mtype):
             for g, r in zip(got, want):
                 assert g.shape == r.shape == (64, 256)
                 worst = max(worst, float(np.abs(g - r).max()))
-                worst_cos = min(worst_cos, float(np.min(np.sum(g * r, 1) / np.linalg.norm(g, axis=1)
-                                                        / np.linalg.norm(r, axis=1))))
+                worst_cos = min(
+                    worst_cos, float(np.min(np.sum(g * r, 1) / np.linalg.norm(g, axis=1) / np.linalg.norm(r, axis=1)))
+                )
     print(f"{mtype}: max |mtmd - reference| = {worst:.3g}, min cosine = {worst_cos:.7f}")
     assert worst < BOUND[mtype] and worst_cos > MIN_COS[mtype]
 
@@ -333,7 +345,7 @@ def test_mtmd_letterboxes_slices_the_reference_stretches(tiny_mmproj_gguf, lm, r
     plan = mtmd_plan(w, h)
     (tw, th), (sw, sh) = plan.refined, plan.slice
     stretched = np.asarray(Image.fromarray(img).resize((tw, th), Image.BICUBIC))
-    hf_slices = [stretched[r * sh:(r + 1) * sh, c * sw:(c + 1) * sw] for r in range(2) for c in range(2)]
+    hf_slices = [stretched[r * sh : (r + 1) * sh, c * sw : (c + 1) * sw] for r in range(2) for c in range(2)]
     hf = ref.embed([to_pixels(x) for x in hf_slices]).numpy()
     with Mtmd.open(tiny_mmproj_gguf("f32"), lm) as mt:
         got = mt.encode_image(img)
@@ -345,6 +357,7 @@ def test_mtmd_letterboxes_slices_the_reference_stretches(tiny_mmproj_gguf, lm, r
 
 # ----------------------------------------------------------------------------------------------
 # bad input
+
 
 def _variant(src: Path, dst: Path, **vision) -> Path:
     """The checkpoint's files (linked) with vision_config entries replaced in config.json."""
@@ -358,10 +371,13 @@ def _variant(src: Path, dst: Path, **vision) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("override, tensor, have, want", [
-    ({"intermediate_size": 256}, "vpm.encoder.layers.0.mlp.fc1.weight", (200, 96), (256, 96)),
-    ({"hidden_size": 128}, "vpm.embeddings.patch_embedding.weight", (96, 3, 14, 14), (128, 3, 14, 14)),
-])
+@pytest.mark.parametrize(
+    "override, tensor, have, want",
+    [
+        ({"intermediate_size": 256}, "vpm.encoder.layers.0.mlp.fc1.weight", (200, 96), (256, 96)),
+        ({"hidden_size": 128}, "vpm.embeddings.patch_embedding.weight", (96, 3, 14, 14), (128, 3, 14, 14)),
+    ],
+)
 def test_vision_config_disagreeing_with_tensors(tiny_ckpt, tmp_path, override, tensor, have, want):
     bad = _variant(tiny_ckpt, tmp_path / "bad", **override)
     out = tmp_path / "out"
@@ -372,7 +388,9 @@ def test_vision_config_disagreeing_with_tensors(tiny_ckpt, tmp_path, override, t
     assert not out.exists() or not any(out.iterdir())
 
     from typer.testing import CliRunner
+
     from minicpmv.cli.convert import app
+
     res = CliRunner().invoke(app, [str(bad), "-o", str(out), "--no-lm", "--quiet"])
     assert res.exit_code != 0 and tensor in res.output
     assert not out.exists() or not any(out.iterdir())
@@ -381,8 +399,10 @@ def test_vision_config_disagreeing_with_tensors(tiny_ckpt, tmp_path, override, t
 def test_unsupported_vision_geometry(tiny_ckpt):
     """Checkpoints llama.cpp's clip cannot run are refused with the reason (one line)."""
     import dataclasses
+
     from minicpmv.convert.config import load_config
     from minicpmv.convert.mmproj_plan import check_supported
+
     cfg = load_config(tiny_ckpt)
     check_supported(cfg, "config.json")
     v64 = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=896))  # 64 per side
@@ -396,10 +416,12 @@ def test_unsupported_vision_geometry(tiny_ckpt):
 # ----------------------------------------------------------------------------------------------
 # the oracle itself: padding/masking and temporal grouping against simpler formulations
 
+
 def test_reference_batching_and_temporal_groups(ref):
     """Batched slices of different sizes (padding + masks) equal one-by-one runs; a temporal group
     equals torch's own nn.MultiheadAttention over the group's unpadded keys concatenated."""
     from .reference_vision import temporal_embed
+
     rng = np.random.default_rng(1)
     px = [rng.uniform(-1, 1, (3, 14 * h, 14 * w)).astype(np.float32) for h, w in ((3, 5), (4, 4), (2, 3))]
     sizes = [(3, 5), (4, 4), (2, 3)]
@@ -418,7 +440,10 @@ def test_reference_batching_and_temporal_groups(ref):
         mha.in_proj_bias.copy_(W["resampler.attn.in_proj_bias"])
         mha.out_proj.weight.copy_(W["resampler.attn.out_proj.weight"])
         mha.out_proj.bias.copy_(W["resampler.attn.out_proj.bias"])
-        ln = lambda x, n: torch.nn.functional.layer_norm(x, (D,), W[n + ".weight"], W[n + ".bias"], 1e-6)
+
+        def ln(x, n):
+            return torch.nn.functional.layer_norm(x, (D,), W[n + ".weight"], W[n + ".bias"], 1e-6)
+
         q = ln(W["resampler.query"], "resampler.ln_q")
 
         def manual(idx, tids):

@@ -34,7 +34,7 @@ from minicpmv.convert import modelfile as mf
 from minicpmv.convert.config import CheckpointError
 from minicpmv.convert.writer import OutputExistsError
 
-from .ollama_modelfile_parser import ModelfileError, load, lint, parse, validate
+from .ollama_modelfile_parser import ModelfileError, lint, load, parse, validate
 
 REFERENCE_TOKENIZER_CONFIG = Path(minicpmv.convert.__file__).parent / "reference_files" / "tokenizer_config.json"
 
@@ -55,17 +55,23 @@ def test_written_modelfile_passes_ollama_parser(tmp_path):
     assert path == tmp_path / "Modelfile"
     m = validate(path.read_text(encoding="utf-8"))
     assert m.froms == ["./MiniCPM-V-4.5-Q4_K_M.gguf", "./mmproj-MiniCPM-V-4.5-F16.gguf"]  # LM first
-    assert m.template == mf.TEMPLATE                        # survives the """ quoting byte for byte
-    assert m.system is None                                 # the reference has no default system prompt
-    assert m.params == {"stop": ["<|im_end|>", "<|endoftext|>"], "temperature": 0.7, "top_p": 0.8,
-                        "top_k": 100, "repeat_penalty": 1.03, "num_ctx": 8192}
-    assert m.warnings == [] and m.requires is None          # REQUIRES would break Ollama < 0.14
+    assert m.template == mf.TEMPLATE  # survives the """ quoting byte for byte
+    assert m.system is None  # the reference has no default system prompt
+    assert m.params == {
+        "stop": ["<|im_end|>", "<|endoftext|>"],
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 100,
+        "repeat_penalty": 1.03,
+        "num_ctx": 8192,
+    }
+    assert m.warnings == [] and m.requires is None  # REQUIRES would break Ollama < 0.14
     # each PARAMETER stop line holds one token, quoted
     assert re.findall(r"^PARAMETER stop (.*)$", path.read_text(), re.M) == ['"<|im_end|>"', '"<|endoftext|>"']
 
 
 def test_from_paths_are_relative_to_the_modelfile(tmp_path):
-    lm = _touch(tmp_path / "weights" / "lm model.gguf")    # a space in the name is fine unquoted
+    lm = _touch(tmp_path / "weights" / "lm model.gguf")  # a space in the name is fine unquoted
     mm = _touch(tmp_path / "proj" / "mmproj.gguf")
     out = tmp_path / "ollama"
     m = validate(mf.write_modelfile(out, lm, mm).read_text(encoding="utf-8"))
@@ -82,7 +88,7 @@ def test_write_refuses_overwrite_and_is_atomic(tmp_path):
     with pytest.raises(OutputExistsError, match="Modelfile: output exists"):
         mf.write_modelfile(tmp_path, lm, mm)
     assert path.read_text() == "FROM ./hand-edited.gguf\n"
-    with pytest.raises(ValueError, match='three double quotes'):       # fails before writing
+    with pytest.raises(ValueError, match="three double quotes"):  # fails before writing
         mf.write_modelfile(tmp_path, lm, mm, force=True, system='say """hi"""')
     assert path.read_text() == "FROM ./hand-edited.gguf\n"
     mf.write_modelfile(tmp_path, lm, mm, force=True)
@@ -130,8 +136,7 @@ def test_validator_accepts_legal_forms():
     assert m.froms == ["./lm.gguf", "/abs/mmproj.gguf"]
     assert m.template == '{{ .Prompt }}\nsecond "line"'
     assert m.system == "multi\nline"
-    assert m.params == {"stop": ["<|im_end|>", "<|endoftext|>"], "num_ctx": 4096, "temperature": 0.5,
-                        "use_mmap": False}
+    assert m.params == {"stop": ["<|im_end|>", "<|endoftext|>"], "num_ctx": 4096, "temperature": 0.5, "use_mmap": False}
     assert m.warnings == ["warning: parameter mirostat is deprecated"]
     assert m.messages == [("user", "hello there")] and m.licenses == ["MIT"] and m.requires == "0.14.0"
 
@@ -146,24 +151,27 @@ def test_cookbook_json_stop_list_is_one_literal_string():
         validate(text)
 
 
-@pytest.mark.parametrize("text, error", [
-    ("PARAMETER temperature 0.7\n", "no FROM line"),
-    ("FORM ./m.gguf\n", "command must be one of"),
-    ("FROM ./m.gguf\nSTOP <|im_end|>\n", "command must be one of"),
-    ("FROM\n", "command must be one of"),
-    ("FROM ./m.gguf\nPARAMETER top_a 0.5\n", "unknown parameter 'top_a'"),
-    ("FROM ./m.gguf\nPARAMETER Temperature 0.7\n", "unknown parameter 'Temperature'"),  # names are case-sensitive
-    ("FROM ./m.gguf\nPARAMETER num_ctx 8k\n", "invalid int value"),
-    ("FROM ./m.gguf\nPARAMETER num_ctx 8192.0\n", "invalid int value"),
-    ("FROM ./m.gguf\nPARAMETER temperature hot\n", "invalid float value"),
-    ("FROM ./m.gguf\nPARAMETER use_mmap yes\n", "invalid bool value"),
-    ("FROM ./m.gguf\nPARAMETER stop-words x\n", "unexpected EOF"),
-    ("FROM ./m.gguf\nPARAMETER stop [\"<|im_end|>\", \"<|endoftext|>\"]\n", "one PARAMETER stop line"),
-    ('FROM ./m.gguf\nTEMPLATE """{{ .Prompt }}\n', "unterminated"),
-    ('FROM ./m.gguf\nSYSTEM "never closed\nsecond line\n', "unterminated"),
-    ("FROM ./m.gguf\nMESSAGE tool hi\n", "message role must be one of"),
-    ("FROM ./m.gguf\nREQUIRES latest\n", "valid semver"),
-])
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("PARAMETER temperature 0.7\n", "no FROM line"),
+        ("FORM ./m.gguf\n", "command must be one of"),
+        ("FROM ./m.gguf\nSTOP <|im_end|>\n", "command must be one of"),
+        ("FROM\n", "command must be one of"),
+        ("FROM ./m.gguf\nPARAMETER top_a 0.5\n", "unknown parameter 'top_a'"),
+        ("FROM ./m.gguf\nPARAMETER Temperature 0.7\n", "unknown parameter 'Temperature'"),  # names are case-sensitive
+        ("FROM ./m.gguf\nPARAMETER num_ctx 8k\n", "invalid int value"),
+        ("FROM ./m.gguf\nPARAMETER num_ctx 8192.0\n", "invalid int value"),
+        ("FROM ./m.gguf\nPARAMETER temperature hot\n", "invalid float value"),
+        ("FROM ./m.gguf\nPARAMETER use_mmap yes\n", "invalid bool value"),
+        ("FROM ./m.gguf\nPARAMETER stop-words x\n", "unexpected EOF"),
+        ('FROM ./m.gguf\nPARAMETER stop ["<|im_end|>", "<|endoftext|>"]\n', "one PARAMETER stop line"),
+        ('FROM ./m.gguf\nTEMPLATE """{{ .Prompt }}\n', "unterminated"),
+        ('FROM ./m.gguf\nSYSTEM "never closed\nsecond line\n', "unterminated"),
+        ("FROM ./m.gguf\nMESSAGE tool hi\n", "message role must be one of"),
+        ("FROM ./m.gguf\nREQUIRES latest\n", "valid semver"),
+    ],
+)
 def test_validator_rejects_known_bad_forms(text, error):
     with pytest.raises(ModelfileError, match=re.escape(error)):
         validate(text)
@@ -180,19 +188,20 @@ def test_triple_quote_block_ends_at_first_closing_line():
 # ----------------------------------------------------------------------------------------------
 # Template logic: hand-reviewed table vs the reference Jinja template
 
+
 @dataclass
 class Turn:
     role: str
     text: str
     images: int = 0
-    thinking: str = ""   # assistant only: the trace Ollama keeps in message.thinking
+    thinking: str = ""  # assistant only: the trace Ollama keeps in message.thinking
 
 
 @dataclass
 class Case:
     turns: list[Turn]
-    think: bool | None          # Ollama's `think` (None: not sent) == reference enable_thinking
-    expected: str               # what TEMPLATE renders for Ollama's messages (hand-reviewed)
+    think: bool | None  # Ollama's `think` (None: not sent) == reference enable_thinking
+    expected: str  # what TEMPLATE renders for Ollama's messages (hand-reviewed)
     exact_image_newline: bool = field(default=False)  # user wrote "[img]\n" (see case below)
 
 
@@ -200,52 +209,68 @@ Q = "What is in the image?"
 EXPECTED: dict[str, Case] = {
     # reference chat() default: thinking off -> empty think block after the assistant header
     "single_image_thinking_off": Case(
-        [Turn("user", Q, images=1)], False,
-        "<|im_start|>user\n[img-0]What is in the image?<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+        [Turn("user", Q, images=1)],
+        False,
+        "<|im_start|>user\n[img-0]What is in the image?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    ),
     # enable_thinking=True opens the think block; Ollama's parser sees the prompt end in <think>
     "single_image_thinking_on": Case(
-        [Turn("user", Q, images=1)], True,
-        "<|im_start|>user\n[img-0]What is in the image?<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n"),
+        [Turn("user", Q, images=1)],
+        True,
+        "<|im_start|>user\n[img-0]What is in the image?<|im_end|>\n<|im_start|>assistant\n<think>\n",
+    ),
     # enable_thinking undefined: nothing after the header (older Ollama without think defaults)
     "single_image_thinking_unset": Case(
-        [Turn("user", Q, images=1)], None,
-        "<|im_start|>user\n[img-0]What is in the image?<|im_end|>\n"
-        "<|im_start|>assistant\n"),
+        [Turn("user", Q, images=1)],
+        None,
+        "<|im_start|>user\n[img-0]What is in the image?<|im_end|>\n<|im_start|>assistant\n",
+    ),
     "system_prompt_text_only": Case(
-        [Turn("system", "You are a helpful assistant."), Turn("user", "Hello!")], False,
+        [Turn("system", "You are a helpful assistant."), Turn("user", "Hello!")],
+        False,
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nHello!<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    ),
     # the past answer's thinking is dropped from history; the new turn thinks again
     "multi_turn_past_thinking": Case(
-        [Turn("user", "What landform is this?", images=1),
-         Turn("assistant", "A mountain range.", thinking="Snowy peaks and ridges.\nSo mountains."),
-         Turn("user", "Which country could it be in?")], True,
+        [
+            Turn("user", "What landform is this?", images=1),
+            Turn("assistant", "A mountain range.", thinking="Snowy peaks and ridges.\nSo mountains."),
+            Turn("user", "Which country could it be in?"),
+        ],
+        True,
         "<|im_start|>user\n[img-0]What landform is this?<|im_end|>\n"
         "<|im_start|>assistant\nA mountain range.<|im_end|>\n"
         "<|im_start|>user\nWhich country could it be in?<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n"),
+        "<|im_start|>assistant\n<think>\n",
+    ),
     "multi_turn_thinking_off_two_images": Case(
-        [Turn("user", "Compare them.", images=2),
-         Turn("assistant", "The left one is brighter.", thinking="Looking at both."),
-         Turn("user", "And this one?", images=1)], False,
+        [
+            Turn("user", "Compare them.", images=2),
+            Turn("assistant", "The left one is brighter.", thinking="Looking at both."),
+            Turn("user", "And this one?", images=1),
+        ],
+        False,
         "<|im_start|>user\n[img-0][img-1]Compare them.<|im_end|>\n"
         "<|im_start|>assistant\nThe left one is brighter.<|im_end|>\n"
         "<|im_start|>user\n[img-2]And this one?<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    ),
     # a trailing assistant message is a prefill: kept open (no <|im_end|>), its thinking kept
     "prefill_with_thinking": Case(
-        [Turn("user", "Name a colour."), Turn("assistant", "Blue", thinking="Pick one.")], True,
-        "<|im_start|>user\nName a colour.<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\nPick one.\n</think>\n\nBlue"),
+        [Turn("user", "Name a colour."), Turn("assistant", "Blue", thinking="Pick one.")],
+        True,
+        "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n<think>\nPick one.\n</think>\n\nBlue",
+    ),
     # "[img]" in the text places the image (Ollama replaces it with [img-N]); writing "[img]\n"
     # first reproduces the reference's "(<image>./</image>)\n" separator exactly
     "image_placeholder_newline": Case(
-        [Turn("user", "[img]\n" + Q, images=1)], False,
-        "<|im_start|>user\n[img-0]\nWhat is in the image?<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n\n</think>\n\n", exact_image_newline=True),
+        [Turn("user", "[img]\n" + Q, images=1)],
+        False,
+        "<|im_start|>user\n[img-0]\nWhat is in the image?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+        exact_image_newline=True,
+    ),
 }
 
 # sha256 of mf.TEMPLATE the table was reviewed against (and run through Go text/template 1.19)
@@ -318,21 +343,22 @@ def test_table_is_pinned_to_template():
     digest = hashlib.sha256(mf.TEMPLATE.encode()).hexdigest()
     assert digest == TEMPLATE_SHA256, (
         "TEMPLATE changed: re-review EXPECTED by hand (and run test_go_executes_table with Go), "
-        f"then set TEMPLATE_SHA256 = {digest!r}")
+        f"then set TEMPLATE_SHA256 = {digest!r}"
+    )
 
 
 def test_template_structure_for_ollama():
     t = mf.TEMPLATE
     # Ollama's capability check (thinking.InferTags): .Thinking inside `range .Messages`, in a block
     # whose first and last text are the literal tags
-    loop = t[t.index("range $i, $_ := .Messages"):]
+    loop = t[t.index("range $i, $_ := .Messages") :]
     assert re.search(r"\}\}<think>\n\{\{ \.Thinking \}\}\n</think>\n\n\{\{ end \}\}", loop)
     assert "$.IsThinkSet" in t and "$.Think " in t
     assert '"""' not in t and t.count("{{") == t.count("}}")
     assert "{{ .Content }}" in t and ".Images" not in t  # Ollama already placed [img-N] in .Content
 
 
-GO_HELPER = r'''
+GO_HELPER = r"""
 package main
 
 import (
@@ -435,7 +461,7 @@ func main() {
 	open, close := tags(tmpl.Tree.Root)
 	json.NewEncoder(os.Stdout).Encode(map[string]any{"outputs": outs, "open": open, "close": close})
 }
-'''
+"""
 
 
 def test_go_executes_table(tmp_path):
@@ -444,12 +470,20 @@ def test_go_executes_table(tmp_path):
         pytest.skip("go not installed: the hand-reviewed table stands in for text/template")
     (tmp_path / "main.go").write_text(GO_HELPER)
     names = sorted(EXPECTED)
-    payload = {"template": mf.TEMPLATE,
-               "cases": [{"messages": ollama_messages(EXPECTED[n].turns), "think": EXPECTED[n].think}
-                         for n in names]}
+    payload = {
+        "template": mf.TEMPLATE,
+        "cases": [{"messages": ollama_messages(EXPECTED[n].turns), "think": EXPECTED[n].think} for n in names],
+    }
     env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=mod", GO111MODULE="auto")
-    r = subprocess.run([go, "run", "main.go"], cwd=tmp_path, input=json.dumps(payload),
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [go, "run", "main.go"],
+        cwd=tmp_path,
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     for n, got in zip(names, out["outputs"]):
@@ -464,8 +498,7 @@ def test_go_executes_table(tmp_path):
 def _kv(path: Path) -> dict[str, object]:
     """Metadata values (the big tokenizer arrays skipped)."""
     r = gguf.GGUFReader(path)
-    return {k: f.contents() for k, f in r.fields.items()
-            if not k.startswith(("tokenizer.ggml.", "GGUF."))}
+    return {k: f.contents() for k, f in r.fields.items() if not k.startswith(("tokenizer.ggml.", "GGUF."))}
 
 
 def ollama_layer_kind(kv: dict[str, object]) -> tuple[str, str]:
@@ -477,9 +510,19 @@ def ollama_layer_kind(kv: dict[str, object]) -> tuple[str, str]:
     if gtype == "adapter":
         return "adapter", "adapter"
     old = "projector" if (block == 0 and vblock > 0) or gtype == "projector" else "model"
-    new = "projector" if (gtype in ("projector", "mmproj") or (block == 0 and vblock > 0) or (
-        arch == "clip" and block == 0 and (kv.get("clip.has_vision_encoder") or kv.get("clip.has_audio_encoder")))) \
+    new = (
+        "projector"
+        if (
+            gtype in ("projector", "mmproj")
+            or (block == 0 and vblock > 0)
+            or (
+                arch == "clip"
+                and block == 0
+                and (kv.get("clip.has_vision_encoder") or kv.get("clip.has_audio_encoder"))
+            )
+        )
         else "model"
+    )
     return new, old
 
 
@@ -507,7 +550,7 @@ def test_mmproj_has_what_ollama_projector_detection_needs(request):
 
 def test_lm_has_what_ollama_needs_for_family_size_and_template(request):
     kv = _kv(_fixture_path(request, "tiny_lm_gguf", "F32"))
-    assert kv["general.architecture"] == "qwen3"              # model_family
+    assert kv["general.architecture"] == "qwen3"  # model_family
     assert kv.get("general.size_label") or kv.get("general.name")
     assert kv.get("general.type", "model") == "model"
     assert ollama_layer_kind(kv) == ("model", "model")
@@ -558,16 +601,27 @@ def test_modelfile_for_existing_folder_and_files(tmp_path):
     assert validate(p2.read_text()).froms == ["../models/b-projector.gguf", "../models/a-language-model.gguf"]
 
 
-@pytest.mark.parametrize("setup, error", [
-    (lambda d: [_tiny_gguf(d / "x.gguf", "qwen3")], "exactly one mmproj"),
-    (lambda d: [_tiny_gguf(d / "x.gguf", "clip")], "exactly one language-model"),
-    (lambda d: [_tiny_gguf(d / "a.gguf", "qwen3"), _tiny_gguf(d / "b.gguf", "qwen3"),
-                _tiny_gguf(d / "c.gguf", "clip")], "found"),
-    (lambda d: [_tiny_gguf(d / "a.gguf", "llama"), _tiny_gguf(d / "c.gguf", "clip")], "'llama'"),
-    (lambda d: [(d / "a.gguf").write_bytes(b"not a gguf at all, just text"), _tiny_gguf(d / "c.gguf", "clip")],
-     "a.gguf: not a GGUF file (starts with 6e 6f 74 20)"),
-    (lambda d: [], "no .gguf files"),
-])
+@pytest.mark.parametrize(
+    "setup, error",
+    [
+        (lambda d: [_tiny_gguf(d / "x.gguf", "qwen3")], "exactly one mmproj"),
+        (lambda d: [_tiny_gguf(d / "x.gguf", "clip")], "exactly one language-model"),
+        (
+            lambda d: [
+                _tiny_gguf(d / "a.gguf", "qwen3"),
+                _tiny_gguf(d / "b.gguf", "qwen3"),
+                _tiny_gguf(d / "c.gguf", "clip"),
+            ],
+            "found",
+        ),
+        (lambda d: [_tiny_gguf(d / "a.gguf", "llama"), _tiny_gguf(d / "c.gguf", "clip")], "'llama'"),
+        (
+            lambda d: [(d / "a.gguf").write_bytes(b"not a gguf at all, just text"), _tiny_gguf(d / "c.gguf", "clip")],
+            "a.gguf: not a GGUF file (starts with 6e 6f 74 20)",
+        ),
+        (lambda d: [], "no .gguf files"),
+    ],
+)
 def test_modelfile_for_existing_rejects_bad_folders(tmp_path, setup, error):
     setup(tmp_path)
     with pytest.raises(CheckpointError, match=re.escape(error)):

@@ -167,8 +167,15 @@ def local_env(home: Path, endpoint: str = "http://127.0.0.1:9") -> dict[str, str
 
 def sh(script: str, cwd: Path, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
     """README lines through bash, stopping at the first that fails."""
-    res = subprocess.run(["bash", "-e", "-c", script], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                         capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(
+        ["bash", "-e", "-c", script],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert res.returncode == 0, f"exit {res.returncode} from README lines\n{script}\n--- stderr:\n{res.stderr[-4000:]}"
     return res
 
@@ -177,12 +184,21 @@ def sh(script: str, cwd: Path, env: dict[str, str], timeout: float = 900) -> sub
 def hub(tiny, tiny_ckpt):
     """The published repos as the examples name them, holding the tiny model's files."""
     b = {k: p.read_bytes() for k, p in tiny.items()}
-    s = HubStandIn({
-        "openbmb/MiniCPM-V-4_5-gguf": Repo({"ggml-model-Q4_K_M.gguf": b["Q4_K_M"], "ggml-model-Q8_0.gguf": b["Q8_0"],
-                                            "mmproj-model-f16.gguf": b["mmproj"]}),
-        "you/minicpmv-gguf": Repo({"MiniCPM-V-4.5-Q6_K.gguf": b["Q6_K"], "mmproj-MiniCPM-V-4.5-F16.gguf": b["mmproj"]}),
-        "openbmb/MiniCPM-V-4_5": Repo({p.name: p.read_bytes() for p in tiny_ckpt.iterdir() if p.is_file()}),
-    }).start()
+    s = HubStandIn(
+        {
+            "openbmb/MiniCPM-V-4_5-gguf": Repo(
+                {
+                    "ggml-model-Q4_K_M.gguf": b["Q4_K_M"],
+                    "ggml-model-Q8_0.gguf": b["Q8_0"],
+                    "mmproj-model-f16.gguf": b["mmproj"],
+                }
+            ),
+            "you/minicpmv-gguf": Repo(
+                {"MiniCPM-V-4.5-Q6_K.gguf": b["Q6_K"], "mmproj-MiniCPM-V-4.5-F16.gguf": b["mmproj"]}
+            ),
+            "openbmb/MiniCPM-V-4_5": Repo({p.name: p.read_bytes() for p in tiny_ckpt.iterdir() if p.is_file()}),
+        }
+    ).start()
     yield s
     s.stop()
     assert not s.unexpected, f"requests outside the Hub API subset: {s.unexpected}"
@@ -211,8 +227,12 @@ def test_quickstart_downloads_the_default_model_and_answers(hub, env, media, tmp
 def test_hub_variants_think_json_and_video(hub, env, media, tmp_path):
     res = sh(example("hub-variants"), workdir(tmp_path / "w", media), env)
     # the exported MINICPMV_MODEL (Q8_0) serves the last two lines: Q4_K_M, the default, is never fetched
-    assert fetched(hub) == ["MiniCPM-V-4.5-Q6_K.gguf", "ggml-model-Q8_0.gguf", "mmproj-MiniCPM-V-4.5-F16.gguf",
-                            "mmproj-model-f16.gguf"]
+    assert fetched(hub) == [
+        "MiniCPM-V-4.5-Q6_K.gguf",
+        "ggml-model-Q8_0.gguf",
+        "mmproj-MiniCPM-V-4.5-F16.gguf",
+        "mmproj-model-f16.gguf",
+    ]
     objects = []
     for line in res.stdout.splitlines():
         try:
@@ -226,14 +246,18 @@ def test_hub_variants_think_json_and_video(hub, env, media, tmp_path):
 def test_convert_from_the_hub_then_run(hub, env, media, tiny_ckpt, tmp_path):
     wd = workdir(tmp_path / "w", media)
     sh(example("convert-yourself"), wd, env)
-    assert sorted(p.name for p in (wd / "minicpmv-gguf").iterdir()) == \
-        ["MiniCPM-V-4.5-Q4_K_M.gguf", "Modelfile", "mmproj-MiniCPM-V-4.5-F16.gguf"]
+    assert sorted(p.name for p in (wd / "minicpmv-gguf").iterdir()) == [
+        "MiniCPM-V-4.5-Q4_K_M.gguf",
+        "Modelfile",
+        "mmproj-MiniCPM-V-4.5-F16.gguf",
+    ]
     assert set(fetched(hub)) <= {p.name for p in tiny_ckpt.iterdir()}
 
 
 def test_openbmb_file_names_run_as_they_are(media, tiny, tmp_path):
-    wd = workdir(tmp_path / "w", media, **{"ggml-model-Q4_K_M.gguf": tiny["Q4_K_M"],
-                                           "mmproj-model-f16.gguf": tiny["mmproj"]})
+    wd = workdir(
+        tmp_path / "w", media, **{"ggml-model-Q4_K_M.gguf": tiny["Q4_K_M"], "mmproj-model-f16.gguf": tiny["mmproj"]}
+    )
     sh(example("openbmb-files"), wd, local_env(tmp_path / "home"))
 
 
@@ -274,13 +298,25 @@ def test_web_lines_start_the_page(hub, env, media, tmp_path):
 def test_python_api_block(media, tiny, tmp_path):
     """The block unchanged, in a folder with ./minicpmv-gguf (the tiny Q4_K_M + f16 mmproj), photo.jpg
     and clip.mp4: load, chat, thinking, streaming, multi-turn, video."""
-    wd = workdir(tmp_path / "w", media, **{"minicpmv-gguf/MiniCPM-V-4.5-Q4_K_M.gguf": tiny["Q4_K_M"],
-                                           "minicpmv-gguf/mmproj-MiniCPM-V-4.5-F16.gguf": tiny["mmproj"]})
+    wd = workdir(
+        tmp_path / "w",
+        media,
+        **{
+            "minicpmv-gguf/MiniCPM-V-4.5-Q4_K_M.gguf": tiny["Q4_K_M"],
+            "minicpmv-gguf/mmproj-MiniCPM-V-4.5-F16.gguf": tiny["mmproj"],
+        },
+    )
     (wd / "example.py").write_text(example("python-api"))
-    res = subprocess.run([sys.executable, "example.py"], cwd=wd, env=local_env(tmp_path / "home"),
-                         capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [sys.executable, "example.py"],
+        cwd=wd,
+        env=local_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "\n---\n" in res.stdout   # the thinking print ran
+    assert "\n---\n" in res.stdout  # the thinking print ran
 
 
 def hub_alternative(code: str) -> str:
@@ -289,7 +325,7 @@ def hub_alternative(code: str) -> str:
     at = next(i for i, ln in enumerate(lines) if ln.startswith("# or from the Hub"))
     assert lines[at - 1].startswith("model = MiniCPMV.load("), lines[at - 1]
     alt = []
-    for ln in lines[at + 1:]:
+    for ln in lines[at + 1 :]:
         if not ln.startswith("# "):
             break
         try:
@@ -298,14 +334,13 @@ def hub_alternative(code: str) -> str:
             break
         alt.append(ln[2:])
     assert len(alt) == 2 and alt[1].startswith("model = "), f"the Hub alternative is not two commented lines: {alt}"
-    return "\n".join(lines[:at - 1] + alt + lines[at + 1 + len(alt):]) + "\n"
+    return "\n".join(lines[: at - 1] + alt + lines[at + 1 + len(alt) :]) + "\n"
 
 
 def test_python_api_block_from_the_hub(hub, env, media, tmp_path):
     wd = workdir(tmp_path / "w", media)
     (wd / "example.py").write_text(hub_alternative(example("python-api")))
-    res = subprocess.run([sys.executable, "example.py"], cwd=wd, env=env, capture_output=True, text=True,
-                         timeout=900)
+    res = subprocess.run([sys.executable, "example.py"], cwd=wd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     assert fetched(hub) == ["ggml-model-Q4_K_M.gguf", "mmproj-model-f16.gguf"]
 
@@ -334,22 +369,30 @@ def converted(media, tiny_ckpt, tmp_path_factory) -> Path:
 def test_ollama_lines(converted, media, tiny, tmp_path):
     _, modelfile_only, ollama = ollama_commands()
     out = converted / "OUT"
-    assert sorted(p.name for p in out.iterdir()) == \
-        ["MiniCPM-V-4.5-Q4_K_M.gguf", "Modelfile", "mmproj-MiniCPM-V-4.5-F16.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "MiniCPM-V-4.5-Q4_K_M.gguf",
+        "Modelfile",
+        "mmproj-MiniCPM-V-4.5-F16.gguf",
+    ]
     # `ollama create NAME -f OUT/Modelfile`: the Modelfile parses as Ollama parses it and its FROM
     # lines (language model first) name the two files, relative to the Modelfile
     create = ollama[0].argv
     assert create[:2] == ["ollama", "create"] and create[3:] == ["-f", "OUT/Modelfile"]
     mf = ollama_modelfile_parser.validate((converted / create[4]).read_text())
-    assert [(out / f).resolve() for f in mf.froms] == \
-        [out / "MiniCPM-V-4.5-Q4_K_M.gguf", out / "mmproj-MiniCPM-V-4.5-F16.gguf"]
+    assert [(out / f).resolve() for f in mf.froms] == [
+        out / "MiniCPM-V-4.5-Q4_K_M.gguf",
+        out / "mmproj-MiniCPM-V-4.5-F16.gguf",
+    ]
     # every `ollama run` uses the model `ollama create` made, and so does the API example
     assert {c.argv[2] for c in ollama[1:]} == {create[2]} and {c.argv[1] for c in ollama[1:]} == {"run"}
     assert f'"model": "{create[2]}"' in example("ollama-api")
 
     # the alternative: a Modelfile for GGUFs one already has, found by metadata (OpenBMB's names here)
-    wd = workdir(tmp_path / "w", media, **{"OUT/ggml-model-Q4_K_M.gguf": tiny["Q4_K_M"],
-                                           "OUT/mmproj-model-f16.gguf": tiny["mmproj"]})
+    wd = workdir(
+        tmp_path / "w",
+        media,
+        **{"OUT/ggml-model-Q4_K_M.gguf": tiny["Q4_K_M"], "OUT/mmproj-model-f16.gguf": tiny["mmproj"]},
+    )
     sh(modelfile_only.text, wd, local_env(tmp_path / "home"))
     mf = ollama_modelfile_parser.validate((wd / "OUT" / "Modelfile").read_text())
     assert [Path(f).name for f in mf.froms] == ["ggml-model-Q4_K_M.gguf", "mmproj-model-f16.gguf"]
@@ -398,7 +441,7 @@ class Receiver:
         rec = self
 
         class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"   # answers curl's "Expect: 100-continue" for a large body
+            protocol_version = "HTTP/1.1"  # answers curl's "Expect: 100-continue" for a large body
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -442,15 +485,24 @@ def send(name: str, url: str, files: list[str], wd: Path, tmp_path: Path) -> tup
     assert script.count(url) == 1 and script.count("python3 - photo.jpg > request.json") == 1
     script = script.replace("python3 - photo.jpg", "python3 - " + " ".join(files))
     with Receiver() as rx:
-        env = {"PATH": only_tools(tmp_path / f"bin-{len(files)}", "python3", "curl"), "HOME": str(tmp_path),
-               "LANG": "C.UTF-8"}
-        res = subprocess.run([shutil.which("bash"), "-e", "-c", script.replace(url, rx.url)], cwd=wd, env=env,
-                             capture_output=True, text=True, timeout=120)
+        env = {
+            "PATH": only_tools(tmp_path / f"bin-{len(files)}", "python3", "curl"),
+            "HOME": str(tmp_path),
+            "LANG": "C.UTF-8",
+        }
+        res = subprocess.run(
+            [shutil.which("bash"), "-e", "-c", script.replace(url, rx.url)],
+            cwd=wd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(rx.requests) == 1, rx.requests
     method, path, headers, body = rx.requests[0]
     written = (wd / "request.json").read_bytes()
-    assert body == written, "curl -d @request.json did not send the file as it is"   # -d drops CR/LF
+    assert body == written, "curl -d @request.json did not send the file as it is"  # -d drops CR/LF
     return json.loads(written), body, path
 
 
@@ -472,8 +524,9 @@ def test_llama_server_request_file(media, files, tmp_path):
     req, body, path = send("llama-server-api", LLAMA_SERVER_URL, files, wd, tmp_path)
     assert path == "/v1/chat/completions"
     images = check_llama_server_chat(req)
-    assert images == [({".jpg": "image/jpeg", ".png": "image/png"}[Path(f).suffix], media[f].read_bytes())
-                      for f in files]
+    assert images == [
+        ({".jpg": "image/jpeg", ".png": "image/png"}[Path(f).suffix], media[f].read_bytes()) for f in files
+    ]
     (msg,) = req["messages"]
     assert msg["role"] == "user" and [p["type"] for p in msg["content"]] == ["image_url"] * len(files) + ["text"]
     assert req["chat_template_kwargs"] == {"enable_thinking": True}
@@ -482,27 +535,44 @@ def test_llama_server_request_file(media, files, tmp_path):
     assert len(body) > ARG_MAX_STRLEN
 
 
-@pytest.mark.parametrize("mistake,request_", [
-    ("a data: URL in Ollama's images", {"model": "m", "messages": [
-        {"role": "user", "content": "q", "images": ["data:image/jpeg;base64,/9j/"]}]}),
-    ("base64 with line breaks", {"model": "m", "messages": [
-        {"role": "user", "content": "q", "images": ["/9j/" * 20 + "\n" + "/9j/"]}]}),
-    ("a misspelt field", {"model": "m", "thinking": False, "messages": [{"role": "user", "content": "q"}]}),
-    ("an unknown role", {"model": "m", "messages": [{"role": "human", "content": "q"}]}),
-])
+@pytest.mark.parametrize(
+    "mistake,request_",
+    [
+        (
+            "a data: URL in Ollama's images",
+            {"model": "m", "messages": [{"role": "user", "content": "q", "images": ["data:image/jpeg;base64,/9j/"]}]},
+        ),
+        (
+            "base64 with line breaks",
+            {"model": "m", "messages": [{"role": "user", "content": "q", "images": ["/9j/" * 20 + "\n" + "/9j/"]}]},
+        ),
+        ("a misspelt field", {"model": "m", "thinking": False, "messages": [{"role": "user", "content": "q"}]}),
+        ("an unknown role", {"model": "m", "messages": [{"role": "human", "content": "q"}]}),
+    ],
+)
 def test_ollama_check_rejects(mistake, request_):
     with pytest.raises(AssertionError):
         check_ollama_chat(request_)
 
 
-@pytest.mark.parametrize("mistake,request_", [
-    ("plain base64 as the url", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "/9j/"}}]}]}),
-    ("enable_thinking as a string", {"chat_template_kwargs": {"enable_thinking": "false"},
-                                     "messages": [{"role": "user", "content": "q"}]}),
-    ("an image part without image_url", {"messages": [{"role": "user", "content": [{"type": "image"}]}]}),
-    ("a sampling field under another name", {"repetition_penalty": 1.05, "messages": [{"role": "user", "content": "q"}]}),
-])
+@pytest.mark.parametrize(
+    "mistake,request_",
+    [
+        (
+            "plain base64 as the url",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/9j/"}}]}]},
+        ),
+        (
+            "enable_thinking as a string",
+            {"chat_template_kwargs": {"enable_thinking": "false"}, "messages": [{"role": "user", "content": "q"}]},
+        ),
+        ("an image part without image_url", {"messages": [{"role": "user", "content": [{"type": "image"}]}]}),
+        (
+            "a sampling field under another name",
+            {"repetition_penalty": 1.05, "messages": [{"role": "user", "content": "q"}]},
+        ),
+    ],
+)
 def test_llama_server_check_rejects(mistake, request_):
     with pytest.raises(AssertionError):
         check_llama_server_chat(request_)
@@ -518,16 +588,24 @@ def test_strict_base64_round_trip():
 
 def test_imatrix_lines_with_the_calibration_example(media, tiny, tiny_ckpt, tmp_path):
     first, second, convert = shell_commands(example("imatrix"))
-    assert second.alternative and [c.argv[0] for c in (first, second, convert)] == \
-        ["minicpm-imatrix", "minicpm-imatrix", "minicpm-convert"]
-    files = {"photos/receipt.jpg": media["photo.jpg"], "photos/street.mp4": media["clip.mp4"],
-             "clips/street.mp4": media["clip.mp4"],
-             "f16-gguf/MiniCPM-V-4.5-F16.gguf": tiny["F16"], "f16-gguf/mmproj-MiniCPM-V-4.5-F16.gguf": tiny["mmproj"],
-             "MiniCPM-V-4.5-F16.gguf": tiny["F16"], "mmproj-MiniCPM-V-4.5-F16.gguf": tiny["mmproj"],
-             "MiniCPM-V-4_5": tiny_ckpt}
+    assert second.alternative and [c.argv[0] for c in (first, second, convert)] == [
+        "minicpm-imatrix",
+        "minicpm-imatrix",
+        "minicpm-convert",
+    ]
+    files = {
+        "photos/receipt.jpg": media["photo.jpg"],
+        "photos/street.mp4": media["clip.mp4"],
+        "clips/street.mp4": media["clip.mp4"],
+        "f16-gguf/MiniCPM-V-4.5-F16.gguf": tiny["F16"],
+        "f16-gguf/mmproj-MiniCPM-V-4.5-F16.gguf": tiny["mmproj"],
+        "MiniCPM-V-4.5-F16.gguf": tiny["F16"],
+        "mmproj-MiniCPM-V-4.5-F16.gguf": tiny["mmproj"],
+        "MiniCPM-V-4_5": tiny_ckpt,
+    }
     for i, alternative in enumerate((first, second)):
         wd = workdir(tmp_path / f"w{i}", media, **files)
-        (wd / "calib.jsonl").write_text(example("imatrix-calibration"))   # the JSON-lines example as it is
+        (wd / "calib.jsonl").write_text(example("imatrix-calibration"))  # the JSON-lines example as it is
         sh(f"{alternative.text}\n{convert.text}", wd, local_env(tmp_path / "home"))
         q = convert.argv[convert.argv.index("--quant") + 1]
         info = read_gguf_info(wd / "OUT" / f"MiniCPM-V-4.5-{q}.gguf")
@@ -554,7 +632,7 @@ def test_synthetic_checkpoint_line(tmp_path):
 def test_which_one_to_use_table_commands(converted, tmp_path):
     env = local_env(tmp_path / "home")
     sh(INLINE_COMMANDS["table-video"], converted, env)
-    sh(INLINE_COMMANDS["low-memory"], converted, env)   # the Memory section's
+    sh(INLINE_COMMANDS["low-memory"], converted, env)  # the Memory section's
     with serving(INLINE_COMMANDS["table-web"], converted, env, tmp_path / "web.log") as url:
         assert_page(url)
 
@@ -563,7 +641,7 @@ def test_which_one_to_use_table_commands(converted, tmp_path):
 def test_option_tables_name_real_options(prog, tmp_path):
     lines = MARKDOWN.split(f"\n## {prog}\n", 1)[1].split("\n## ", 1)[0].splitlines()
     header = next(i for i, ln in enumerate(lines) if ln.startswith("| option |"))
-    first_cells = [ln.split("|")[1] for ln in itertools.takewhile(lambda ln: ln.startswith("|"), lines[header + 2:])]
+    first_cells = [ln.split("|")[1] for ln in itertools.takewhile(lambda ln: ln.startswith("|"), lines[header + 2 :])]
     named = {o for cell in first_cells for o in re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", cell)}
     assert len(named) >= 5, first_cells
     help_text = sh(f"{prog} --help", tmp_path, local_env(tmp_path / "home")).stdout

@@ -17,9 +17,11 @@ from PIL import Image
 from minicpmv.runtime import ContextOverflowError, MiniCPMV, ModelFileError
 from minicpmv.runtime.llama import LlamaModel
 from minicpmv.runtime.llama_context import ContextParams, LlamaContext
-from minicpmv.runtime.token_embeddings import TokenEmbeddings
-from .mtmd import TEXT, Mtmd, marker
 from minicpmv.runtime.prompt import IMAGE_TAG
+from minicpmv.runtime.token_embeddings import TokenEmbeddings
+
+from .helpers import one_error_line, run_in_process
+from .mtmd import TEXT, Mtmd, marker
 
 # docs/pitfalls.md §6: llama.cpp's embedding path reproduces the reference to ~2e-3 of the logit range; mtmd
 # and our vision encoder differ only in float32 rounding for a 448x448 image (no resize, no slicing,
@@ -37,11 +39,6 @@ def picture(w: int, h: int, seed: int = 0) -> Image.Image:
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / (b.max() - b.min()))
-
-
-@pytest.fixture(scope="module")
-def files(tiny_lm_gguf, tiny_mmproj_gguf):
-    return tiny_lm_gguf("F32"), tiny_mmproj_gguf("f32")
 
 
 def load(files, **kw) -> MiniCPMV:
@@ -69,6 +66,7 @@ def pair32(files):
 
 
 # --------------------------------------------------------------------------- mtmd oracle
+
 
 def mtmd_first_logits(lm_path, mm_path, prompt: str, image: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """llama.cpp's pipeline: mtmd_tokenize (prompt with the media marker) + mtmd_helper_eval_chunks;
@@ -119,14 +117,21 @@ def test_first_token_logits_match_mtmd_pipeline(model, files, fuse, size):
 def test_fused_placeholder_rows_equal_llamacpp_token_embeddings(tiny_lm_gguf, tiny_mmproj_gguf, lm_type):
     """Placeholder tokens sent as gguf-py-dequantized token_embd rows give the logits llama.cpp
     gives for the same token ids (f32 KV, no flash attention: batching leaves no noise)."""
-    m = MiniCPMV.load(tiny_lm_gguf(lm_type), tiny_mmproj_gguf("f32"), n_ctx=2048, n_threads=2,
-                      vision_dtype="f32", kv_type="f32", flash_attn=False)
+    m = MiniCPMV.load(
+        tiny_lm_gguf(lm_type),
+        tiny_mmproj_gguf("f32"),
+        n_ctx=2048,
+        n_threads=2,
+        vision_dtype="f32",
+        kv_type="f32",
+        flash_attn=False,
+    )
     try:
         msgs = [{"role": "user", "content": [picture(896, 448, seed=12), "Which side is brighter?"]}]
         m.fuse_placeholders = False
         tokens = m.prefill(msgs)
         assert m.stats.slots_prefilled == 3
-        assert m.stats.prefill_batches == 3 + 4   # 3 slots; text before, between (2), after
+        assert m.stats.prefill_batches == 3 + 4  # 3 slots; text before, between (2), after
         m.reset()
         m.fuse_placeholders = True
         fused = m.prefill(msgs)
@@ -145,14 +150,21 @@ def test_a_long_question_after_the_image_joins_its_embedding_batch(tiny_lm_gguf,
     logits of token batches; the token_embd row cache stays bounded (emptied when full) and gives
     the same rows as an uncached read."""
     monkeypatch.setattr(TokenEmbeddings, "MAX_CACHED", 8)
-    m = MiniCPMV.load(tiny_lm_gguf("Q8_0"), tiny_mmproj_gguf("f32"), n_ctx=2048, n_threads=2,
-                      vision_dtype="f32", kv_type="f32", flash_attn=False)
+    m = MiniCPMV.load(
+        tiny_lm_gguf("Q8_0"),
+        tiny_mmproj_gguf("f32"),
+        n_ctx=2048,
+        n_threads=2,
+        vision_dtype="f32",
+        kv_type="f32",
+        flash_attn=False,
+    )
     try:
         question = "Describe every part of the picture, the colours, the light and the shapes. " * 8
         msgs = [{"role": "user", "content": [picture(448, 448, seed=5), question]}]
         m.fuse_placeholders = False
         tokens = m.prefill(msgs)
-        assert m.stats.prefill_batches == 1 + 2   # the slot; text before and after it
+        assert m.stats.prefill_batches == 1 + 2  # the slot; text before and after it
         m.reset()
         m.fuse_placeholders = True
         fused = m.prefill(msgs)
@@ -166,12 +178,13 @@ def test_a_long_question_after_the_image_joins_its_embedding_batch(tiny_lm_gguf,
         assert len(te._rows) <= 8
         uncached = TokenEmbeddings(te.file, te.n_embd).rows(ids)
         np.testing.assert_array_equal(one_by_one, uncached)
-        np.testing.assert_array_equal(te.rows(ids[::-1]), uncached[::-1])   # more than fit: all returned
+        np.testing.assert_array_equal(te.rows(ids[::-1]), uncached[::-1])  # more than fit: all returned
     finally:
         m.close()
 
 
 # --------------------------------------------------------------------------- multi-turn
+
 
 def cached_prefix(a: list, b: list) -> int:
     n = 0
@@ -183,7 +196,7 @@ def cached_prefix(a: list, b: list) -> int:
 @pytest.mark.parametrize("think", [False, True])
 def test_second_turn_reuses_cache_and_matches_fresh_session(pair32, think):
     model, fresh = pair32
-    img = picture(640, 480, seed=2)      # 2x1 grid: 3 slots
+    img = picture(640, 480, seed=2)  # 2x1 grid: 3 slots
     msgs1 = [{"role": "user", "content": [img, "Describe the picture."]}]
     kw = dict(enable_thinking=think, greedy=True, max_new_tokens=6)
     model.reset()
@@ -260,8 +273,9 @@ def test_stream_matches_non_stream(model):
         assert answer.strip() == str(whole)
         # all pieces together are the reference's stream: "<think>\n" (thinking) + generated text
         assert "".join(pieces) == ("<think>\n" if think else "") + model.lm.detokenize(whole.tokens)
-        hidden = model.chat(msgs, enable_thinking=think, greedy=True, max_new_tokens=12, stream=True,
-                            show_thinking=False)
+        hidden = model.chat(
+            msgs, enable_thinking=think, greedy=True, max_new_tokens=12, stream=True, show_thinking=False
+        )
         assert all(not p.thinking for p in hidden)
         if think:
             assert pieces[0] == "<think>\n" and pieces[0].thinking
@@ -282,7 +296,7 @@ def test_a_stream_left_early_frees_the_model_when_closed_or_dropped(model):
         next(s)
     assert not model.busy
     for _ in model.chat(msgs, greedy=True, max_new_tokens=50, stream=True):
-        break   # the loop's iterator is dropped here
+        break  # the loop's iterator is dropped here
     assert not model.busy
 
 
@@ -290,7 +304,7 @@ def test_greedy_with_repetition_penalty_follows_transformers_rule(model):
     """Each pick = argmax of the logits with every generated id penalised as transformers'
     RepetitionPenaltyLogitsProcessor does (negative * p, positive / p)."""
     msgs = [{"role": "user", "content": "Say something."}]
-    pen = 0.2   # < 1 rewards repeats: a random model never repeats within 40 tokens otherwise
+    pen = 0.2  # < 1 rewards repeats: a random model never repeats within 40 tokens otherwise
     a = model.chat(msgs, greedy=True, repetition_penalty=pen, max_new_tokens=40)
     plain = model.chat(msgs, greedy=True, repetition_penalty=1.0, max_new_tokens=40)
     logits = model.prefill(msgs)
@@ -316,12 +330,14 @@ def test_reference_sampling_defaults(model, monkeypatch):
     """Without thinking the reference sets T 0.7, top_p 0.8, top_k 100, penalty 1.03; with thinking
     only T 0.7, so transformers' defaults (top_p 1.0, top_k 50, penalty 1.0) apply; callers override."""
     import minicpmv.runtime.generate as generate_mod
+
     seen = []
     real = generate_mod.Sampler
 
     def spy(n_vocab, params):
         seen.append(params)
         return real(n_vocab, params)
+
     monkeypatch.setattr(generate_mod, "Sampler", spy)
     msgs = [{"role": "user", "content": "Hi"}]
     model.chat(msgs, max_new_tokens=1)
@@ -350,11 +366,11 @@ def test_video_groups_one_slot_per_group(model):
     assert np.isfinite(logits).all()
     # the group's slot is the resampler over all its frames (not the first frame alone)
     from minicpmv.runtime.image import slice_image
+
     pix = [slice_image(f, 1).pixel_values()[0] for f in frames]
     joint = model.vision.encode_slices(pix[:3], [[0, 1, 2]])[0]
     single = model.vision.encode_slices(pix[:1], None)[0]
-    key = next(k for k, e in model.vision_cache.items() if e.shape[0] == 1
-               and np.allclose(e[0], joint, atol=1e-5))
+    key = next(k for k, e in model.vision_cache.items() if e.shape[0] == 1 and np.allclose(e[0], joint, atol=1e-5))
     assert key is not None and not np.allclose(joint, single, atol=1e-3)
 
 
@@ -367,10 +383,12 @@ def test_context_overflow_is_a_clear_error(files):
 
 # --------------------------------------------------------------------------- legacy mmproj layout
 
+
 def write_legacy_mmproj(src, dst):
     """Our mmproj rewritten as llama.cpp's legacy MiniCPM-V script writes it: the vision MLP's fc1
     stored as ffn_down and fc2 as ffn_up, and no general.type key."""
     import gguf
+
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), "clip")
     for f in r.fields.values():
@@ -404,6 +422,7 @@ def test_legacy_mmproj_layout_same_embeddings_and_logits(model, files, tmp_path)
         assert old.vision.legacy_ffn and not model.vision.legacy_ffn
         img = picture(448, 448, seed=6)
         from minicpmv.runtime.image import slice_image
+
         pix = slice_image(img).pixel_values()
         np.testing.assert_allclose(old.vision.encode_slices(pix), model.vision.encode_slices(pix), rtol=0, atol=1e-6)
         msgs = [{"role": "user", "content": [img, "What is it?"]}]
@@ -417,28 +436,39 @@ def test_legacy_mmproj_layout_same_embeddings_and_logits(model, files, tmp_path)
 
 # --------------------------------------------------------------------------- CLI and bad input
 
+
 def run_cli(args):
-    from typer.testing import CliRunner
-
-    from minicpmv.cli.run import app
-    return CliRunner().invoke(app, [str(a) for a in args])
+    return run_in_process("minicpm-run", *args)
 
 
-def one_error_line(res) -> str:
-    assert res.exit_code != 0
-    lines = [x for x in res.stderr.strip().splitlines() if x.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("minicpm-run: error: ")
-    return lines[0]
+def run_error(res) -> str:
+    return one_error_line(res, prog="minicpm-run", code=None)
 
 
 def test_cli_answers_with_json(files, tmp_path):
     import json
+
     lm, mm = files
     pic = tmp_path / "pic.png"
     picture(448, 448, seed=9).save(pic)
-    res = run_cli(["--model", lm, "--mmproj", mm, pic, "What is it?", "--json", "--greedy", "--max-tokens", "5",
-                   "--threads", "2", "--vision-dtype", "f32"])
+    res = run_cli(
+        [
+            "--model",
+            lm,
+            "--mmproj",
+            mm,
+            pic,
+            "What is it?",
+            "--json",
+            "--greedy",
+            "--max-tokens",
+            "5",
+            "--threads",
+            "2",
+            "--vision-dtype",
+            "f32",
+        ]
+    )
     assert res.exit_code == 0, res.stderr
     out = json.loads(res.stdout)
     assert set(out) >= {"answer", "thinking", "timings"}
@@ -447,21 +477,22 @@ def test_cli_answers_with_json(files, tmp_path):
 
 
 def test_cli_missing_model_files(tmp_path):
-    line = one_error_line(run_cli(["--model", tmp_path / "nope.gguf", "--mmproj", tmp_path / "mm.gguf", "hi"]))
+    line = run_error(run_cli(["--model", tmp_path / "nope.gguf", "--mmproj", tmp_path / "mm.gguf", "hi"]))
     assert "nope.gguf" in line and "not found" in line
-    line = one_error_line(run_cli(["--model-dir", tmp_path / "missing", "hi"]))
+    line = run_error(run_cli(["--model-dir", tmp_path / "missing", "hi"]))
     assert "missing" in line
     (tmp_path / "empty").mkdir()
-    line = one_error_line(run_cli(["--model-dir", tmp_path / "empty", "hi"]))
+    line = run_error(run_cli(["--model-dir", tmp_path / "empty", "hi"]))
     assert "no language-model" in line
 
 
 def test_cli_mmproj_of_another_width(files, tmp_path):
     from minicpmv.convert.pipeline import convert
     from minicpmv.convert.synthetic import make_checkpoint
+
     ck = make_checkpoint(tmp_path / "narrow", "tiny", hidden_size=128)
     other = convert(ck, tmp_path / "narrow-out", mmproj_type="f32", write_lm=False, progress=False).mmproj_path
-    line = one_error_line(run_cli(["--model", files[0], "--mmproj", other, "hi"]))
+    line = run_error(run_cli(["--model", files[0], "--mmproj", other, "hi"]))
     assert "128" in line and "256" in line and other.name in line
     with pytest.raises(ModelFileError):
         MiniCPMV.load(files[0], other)
@@ -470,17 +501,18 @@ def test_cli_mmproj_of_another_width(files, tmp_path):
 def test_cli_unreadable_image(files, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("this is not a picture")
-    line = one_error_line(run_cli(["--model", files[0], "--mmproj", files[1], bad, "What is it?"]))
+    line = run_error(run_cli(["--model", files[0], "--mmproj", files[1], bad, "What is it?"]))
     assert "bad.png" in line
-    line = one_error_line(run_cli(["--model", files[0], "--mmproj", files[1], tmp_path / "gone.jpg", "What?"]))
+    line = run_error(run_cli(["--model", files[0], "--mmproj", files[1], tmp_path / "gone.jpg", "What?"]))
     assert "gone.jpg" in line
 
 
 def test_cli_context_overflow(files, tmp_path):
     pic = tmp_path / "big.png"
     picture(1344, 1344).save(pic)
-    line = one_error_line(run_cli(["--model", files[0], "--mmproj", files[1], pic, "?", "--ctx", "256",
-                                   "--vision-dtype", "f32"]))
+    line = run_error(
+        run_cli(["--model", files[0], "--mmproj", files[1], pic, "?", "--ctx", "256", "--vision-dtype", "f32"])
+    )
     assert "n_ctx=256" in line and "needs" in line
 
 
@@ -488,7 +520,7 @@ def test_model_folder_is_told_apart_by_metadata(files, tmp_path):
     lm, mm = files
     d = tmp_path / "models"
     d.mkdir()
-    (d / "a.gguf").symlink_to(mm)          # names say nothing: metadata decides
+    (d / "a.gguf").symlink_to(mm)  # names say nothing: metadata decides
     (d / "b.gguf").symlink_to(lm)
     with MiniCPMV.load(d, n_ctx=512, n_threads=1, vision_dtype="f32") as m:
         assert m.lm.path.name == "b.gguf" and m.vision.path.name == "a.gguf"
@@ -503,9 +535,24 @@ def test_cli_interactive_session(files, tmp_path):
     from typer.testing import CliRunner
 
     from minicpmv.cli.run import app
+
     script = f"/image {pic}\nWhat is it?\n/think\nWhy?\n/nope\n/reset\nHello\n/quit\n"
-    res = CliRunner().invoke(app, ["--model", str(files[0]), "--mmproj", str(files[1]), "--max-tokens", "4",
-                                   "--greedy", "--vision-dtype", "f32", "-v"], input=script)
+    res = CliRunner().invoke(
+        app,
+        [
+            "--model",
+            str(files[0]),
+            "--mmproj",
+            str(files[1]),
+            "--max-tokens",
+            "4",
+            "--greedy",
+            "--vision-dtype",
+            "f32",
+            "-v",
+        ],
+        input=script,
+    )
     assert res.exit_code == 0, res.stderr
     err = res.stderr
     assert "(added" in err and "(thinking on)" in err and "unknown command /nope" in err
@@ -516,20 +563,25 @@ def test_cli_interactive_session(files, tmp_path):
 
 
 def test_content_paths_and_video_items(model, tmp_path):
+    from minicpmv.runtime import Video, load_video
+
     from .video_fixtures import make_video
 
-    from minicpmv.runtime import Video, load_video
     pic = tmp_path / "pic.png"
     img = picture(448, 448, seed=13)
     img.save(pic)
     a = model.build_prompt([{"role": "user", "content": [img, "What?"]}])
-    b = model.build_prompt([{"role": "user", "content": [pic, "What?"]}])   # a pathlib.Path is a file
+    b = model.build_prompt([{"role": "user", "content": [pic, "What?"]}])  # a pathlib.Path is a file
     assert model.prompt_token_ids(b) == model.prompt_token_ids(a)
 
-    clip = make_video(tmp_path / "clip.mp4", 12, 6, size=(64, 48))   # 2 s at 6 fps
+    clip = make_video(tmp_path / "clip.mp4", 12, 6, size=(64, 48))  # 2 s at 6 fps
     v = load_video(clip, fps=5, packing=2)
-    ref = model.build_prompt([{"role": "user", "content": list(v.frames) + ["What happens?"]}],
-                             use_image_id=False, max_slice_nums=1, temporal_ids=v.temporal_ids)
+    ref = model.build_prompt(
+        [{"role": "user", "content": list(v.frames) + ["What happens?"]}],
+        use_image_id=False,
+        max_slice_nums=1,
+        temporal_ids=v.temporal_ids,
+    )
     for item in (Video(clip, packing=2), Video(clip.read_bytes(), packing=2), v):
         p = model.build_prompt([{"role": "user", "content": [item, "What happens?"]}])
         assert model.prompt_token_ids(p) == model.prompt_token_ids(ref)
@@ -545,15 +597,22 @@ def test_content_paths_and_video_items(model, tmp_path):
         with pytest.raises(ValueError, match=says):
             model.build_prompt([{"role": "user", "content": [bad, "?"]}])
     with pytest.raises(ValueError, match="assistant messages hold text only"):
-        model.build_prompt([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [img]},
-                            {"role": "user", "content": "?"}])
+        model.build_prompt(
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": [img]},
+                {"role": "user", "content": "?"},
+            ]
+        )
 
 
 def test_text_is_text_even_when_it_names_a_file(model, tmp_path, monkeypatch):
     """A str is never opened: a question (or a past answer) that is the path of an existing image
     or video is answered as text, as the reference chat() does (issue 28)."""
-    from .video_fixtures import make_video
     from PIL import Image
+
+    from .video_fixtures import make_video
+
     pic, clip = tmp_path / "secret.png", make_video(tmp_path / "secret.mp4", 6, 6, size=(32, 32))
     picture(448, 448, seed=14).save(pic)
     opened = []
@@ -561,9 +620,11 @@ def test_text_is_text_even_when_it_names_a_file(model, tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
     before = model.content.opened
     for path in (str(pic), str(clip)):
-        msgs = [{"role": "user", "content": [path]},
-                {"role": "assistant", "content": path},      # "answer with exactly /path/x.png"
-                {"role": "user", "content": path}]
+        msgs = [
+            {"role": "user", "content": [path]},
+            {"role": "assistant", "content": path},  # "answer with exactly /path/x.png"
+            {"role": "user", "content": path},
+        ]
         p = model.build_prompt(msgs)
         assert not p.media and p.text.count(path) == 3 and model.content.opened == before
         model.reset()
@@ -576,6 +637,7 @@ def test_gguf_peek_matches_gguf_py(files, tmp_path):
     import gguf
 
     from minicpmv.gguf_info import GGUFFormatError, read_gguf_info
+
     for path in files:
         info = read_gguf_info(path)
         r = gguf.GGUFReader(str(path))
@@ -591,7 +653,9 @@ def test_gguf_peek_matches_gguf_py(files, tmp_path):
         if emb is not None:
             ids = [0, 5, int(emb.shape[1]) - 1]
             ref = gguf.quants.dequantize(np.asarray(emb.data)[ids], emb.tensor_type)
-            np.testing.assert_array_equal(info.rows("token_embd.weight", ids), ref.reshape(len(ids), -1))
+            from minicpmv.runtime.model_file import ModelFile
+
+            np.testing.assert_array_equal(ModelFile(path).rows("token_embd.weight", ids), ref.reshape(len(ids), -1))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 10)
     with pytest.raises(GGUFFormatError):

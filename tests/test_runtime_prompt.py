@@ -26,12 +26,15 @@ UNK_ID = 128244  # docs/reference-model.md §1.3
 def real(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from .hf_oracles import hf_tokenizer_dir
     from minicpmv.convert.pipeline import convert
     from minicpmv.convert.synthetic import make_checkpoint
+
+    from .hf_oracles import hf_tokenizer_dir
+
     ck = make_checkpoint(tmp_path_factory.mktemp("rv") / "ck", "tiny", vocab="real")
-    lm_path = convert(ck, tmp_path_factory.mktemp("rv-out"), quant_type="F16", write_mmproj=False,
-                      progress=False).lm_path
+    lm_path = convert(
+        ck, tmp_path_factory.mktemp("rv-out"), quant_type="F16", write_mmproj=False, progress=False
+    ).lm_path
     tok = AutoTokenizer.from_pretrained(str(hf_tokenizer_dir(ck, tmp_path_factory.mktemp("rv-tok"))))
     lm = LlamaModel(lm_path, vocab_only=True)
     yield lm, tok
@@ -39,6 +42,7 @@ def real(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- reference side
+
 
 def ref_grid(w: int, h: int, max_slice_nums: int) -> tuple[int, int] | None:
     """get_sliced_grid of the reference image processor (docs/reference-model.md §4.2)."""
@@ -66,8 +70,9 @@ def ref_placeholder(size, i: int, max_slice_nums: int, use_image_id: bool) -> st
     return s
 
 
-def reference_ids(tok, msgs, *, enable_thinking=False, system_prompt="", max_slice_nums=9,
-                  use_image_id=True, temporal_ids=None) -> list[int]:
+def reference_ids(
+    tok, msgs, *, enable_thinking=False, system_prompt="", max_slice_nums=9, use_image_id=True, temporal_ids=None
+) -> list[int]:
     """modeling chat() message handling + apply_chat_template + processor expansion + HF tokenizer."""
     copy, images = [], []
     for m in msgs:
@@ -82,8 +87,7 @@ def reference_ids(tok, msgs, *, enable_thinking=False, system_prompt="", max_sli
         copy.append({"role": m["role"], "content": "\n".join(parts)})
     if system_prompt:
         copy = [{"role": "system", "content": system_prompt}] + copy
-    text = tok.apply_chat_template(copy, tokenize=False, add_generation_prompt=True,
-                                   enable_thinking=enable_thinking)
+    text = tok.apply_chat_template(copy, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking)
     skip = set()
     if temporal_ids is not None:
         k = 0
@@ -114,43 +118,58 @@ def img(w, h):
 
 # --------------------------------------------------------------------------- cases
 
-A, B, C = img(448, 448), img(640, 480), img(300, 200)       # B: 2x1 grid; C: upscaled, no grid
-WIDE = img(1344, 1344)                                        # 3x3 grid
+A, B, C = img(448, 448), img(640, 480), img(300, 200)  # B: 2x1 grid; C: upscaled, no grid
+WIDE = img(1344, 1344)  # 3x3 grid
 Q = "What is in the image? 描述一下 😀 123"
 
 CASES = {
     "0 images": ([{"role": "user", "content": "Hello, who are you?"}], {}),
     "0 images thinking": ([{"role": "user", "content": ["Hi!", "Solve 12*7."]}], {"enable_thinking": True}),
     "1 image": ([{"role": "user", "content": [A, Q]}], {}),
-    "1 image thinking + system": ([{"role": "user", "content": [A, Q]}],
-                                  {"enable_thinking": True, "system_prompt": "You are terse."}),
+    "1 image thinking + system": (
+        [{"role": "user", "content": [A, Q]}],
+        {"enable_thinking": True, "system_prompt": "You are terse."},
+    ),
     "3 images one sliced": ([{"role": "user", "content": [A, B, C, "Compare them."]}], {}),
     "3 images 3x3 no image id": ([{"role": "user", "content": [C, WIDE, A, "Compare."]}], {"use_image_id": False}),
     "3 images max 2 slices": ([{"role": "user", "content": [B, WIDE, A, "Compare."]}], {"max_slice_nums": 2}),
     "text after image and between": ([{"role": "user", "content": ["First:", A, "then", B, "?"]}], {}),
-    "few-shot": ([
-        {"role": "user", "content": [A, "What is this?"]},
-        {"role": "assistant", "content": ["A purple square."]},
-        {"role": "user", "content": [C, "What is this?"]},
-        {"role": "assistant", "content": "A small purple picture."},
-        {"role": "user", "content": [B, "What is this?"]},
-    ], {}),
-    "multi-turn past think, thinking off": ([
-        {"role": "user", "content": [B, Q]},
-        {"role": "assistant", "content": "<think>\nLet me look.\nIt is purple.\n</think>\n\nA purple image."},
-        {"role": "user", "content": "Are you sure?"},
-    ], {}),
-    "multi-turn past think, thinking on": ([
-        {"role": "user", "content": [B, Q]},
-        {"role": "assistant", "content": "<think>\nLet me look.\n</think>\n\nA purple image."},
-        {"role": "user", "content": [A, "And this one?"]},
-        {"role": "assistant", "content": ["Also purple."]},
-        {"role": "user", "content": "Why?"},
-    ], {"enable_thinking": True}),
-    "video groups": ([{"role": "user", "content": [A, A, A, A, A, "Describe the video."]}],
-                     {"use_image_id": False, "max_slice_nums": 1, "temporal_ids": [[0, 1, 2], [3, 4]]}),
-    "video groups sliced": ([{"role": "user", "content": [B, B, B, "Describe."]}],
-                            {"use_image_id": False, "max_slice_nums": 4, "temporal_ids": [[0, 1], [2]]}),
+    "few-shot": (
+        [
+            {"role": "user", "content": [A, "What is this?"]},
+            {"role": "assistant", "content": ["A purple square."]},
+            {"role": "user", "content": [C, "What is this?"]},
+            {"role": "assistant", "content": "A small purple picture."},
+            {"role": "user", "content": [B, "What is this?"]},
+        ],
+        {},
+    ),
+    "multi-turn past think, thinking off": (
+        [
+            {"role": "user", "content": [B, Q]},
+            {"role": "assistant", "content": "<think>\nLet me look.\nIt is purple.\n</think>\n\nA purple image."},
+            {"role": "user", "content": "Are you sure?"},
+        ],
+        {},
+    ),
+    "multi-turn past think, thinking on": (
+        [
+            {"role": "user", "content": [B, Q]},
+            {"role": "assistant", "content": "<think>\nLet me look.\n</think>\n\nA purple image."},
+            {"role": "user", "content": [A, "And this one?"]},
+            {"role": "assistant", "content": ["Also purple."]},
+            {"role": "user", "content": "Why?"},
+        ],
+        {"enable_thinking": True},
+    ),
+    "video groups": (
+        [{"role": "user", "content": [A, A, A, A, A, "Describe the video."]}],
+        {"use_image_id": False, "max_slice_nums": 1, "temporal_ids": [[0, 1, 2], [3, 4]]},
+    ),
+    "video groups sliced": (
+        [{"role": "user", "content": [B, B, B, "Describe."]}],
+        {"use_image_id": False, "max_slice_nums": 4, "temporal_ids": [[0, 1], [2]]},
+    ),
 }
 
 
@@ -184,10 +203,17 @@ def test_render_matches_template_for_odd_histories(real):
     _, tok = real
     cases = [
         [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nb"}],
-        [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
-         {"role": "assistant", "content": "x</think>y"}, {"role": "assistant", "content": "z"}],
-        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>\n\n</think>\n\n\nb"},
-         {"role": "user", "content": "c"}],
+        [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "x</think>y"},
+            {"role": "assistant", "content": "z"},
+        ],
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "<think>\n\n</think>\n\n\nb"},
+            {"role": "user", "content": "c"},
+        ],
     ]
     for msgs in cases:
         for think in (None, False, True):

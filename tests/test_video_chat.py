@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,8 @@ from minicpmv.runtime import MiniCPMV
 from minicpmv.runtime.image import slice_image
 from minicpmv.runtime.video import load_video
 from minicpmv.runtime.vision import VisionEncoder
+
+from .helpers import one_error_line, run_cli
 from .reference_vision import ReferenceVision
 from .video_fixtures import make_video
 
@@ -51,27 +51,49 @@ def test_packing_three_frames_costs_64_tokens_not_192(model, video):
     single = load_video(video, fps=5, packing=1)
     assert len(packed.frames) == len(single.frames) == 15
     q = ["Describe the video"]
-    a = model.chat([{"role": "user", "content": packed.frames + q}], temporal_ids=packed.temporal_ids,
-                   use_image_id=False, max_slice_nums=1, max_new_tokens=1, greedy=True)
+    a = model.chat(
+        [{"role": "user", "content": packed.frames + q}],
+        temporal_ids=packed.temporal_ids,
+        use_image_id=False,
+        max_slice_nums=1,
+        max_new_tokens=1,
+        greedy=True,
+    )
     slots_packed, tokens_packed = a.stats.slots_prefilled, a.stats.prompt_tokens
     model.reset()
-    b = model.chat([{"role": "user", "content": single.frames + q}], temporal_ids=single.temporal_ids,
-                   use_image_id=False, max_slice_nums=1, max_new_tokens=1, greedy=True)
-    assert slots_packed == 5 and b.stats.slots_prefilled == 15           # 15 frames: 5 groups vs 15 images
+    b = model.chat(
+        [{"role": "user", "content": single.frames + q}],
+        temporal_ids=single.temporal_ids,
+        use_image_id=False,
+        max_slice_nums=1,
+        max_new_tokens=1,
+        greedy=True,
+    )
+    assert slots_packed == 5 and b.stats.slots_prefilled == 15  # 15 frames: 5 groups vs 15 images
     # each group drops 2 placeholders (64 slots + <image></image>) and the "\n" between them
     assert b.stats.prompt_tokens - tokens_packed == 10 * (64 + 2 + 1)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "minicpmv.cli.run", *args], capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_cli_video(tiny_lm_gguf, tiny_mmproj_gguf, video):
-    res = run_cli("--model", str(tiny_lm_gguf("F32")), "--mmproj", str(tiny_mmproj_gguf("f32")), str(video),
-                  "Describe the video", "--packing", "3", "--max-tokens", "3", "--json", "--threads", "1")
+    res = run_cli(
+        "minicpm-run",
+        "--model",
+        tiny_lm_gguf("F32"),
+        "--mmproj",
+        tiny_mmproj_gguf("f32"),
+        video,
+        "Describe the video",
+        "--packing",
+        "3",
+        "--max-tokens",
+        "3",
+        "--json",
+        "--threads",
+        "1",
+    )
     assert res.returncode == 0, res.stderr
     import json
+
     out = json.loads(res.stdout)
     assert out["timings"]["slots_prefilled"] == 5
 
@@ -83,8 +105,15 @@ def test_cli_bad_video(tiny_lm_gguf, tiny_mmproj_gguf, video, tmp_path, content)
         bad.write_bytes(video.read_bytes()[:300])
     else:
         bad.write_bytes(content)
-    res = run_cli("--model", str(tiny_lm_gguf("F32")), "--mmproj", str(tiny_mmproj_gguf("f32")), str(bad),
-                  "Describe the video", "--max-tokens", "2")
-    assert res.returncode != 0
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "bad.mp4" in lines[0], res.stderr
+    res = run_cli(
+        "minicpm-run",
+        "--model",
+        tiny_lm_gguf("F32"),
+        "--mmproj",
+        tiny_mmproj_gguf("f32"),
+        bad,
+        "Describe the video",
+        "--max-tokens",
+        "2",
+    )
+    one_error_line(res, "bad.mp4", code=None)

@@ -10,19 +10,24 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from scipy.spatial import cKDTree  # the card's own nearest-neighbour search (its tie-breaking matters)
 
 from minicpmv.runtime.video import MAX_NUM_PACKING, VideoError, is_video_path, load_video
 from minicpmv.runtime.video_sampling import nearest_scale_index, plan_video_sampling
 
 from .video_fixtures import make_video, make_wav, read_index
 
-from scipy.spatial import cKDTree  # the card's own nearest-neighbour search (its tie-breaking matters)
-
-
 # ------------------------------------------------------------ oracle: the card, step by step ----
 
-def card_plan(n_frames: int, fps: float, choose_fps: float, force_packing=None,
-              MAX_NUM_FRAMES: int = 180, MAX_NUM_PACKING: int = 3):
+
+def card_plan(
+    n_frames: int,
+    fps: float,
+    choose_fps: float,
+    force_packing=None,
+    MAX_NUM_FRAMES: int = 180,
+    MAX_NUM_PACKING: int = 3,
+):
     """encode_video without the decoder: len(vr) = n_frames, vr.get_avg_fps() = fps."""
     TIME_SCALE = 0.1
     video_duration = n_frames / fps
@@ -47,7 +52,7 @@ def card_plan(n_frames: int, fps: float, choose_fps: float, force_packing=None,
     scale = np.arange(0, video_duration, TIME_SCALE)
     _, nearest = cKDTree(scale[:, None]).query(frame_idx_ts[:, None])
     frame_ts_id = (scale[nearest] / TIME_SCALE).astype(np.int32)
-    groups = [frame_ts_id[i:i + packing_nums].tolist() for i in range(0, len(frame_ts_id), packing_nums)]
+    groups = [frame_ts_id[i : i + packing_nums].tolist() for i in range(0, len(frame_ts_id), packing_nums)]
     return frame_idx.tolist(), frame_ts_id.tolist(), groups, packing_nums
 
 
@@ -101,12 +106,15 @@ def test_plan_matches_card(n, fps, choose, force, packing, count):
     assert_plan_is_card(plan, n, fps, choose, force)
 
 
-@pytest.mark.parametrize("max_packing, n, fps, packing, count", [
-    (6, 108000, 30.0, 6, 1080),  # 1 h with MAX_NUM_PACKING 6
-    (6, 3000, 30.0, 3, 500),  # dynamic packing stays 3 for 100 s
-    (4, 6000, 20.0, 4, 720),  # 300 s: ceil(1500 / 180) = 9 > 4 -> 720
-    (1, 3000, 30.0, 1, 180),  # one frame per group: at most 180 frames
-])
+@pytest.mark.parametrize(
+    "max_packing, n, fps, packing, count",
+    [
+        (6, 108000, 30.0, 6, 1080),  # 1 h with MAX_NUM_PACKING 6
+        (6, 3000, 30.0, 3, 500),  # dynamic packing stays 3 for 100 s
+        (4, 6000, 20.0, 4, 720),  # 300 s: ceil(1500 / 180) = 9 > 4 -> 720
+        (1, 3000, 30.0, 1, 180),  # one frame per group: at most 180 frames
+    ],
+)
 def test_plan_other_max_packing(max_packing, n, fps, packing, count):
     plan = plan_video_sampling(n, fps, max_num_packing=max_packing)
     assert (plan.packing, len(plan.frame_indices)) == (packing, count)
@@ -114,8 +122,14 @@ def test_plan_other_max_packing(max_packing, n, fps, packing, count):
 
 
 def test_plan_bad_arguments():
-    for kwargs in [dict(max_num_packing=0), dict(max_num_packing=7), dict(choose_fps=0),
-                   dict(choose_fps=float("nan")), dict(max_num_frames=0), dict(force_packing=-1)]:
+    for kwargs in [
+        dict(max_num_packing=0),
+        dict(max_num_packing=7),
+        dict(choose_fps=0),
+        dict(choose_fps=float("nan")),
+        dict(max_num_frames=0),
+        dict(force_packing=-1),
+    ]:
         with pytest.raises(VideoError):
             plan_video_sampling(100, 25.0, **kwargs)
     for n, fps in [(0, 25.0), (10, 0.0), (10, -1.0), (10, float("inf"))]:
@@ -175,9 +189,18 @@ def decode_all(path: Path) -> list[np.ndarray]:
         return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
 
 
-@pytest.mark.parametrize("name, packing, count", [
-    ("short.mp4", 1, 10), ("mid.mp4", 2, 200), ("p3.mkv", 3, 500), ("cap.mp4", 3, 540),
-    ("cap_rep.mp4", 3, 540), ("bframes.mp4", 1, 50), ("ntsc.mkv", 1, 25)])
+@pytest.mark.parametrize(
+    "name, packing, count",
+    [
+        ("short.mp4", 1, 10),
+        ("mid.mp4", 2, 200),
+        ("p3.mkv", 3, 500),
+        ("cap.mp4", 3, 540),
+        ("cap_rep.mp4", 3, 540),
+        ("bframes.mp4", 1, 50),
+        ("ntsc.mkv", 1, 25),
+    ],
+)
 def test_load_video_matches_card(videos, name, packing, count):
     if name not in videos:
         pytest.skip(f"encoder for {name} not in this PyAV build")
@@ -242,6 +265,7 @@ def test_progress_bar(videos, capfd):
 
 # ---------------------------------------------------------------------------- bad input ----
 
+
 def test_bad_input(videos, tmp_path):
     good = videos["mid.mp4"].read_bytes()
     cases = {
@@ -249,7 +273,7 @@ def test_bad_input(videos, tmp_path):
         "empty.mp4": b"",
         "text.mp4": b"this is not a video\n" * 100,
         "random.mp4": np.random.default_rng(0).integers(0, 256, 8000, dtype=np.uint8).tobytes(),
-        "truncated.mp4": good[:len(good) // 2],  # moov atom at the end is gone
+        "truncated.mp4": good[: len(good) // 2],  # moov atom at the end is gone
         "garbled.mp4": good[:3000] + bytes(20000) + good[23000:],
         "notes.txt": b"ffmpeg would render this as an ANSI-art video\n" * 10,
     }
@@ -259,6 +283,7 @@ def test_bad_input(videos, tmp_path):
     make_wav(tmp_path / "audio.wav")
     cases["audio.wav"] = b""
     from PIL import Image
+
     Image.new("RGB", (16, 16)).save(tmp_path / "still.png")
     cases["still.png"] = b""
     for name in cases:
@@ -278,6 +303,7 @@ def test_is_video_path(videos, tmp_path):
     noext.write_bytes(videos["short.mp4"].read_bytes())
     assert is_video_path(noext)
     from PIL import Image
+
     Image.new("RGB", (16, 16)).save(tmp_path / "pic", format="PNG")
     assert not is_video_path(tmp_path / "pic")
     assert not is_video_path(tmp_path / "does-not-exist")

@@ -18,17 +18,21 @@ def fixed(f32_ms: float, bf16_ms: float):
     def measure(threads: int):
         calls.append(threads)
         return f32_ms, bf16_ms
+
     measure.calls = calls
     return measure
 
 
-@pytest.mark.parametrize("f32_ms, bf16_ms, want", [
-    (200.0, 100.0, "bf16"),     # clearly faster
-    (100.0, 2700.0, "f32"),     # bf16 much slower (generic kernels, e.g. on some ARM CPUs)
-    (100.0, 90.0, "f32"),       # faster, but within the margin: f32 is the more exact one
-    (115.0, 100.0, "bf16"),     # exactly the margin
-    (100.0, 100.0, "f32"),
-])
+@pytest.mark.parametrize(
+    "f32_ms, bf16_ms, want",
+    [
+        (200.0, 100.0, "bf16"),  # clearly faster
+        (100.0, 2700.0, "f32"),  # bf16 much slower (generic kernels, e.g. on some ARM CPUs)
+        (100.0, 90.0, "f32"),  # faster, but within the margin: f32 is the more exact one
+        (115.0, 100.0, "bf16"),  # exactly the margin
+        (100.0, 100.0, "f32"),
+    ],
+)
 def test_decision(tmp_path, f32_ms, bf16_ms, want):
     assert vd.decide(f32_ms, bf16_ms) == want
     m = fixed(f32_ms, bf16_ms)
@@ -44,15 +48,22 @@ def test_cache_hit_keyed_by_threads(tmp_path):
     first = vd.choose_vision_dtype("auto", 2, cache=tmp_path, measure_fn=m)
     again = vd.choose_vision_dtype("auto", 2, cache=tmp_path, measure_fn=m)
     assert m.calls == [2] and again.source == "cached" and again.dtype == first.dtype == "bf16"
-    vd.choose_vision_dtype("auto", 1, cache=tmp_path, measure_fn=m)      # other thread count: new key
+    vd.choose_vision_dtype("auto", 1, cache=tmp_path, measure_fn=m)  # other thread count: new key
     assert m.calls == [2, 1]
     data = json.loads((tmp_path / vd.CACHE_FILE).read_text())
     assert len(data) == 2 and all(vd.cache_key(t) in data for t in (1, 2))
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"KEY": {"probe": 1, "f32_ms": "x", "bf16_ms": 1}}',
-                                     '{"KEY": {"probe": 0, "f32_ms": 200, "bf16_ms": 100}}',   # stale probe
-                                     '{"KEY": 7}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "[1, 2]",
+        '{"KEY": {"probe": 1, "f32_ms": "x", "bf16_ms": 1}}',
+        '{"KEY": {"probe": 0, "f32_ms": 200, "bf16_ms": 100}}',  # stale probe
+        '{"KEY": 7}',
+    ],
+)
 def test_corrupt_or_stale_cache_is_measured_again(tmp_path, content):
     (tmp_path / vd.CACHE_FILE).write_text(content.replace("KEY", vd.cache_key(2).replace('"', '\\"')))
     m = fixed(100.0, 200.0)
@@ -71,6 +82,7 @@ def test_unwritable_cache_is_no_error(tmp_path):
 def test_forced_dtype_measures_nothing(tmp_path):
     def boom(threads):
         raise AssertionError("a forced dtype must not measure")
+
     for req, want in (("bf16", "bf16"), ("f32", "f32"), ("bfloat16", "bf16"), ("float32", "f32")):
         c = vd.choose_vision_dtype(req, 2, cache=tmp_path, measure_fn=boom)
         assert (c.dtype, c.source) == (want, "forced")
@@ -83,8 +95,9 @@ def test_encoder_load_follows_the_cached_measurement(tiny_mmproj_gguf, monkeypat
     monkeypatch.setenv("MINICPMV_CACHE", str(tmp_path))
     for f32_ms, bf16_ms, want in ((100.0, 300.0, torch.float32), (300.0, 100.0, torch.bfloat16)):
         key = vd.cache_key(1)
-        (tmp_path / vd.CACHE_FILE).write_text(json.dumps({key: {"probe": vd.PROBE_VERSION, "f32_ms": f32_ms,
-                                                                "bf16_ms": bf16_ms}}))
+        (tmp_path / vd.CACHE_FILE).write_text(
+            json.dumps({key: {"probe": vd.PROBE_VERSION, "f32_ms": f32_ms, "bf16_ms": bf16_ms}})
+        )
         enc = VisionEncoder.load(tiny_mmproj_gguf("f32"), dtype="auto", n_threads=1)
         assert enc.dtype == want and enc.dtype_choice.source == "cached"
         enc.close()

@@ -20,17 +20,17 @@ import pytest
 import torch
 
 from minicpmv.cpu import default_threads
-from minicpmv.schema import v_blk
 from minicpmv.runtime.mmproj import MmprojError, load_mmproj
 from minicpmv.runtime.vision import VisionEncoder, VisionInputError
 from minicpmv.runtime.vision_ops import navit_position_ids, pos_embed_2d, temporal_embed
+from minicpmv.schema import v_blk
 
 from . import reference_vision as rv
 from .reference_vision import ReferenceVision, to_pixels
 
-F32_TOL = 1e-4                     # f32 mmproj, f32 compute vs the float64 reference (max abs)
-BF16_TOL, BF16_COS = 0.06, 0.9999   # bf16 compute (bf16 matmul inputs, f32 accumulation)
-MTMD_TOL = 1e-3                    # mtmd computes its patch conv in f16
+F32_TOL = 1e-4  # f32 mmproj, f32 compute vs the float64 reference (max abs)
+BF16_TOL, BF16_COS = 0.06, 0.9999  # bf16 compute (bf16 matmul inputs, f32 accumulation)
+MTMD_TOL = 1e-3  # mtmd computes its patch conv in f16
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # torch on one thread: the machine is shared
@@ -68,6 +68,7 @@ MIXED = [(448, 448), (364, 546), (518, 392), (98, 70), (70, 98)]
 
 # ----------------------------------------------------------------------------------------------
 # images of different sizes in one batch
+
 
 def test_mixed_sizes_one_batch_f32(enc32, ref):
     px = pixels(MIXED)
@@ -135,6 +136,7 @@ def test_q8_0_dequantized_once_like_gguf_py(tiny_mmproj_gguf):
 # ----------------------------------------------------------------------------------------------
 # video: temporal groups
 
+
 def test_video_groups(enc32, ref):
     # groups of 1, 2, 3 and 6 frames; a -1 inside a group; frames of different sizes in one group
     sizes = [(448, 448)] + [(224, 224)] * 2 + [(224, 224), (168, 224), (224, 224)] + [(112, 140)] * 6
@@ -169,9 +171,14 @@ def test_position_tables_equal_reference():
 # ----------------------------------------------------------------------------------------------
 # NaViT position buckets
 
+
 def test_navit_buckets_follow_reference_not_floor():
-    for n, lower_at in {25: [5, 10, 15, 20], 49: [7, 14, 35, 42], 50: [5, 10, 15, 20, 30, 40],
-                        55: [11, 22, 33, 44]}.items():
+    for n, lower_at in {
+        25: [5, 10, 15, 20],
+        49: [7, 14, 35, 42],
+        50: [5, 10, 15, 20, 30, 40],
+        55: [11, 22, 33, 44],
+    }.items():
         ids = navit_position_ids(n, n, 70).view(n, n)
         rows, cols = ids[:, 0] // 70, ids[0, :] % 70
         assert torch.equal(rows, rv.navit_bucket_coords(n)) and torch.equal(cols, rows)
@@ -193,10 +200,11 @@ def test_navit_buckets_end_to_end(enc32, ref, tiny_ckpt):
 # ----------------------------------------------------------------------------------------------
 # mtmd (llama.cpp) on the same file and pixels
 
+
 def test_matches_mtmd(tiny_mmproj_gguf, tiny_lm_gguf, enc32):
     from .mtmd import Mtmd
-
     from .mtmd_slicing import mtmd_preprocess
+
     rng = np.random.default_rng(7)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(448, 448), (448, 896)]]
     with Mtmd.open(tiny_mmproj_gguf("f32"), tiny_lm_gguf("F32")) as mt:
@@ -211,6 +219,7 @@ def test_matches_mtmd(tiny_mmproj_gguf, tiny_lm_gguf, enc32):
 
 # ----------------------------------------------------------------------------------------------
 # llama.cpp's legacy layout (fc1 stored as ffn_down, no general.type)
+
 
 def write_legacy(src, dst) -> None:
     r = gguf.GGUFReader(str(src))
@@ -256,11 +265,13 @@ def test_legacy_layout_gives_identical_embeddings(tiny_mmproj_gguf, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # API, options, bad input
 
+
 def test_unpacked_linears_and_small_batches_agree(tiny_mmproj_gguf, enc32, monkeypatch):
     """oneDNN-packed weights vs plain F.linear; a token budget that splits the call into several
     tower batches (whole groups stay together) changes nothing."""
     import minicpmv.runtime.vision as vision
     import minicpmv.runtime.vision_weights as vision_weights
+
     px = pixels([(224, 224), (98, 70), (224, 224), (140, 140), (70, 98)], seed=9)
     tids = [[-1], [3, 4], [7], [-1]]
     want = enc32.encode_slices(px, tids)
@@ -283,9 +294,14 @@ def test_attributes_and_options(enc32, enc16, tiny_ckpt, tiny_mmproj_gguf):
     n_params = sum(int(np.prod(s)) for n, s in _ckpt_shapes(tiny_ckpt).items() if not n.startswith("llm."))
     folded = 64 * D + 2 * D + 2 * (D * D + D)
     assert enc32.weights_nbytes == 4 * (n_params - folded + (D // 128) * 64 * D)
-    matrices32 = sum(lin.nbytes for lin in [enc32.patch, enc32.scores] +
-                     [x for b in enc32.blocks for x in (b.qkv, b.out, b.fc1, b.fc2)]) + enc32.resampler.nbytes
-    assert enc16.weights_nbytes == enc32.weights_nbytes - matrices32 // 2   # exactly the matrices halve
+    matrices32 = (
+        sum(
+            lin.nbytes
+            for lin in [enc32.patch, enc32.scores] + [x for b in enc32.blocks for x in (b.qkv, b.out, b.fc1, b.fc2)]
+        )
+        + enc32.resampler.nbytes
+    )
+    assert enc16.weights_nbytes == enc32.weights_nbytes - matrices32 // 2  # exactly the matrices halve
     streamed = VisionEncoder.load(tiny_mmproj_gguf("f32"), dtype="f32", n_threads=1, resident=False)
     tower = sum(x.nbytes for b in enc32.blocks for x in (b.qkv, b.out, b.fc1, b.fc2))
     assert streamed.weights_nbytes == enc32.weights_nbytes - tower - enc32.resampler.nbytes
@@ -294,6 +310,7 @@ def test_attributes_and_options(enc32, enc16, tiny_ckpt, tiny_mmproj_gguf):
 
 def _ckpt_shapes(ckpt):
     from minicpmv.convert.checkpoint import Checkpoint
+
     ck = Checkpoint(ckpt)
     return {n: ck.shape(n) for n in ck.names()}
 
@@ -330,6 +347,7 @@ def test_lm_gguf_is_not_an_mmproj(tiny_lm_gguf):
 # ----------------------------------------------------------------------------------------------
 # memory: weights read per chunk (resident=False) and tower sub-batches
 
+
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_streamed_weights_and_sub_batches_compute_the_same(tiny_mmproj_gguf, dtype):
     """resident=False reads the tower and resampler matrices from the mmproj for every chunk: the
@@ -354,6 +372,7 @@ def test_streamed_weights_and_sub_batches_compute_the_same(tiny_mmproj_gguf, dty
 
 def test_sub_batches_keep_slices_whole():
     from minicpmv.runtime.vision import _sub_batches
+
     lens = [1024, 1024, 600, 35, 2000, 5000]
     for budget in (1, 1024, 2048, 3000, 4096, 100000):
         subs = _sub_batches(lens, budget)

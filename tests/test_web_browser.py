@@ -25,17 +25,25 @@ from PIL import Image
 from minicpmv.runtime import MiniCPMV
 from minicpmv.runtime.image import load_image
 from minicpmv.runtime.video import load_video
+
 from .video_fixtures import make_video
 from .web_server import free_port, page_process
 
 CHROMIUM = "/usr/bin/chromium"
 # The network is closed here: without the background-networking flags Chromium waits on refused
 # connections (component updates, sync, QUIC probes).
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(os.environ.get("MINICPMV_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
-PAGE_MAX_TOKENS = 24      # the server's --max-tokens: short answers
-LONG = 4000               # max tokens of an answer that is stopped (~15 s at the tiny model's speed)
+PAGE_MAX_TOKENS = 24  # the server's --max-tokens: short answers
+LONG = 4000  # max tokens of an answer that is stopped (~15 s at the tiny model's speed)
 WAIT_MS = 120_000
 # f32 KV cache, no flash attention, on the page and its oracle: logits that do not depend on how the
 # positions were batched or what the cache held before (f16 moves them by ~1e-4 of their range, which
@@ -46,6 +54,7 @@ pytestmark = pytest.mark.slow
 
 
 # --------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> dict[str, Path]:
@@ -63,9 +72,31 @@ def media(tmp_path_factory) -> dict[str, Path]:
 def serving(lm: Path, mm: Path, log_path: Path):
     """The page as a user starts it, with CLI options that it must honour (packing, greedy, tokens)."""
     port = free_port()
-    with page_process([sys.executable, "-m", "minicpmv.cli.run", "--web", "--model", str(lm), "--mmproj", str(mm),
-                       "--port", str(port), "--threads", "1", "--packing", "3", "--greedy",
-                       "--max-tokens", str(PAGE_MAX_TOKENS), *EXACT], port, log_path, start_s=120) as url:
+    with page_process(
+        [
+            sys.executable,
+            "-m",
+            "minicpmv.cli.run",
+            "--web",
+            "--model",
+            str(lm),
+            "--mmproj",
+            str(mm),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--packing",
+            "3",
+            "--greedy",
+            "--max-tokens",
+            str(PAGE_MAX_TOKENS),
+            *EXACT,
+        ],
+        port,
+        log_path,
+        start_s=120,
+    ) as url:
         yield url
 
 
@@ -91,11 +122,16 @@ def long_server(tiny_real_vocab_gguf, tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     from playwright.sync_api import sync_playwright
+
     assert Path(CHROMIUM).is_file(), f"{CHROMIUM} missing: apt-get install -y chromium (.ci/run does)"
     with sync_playwright() as pw:
         ctx = pw.chromium.launch_persistent_context(
-            tmp_path_factory.mktemp("chromium-profile"), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_FLAGS, viewport={"width": 960, "height": 1000})
+            tmp_path_factory.mktemp("chromium-profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 960, "height": 1000},
+        )
         ctx.set_default_timeout(WAIT_MS)
         yield ctx
         ctx.close()
@@ -109,6 +145,7 @@ def _tabs(browser, url: str):
     def open_one() -> "ChatTab":
         tabs.append(ChatTab(browser, url))
         return tabs[-1]
+
     yield open_one
     for t in tabs:
         t.page.close()
@@ -143,9 +180,11 @@ def long_api(tiny_real_vocab_gguf):
 
 # --------------------------------------------------------------------------- the page, as a person uses it
 
-FOOTER = re.compile(r"(?:vision (?P<vision_ms>[\d.]+) ms/slice × (?P<slices>\d+) · )?"
-                    r"prefill (?P<prefill>\d+)/(?P<prompt>\d+) tok, [\d.]+ tok/s · decode (?P<decode>\d+) tok, [\d.]+ tok/s · "
-                    r"first token \d+ ms · (?P<end>stopped|stop|length|context)")
+FOOTER = re.compile(
+    r"(?:vision (?P<vision_ms>[\d.]+) ms/slice × (?P<slices>\d+) · )?"
+    r"prefill (?P<prefill>\d+)/(?P<prompt>\d+) tok, [\d.]+ tok/s · decode (?P<decode>\d+) tok, [\d.]+ tok/s · "
+    r"first token \d+ ms · (?P<end>stopped|stop|length|context)"
+)
 
 
 class ChatTab:
@@ -184,10 +223,13 @@ class ChatTab:
 
     def messages(self) -> list[dict]:
         """Chat messages in order: role, text (the message's raw text, from its aria-label), kind."""
-        return self.page.eval_on_selector_all("#chat [data-testid=user], #chat [data-testid=bot]", """els =>
+        return self.page.eval_on_selector_all(
+            "#chat [data-testid=user], #chat [data-testid=bot]",
+            """els =>
             els.map(e => ({role: e.dataset.testid, label: e.getAttribute('aria-label') || '',
                            thought: !!e.querySelector('.thought-group'), images: e.querySelectorAll('img').length,
-                           text: e.innerText}))""")
+                           text: e.innerText}))""",
+        )
 
     def footers(self) -> list[str]:
         return [m["text"] for m in self.messages() if m["role"] == "bot" and FOOTER.search(m["text"])]
@@ -195,13 +237,15 @@ class ChatTab:
     def wait_footers(self, n: int) -> re.Match:
         self.page.wait_for_function(
             "n => [...document.querySelectorAll('#chat [data-testid=bot] small')]"
-            ".filter(e => e.innerText.includes(' tok/s')).length >= n", arg=n, timeout=WAIT_MS)
+            ".filter(e => e.innerText.includes(' tok/s')).length >= n",
+            arg=n,
+            timeout=WAIT_MS,
+        )
         return FOOTER.search(self.footers()[n - 1])
 
     def answer_text(self) -> str:
         """The last plain assistant message (not reasoning, not timings)."""
-        bots = [m for m in self.messages() if m["role"] == "bot" and not m["thought"]
-                and not FOOTER.search(m["text"])]
+        bots = [m for m in self.messages() if m["role"] == "bot" and not m["thought"] and not FOOTER.search(m["text"])]
         return _label_text(bots[-1]["label"]) if bots else ""
 
     def error(self) -> str:
@@ -220,6 +264,7 @@ def squash(text: str) -> str:
 
 # --------------------------------------------------------------------------- tests
 
+
 def test_chat_about_a_picture_and_a_video_then_think(open_tab, api, media):
     """Upload a picture and a video, ask, get the API's answer and timings; ask a follow-up with
     thinking on: the KV cache is reused as chat() reuses it and the reasoning folds away."""
@@ -231,14 +276,14 @@ def test_chat_about_a_picture_and_a_video_then_think(open_tab, api, media):
     f1 = tab.wait_footers(1)
 
     user = [m for m in tab.messages() if m["role"] == "user"]
-    assert user[0]["images"] == 1                                   # the picture's thumbnail
-    assert "clip.mp4: 15 frames in 5 groups of up to 3" in user[-1]["text"]   # --packing 3, as the CLI
+    assert user[0]["images"] == 1  # the picture's thumbnail
+    assert "clip.mp4: 15 frames in 5 groups of up to 3" in user[-1]["text"]  # --packing 3, as the CLI
     assert q1 in user[-1]["text"]
 
     msgs = [{"role": "user", "content": [load_image(media["pic.png"]), load_video(media["clip.mp4"], packing=3), q1]}]
     a1 = api.chat(msgs, greedy=True, max_new_tokens=PAGE_MAX_TOKENS)
     assert squash(tab.answer_text()) == squash(a1)
-    assert int(f1["slices"]) == len(a1.stats.vision_ms) == 6        # 1 image slot + 5 video groups
+    assert int(f1["slices"]) == len(a1.stats.vision_ms) == 6  # 1 image slot + 5 video groups
     # (what the cache held before depends on earlier tabs: compare the prompt, not the prefill)
     assert int(f1["prompt"]) == a1.stats.prompt_tokens and int(f1["decode"]) == a1.stats.decode_tokens
     assert f1["end"] == a1.stats.finish_reason
@@ -260,13 +305,16 @@ def test_chat_about_a_picture_and_a_video_then_think(open_tab, api, media):
     # open while it streams, folded once done (after a short animation): only the title shows
     tab.page.wait_for_function("() => document.querySelector('#chat .thought-group').innerText.trim() == 'Thinking'")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    box = tab.page.locator("#sampling").bounding_box()   # the chat, its box and controls
-    tab.page.screenshot(path=str(ARTIFACTS / "web-chat.png"),
-                        clip={"x": 0, "y": 0, "width": 960, "height": box["y"] + box["height"] + 16})
+    box = tab.page.locator("#sampling").bounding_box()  # the chat, its box and controls
+    tab.page.screenshot(
+        path=str(ARTIFACTS / "web-chat.png"),
+        clip={"x": 0, "y": 0, "width": 960, "height": box["y"] + box["height"] + 16},
+    )
     group.locator(".title").click()
     words = a2.thinking.split()[:2]
-    tab.page.wait_for_function("w => document.querySelector('#chat .thought-group').innerText.includes(w)",
-                               arg=words[0])
+    tab.page.wait_for_function(
+        "w => document.querySelector('#chat .thought-group').innerText.includes(w)", arg=words[0]
+    )
     assert tab.error() == ""
     print(f"chat test: {time.monotonic() - t0:.1f} s in the browser; screenshot {ARTIFACTS / 'web-chat.png'}")
 
@@ -291,7 +339,7 @@ def test_stop_ends_the_answer_at_once_and_the_chat_goes_on(open_long_tab, long_a
     shown = tab.answer_text()
     assert len(shown) >= max(seen)
     time.sleep(0.5)
-    assert tab.answer_text() == shown                               # nothing decoded after Stop
+    assert tab.answer_text() == shown  # nothing decoded after Stop
     # the page kept exactly the n streamed tokens (greedy: the API's first n; only the API flushes
     # an incomplete UTF-8 tail, as U+FFFD)
     story = {"role": "user", "content": ["Tell me a long story."]}
@@ -318,10 +366,12 @@ def test_a_second_tab_waits_for_the_first(open_long_tab):
     second.ask("Hello")
     try:
         second.page.get_by_text("waiting: another tab's answer is being generated").wait_for()
-    except Exception as e:   # say what the two tabs showed instead
-        raise AssertionError(f"no waiting line in the second tab ({type(e).__name__}); it shows "
-                             f"{second.messages()}; the first tab's answer has {len(first.answer_text())} "
-                             f"characters, footers {first.footers()}") from None
+    except Exception as e:  # say what the two tabs showed instead
+        raise AssertionError(
+            f"no waiting line in the second tab ({type(e).__name__}); it shows "
+            f"{second.messages()}; the first tab's answer has {len(first.answer_text())} "
+            f"characters, footers {first.footers()}"
+        ) from None
     assert not second.footers()
     first.page.locator("#stop").click()
     assert first.wait_footers(1)["end"] == "stopped"
@@ -341,8 +391,8 @@ def test_bad_uploads_show_one_line_and_keep_the_conversation(open_tab, media):
         tab.page.locator("#error").get_by_text(says).wait_for()
         err = tab.error()
         assert err.startswith(says) and "\n" not in err and "/tmp" not in err, err
-        assert tab.messages() == before                             # the conversation is unchanged
-        assert tab.page.locator("#msg textarea").input_value() == "What is this?"   # kept to retry
+        assert tab.messages() == before  # the conversation is unchanged
+        assert tab.page.locator("#msg textarea").input_value() == "What is this?"  # kept to retry
         tab.remove_files()
 
     # still usable: a good picture is answered and the error goes away
@@ -357,15 +407,18 @@ def test_regenerate_and_clear(open_tab, api):
     tab.ask("Name a colour.")
     tab.wait_footers(1)
     first = tab.answer_text()
-    assert squash(first) == squash(api.chat([{"role": "user", "content": ["Name a colour."]}], greedy=True,
-                                            max_new_tokens=PAGE_MAX_TOKENS))
+    assert squash(first) == squash(
+        api.chat([{"role": "user", "content": ["Name a colour."]}], greedy=True, max_new_tokens=PAGE_MAX_TOKENS)
+    )
     tab.setting("seed", "7")
     tab.page.locator("#greedy input").uncheck()
     tab.page.locator("#regenerate").click()
     tab.page.wait_for_function(
-        "() => ![...document.querySelectorAll('#chat [data-testid=bot] small')].some(e => e.innerText.includes('tok/s'))")
+        "() => ![...document.querySelectorAll('#chat [data-testid=bot] small')]"
+        ".some(e => e.innerText.includes('tok/s'))"
+    )
     tab.wait_footers(1)
-    assert len([m for m in tab.messages() if m["role"] == "user"]) == 1   # the same question, answered anew
+    assert len([m for m in tab.messages() if m["role"] == "user"]) == 1  # the same question, answered anew
     again = api.chat([{"role": "user", "content": ["Name a colour."]}], seed=7, max_new_tokens=PAGE_MAX_TOKENS)
     assert squash(tab.answer_text()) == squash(again) != squash(first)
     tab.page.locator("#clear").click()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -18,6 +16,8 @@ from minicpmv.cli.web_chat import LocalChat, Session
 from minicpmv.runtime import MiniCPMV
 from minicpmv.session.limits import Limits
 from minicpmv.session.options import ChatOptions, MediaOptions
+
+from .helpers import one_error_line, run_cli
 
 OPTS = ChatOptions(max_tokens=2000, greedy=True)
 SHORT = dataclasses.replace(OPTS, max_tokens=16)
@@ -35,7 +35,7 @@ def test_stop_ends_the_stream_and_keeps_the_partial_answer(chat):
     s = Session()
     assert chat.ask(s, "Tell me a long story.", [])
     gen = chat.answer(s, OPTS)
-    for _ in range(4):   # a few redraws into the answer
+    for _ in range(4):  # a few redraws into the answer
         next(gen)
     assert s.busy and s.turns[-1].answer
     chat.stop(s)
@@ -58,7 +58,7 @@ def test_a_closed_tab_ends_its_answer_and_frees_the_model(chat):
     chat.ask(s, "Tell me a long story.", [])
     gen = chat.answer(s, OPTS)
     next(gen), next(gen)
-    gen.close()            # what Gradio does when the tab goes away
+    gen.close()  # what Gradio does when the tab goes away
     assert not s.busy and chat.answering == 0 and not chat.model.busy
     assert chat.model.stats.decode_tokens > 0
     assert s.turns[-1].footer == "stopped" and s.conv.msgs[-1] == {"role": "assistant", "content": s.turns[-1].answer}
@@ -86,7 +86,7 @@ def test_a_full_context_drops_the_question_with_one_line(chat):
     chat.ask(s, "Hello", [])
     list(chat.answer(s, SHORT))
     msgs = list(s.conv.msgs)
-    chat.ask(s, "word " * 5000, [])          # more than the 4096-token context
+    chat.ask(s, "word " * 5000, [])  # more than the 4096-token context
     list(chat.answer(s, SHORT))
     assert "n_ctx=4096" in s.error and "\n" not in s.error
     assert s.conv.msgs == msgs and len(s.turns) == 1 and not s.busy
@@ -101,37 +101,34 @@ def test_bad_sampling_setting_drops_the_question(chat):
 
 # --------------------------------------------------------------------------- CLI
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "minicpmv.cli.run", *args], capture_output=True, text=True,
-                          timeout=120)
-
 
 def test_cli_web_refuses_inputs_and_json():
-    for args, says in ((["photo.jpg", "What is it?"], "--web takes no files or question"),
-                       (["--json"], "--json does not apply to --web")):
-        res = run_cli("--web", "--model-dir", "models", *args)
-        lines = res.stderr.strip().splitlines()
-        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"minicpm-run: error: {says}")
+    for args, says in (
+        (["photo.jpg", "What is it?"], "--web takes no files or question"),
+        (["--json"], "--json does not apply to --web"),
+    ):
+        line = one_error_line(run_cli("minicpm-run", "--web", "--model-dir", "models", *args), prog="minicpm-run")
+        assert line.startswith(f"minicpm-run: error: {says}")
 
 
 def test_cli_web_refuses_an_open_host_without_a_login_and_names_a_taken_port():
-    res = run_cli("--web", "--model-dir", "models", "--host", "0.0.0.0", "--port", "7860")
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1, res.stderr
-    assert lines[0].startswith("minicpm-run: error: --host 0.0.0.0 makes this reachable from other machines: "
-                               "give --auth USER:PASSWORD, or --no-auth")
-    with socket.socket() as held:   # bound, never listening: the port is taken
+    res = run_cli("minicpm-run", "--web", "--model-dir", "models", "--host", "0.0.0.0", "--port", "7860")
+    line = one_error_line(res, prog="minicpm-run")
+    assert line.startswith(
+        "minicpm-run: error: --host 0.0.0.0 makes this reachable from other machines: "
+        "give --auth USER:PASSWORD, or --no-auth"
+    )
+    with socket.socket() as held:  # bound, never listening: the port is taken
         held.bind(("0.0.0.0", 0))
         port = held.getsockname()[1]
         for extra in (["--no-auth"], ["--auth", "ann:secret"]):
-            res = run_cli("--web", "--model-dir", "models", "--host", "0.0.0.0", "--port", str(port), *extra)
-            lines = res.stderr.strip().splitlines()
-            assert res.returncode == 2 and len(lines) == 1, res.stderr
-            assert lines[0].startswith(f"minicpm-run: error: cannot listen on 0.0.0.0:{port} ")
+            res = run_cli("minicpm-run", "--web", "--model-dir", "models", "--host", "0.0.0.0", "--port", port, *extra)
+            assert one_error_line(res).startswith(f"minicpm-run: error: cannot listen on 0.0.0.0:{port} ")
 
 
 def test_auth_entries(tmp_path):
     from minicpmv.cli.web import read_auth
+
     assert read_auth(None) is None and read_auth("ann:a:b") == [("ann", "a:b")]
     f = tmp_path / "logins"
     f.write_text("# page users\nann:one\n\nbob:two\n")
@@ -146,5 +143,6 @@ def test_auth_entries(tmp_path):
 
 def test_is_loopback():
     from minicpmv.cli.listen import is_loopback
+
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1")

@@ -90,14 +90,16 @@ def test_copied_weights_leave_the_page_table(tiny_lm_gguf):
         if name in copied or name == "token_embd.weight":
             assert not present, f"{name}: {len(present)} of its {pages} pages still mapped after the load"
         else:
-            assert len(present) == pages, f"{name} is used in place but {pages - len(present)} of its {pages} " \
-                                          "pages were dropped"
+            assert len(present) == pages, (
+                f"{name} is used in place but {pages - len(present)} of its {pages} pages were dropped"
+            )
     assert sum(loaded[n][1] for n in copied) > 100, "few pages of copied tensors: the check says little"
     # a prefill reads four rows of the table: their pages come back (with whatever the kernel maps
     # around a fault), the in-place tensors stay
     t, page = info.tensors["token_embd.weight"], out["page"]
-    read_pages = {b // page for r in (5, 9, 20, 30)
-                  for b in (t.offset + r * t.row_bytes, t.offset + (r + 1) * t.row_bytes - 1)}
+    read_pages = {
+        b // page for r in (5, 9, 20, 30) for b in (t.offset + r * t.row_bytes, t.offset + (r + 1) * t.row_bytes - 1)
+    }
     assert read_pages <= set(decoded["token_embd.weight"][0])
     assert all(len(decoded[n][0]) == decoded[n][1] for n in in_place)
     # the mapping is marked no-huge-page ("nh"): a fault maps the pages around it, not the 2 MB folio
@@ -110,4 +112,4 @@ def test_same_logits_as_read_and_mapped_loads(tiny_lm_gguf):
     default, read, mapped = (_probe(path, how) for how in ("default", "read", "mapped"))
     assert default["logits"] == read["logits"] == mapped["logits"]
     assert default["n_maps"] == 1 and read["n_maps"] == 0 and mapped["n_maps"] == 1
-    assert all("nh" not in f for f in mapped["vm_flags"])   # llama.cpp's own mapping is left as it is
+    assert all("nh" not in f for f in mapped["vm_flags"])  # llama.cpp's own mapping is left as it is

@@ -29,9 +29,9 @@ def frame_picture(index: int, width: int, height: int) -> np.ndarray:
     for bit in range(INDEX_BITS):
         if index >> bit & 1:
             r, c = divmod(bit, cols)
-            img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = 255
+            img[r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL] = 255
     x = (index * 3) % max(1, width - CELL)  # moving shape below the pattern
-    img[height - CELL:, x:x + CELL] = (255, 255, 255)
+    img[height - CELL :, x : x + CELL] = (255, 255, 255)
     return img
 
 
@@ -42,13 +42,20 @@ def read_index(image: Image.Image) -> int:
     index = 0
     for bit in range(INDEX_BITS):
         r, c = divmod(bit, cols)
-        if a[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL].mean() > 128:
+        if a[r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL].mean() > 128:
             index |= 1 << bit
     return index
 
 
-def make_video(path: Path, n_frames: int, fps: float | Fraction, size: tuple[int, int] = (64, 48),
-               codec: str = "mpeg4", gop: int = 12, b_frames: int = 0) -> Path:
+def make_video(
+    path: Path,
+    n_frames: int,
+    fps: float | Fraction,
+    size: tuple[int, int] = (64, 48),
+    codec: str = "mpeg4",
+    gop: int = 12,
+    b_frames: int = 0,
+) -> Path:
     """Write `n_frames` frames at constant `fps` (exact Fraction for rates like 30000/1001)."""
     rate = Fraction(fps).limit_denominator(100000)
     width, height = size
@@ -58,8 +65,11 @@ def make_video(path: Path, n_frames: int, fps: float | Fraction, size: tuple[int
         stream.codec_context.gop_size = gop
         stream.codec_context.max_b_frames = b_frames
         if codec == "libx264":
-            stream.options = {"preset": "ultrafast" if b_frames == 0 else "veryfast", "crf": "10",
-                              "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={b_frames}"}
+            stream.options = {
+                "preset": "ultrafast" if b_frames == 0 else "veryfast",
+                "crf": "10",
+                "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={b_frames}",
+            }
         else:
             stream.bit_rate = 4_000_000
         for i in range(n_frames):

@@ -17,14 +17,20 @@ def free_port() -> int:
 
 
 @contextmanager
-def page_process(argv: list[str], port: int, log: Path, *, cwd: Path | None = None,
-                 env: dict[str, str] | None = None, start_s: float = 180) -> Iterator[str]:
+def page_process(
+    argv: list[str],
+    port: int,
+    log: Path,
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    start_s: float = 180,
+) -> Iterator[str]:
     """Run `argv` (a --web command serving on `port`), output to `log`; yield the page's URL once
     the command prints its "chat page at URL" line (within `start_s` seconds); terminate it after."""
     url = f"http://127.0.0.1:{port}/"
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + start_s
         while f"chat page at {url}" not in log.read_text():

@@ -4,7 +4,16 @@ for measurements, turns them into table rows and notes) and the measurement itse
 
 from . import buffers, conversion, e2e, llm, lowbit, memory, sizes, video, vision
 
-SECTIONS = {"conversion": conversion, "vision": vision, "llm": llm, "buffers": buffers, "e2e": e2e, "video": video,
-            "sizes": sizes, "memory": memory, "lowbit": lowbit}
+SECTIONS = {
+    "conversion": conversion,
+    "vision": vision,
+    "llm": llm,
+    "buffers": buffers,
+    "e2e": e2e,
+    "video": video,
+    "sizes": sizes,
+    "memory": memory,
+    "lowbit": lowbit,
+}
 # lowbit quantizes the 8B model eleven times (hours on 2 cores; resumable): run it with --only lowbit
 DEFAULT = [k for k in SECTIONS if k != "lowbit"]

@@ -31,20 +31,27 @@ def run(bench: Session) -> dict:
         bench.sizes["BF16 LM GGUF (two-step intermediate)"] = bf16.stat().st_size
         llama_q4 = two / "llama-Q4_K_M.gguf"
         m3 = bench.worker("llama_quantize", {"src": str(bf16), "dst": str(llama_q4), "threads": T})
-        bf16.unlink()      # free 16 GB as soon as it is measured
+        bf16.unlink()  # free 16 GB as soon as it is measured
         bench.sizes["Q4_K_M LM GGUF, llama_model_quantize"] = llama_q4.stat().st_size
         # in a worker: reading both 5 GB files would leave the parent (and so, through fork, every
         # later subprocess's ru_maxrss) that large
         same = bench.worker("compare", {"a": m1.result["lm"], "b": str(llama_q4)}).result["same"]
     finally:
-        shutil.rmtree(two, ignore_errors=True)   # the two-step files are not needed later
+        shutil.rmtree(two, ignore_errors=True)  # the two-step files are not needed later
 
     t_one = m1.result["seconds"]
     t_two = m2.result["seconds"] + m3.result["seconds"]
     rss_two = max(m2.peak_rss_gb, m3.peak_rss_gb)
     rows = [
-        row("wall time", t_one, t_two, unit="s", target="< 1x (faster)", met=t_one < t_two,
-            note="one pass also writes the f16 mmproj"),
+        row(
+            "wall time",
+            t_one,
+            t_two,
+            unit="s",
+            target="< 1x (faster)",
+            met=t_one < t_two,
+            note="one pass also writes the f16 mmproj",
+        ),
         row("peak RSS", m1.peak_rss_gb, rss_two, unit="GB", target="ours < 3 GB", met=m1.peak_rss_gb < 3.0),
     ]
     notes = [
@@ -65,13 +72,18 @@ def run(bench: Session) -> dict:
 def compare_tensors(a: Path, b: Path) -> str:
     """Whether two GGUFs hold the same tensors with the same types and bytes."""
     import gguf
+
     ra, rb = gguf.GGUFReader(str(a)), gguf.GGUFReader(str(b))
     ta = {t.name: t for t in ra.tensors}
     tb = {t.name: t for t in rb.tensors}
     if set(ta) != set(tb):
         return f"different tensor names ({len(set(ta) ^ set(tb))} differ)"
-    bad = [n for n in ta if ta[n].tensor_type != tb[n].tensor_type
-           or hashlib.sha1(ta[n].data.tobytes()).digest() != hashlib.sha1(tb[n].data.tobytes()).digest()]
+    bad = [
+        n
+        for n in ta
+        if ta[n].tensor_type != tb[n].tensor_type
+        or hashlib.sha1(ta[n].data.tobytes()).digest() != hashlib.sha1(tb[n].data.tobytes()).digest()
+    ]
     if bad:
         return f"{len(bad)} of {len(ta)} tensors differ (first: {bad[0]})"
     return f"identical types and bytes for all {len(ta)} tensors"
@@ -79,18 +91,31 @@ def compare_tensors(a: Path, b: Path) -> str:
 
 # --------------------------------------------------------------------------- measured (bench.worker)
 
+
 def compare(a: dict) -> dict:
     return {"same": compare_tensors(Path(a["a"]), Path(a["b"]))}
 
 
 def convert_onepass(a: dict) -> dict:
     from minicpmv.convert.pipeline import convert
+
     t0 = time.perf_counter()
-    r = convert(Path(a["ckpt"]), Path(a["out"]), quant_type=a.get("quant", "Q4_K_M"), mmproj_type=a.get("mmproj", "f16"),
-                threads=a.get("threads"), progress=False, force=True,
-                write_mmproj=a.get("write_mmproj", True), write_lm=a.get("write_lm", True))
-    return {"seconds": time.perf_counter() - t0, "lm": str(r.lm_path) if r.lm_path else None,
-            "mmproj": str(r.mmproj_path) if r.mmproj_path else None}
+    r = convert(
+        Path(a["ckpt"]),
+        Path(a["out"]),
+        quant_type=a.get("quant", "Q4_K_M"),
+        mmproj_type=a.get("mmproj", "f16"),
+        threads=a.get("threads"),
+        progress=False,
+        force=True,
+        write_mmproj=a.get("write_mmproj", True),
+        write_lm=a.get("write_lm", True),
+    )
+    return {
+        "seconds": time.perf_counter() - t0,
+        "lm": str(r.lm_path) if r.lm_path else None,
+        "mmproj": str(r.mmproj_path) if r.mmproj_path else None,
+    }
 
 
 def convert_bf16(a: dict) -> dict:

@@ -15,41 +15,69 @@ from ..session import Session
 
 def run(bench: Session) -> dict:
     s = bench.scale
-    m = bench.worker("e2e", {"lm": str(bench.lm), "mmproj": str(bench.mmproj), "image": str(bench.image()),
-                            "threads": bench.threads, "runs": bench.e2e_runs, "n_gen": s.e2e_gen, "n_ctx": 4096,
-                            "warmup": 1, "budget_s": bench.runs_budget("e2e")})
+    m = bench.worker(
+        "e2e",
+        {
+            "lm": str(bench.lm),
+            "mmproj": str(bench.mmproj),
+            "image": str(bench.image()),
+            "threads": bench.threads,
+            "runs": bench.e2e_runs,
+            "n_gen": s.e2e_gen,
+            "n_ctx": 4096,
+            "warmup": 1,
+            "budget_s": bench.runs_budget("e2e"),
+        },
+    )
     r = m.result
     rows = []
     for what, target in (("ttft", 0.6), ("total", None)):
         o, b = r[f"ours_{what}_s"], r[f"mtmd_{what}_s"]
         ratio = median([x / y for x, y in zip(o, b)])
         label = "time to first token" if what == "ttft" else f"total time ({median(r['n_gen']):.0f} tokens generated)"
-        rows.append(row(label, median(o), median(b), unit="s", ratio=ratio,
-                        target=f"<= {target}x" if target else "", met=(ratio <= target) if target else None))
+        rows.append(
+            row(
+                label,
+                median(o),
+                median(b),
+                unit="s",
+                ratio=ratio,
+                target=f"<= {target}x" if target else "",
+                met=(ratio <= target) if target else None,
+            )
+        )
     c0 = r["ours_counters"][0] if r["ours_counters"] else {}
-    notes = [f"1344x1344 picture, ctx 4096, {bench.threads} threads, same Q4_K_M + f16 mmproj. llama.cpp = "
-             "`mtmd_tokenize` + `mtmd_helper_eval_chunks` (its clip encodes every chunk, then decodes), then a "
-             "greedy decode loop making as many one-token decodes as ours asks for; ours = `MiniCPMV.chat` "
-             "(stream=True, vision dtype auto), one pixel changed per run so no encoding is reused; preprocessing "
-             "included on both sides; the side that goes first alternates from run to run.",
-             f"{len(r['ours_ttft_s'])} runs after a warm-up with a 448x448 picture; mtmd prompt tokens "
-             f"{r['mtmd_n_tokens'][:1]}, ours {c0.get('prompt_tokens')} (ours adds `<image_id>0</image_id>` as the reference does).",
-             f"per-run TTFT: ours {fmt_list(r['ours_ttft_s'])} s, mtmd {fmt_list(r['mtmd_ttft_s'])} s."]
+    notes = [
+        f"1344x1344 picture, ctx 4096, {bench.threads} threads, same Q4_K_M + f16 mmproj. llama.cpp = "
+        "`mtmd_tokenize` + `mtmd_helper_eval_chunks` (its clip encodes every chunk, then decodes), then a "
+        "greedy decode loop making as many one-token decodes as ours asks for; ours = `MiniCPMV.chat` "
+        "(stream=True, vision dtype auto), one pixel changed per run so no encoding is reused; preprocessing "
+        "included on both sides; the side that goes first alternates from run to run.",
+        f"{len(r['ours_ttft_s'])} runs after a warm-up with a 448x448 picture; mtmd prompt tokens "
+        f"{r['mtmd_n_tokens'][:1]}, ours {c0.get('prompt_tokens')} (ours adds `<image_id>0</image_id>` as the "
+        "reference does).",
+        f"per-run TTFT: ours {fmt_list(r['ours_ttft_s'])} s, mtmd {fmt_list(r['mtmd_ttft_s'])} s.",
+    ]
     if c0.get("vision_slots"):
-        notes.append(f"ours, first run: vision {c0['vision_ms_total'] / 1e3:.1f} s for {c0['vision_slots']} slices "
-                     f"({c0['vision_ms_total'] / 1e3 / c0['vision_slots']:.2f} s each), LM prefill "
-                     f"{c0.get('prefill_ms', 0) / 1e3:.1f} s for {c0.get('tokens_prefilled')} positions.")
+        notes.append(
+            f"ours, first run: vision {c0['vision_ms_total'] / 1e3:.1f} s for {c0['vision_slots']} slices "
+            f"({c0['vision_ms_total'] / 1e3 / c0['vision_slots']:.2f} s each), LM prefill "
+            f"{c0.get('prefill_ms', 0) / 1e3:.1f} s for {c0.get('tokens_prefilled')} positions."
+        )
     return {"rows": rows, "notes": notes, "raw": r}
 
 
 # --------------------------------------------------------------------------- measured (bench.worker)
 
+
 def measure(a: dict) -> dict:
+    from PIL import Image
+
     from tests.mtmd import Mtmd, marker
 
     from ..llamacpp import BareLM
     from ..media import picture, variant
-    from PIL import Image
+
     T, runs, n_gen, n_ctx = a["threads"], a["runs"], a["n_gen"], a.get("n_ctx", 4096)
     sides = a.get("sides", ["ours", "mtmd"])
     img = Image.open(a["image"]).convert("RGB")
@@ -94,14 +122,14 @@ def measure(a: dict) -> dict:
     for r in Runs(runs, a.get("budget_s")):
         im = variant(img, r + 1)
 
-        def run_ours():
+        def run_ours(im=im):
             ttft, total, n_out, counters = ours_once(im, n_gen)
             res["ours_ttft_s"].append(ttft)
             res["ours_total_s"].append(total)
             res["ours_counters"].append(counters)
             res["n_gen"].append(n_out)
 
-        def run_mtmd():
+        def run_mtmd(im=im):
             # n_gen + 1 samples = n_gen one-token decodes, as ours makes for n_gen tokens
             ttft, total, n_m, n_tok = mtmd_once(im, n_gen + 1)
             res["mtmd_ttft_s"].append(ttft)

@@ -15,35 +15,59 @@ from ..session import Session
 
 def run(bench: Session) -> dict:
     s = bench.scale
-    m = bench.worker("llm", {"lm": str(bench.lm), "mmproj": str(bench.mmproj), "threads": bench.threads,
-                            "runs": bench.runs, "n_prompt": s.n_prompt, "n_gen": s.n_gen,
-                            "n_ctx": s.n_prompt + s.n_gen + 64,
-                            "budget_s": bench.runs_budget("llm")})
+    m = bench.worker(
+        "llm",
+        {
+            "lm": str(bench.lm),
+            "mmproj": str(bench.mmproj),
+            "threads": bench.threads,
+            "runs": bench.runs,
+            "n_prompt": s.n_prompt,
+            "n_gen": s.n_gen,
+            "n_ctx": s.n_prompt + s.n_gen + 64,
+            "budget_s": bench.runs_budget("llm"),
+        },
+    )
     r = m.result
     rows = []
     for what, target in (("prefill", None), ("decode", 0.97)):
         o, b = r[f"ours_{what}_tps"], r[f"bare_{what}_tps"]
         ratio = median([x / y for x, y in zip(o, b)])
-        rows.append(row(f"{what} tokens/s", median(o), median(b), unit="tok/s", ratio=ratio, better="higher",
-                        target=f">= {target}x" if target else "", met=(ratio >= target) if target else None))
-    notes = [f"same Q4_K_M GGUF, {bench.threads} threads; llama.cpp = a bare `llama_decode` loop (one 512-token "
-             "batch, then greedy one-token decodes); ours = `MiniCPMV.chat` on a text-only message of the same "
-             "length (stream=True, default sampling: penalty, top-k, temperature, top-p), prefill = prompt "
-             "tokens / time to first token (ours: the runtime's own ttft counter, which includes building and tokenizing "
-             "the prompt), decode = one-token `llama_decode` calls after the first token / (total - time to first "
-             "token) (ours decodes every sampled token, the bare loop all but the last).",
-             f"{len(r['bare_decode_tps'])} runs after a warm-up; prompt tokens (bare, ours) {r['n_prompt']}; generated "
-             f"(asked, ours) {r.get('n_gen')}.",
-             f"per-run decode tok/s: bare {fmt_list(r['bare_decode_tps'])}, ours {fmt_list(r['ours_decode_tps'])}."]
+        rows.append(
+            row(
+                f"{what} tokens/s",
+                median(o),
+                median(b),
+                unit="tok/s",
+                ratio=ratio,
+                better="higher",
+                target=f">= {target}x" if target else "",
+                met=(ratio >= target) if target else None,
+            )
+        )
+    notes = [
+        f"same Q4_K_M GGUF, {bench.threads} threads; llama.cpp = a bare `llama_decode` loop (one 512-token "
+        "batch, then greedy one-token decodes); ours = `MiniCPMV.chat` on a text-only message of the same "
+        "length (stream=True, default sampling: penalty, top-k, temperature, top-p), prefill = prompt "
+        "tokens / time to first token (ours: the runtime's own ttft counter, which includes building and tokenizing "
+        "the prompt), decode = one-token `llama_decode` calls after the first token / (total - time to first "
+        "token) (ours decodes every sampled token, the bare loop all but the last).",
+        f"{len(r['bare_decode_tps'])} runs after a warm-up; prompt tokens (bare, ours) {r['n_prompt']}; generated "
+        f"(asked, ours) {r.get('n_gen')}.",
+        f"per-run decode tok/s: bare {fmt_list(r['bare_decode_tps'])}, ours {fmt_list(r['ours_decode_tps'])}.",
+    ]
     return {"rows": rows, "notes": notes, "raw": r}
 
 
 # --------------------------------------------------------------------------- measured (bench.worker)
 
+
 def _words(n: int, seed: int) -> str:
     rng = np.random.default_rng(seed)
-    vocab = ("the model reads a long document about rivers mountains cities weather music history "
-             "science gardens machines languages numbers colours animals stories markets travel").split()
+    vocab = (
+        "the model reads a long document about rivers mountains cities weather music history "
+        "science gardens machines languages numbers colours animals stories markets travel"
+    ).split()
     return " ".join(vocab[i] for i in rng.integers(0, len(vocab), n))
 
 
@@ -51,11 +75,12 @@ def _prompt_text(lm, n_prompt: int, run: int) -> tuple[str, list[int]]:
     """A user text whose chat prompt is n_prompt tokens (or a token or two less: BPE merges make
     some lengths unreachable). It starts with the run number so that no two runs share a KV-cache
     prefix beyond the first few tokens."""
+
     def make(k: int) -> tuple[str, list[int]]:
         text = f"Run {run}: " + _words(k, run)
         return text, lm.tokenize(chatml(text))
 
-    lo, hi = 1, n_prompt          # largest word count whose prompt fits
+    lo, hi = 1, n_prompt  # largest word count whose prompt fits
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if len(make(mid)[1]) <= n_prompt:
@@ -63,7 +88,7 @@ def _prompt_text(lm, n_prompt: int, run: int) -> tuple[str, list[int]]:
         else:
             hi = mid - 1
     text, toks = make(lo)
-    while len(toks) < n_prompt:    # pad one short token at a time
+    while len(toks) < n_prompt:  # pad one short token at a time
         t2 = lm.tokenize(chatml(text + " a"))
         if len(t2) > n_prompt:
             break
@@ -73,6 +98,7 @@ def _prompt_text(lm, n_prompt: int, run: int) -> tuple[str, list[int]]:
 
 def measure(a: dict) -> dict:
     from ..llamacpp import BareLM
+
     MiniCPMV = ours.need("runtime", "MiniCPMV")
     T, runs, n_prompt, n_gen = a["threads"], a["runs"], a["n_prompt"], a["n_gen"]
     n_ctx = a.get("n_ctx", 2048)

@@ -37,8 +37,22 @@ def run(bench: Session) -> dict:
     cli = cli_command()
     cli_peak = {}
     for name, flag in (("default", []), ("low-memory", ["--low-memory"])):
-        cmd = cli + [str(image), QUESTION, "--model", str(bench.lm), "--mmproj", str(bench.mmproj), "--ctx", "4096",
-                     "--threads", str(bench.threads), "--max-tokens", str(s.e2e_gen), "--json", *flag]
+        cmd = cli + [
+            str(image),
+            QUESTION,
+            "--model",
+            str(bench.lm),
+            "--mmproj",
+            str(bench.mmproj),
+            "--ctx",
+            "4096",
+            "--threads",
+            str(bench.threads),
+            "--max-tokens",
+            str(s.e2e_gen),
+            "--json",
+            *flag,
+        ]
         rc, wall, peak = bench.step(f"memory:cli {name}", run_cmd, cmd, log=bench.log)
         cli_peak[name] = peak if rc == 0 else None
         if rc != 0:
@@ -48,44 +62,115 @@ def run(bench: Session) -> dict:
     for what, src in (("image", {"image": str(image)}), ("video", {"video": str(video), "groups": 2})):
         for name, kw in PROFILES.items():
             logits = bench.log.parent / f"memory-{what}-{name}.npy"
-            m = bench.worker("memory_profile", {"lm": str(bench.lm), "mmproj": str(bench.mmproj), "threads": bench.threads,
-                                                "n_ctx": 4096, "n_gen": s.e2e_gen, "load": kw, "logits": str(logits),
-                                                **src})
+            m = bench.worker(
+                "memory_profile",
+                {
+                    "lm": str(bench.lm),
+                    "mmproj": str(bench.mmproj),
+                    "threads": bench.threads,
+                    "n_ctx": 4096,
+                    "n_gen": s.e2e_gen,
+                    "load": kw,
+                    "logits": str(logits),
+                    **src,
+                },
+            )
             runs[(what, name)] = (m, logits)
-    mtmd = bench.worker("e2e", {"lm": str(bench.lm), "mmproj": str(bench.mmproj), "image": str(image),
-                               "threads": bench.threads, "runs": 1, "n_gen": s.e2e_gen, "n_ctx": 4096,
-                               "warmup": 0, "sides": ["mtmd"]})
+    mtmd = bench.worker(
+        "e2e",
+        {
+            "lm": str(bench.lm),
+            "mmproj": str(bench.mmproj),
+            "image": str(image),
+            "threads": bench.threads,
+            "runs": 1,
+            "n_gen": s.e2e_gen,
+            "n_ctx": 4096,
+            "warmup": 0,
+            "sides": ["mtmd"],
+        },
+    )
 
     def peak(what, name):
         return runs[(what, name)][0].peak_rss_gb
 
     rows += [
-        row("peak RSS, 1344x1344 question, minicpm-run, ctx 4096", cli_peak["default"], mtmd.peak_rss_gb, unit="GB",
-            target=f"ours <= {TARGET_DEFAULT:g} GB", met=_le(cli_peak["default"], TARGET_DEFAULT)),
-        row("peak RSS, same, minicpm-run --low-memory", cli_peak["low-memory"], None, unit="GB",
-            target=f"<= {TARGET_LOW:g} GB", met=_le(cli_peak["low-memory"], TARGET_LOW)),
-        row("peak RSS, 1344x1344 question, Python API, default", peak("image", "default"), None, unit="GB",
-            target=f"<= {TARGET_DEFAULT:g} GB", met=_le(peak("image", "default"), TARGET_DEFAULT)),
-        row("peak RSS, same, Python API, low_memory=True", peak("image", "low-memory"), None, unit="GB",
-            target=f"<= {TARGET_LOW:g} GB", met=_le(peak("image", "low-memory"), TARGET_LOW)),
-        row("peak RSS, first 6 frames of the 60 s video, default", peak("video", "default"), None, unit="GB",
-            target=f"<= {TARGET_DEFAULT:g} GB", met=_le(peak("video", "default"), TARGET_DEFAULT)),
-        row("peak RSS, same, low_memory=True", peak("video", "low-memory"), None, unit="GB",
-            target=f"<= {TARGET_LOW:g} GB", met=_le(peak("video", "low-memory"), TARGET_LOW)),
+        row(
+            "peak RSS, 1344x1344 question, minicpm-run, ctx 4096",
+            cli_peak["default"],
+            mtmd.peak_rss_gb,
+            unit="GB",
+            target=f"ours <= {TARGET_DEFAULT:g} GB",
+            met=_le(cli_peak["default"], TARGET_DEFAULT),
+        ),
+        row(
+            "peak RSS, same, minicpm-run --low-memory",
+            cli_peak["low-memory"],
+            None,
+            unit="GB",
+            target=f"<= {TARGET_LOW:g} GB",
+            met=_le(cli_peak["low-memory"], TARGET_LOW),
+        ),
+        row(
+            "peak RSS, 1344x1344 question, Python API, default",
+            peak("image", "default"),
+            None,
+            unit="GB",
+            target=f"<= {TARGET_DEFAULT:g} GB",
+            met=_le(peak("image", "default"), TARGET_DEFAULT),
+        ),
+        row(
+            "peak RSS, same, Python API, low_memory=True",
+            peak("image", "low-memory"),
+            None,
+            unit="GB",
+            target=f"<= {TARGET_LOW:g} GB",
+            met=_le(peak("image", "low-memory"), TARGET_LOW),
+        ),
+        row(
+            "peak RSS, first 6 frames of the 60 s video, default",
+            peak("video", "default"),
+            None,
+            unit="GB",
+            target=f"<= {TARGET_DEFAULT:g} GB",
+            met=_le(peak("video", "default"), TARGET_DEFAULT),
+        ),
+        row(
+            "peak RSS, same, low_memory=True",
+            peak("video", "low-memory"),
+            None,
+            unit="GB",
+            target=f"<= {TARGET_LOW:g} GB",
+            met=_le(peak("video", "low-memory"), TARGET_LOW),
+        ),
     ]
     for what in ("image", "video"):
         d, lo = runs[(what, "default")][0].result, runs[(what, "low-memory")][0].result
         ld, ll = np.load(runs[(what, "default")][1]), np.load(runs[(what, "low-memory")][1])
         diff = float(np.abs(ld - ll).max() / (ld.max() - ld.min()))
         label = "1344x1344 question" if what == "image" else "first 6 video frames"
-        rows.append(row(f"low-memory cost: time to first token, {label}", lo["ttft_s"], None, unit="s",
-                        note=f"default {d['ttft_s']:.1f} s, {lo['ttft_s'] / d['ttft_s']:.3f}x"))
-        rows.append(row(f"low-memory cost: first-token logits max |diff| / logit range, {label}", diff, None,
-                        note=f"argmax {'same' if int(ld.argmax()) == int(ll.argmax()) else 'differs'}"))
+        rows.append(
+            row(
+                f"low-memory cost: time to first token, {label}",
+                lo["ttft_s"],
+                None,
+                unit="s",
+                note=f"default {d['ttft_s']:.1f} s, {lo['ttft_s'] / d['ttft_s']:.3f}x",
+            )
+        )
+        rows.append(
+            row(
+                f"low-memory cost: first-token logits max |diff| / logit range, {label}",
+                diff,
+                None,
+                note=f"argmax {'same' if int(ld.argmax()) == int(ll.argmax()) else 'differs'}",
+            )
+        )
         raw[what] = {"default": d, "low-memory": lo, "logit_diff": diff}
     for (what, name), (m, _) in runs.items():
         notes.append(f"{what}, {name}: " + _phase_line(m.result))
-    from minicpmv.runtime.vision import SUB_BATCH_TOKENS   # what the runs above used
+    from minicpmv.runtime.vision import SUB_BATCH_TOKENS  # what the runs above used
+
     notes += [
         "What the memory is (8B Q4_K_M, ctx 4096): the language model's weights, 4.7 GB: the 3.4 GB that "
         "llama.cpp copies into its CPU_REPACK layout and the 1.3 GB of Q6_K and norm tensors it uses in place "
@@ -100,7 +185,8 @@ def run(bench: Session) -> dict:
         "peak); the mmproj's mapped pages while the vision weights load (the "
         "vision encoder loads first, before the language model, and the map is closed afterwards); the vision "
         "activations, bounded by running the tower and the resampler over sub-batches of whole slices "
-        f"({SUB_BATCH_TOKENS} patches; low-memory: one slice) instead of a whole image (0.6 GB before); the resampler's "
+        f"({SUB_BATCH_TOKENS} patches; low-memory: one slice) instead of a whole image (0.6 GB before); the "
+        "resampler's "
         "matrices (0.1 GB), read per image instead of kept; the KV cache and compute buffer, made after the "
         "first turn's images are encoded (so they are never resident together with the vision activations on "
         "a first turn); freed heap returned to the OS after each encode (malloc_trim).",
@@ -118,8 +204,10 @@ def _le(v, target) -> bool | None:
 
 
 def _phase_line(r: dict) -> str:
-    parts = [f"{p['phase']} {p['start']:.2f}->{p['end']:.2f} GB (peak {p['peak']:.2f}, {p['seconds']:.1f} s)"
-             for p in r["phases"]]
+    parts = [
+        f"{p['phase']} {p['start']:.2f}->{p['end']:.2f} GB (peak {p['peak']:.2f}, {p['seconds']:.1f} s)"
+        for p in r["phases"]
+    ]
     return "; ".join(parts) + f"; anonymous at the peak {r['peak_anon']:.2f} GB, files {r['peak_file']:.2f} GB"
 
 
@@ -129,33 +217,44 @@ def _svg(results: dict[str, dict]) -> str:
     t_max = max(r["samples"][-1][0] for r in results.values())
     m_max = max(max(s[1] for s in r["samples"]) for r in results.values())
     m_max = max(8.0, np.ceil(m_max))
-    x = lambda t: L + (W - L - 10) * t / t_max          # noqa: E731
-    y = lambda g: H - B - (H - B - 10) * g / m_max      # noqa: E731
+    x = lambda t: L + (W - L - 10) * t / t_max  # noqa: E731
+    y = lambda g: H - B - (H - B - 10) * g / m_max  # noqa: E731
     colors = {"default": "#1f77b4", "low-memory": "#d62728"}
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{W}" height="{H}" fill="white"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{W}" height="{H}" fill="white"/>',
+    ]
     for g in range(0, int(m_max) + 1):
-        out.append(f'<line x1="{L}" x2="{W - 10}" y1="{y(g):.1f}" y2="{y(g):.1f}" stroke="#eee"/>'
-                   f'<text x="{L - 6}" y="{y(g) + 4:.1f}" text-anchor="end">{g} GB</text>')
+        out.append(
+            f'<line x1="{L}" x2="{W - 10}" y1="{y(g):.1f}" y2="{y(g):.1f}" stroke="#eee"/>'
+            f'<text x="{L - 6}" y="{y(g) + 4:.1f}" text-anchor="end">{g} GB</text>'
+        )
     for target, dash in ((TARGET_DEFAULT, "6,3"), (TARGET_LOW, "2,3")):
-        out.append(f'<line x1="{L}" x2="{W - 10}" y1="{y(target):.1f}" y2="{y(target):.1f}" stroke="#888" '
-                   f'stroke-dasharray="{dash}"/>')
+        out.append(
+            f'<line x1="{L}" x2="{W - 10}" y1="{y(target):.1f}" y2="{y(target):.1f}" stroke="#888" '
+            f'stroke-dasharray="{dash}"/>'
+        )
     for i, (name, r) in enumerate(results.items()):
         pts = " ".join(f"{x(t):.1f},{y(rss):.1f}" for t, rss, _anon, _file in r["samples"])
         c = colors.get(name, "#333")
         out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{pts}"/>')
         out.append(f'<text x="{W - 200}" y="{20 + 14 * i}" fill="{c}">{name}: peak {r["peak"]:.2f} GB</text>')
         for p in r["phases"]:
-            out.append(f'<line x1="{x(p["t0"]):.1f}" x2="{x(p["t0"]):.1f}" y1="{y(m_max):.1f}" y2="{H - B}" '
-                       f'stroke="{c}" stroke-opacity="0.25"/>')
+            out.append(
+                f'<line x1="{x(p["t0"]):.1f}" x2="{x(p["t0"]):.1f}" y1="{y(m_max):.1f}" y2="{H - B}" '
+                f'stroke="{c}" stroke-opacity="0.25"/>'
+            )
             if i == 0:
                 out.append(f'<text x="{x(p["t0"]) + 2:.1f}" y="{H - B + 12}">{p["phase"]}</text>')
-    out.append(f'<text x="{W / 2:.0f}" y="{H - 4}" text-anchor="middle">seconds ({t_max:.0f} s in all); '
-               f'dashed: 7 GB and 6 GB targets</text></svg>')
+    out.append(
+        f'<text x="{W / 2:.0f}" y="{H - 4}" text-anchor="middle">seconds ({t_max:.0f} s in all); '
+        f"dashed: 7 GB and 6 GB targets</text></svg>"
+    )
     return "\n".join(out)
 
 
 # --------------------------------------------------------------------------- measured (bench.worker)
+
 
 class _Sampler:
     """RSS, RssAnon and RssFile (GB) of this process every `period` seconds, and phase marks."""
@@ -171,7 +270,9 @@ class _Sampler:
     @staticmethod
     def status() -> tuple[float, float, float]:
         text = Path("/proc/self/status").read_text()
-        return tuple(int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 / GB for k in ("VmRSS", "RssAnon", "RssFile"))
+        return tuple(
+            int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 / GB for k in ("VmRSS", "RssAnon", "RssFile")
+        )
 
     def _run(self, period: float) -> None:
         while not self._stop.is_set():
@@ -191,11 +292,24 @@ class _Sampler:
         phases = []
         for (a, name), (b, _) in zip(self.marks, self.marks[1:]):
             inside = [v for v in s if a <= v[0] <= b]
-            phases.append({"phase": name, "t0": a, "seconds": b - a, "start": inside[0][1], "end": inside[-1][1],
-                           "peak": max(v[1] for v in inside)})
+            phases.append(
+                {
+                    "phase": name,
+                    "t0": a,
+                    "seconds": b - a,
+                    "start": inside[0][1],
+                    "end": inside[-1][1],
+                    "peak": max(v[1] for v in inside),
+                }
+            )
         step = max(1, len(s) // 600)
-        return {"samples": s[::step] + [s[-1]], "phases": phases, "peak": top[1], "peak_anon": top[2],
-                "peak_file": top[3]}
+        return {
+            "samples": s[::step] + [s[-1]],
+            "phases": phases,
+            "peak": top[1],
+            "peak_anon": top[2],
+            "peak_file": top[3],
+        }
 
 
 def profile(a: dict) -> dict:
@@ -208,14 +322,17 @@ def profile(a: dict) -> dict:
     kw: dict = {}
     if "image" in a:
         from minicpmv.runtime.image import load_image
+
         msgs = [{"role": "user", "content": [load_image(a["image"]), QUESTION]}]
     else:
         from minicpmv.runtime.video import load_video
+
         from .video import video_parts
+
         v = load_video(a["video"], fps=5, packing=3)
         frames, groups = video_parts(v)
-        groups = groups[:a["groups"]]
-        frames = frames[:sum(len(g) for g in groups)]
+        groups = groups[: a["groups"]]
+        frames = frames[: sum(len(g) for g in groups)]
         msgs = [{"role": "user", "content": frames + [VIDEO_QUESTION]}]
         kw = dict(temporal_ids=groups, use_image_id=False, max_slice_nums=1)
     enc = model.vision.encode_slices
@@ -225,6 +342,7 @@ def profile(a: dict) -> dict:
         out = enc(*args, **kwargs)
         smp.mark("prefill")
         return out
+
     model.vision.encode_slices = encode
     t = time.perf_counter()
     logits = model.prefill(msgs, **kw)
@@ -234,6 +352,5 @@ def profile(a: dict) -> dict:
     smp.mark("decode")
     answer = model.chat(msgs, greedy=True, max_new_tokens=a["n_gen"], **kw)
     res = smp.stop()
-    res.update(ttft_s=ttft, vision_s=vision_s, decode_tokens=answer.stats.decode_tokens,
-               n_ctx=answer.stats.n_ctx)
+    res.update(ttft_s=ttft, vision_s=vision_s, decode_tokens=answer.stats.decode_tokens, n_ctx=answer.stats.n_ctx)
     return res

@@ -15,38 +15,68 @@ from ..session import Session
 
 
 def run(bench: Session) -> dict:
-    m = bench.worker("vision", {"lm": str(bench.lm), "mmproj": str(bench.mmproj), "threads": bench.threads,
-                               "runs": bench.runs, "warmup": 1, "budget_s": bench.runs_budget("vision")})
+    m = bench.worker(
+        "vision",
+        {
+            "lm": str(bench.lm),
+            "mmproj": str(bench.mmproj),
+            "threads": bench.threads,
+            "runs": bench.runs,
+            "warmup": 1,
+            "budget_s": bench.runs_budget("vision"),
+        },
+    )
     r = m.result
     mt = r["mtmd_s"]
     rows = []
     for dt_, target in (("bf16", 0.4), ("f32", 0.9)):
         o = r[f"ours_{dt_}_s"]
         ratio = median([a / b for a, b in zip(o, mt)])
-        rows.append(row(f"seconds per slice, ours {dt_} compute", median(o), median(mt), unit="s", ratio=ratio,
-                        target=f"<= {target}x", met=ratio <= target))
+        rows.append(
+            row(
+                f"seconds per slice, ours {dt_} compute",
+                median(o),
+                median(mt),
+                unit="s",
+                ratio=ratio,
+                target=f"<= {target}x",
+                met=ratio <= target,
+            )
+        )
     wb = r["weights_nbytes"]
     for dt_ in ("bf16", "f32"):
         if wb.get(dt_):
-            rows.append(row(f"vision weights resident, ours {dt_}", wb[dt_] / GB, r["mmproj_file_bytes"] / GB,
-                            unit="GB", note="llama.cpp: the f16 mmproj's tensors"))
-    notes = [f"same f16 mmproj, {bench.threads} threads both; mtmd = `mtmd_encode_chunk` of a 448x448 image "
-             "(one chunk, 1024 patches); ours = `VisionEncoder.encode_slices` of the same pixels; preprocessing "
-             "excluded on both sides.",
-             f"{len(mt)} runs after 1 warm-up; per-run seconds: mtmd {fmt_list(mt)}, bf16 "
-             f"{fmt_list(r['ours_bf16_s'])}, f32 {fmt_list(r['ours_f32_s'])}; load time of ours "
-             + ", ".join(f"{k} {v:.1f} s" for k, v in r["load_s"].items()) + ".",
-             f"vision worker peak RSS {m.peak_rss_gb:.2f} GB (both of our encoders and mtmd loaded together)."]
+            rows.append(
+                row(
+                    f"vision weights resident, ours {dt_}",
+                    wb[dt_] / GB,
+                    r["mmproj_file_bytes"] / GB,
+                    unit="GB",
+                    note="llama.cpp: the f16 mmproj's tensors",
+                )
+            )
+    notes = [
+        f"same f16 mmproj, {bench.threads} threads both; mtmd = `mtmd_encode_chunk` of a 448x448 image "
+        "(one chunk, 1024 patches); ours = `VisionEncoder.encode_slices` of the same pixels; preprocessing "
+        "excluded on both sides.",
+        f"{len(mt)} runs after 1 warm-up; per-run seconds: mtmd {fmt_list(mt)}, bf16 "
+        f"{fmt_list(r['ours_bf16_s'])}, f32 {fmt_list(r['ours_f32_s'])}; load time of ours "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in r["load_s"].items())
+        + ".",
+        f"vision worker peak RSS {m.peak_rss_gb:.2f} GB (both of our encoders and mtmd loaded together).",
+    ]
     return {"rows": rows, "notes": notes, "raw": r}
 
 
 # --------------------------------------------------------------------------- measured (bench.worker)
+
 
 def measure(a: dict) -> dict:
     from tests.mtmd import Mtmd
 
     from ..llamacpp import BareLM
     from ..media import picture
+
     VisionEncoder = ours.need("runtime.vision", "VisionEncoder")
     slice_image = ours.need("runtime.image", "slice_image")
     T, runs = a["threads"], a["runs"]

@@ -1,0 +1,104 @@
+"""The model behind the HTTP API: requests wait in a FIFO queue and one worker thread answers them
+one at a time, as llama-server's task queue feeds its slot. Keeping one thread on the model keeps
+the KV cache holding the last conversation, so a follow-up request (an OpenAI client resends the
+whole conversation) decodes only its new tokens, and the vision cache serves images seen before.
+
+A handler submits a `Job` and reads its events as they come (`await job.next()`): ("piece", Piece),
+then ("done", Answer) or ("error", exception). A job is cancelled (the client went away) with
+`job.cancel()`: the worker stops it before its next piece, and a job cancelled while waiting never
+starts. At most `max_queue` jobs wait; beyond that `submit` raises Busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from minicpmv.runtime import MiniCPMV
+from minicpmv.session.options import ChatOptions
+
+
+class Busy(Exception):
+    """The queue is full."""
+
+
+@dataclass
+class Job:
+    msgs: list[dict]
+    opts: ChatOptions
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, kind: str, value) -> None:
+        """From the worker thread to the handler's event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            self.cancelled.set()
+
+    async def next(self) -> tuple[str, object]:
+        return await self.events.get()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Engine:
+    def __init__(self, model: MiniCPMV, max_queue: int):
+        self.model = model
+        self.max_queue = max_queue
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self.answered = 0  # jobs finished (done, failed or cancelled once started)
+        self._worker = threading.Thread(target=self._run, name="minicpm-engine", daemon=True)
+        self._worker.start()
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._waiting >= self.max_queue:
+                raise Busy(f"{self._waiting} requests are waiting, the most this server queues (--max-queue)")
+            self._waiting += 1
+        self._queue.put(job)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._worker.join(timeout=30)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            with self._lock:
+                self._waiting -= 1
+            if job.cancelled.is_set():
+                continue
+            job.started.set()
+            try:
+                self._answer(job)
+            finally:
+                self.answered += 1
+
+    def _answer(self, job: Job) -> None:
+        try:
+            stream = self.model.chat(job.msgs, stream=True, **job.opts.chat_kwargs())
+        except Exception as e:  # noqa: BLE001 - handed to the request, which answers with its status
+            job.emit("error", e)
+            return
+        try:
+            for piece in stream:
+                if job.cancelled.is_set():
+                    return
+                if piece:
+                    job.emit("piece", piece)
+            job.emit("done", stream.result)
+        except Exception as e:  # noqa: BLE001
+            job.emit("error", e)
+        finally:
+            stream.close()  # a cancelled answer gives the model back at once
