@@ -144,9 +144,9 @@ def _load(job: ImatrixJob, collector: ImatrixCollector, vision: bool):
     """MiniCPMV from the runtime's public pieces, with the collector as llama.cpp's eval callback."""
     from minicpmv.cpu import default_threads
     from minicpmv.runtime.chat import MiniCPMV
-    from minicpmv.runtime.loader import check_pair
     from minicpmv.runtime.llama import LlamaModel
     from minicpmv.runtime.llama_context import ContextParams, LlamaContext
+    from minicpmv.runtime.loader import check_pair
     from minicpmv.runtime.vision import VisionEncoder
 
     threads = job.threads or default_threads()

@@ -268,10 +268,7 @@ def test_bad_requests_are_4xx_with_one_line_and_the_server_keeps_serving(server,
                     {
                         "role": "user",
                         "content": [
-                            {
-                                "type": "image_url",
-                                "image_url": {"url": data_uri(png(media["pic"])[:3000], "image/png")},
-                            }
+                            {"type": "image_url", "image_url": {"url": data_uri(png(media["pic"])[:3000], "image/png")}}
                         ],
                     }
                 ]
