@@ -55,12 +55,11 @@ def load_pair(
     except LlamaError as e:
         raise ModelFileError(str(e)) from None
     check_pair(vision, lm)
-    if n_ctx is not None and 0 < lm.n_ctx_train < n_ctx:
+    trained = lm.n_ctx_train  # read before close(): it asks the llama.cpp model, which close() frees
+    if n_ctx is not None and 0 < trained < n_ctx:
         vision.close()
         lm.close()
-        raise ValueError(
-            f"n_ctx {n_ctx} is more than the {lm.n_ctx_train} positions {Path(model_path).name} was trained with"
-        )
+        raise ValueError(f"n_ctx {n_ctx} is more than the {trained} positions {Path(model_path).name} was trained with")
     params = ContextParams(n_ctx=n_ctx or 0, n_batch=n_batch, n_threads=threads, kv_type=kv_type, flash_attn=flash_attn)
     return lm, vision, params
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 import pytest
 import torch
 
+from minicpmv.cpu import CpuInfo, parse_cpuinfo
 from minicpmv.runtime import vision_dtype as vd
 from minicpmv.runtime.vision import VisionEncoder
 
@@ -134,3 +136,56 @@ def test_auto_on_this_machine_agrees_with_a_direct_timing(tmp_path):
         assert c.dtype == "bf16", (ratio, c.describe())
     elif ratio <= 1.0:
         assert c.dtype == "f32", (ratio, c.describe())
+
+
+# Two aarch64 machines as /proc/cpuinfo shows them: no "model name" line, so only the feature flags
+# tell the cores apart (here one with bf16 and i8mm, one without).
+AARCH64_CPUINFO = """processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp{extra}
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU part\t: 0xd0c
+"""
+
+
+def _aarch64(extra: str) -> CpuInfo:
+    model, flags, cores = parse_cpuinfo(AARCH64_CPUINFO.format(extra=extra))
+    assert model == "" and "asimddp" in flags  # what cpu_info() then fills in: the same for both
+    return CpuInfo(model or "unknown CPU", "aarch64", "Linux", flags, cores or 2, 2)
+
+
+def test_cache_key_tells_cpus_apart_by_their_flags(monkeypatch, tmp_path):
+    """A measurement made on one CPU is not used on another that shares its name (and architecture)."""
+    plain, newer = _aarch64(""), _aarch64(" bf16 i8mm")
+    assert plain.model == newer.model and plain.flags != newer.flags
+    keys = {}
+    for name, info in (("plain", plain), ("newer", newer)):
+        monkeypatch.setattr(vd, "cpu_info", lambda info=info: info)
+        keys[name] = vd.cache_key(2)
+        assert vd.cache_key(2) == keys[name]  # the same machine: the same key
+    assert keys["plain"] != keys["newer"]
+    assert plain.flags_digest in keys["plain"] and newer.flags_digest in keys["newer"]
+
+    # through the cache: each CPU is measured once, and keeps its own result
+    m = fixed(200.0, 100.0)
+    monkeypatch.setattr(vd, "cpu_info", lambda: plain)
+    assert vd.choose_vision_dtype("auto", 2, cache=tmp_path, measure_fn=m).dtype == "bf16"
+    monkeypatch.setattr(vd, "cpu_info", lambda: newer)
+    assert vd.choose_vision_dtype("auto", 2, cache=tmp_path, measure_fn=fixed(100.0, 200.0)).dtype == "f32"
+    monkeypatch.setattr(vd, "cpu_info", lambda: plain)
+    again = vd.choose_vision_dtype("auto", 2, cache=tmp_path, measure_fn=m)
+    assert (again.source, again.dtype, m.calls) == ("cached", "bf16", [2])
+
+
+def test_cache_key_names_the_architecture(monkeypatch):
+    """The same name and flags on another architecture (e.g. an x86 emulator on an ARM host) is
+    another key."""
+    info = _aarch64("")
+    keys = set()
+    for arch in ("aarch64", "x86_64"):
+        # both sources of the architecture: CpuInfo.machine is platform.machine()
+        monkeypatch.setattr(vd, "cpu_info", lambda arch=arch: dataclasses.replace(info, machine=arch))
+        monkeypatch.setattr(vd.platform, "machine", lambda arch=arch: arch)
+        keys.add(vd.cache_key(2))
+    assert len(keys) == 2

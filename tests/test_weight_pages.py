@@ -9,10 +9,15 @@ reads; and the logits equal those of the file read into memory and of llama.cpp'
 from __future__ import annotations
 
 import json
+import mmap
+import os
+import shutil
+import struct
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page tables")
@@ -113,3 +118,113 @@ def test_same_logits_as_read_and_mapped_loads(tiny_lm_gguf):
     assert default["logits"] == read["logits"] == mapped["logits"]
     assert default["n_maps"] == 1 and read["n_maps"] == 0 and mapped["n_maps"] == 1
     assert all("nh" not in f for f in mapped["vm_flags"])  # llama.cpp's own mapping is left as it is
+
+
+# --------------------------------------------------------------------------- mappings made in this process
+
+
+def _address(m: mmap.mmap) -> int:
+    a = np.frombuffer(m, dtype=np.uint8)  # works on a read-only mapping, unlike ctypes.from_buffer
+    try:
+        return a.ctypes.data
+    finally:
+        del a  # an exported buffer would keep the mapping from closing
+
+
+def _present(addr: int) -> bool:
+    """The page at `addr` is in this process's page table (/proc/self/pagemap bit 63)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/pagemap", "rb") as pm:
+        pm.seek(addr // page * 8)
+        return bool(struct.unpack("<Q", pm.read(8))[0] >> 63)
+
+
+def _vm_flags(addr: int) -> list[str]:
+    """The VmFlags of the mapping that starts at `addr` (/proc/self/smaps)."""
+    ours = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                ours = int(head.split("-")[0], 16) == addr
+            elif ours and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError(f"no mapping at {addr:#x}")
+
+
+@pytest.fixture
+def model_copy(tiny_lm_gguf, tmp_path):
+    """A private copy of the F32 tiny model (tests replace it on disk)."""
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(tiny_lm_gguf("F32"), path)
+    return path
+
+
+def test_only_shared_mappings_are_found_and_dropped(model_copy):
+    """A private (copy-on-write) mapping of the model file is not one of its mappings: MADV_DONTNEED
+    there would discard the pages written to it. The shared one is found, its pages of token_embd
+    leave the page table and it is marked no-huge-page (the mmap module's MADV_* at work)."""
+    from minicpmv.runtime.model_file import ModelFile
+    from minicpmv.runtime.weight_pages import PageDropper, drop_ranges, file_mappings
+
+    f = ModelFile(model_copy)
+    shared = mmap.mmap(f.fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    private = mmap.mmap(f.fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        s_addr, p_addr = _address(shared), _address(private)
+        assert [(a, o) for a, _, o in file_mappings(f)] == [(s_addr, 0)]
+        assert file_mappings(model_copy) == file_mappings(f)  # by name too, while the name is the file's
+
+        (a, b), *_ = drop_ranges(f, set())  # token_embd, in whole pages
+        assert b - a >= 2 * os.sysconf("SC_PAGE_SIZE")
+        marker = bytes(range(1, 17))
+        assert private[a : a + 16] != marker
+        private[a : a + 16] = marker  # a copy-on-write page, in this process only
+        _ = shared[a], shared[b - 1]  # touched: the pages are mapped
+        assert _present(s_addr + a) and _present(s_addr + b - 1)
+
+        PageDropper(f, set()).drop()
+        assert private[a : a + 16] == marker, "a private mapping was dropped: its written page is lost"
+        assert not _present(s_addr + a) and not _present(s_addr + b - 1)
+        assert "nh" in _vm_flags(s_addr) and "nh" not in _vm_flags(p_addr)
+        assert shared[a : a + 16] == model_copy.read_bytes()[a : a + 16]  # a dropped page reads back the file
+    finally:
+        shared.close()
+        private.close()
+        f.close()
+
+
+def test_a_file_replaced_on_disk_is_found_through_its_open_file(model_copy, tiny_lm_gguf):
+    """`minicpm-convert --force` renames a new file over a loaded one: the mapping of the old inode
+    (now "(deleted)" in /proc/self/maps) is still found through the ModelFile, by device and inode."""
+    from minicpmv.runtime.model_file import ModelFile
+    from minicpmv.runtime.weight_pages import file_mappings
+
+    f = ModelFile(model_copy)
+    shared = mmap.mmap(f.fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    try:
+        new = model_copy.with_name("new.gguf")
+        shutil.copyfile(tiny_lm_gguf("F32"), new)
+        os.replace(new, model_copy)
+        assert os.stat(model_copy).st_ino != f.identity[1]
+        assert [a for a, _, _ in file_mappings(f)] == [_address(shared)]
+        assert file_mappings(model_copy) == []  # the name now leads to a file nobody mapped
+    finally:
+        shared.close()
+        f.close()
+
+
+def test_no_page_dropping_without_madvise(monkeypatch, tiny_lm_gguf):
+    """Where the mmap module has no MADV_DONTNEED the model is read into memory instead of mapped."""
+    from minicpmv.runtime import weight_pages
+    from minicpmv.runtime.llama import LlamaModel
+    from minicpmv.runtime.llama_load import LOAD_MAPPED_DROPPED, LOAD_READ, load_mode
+
+    assert weight_pages.supported() and load_mode(0, False, None) == LOAD_MAPPED_DROPPED
+    monkeypatch.delattr(mmap, "MADV_DONTNEED")
+    assert not weight_pages.supported() and load_mode(0, False, None) == LOAD_READ
+    m = LlamaModel(tiny_lm_gguf("F32"), n_gpu_layers=0)
+    try:
+        assert weight_pages.file_mappings(m.file) == []
+    finally:
+        m.close()
