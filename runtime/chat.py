@@ -110,7 +110,7 @@ class MiniCPMV:
         reproducible to ~1e-7 (more memory, slower attention). `fuse_placeholders=False` decodes
         every text run as tokens and every slot as its own 64-row batch (mtmd's layout). `n_ctx` None
         (default): the context is created at the first prefill for what the turn needs and grows with
-        the conversation (context_size.py); an int fixes it and creates it now. Raises
+        the conversation (context_size.py); an int fixes its size (made at the first prefill). Raises
         ModelFileError (one line) for missing/unreadable files or a mmproj whose width does not
         match the language model.
 
@@ -145,9 +145,12 @@ class MiniCPMV:
         self._context.watch(fn)
 
     def close(self) -> None:
+        """Free the context and the language model, stop the vision workers, close both files."""
         with self._turn.call():
             self._context.close()
             self.lm.close()
+            if self.vision is not None:
+                self.vision.close()
 
     @property
     def busy(self) -> bool:

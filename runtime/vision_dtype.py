@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -83,7 +82,7 @@ def cache_key(threads: int) -> str:
     names no model, so the flags tell cores apart), torch version and thread count."""
     info = cpu_info()
     flags = info.flags_digest
-    return f"{info.model} | {platform.machine()} | flags {flags} | torch {torch.__version__} | {threads} threads"
+    return f"{info.model} | {info.machine} | flags {flags} | torch {torch.__version__} | {threads} threads"
 
 
 # --------------------------------------------------------------------------- the measurement

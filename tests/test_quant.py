@@ -18,6 +18,7 @@ from minicpmv import quant
 from minicpmv.convert.synthetic import make_checkpoint
 from minicpmv.quant.policy import SPECS, use_more_bits
 
+from .llama_quantize import quantize_model_with_llama_cpp
 from .quant_helpers import assert_same_as_llama, bf16_gguf, matmul_widths, one_pass
 
 ALL_TYPES = list(SPECS)
@@ -33,7 +34,7 @@ NEED_IMATRIX = ["IQ3_XS", "IQ3_XXS", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_
 def assert_both_refuse(ckpt: Path, bf16_gguf: Path, tmp: Path, type_name: str) -> None:
     """Without an importance matrix: llama_model_quantize fails, we refuse naming the type, write nothing."""
     with pytest.raises(RuntimeError):
-        quant.quantize_model_with_llama_cpp(bf16_gguf, tmp / "ref.gguf", type_name, nthread=2)
+        quantize_model_with_llama_cpp(bf16_gguf, tmp / "ref.gguf", type_name, nthread=2)
     with pytest.raises(ValueError, match=rf"{type_name} needs an importance matrix.*--imatrix"):
         one_pass(ckpt, tmp / "ours", type_name)
     assert not (tmp / "ref.gguf").exists() and not list((tmp / "ours").glob("*"))

@@ -385,7 +385,7 @@ def test_bad_uploads_show_one_line_and_keep_the_conversation(open_tab, media):
     tab.wait_footers(1)
     before = tab.messages()
 
-    for bad, says in (("bad.jpg", "bad.jpg: not an image file"), ("broken.mp4", "broken.mp4: ")):
+    for bad, says in (("bad.jpg", "bad.jpg: not an image in a supported format"), ("broken.mp4", "broken.mp4: ")):
         tab.attach(media[bad])
         tab.ask("What is this?")
         tab.page.locator("#error").get_by_text(says).wait_for()
