@@ -29,11 +29,26 @@ def health(url: str) -> tuple[int, dict]:
 def serve_process(args: list, log: Path, *, start_s: float = 180) -> Iterator[str]:
     """Run minicpm-serve with `args` (plus --port), output to `log`; yield its base URL
     ("http://127.0.0.1:PORT/") once /health says ok; stop it (SIGTERM) after."""
+    with serve_command([sys.executable, "-m", "minicpmv.cli.serve", *map(str, args)], log, start_s=start_s) as url:
+        yield url
+
+
+@contextmanager
+def serve_command(
+    argv: list[str], log: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None, start_s: float = 180
+) -> Iterator[str]:
+    """serve_process for a whole command line (e.g. a README line as its words): `argv` + `--port N`."""
     port = free_port()
-    argv = [sys.executable, "-m", "minicpmv.cli.serve", *map(str, args), "--port", str(port)]
     url = f"http://127.0.0.1:{port}/"
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*argv, "--port", str(port)],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + start_s
         while health(url)[0] != 200:

@@ -14,15 +14,21 @@ the example uses), this venv's commands first on PATH. Nothing in a command is r
   does), which serves the tiny model's files under the published repo and file names. This runs the
   lines exactly as written, the first-run download included, instead of listing them as needing
   the Hub;
-- the curl examples' server address (`http://localhost:11434`, `http://127.0.0.1:8080`) becomes a
-  local receiver that records the request; curl itself runs, with only python3 and curl on PATH
-  (the tools the README says the example needs). The body is checked against what the receiving
-  server accepts (tests/chat_requests.py) and its images decoded back to the photo's bytes;
+- the Ollama and llama-server curl examples' server address (`http://localhost:11434`,
+  `http://127.0.0.1:8080`) becomes a local receiver that records the request; curl itself runs, with
+  only python3 and curl on PATH (the tools the README says the example needs). The body is checked
+  against what the receiving server accepts (tests/chat_requests.py) and its images decoded back to
+  the photo's bytes;
 - `--web` lines get `--port N` (a free port) appended: they start the page, the test fetches it and
   stops the server (the page itself is tests/test_web_browser.py's);
+- the `minicpm-serve` line likewise gets `--port N` and runs until /health answers 200; its three
+  client examples (`openai`, curl, `ollama`) then run against it with `http://127.0.0.1:8080`, the
+  address they hard-code (the server's default, checked), replaced by the server's, and nothing else:
+  the Python ones with `python`, the curl one with only python3 and curl on PATH. Each one's output
+  is checked (the answer, token count and timing printed; curl's chat.completion JSON);
 - a line introduced by "# or ..." is the alternative to the line before it, so it runs in a fresh
   folder instead of after it (it would refuse to overwrite the first one's output);
-- the Python block runs unchanged with `python` in its folder; its Hub alternative runs with the
+- the Python API block runs unchanged with `python` in its folder; its Hub alternative runs with the
   folder line replaced by the two commented lines under "# or from the Hub", uncommented.
 
 Deliberately not run (NOT_RUN says why for each block): `make install`/`make test` (.ci/run runs
@@ -48,6 +54,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -56,12 +63,14 @@ from gguf import Keys
 from PIL import Image
 
 from minicpmv.cli.run import app as run_app
+from minicpmv.cli.serve import app as serve_app
 from minicpmv.gguf_info import read_gguf_info
 
 from . import ollama_modelfile_parser
 from .chat_requests import check_llama_server_chat, check_ollama_chat, strict_b64decode
 from .hub_standin import HubStandIn, Repo
 from .readme_blocks import README, Command, fenced_blocks, find, inline_code, shell_commands
+from .server_process import health, serve_command
 from .test_hub import hub_env
 from .video_fixtures import make_video
 from .web_server import free_port, page_process
@@ -81,11 +90,15 @@ EXAMPLES = {
     "web": ("sh", "minicpm-run --web"),
     "openbmb-files": ("sh", "--model ggml-model-Q4_K_M.gguf --mmproj mmproj-model-f16.gguf"),
     "python-api": ("python", "MiniCPMV.load("),
+    "serve": ("sh", "minicpm-serve --model-dir"),
+    "serve-openai": ("python", "from openai import OpenAI"),
+    "serve-curl": ("bash", '"max_tokens": 256'),
+    "serve-ollama": ("python", "ollama.Client("),
     "ollama": ("bash", "ollama create"),
     "ollama-api": ("bash", "/api/chat"),
     "llama-mtmd-cli": ("bash", "llama-mtmd-cli"),
     "llama-server": ("bash", "llama-server -m"),
-    "llama-server-api": ("bash", "/v1/chat/completions"),
+    "llama-server-api": ("bash", '"repeat_penalty"'),
     "imatrix": ("sh", "minicpm-imatrix ./photos"),
     "imatrix-calibration": ("json lines", '"image": "photos/'),
 }
@@ -104,6 +117,7 @@ INLINE_COMMANDS = {
     "low-memory": 'minicpm-run --model-dir OUT --low-memory photo.jpg "What is in the image?"',
 }
 OLLAMA_URL, LLAMA_SERVER_URL = "http://localhost:11434", "http://127.0.0.1:8080"
+SERVE_URL = "http://127.0.0.1:8080"  # minicpm-serve's default address, which its client examples name
 ARG_MAX_STRLEN = 128 * 1024  # Linux: the longest single command-line argument (MAX_ARG_STRLEN)
 
 
@@ -145,6 +159,14 @@ def media(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def tiny(tiny_lm_gguf, tiny_mmproj_gguf) -> dict[str, Path]:
     return {**{q: tiny_lm_gguf(q) for q in ("Q4_K_M", "Q8_0", "Q6_K", "F16")}, "mmproj": tiny_mmproj_gguf("f16")}
+
+
+def minicpmv_gguf(tiny: dict[str, Path]) -> dict[str, Path]:
+    """./minicpmv-gguf as the convert example writes it, holding the tiny Q4_K_M and f16 mmproj."""
+    return {
+        "minicpmv-gguf/MiniCPM-V-4.5-Q4_K_M.gguf": tiny["Q4_K_M"],
+        "minicpmv-gguf/mmproj-MiniCPM-V-4.5-F16.gguf": tiny["mmproj"],
+    }
 
 
 def workdir(root: Path, media: dict[str, Path], **files: Path) -> Path:
@@ -298,14 +320,7 @@ def test_web_lines_start_the_page(hub, env, media, tmp_path):
 def test_python_api_block(media, tiny, tmp_path):
     """The block unchanged, in a folder with ./minicpmv-gguf (the tiny Q4_K_M + f16 mmproj), photo.jpg
     and clip.mp4: load, chat, thinking, streaming, multi-turn, video."""
-    wd = workdir(
-        tmp_path / "w",
-        media,
-        **{
-            "minicpmv-gguf/MiniCPM-V-4.5-Q4_K_M.gguf": tiny["Q4_K_M"],
-            "minicpmv-gguf/mmproj-MiniCPM-V-4.5-F16.gguf": tiny["mmproj"],
-        },
-    )
+    wd = workdir(tmp_path / "w", media, **minicpmv_gguf(tiny))
     (wd / "example.py").write_text(example("python-api"))
     res = subprocess.run(
         [sys.executable, "example.py"],
@@ -343,6 +358,86 @@ def test_python_api_block_from_the_hub(hub, env, media, tmp_path):
     res = subprocess.run([sys.executable, "example.py"], cwd=wd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     assert fetched(hub) == ["ggml-model-Q4_K_M.gguf", "mmproj-model-f16.gguf"]
+
+
+# ------------------------------------------------------------------------- minicpm-serve and its clients
+
+
+def serve_line() -> Command:
+    (command,) = shell_commands(example("serve"))
+    assert command.argv[0] == "minicpm-serve", command
+    return command
+
+
+def test_serve_line_and_clients_name_the_default_address():
+    # "# http://127.0.0.1:8080": the address minicpm-serve listens on without --host/--port
+    host, port = re.search(r"https?://([\d.]+):(\d+)", serve_line().text).groups()
+    defaults = {p.name: p.default for p in typer.main.get_command(serve_app).params}
+    assert (defaults["host"], defaults["port"]) == (host, int(port)) and SERVE_URL == f"http://{host}:{port}"
+    for name in ("serve-openai", "serve-curl", "serve-ollama"):
+        assert example(name).count(SERVE_URL) == 1, name  # the one address the tests below rewrite
+
+
+@pytest.fixture(scope="module")
+def api(tiny, tmp_path_factory) -> Iterator[str]:
+    """The README's minicpm-serve line, started as the --web lines are (`--port N` of a free port
+    appended) in a folder holding ./minicpmv-gguf; yields its address in SERVE_URL's form once /health
+    answers 200, and stops it after the client examples."""
+    root = tmp_path_factory.mktemp("serve")
+    wd = workdir(root / "w", {}, **minicpmv_gguf(tiny))
+    env = local_env(root / "home")
+    argv = serve_line().argv
+    with serve_command(
+        [shutil.which(argv[0], path=env["PATH"]), *argv[1:]], root / "serve.log", cwd=wd, env=env
+    ) as url:
+        assert health(url) == (200, {"status": "ok"})
+        yield url.rstrip("/")
+
+
+def run_python_client(name: str, url: str, media: dict[str, Path], tmp_path: Path) -> str:
+    """The client example `name` with `python` in a folder with photo.jpg and clip.mp4, SERVE_URL replaced
+    by `url` (nothing else); returns what it printed."""
+    wd = workdir(tmp_path / "w", media)
+    (wd / "example.py").write_text(example(name).replace(SERVE_URL, url))
+    env = local_env(tmp_path / "home")
+    res = subprocess.run([sys.executable, "example.py"], cwd=wd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res.stdout
+
+
+def test_serve_openai_client_block(api, media, tmp_path):
+    out = run_python_client("serve-openai", api, media, tmp_path)
+    # print(content, usage.prompt_tokens, timings["prompt_ms"]); the video streamed; reasoning \n---\n answer
+    m = re.fullmatch(r"(.*) (\d+) (\S+)\n(.*) \n---\n (.*)\n", out, re.S)
+    assert m, out
+    # the photo's slices are in the prompt; prompt_ms is 0 or more (the KV cache may hold the whole prompt)
+    assert int(m.group(2)) > 64 and float(m.group(3)) >= 0, out
+
+
+def test_serve_curl_block(api, media, tmp_path):
+    """Only python3 and curl on PATH, as for the Ollama request example; the reply is the server's JSON."""
+    wd = workdir(tmp_path / "w", media)
+    res = subprocess.run(
+        [shutil.which("bash"), "-e", "-c", example("serve-curl").replace(SERVE_URL, api)],
+        cwd=wd,
+        env=curl_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    reply = json.loads(res.stdout)
+    assert reply["object"] == "chat.completion", reply
+    (choice,) = reply["choices"]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert reply["usage"]["completion_tokens"] <= json.loads((wd / "request.json").read_text())["max_tokens"]
+    assert reply["usage"]["prompt_tokens"] > 64, reply  # the photo's slices (encoded, or cached by the block above)
+
+
+def test_serve_ollama_client_block(api, media, tmp_path):
+    # print(r.message.content): the client raises on any error reply, so a clean exit is a 200 with an answer
+    # (the tiny model's is random text, possibly empty)
+    assert run_python_client("serve-ollama", api, media, tmp_path).endswith("\n")
 
 
 # ------------------------------------------------------------------------- Ollama and llama.cpp
@@ -478,6 +573,10 @@ def only_tools(d: Path, *names: str) -> str:
     return str(d)
 
 
+def curl_env(tmp_path: Path) -> dict[str, str]:
+    return {"PATH": only_tools(tmp_path / "bin", "python3", "curl"), "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+
+
 def send(name: str, url: str, files: list[str], wd: Path, tmp_path: Path) -> tuple[dict, bytes, str]:
     """Run the example (its address -> a Receiver; photo.jpg -> `files`); returns the request's JSON,
     the body curl sent and the path it was sent to."""
@@ -485,15 +584,10 @@ def send(name: str, url: str, files: list[str], wd: Path, tmp_path: Path) -> tup
     assert script.count(url) == 1 and script.count("python3 - photo.jpg > request.json") == 1
     script = script.replace("python3 - photo.jpg", "python3 - " + " ".join(files))
     with Receiver() as rx:
-        env = {
-            "PATH": only_tools(tmp_path / f"bin-{len(files)}", "python3", "curl"),
-            "HOME": str(tmp_path),
-            "LANG": "C.UTF-8",
-        }
         res = subprocess.run(
             [shutil.which("bash"), "-e", "-c", script.replace(url, rx.url)],
             cwd=wd,
-            env=env,
+            env=curl_env(tmp_path),
             capture_output=True,
             text=True,
             timeout=120,
