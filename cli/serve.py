@@ -64,6 +64,15 @@ def serve(
         file_okay=False,
         help="Let requests name media as file:// URLs under DIR (off: media come inline as data: URIs or base64).",
     ),
+    parallel: int = typer.Option(
+        0,
+        "--parallel",
+        "-np",
+        min=0,
+        help="Conversations decoded at once (slots; one batched decode step advances them all). 0 = automatic: "
+        "4 where memory allows, 1 with --low-memory. With 1, requests are answered one at a time and the context "
+        "grows with the conversation; with N > 1 every slot holds --ctx positions (default 4096).",
+    ),
     cache_mb: int = typer.Option(
         512,
         "--cache-mb",
@@ -135,7 +144,7 @@ def serve(
         loopback_only=is_loopback(host),
     )
     server = _uvicorn(create_app(state), host, port, verbose)
-    loader = threading.Thread(target=_load, args=(state, server, files, mo, cache_mb, alias), daemon=True)
+    loader = threading.Thread(target=_load, args=(state, server, files, mo, cache_mb, alias, parallel), daemon=True)
     typer.echo(
         f"{PROG}: http://{url_host(host)}:{port}/ (OpenAI API /v1, Ollama API /api); loading {Path(files.model).name}",
         err=True,
@@ -151,23 +160,77 @@ def serve(
         raise typer.Exit(2)
 
 
-def _load(state, server, files, mo, cache_mb: int, alias: str | None) -> None:
+def _load(state, server, files, mo, cache_mb: int, alias: str | None, parallel: int) -> None:
     """Load the model while the server answers /health with 'loading'; a failure ends the server."""
     from minicpmv.server.app import served_name
-    from minicpmv.server.engine import Engine
+    from minicpmv.server.engine import BatchEngine, Engine
     from minicpmv.server.model_info import ModelInfo
 
+    m = None
     try:
         m = open_model(files, mo)
-    except ModelOpenError as e:
+        n_seq, n_ctx_seq, note = choose_slots(m, parallel, mo.ctx, mo.low_memory, available_bytes())
+    except (ModelOpenError, ValueError) as e:
+        if m is not None:
+            m.close()
         state.load_error = str(e)
         typer.echo(f"{PROG}: error: {e}", err=True)
         server.should_exit = True
         return
     m.vision_cache.max_bytes = cache_mb << 20
     state.info = ModelInfo.read(served_name(m.lm.path, alias), m.lm.path, m.vision.path)
-    state.engine = Engine(m, state.limits.max_queue)
-    typer.echo(f"{PROG}: ready: {state.info.name} ({state.info.quant}, {state.info.parameter_size})", err=True)
+    if n_seq == 1:
+        state.engine = Engine(m, state.limits.max_queue)
+    else:
+        state.engine = BatchEngine(m, n_seq, n_ctx_seq, state.limits.max_queue)
+    typer.echo(f"{PROG}: ready: {state.info.name} ({state.info.quant}, {state.info.parameter_size}); {note}", err=True)
+
+
+SLOT_CTX = 4096  # positions per slot by default: an image question (~700) and a 2048-token answer, twice
+AUTO_SLOTS = 4
+RESERVE = 1 << 30  # memory left free beside the KV cache: compute buffers, vision activations, requests
+
+
+def available_bytes() -> int | None:
+    """MemAvailable (Linux), None elsewhere (then nothing is checked)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def choose_slots(
+    model, parallel: int, ctx: int | None, low_memory: bool, available: int | None
+) -> tuple[int, int, str]:
+    """(slots, positions per slot, a line for the log). `parallel` 0 picks the most of AUTO_SLOTS
+    whose KV cache fits in `available` beside RESERVE (1 with --low-memory); an explicit count that
+    does not fit is a ValueError naming what it needs."""
+    gib = 2**30
+    if parallel == 1 or (parallel == 0 and low_memory):
+        return 1, 0, "one request at a time, the context grows with the conversation"
+    per_slot = ctx or SLOT_CTX
+    if per_slot > model.lm.n_ctx_train:
+        raise ValueError(
+            f"--ctx {per_slot} is more than the {model.lm.n_ctx_train} positions the model was trained with"
+        )
+    kv = model._context.kv_bytes(per_slot)
+    room = None if available is None else available - RESERVE
+    n = parallel or AUTO_SLOTS
+    if parallel == 0 and room is not None:
+        n = max(1, min(AUTO_SLOTS, room // kv))
+    if room is not None and n * kv > room:
+        raise ValueError(
+            f"--parallel {n} x --ctx {per_slot} needs {n * kv / gib:.2f} GiB of KV cache, but "
+            f"{available / gib:.2f} GiB of memory is available ({RESERVE / gib:.0f} GiB kept free); "
+            "lower --parallel or --ctx"
+        )
+    if n == 1:
+        return 1, 0, "one request at a time (memory for one slot only), the context grows with the conversation"
+    kv_type = model._context.params.kv_type
+    return n, per_slot, f"{n} slots x {per_slot} positions, KV cache {n * kv / gib:.2f} GiB ({kv_type})"
 
 
 def _uvicorn(application, host: str, port: int, verbose: bool):

@@ -202,19 +202,23 @@ class MiniCPMV:
             slot_id = self.lm.token_id(SLOT_TOKEN)
         return prompt.token_ids(self.lm.tokenize, slot_id, self.query_num)
 
+    def prompt_runs(self, prompt: Prompt) -> tuple[KVContents, list[bytes]]:
+        """The prompt as KV cache runs (text pieces tokenized by llama.cpp, slots named by their
+        media item's content key), and the key of each media item."""
+        keys = [media_key(m, prompt.max_slice_nums) for m in prompt.media]
+        runs = [
+            SlotRun(keys[s.media_index], s.index, self.query_num)
+            if isinstance(s, Slot)
+            else TextRun(self.lm.tokenize(s))
+            for s in prompt.segments
+        ]
+        return KVContents(runs), keys
+
     # -- prefill -------------------------------------------------------------------------------
 
     def _prefill(self, prompt: Prompt, stats: ChatStats, room: int = 1) -> None:
         """Decode `prompt` into the KV cache, in a context with `room` positions after it (up to the limit)."""
-        keys = [media_key(m, prompt.max_slice_nums) for m in prompt.media]
-        seq = KVContents(
-            [
-                SlotRun(keys[s.media_index], s.index, self.query_num)
-                if isinstance(s, Slot)
-                else TextRun(self.lm.tokenize(s))
-                for s in prompt.segments
-            ]
-        )
+        seq, keys = self.prompt_runs(prompt)
         n = len(seq)
         stats.prompt_tokens = n
         slots = seq.slots()
@@ -322,15 +326,7 @@ class MiniCPMV:
         (not the reasoning) before them, finish_reason "stop" (an extension: the reference has none).
         """
         t_start = time.perf_counter()
-        defaults = THINKING_SAMPLING if enable_thinking else REFERENCE_SAMPLING
-        sp = SamplingParams(
-            temperature=defaults.temperature if temperature is None else temperature,
-            top_p=defaults.top_p if top_p is None else top_p,
-            top_k=defaults.top_k if top_k is None else top_k,
-            repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else repetition_penalty,
-            seed=seed,
-            greedy=greedy,
-        )
+        sp = sampling_params(enable_thinking, temperature, top_p, top_k, repetition_penalty, seed, greedy)
         hold = self._turn.acquire(stream=stream)
         handed_over = False  # to the ChatStream, which gives the turn back when it ends
         try:
@@ -375,3 +371,49 @@ class MiniCPMV:
 
     def _finished(self, answer: Answer) -> None:
         self.last = answer
+
+    def chat_many(
+        self, conversations: list[list[dict]], *, n_seq: int | None = None, n_ctx_seq: int = 4096, **kwargs
+    ) -> list[Answer]:
+        """Answer several conversations at once: one llama.cpp sequence each (at most `n_seq` at a
+        time, default all), decoded together so each decode step reads the weights once for all of
+        them (runtime/batch.py). `kwargs` are chat()'s (not `stream`), the same for every
+        conversation; each answer is the one chat() gives it alone. A context of `n_ctx_seq`
+        positions per sequence is made for the call and freed after it. Raises the first
+        conversation's error, if any failed."""
+        from .batch import BatchChat, BatchRequest
+
+        if kwargs.pop("stream", False):
+            raise ValueError("chat_many does not stream: use chat(stream=True) per conversation")
+        with self._turn.call():
+            batch = BatchChat(self, max(1, min(n_seq or len(conversations), len(conversations))), n_ctx_seq)
+            try:
+                reqs = batch.run([BatchRequest(msgs, kwargs) for msgs in conversations])
+            finally:
+                batch.close()
+        for r in reqs:
+            if r.error is not None:
+                raise r.error
+        return [r.answer for r in reqs]
+
+
+def sampling_params(
+    enable_thinking: bool,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    greedy: bool = False,
+) -> SamplingParams:
+    """chat()'s sampling: unset values are the reference's (schema.REFERENCE_SAMPLING), or with
+    thinking the transformers defaults its inner model falls back to (schema.THINKING_SAMPLING)."""
+    d = THINKING_SAMPLING if enable_thinking else REFERENCE_SAMPLING
+    return SamplingParams(
+        temperature=d.temperature if temperature is None else temperature,
+        top_p=d.top_p if top_p is None else top_p,
+        top_k=d.top_k if top_k is None else top_k,
+        repetition_penalty=d.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        seed=seed,
+        greedy=greedy,
+    )

@@ -1,5 +1,10 @@
-"""Generation: sample and decode one token at a time, split the reasoning from the answer as the
-text arrives, stream `Piece`s and return the `Answer` (docs/reference-model.md §6.3)."""
+"""Generation: each sampled token becomes text, the reasoning is split from the answer as the text
+arrives, `Piece`s are streamed and the `Answer` returned (docs/reference-model.md §6.3).
+
+`Generation` is one answer's state, fed one sampled token at a time; whoever decodes drives it:
+`generate()` below for one conversation (sample, feed, decode, repeat), and runtime/batch.py for
+several sequences advanced by one batched llama_decode per step.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +52,120 @@ class StopStrings:
         return out
 
 
+class Generation:
+    """One answer, token by token. `opening()` gives the pieces shown before any token; `feed(tok)`
+    takes each sampled token and returns the pieces it makes visible; `done` turns True at a stop
+    token, a stop string or the end of the context (`finish_reason` says which), and then the fed
+    token is not decoded. The caller decodes every other fed token and stops after
+    `max_new_tokens` of them (finish_reason "length"); `close()` and `answer()` end it."""
+
+    def __init__(
+        self,
+        lm: LlamaModel,
+        *,
+        max_new_tokens: int,
+        thinking: bool,
+        show_thinking: bool,
+        stop_ids: frozenset[int],
+        think_end: int | None,
+        stats: ChatStats,
+        t_start: float,
+        room: int,
+        stop: tuple[str, ...] = (),
+    ):
+        """`room`: positions left in the context after the prompt (the context's end stops it)."""
+        self.lm, self.stats, self.t_start = lm, stats, t_start
+        self.max_new_tokens, self.thinking, self.show_thinking = max_new_tokens, thinking, show_thinking
+        self.stop_ids, self.think_end, self.room = stop_ids, think_end, room
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.in_think = thinking
+        self.think_parts: list[str] = []
+        self.answer_parts: list[str] = []
+        self.tokens: list[int] = []
+        self.lead = True  # strip the newlines that open the answer (template: lstrip after </think>)
+        self.stop_text = StopStrings(stop)
+        self.stopped = False  # by a stop string
+        self.done = False  # a stop token, a stop string or the context's end; max_new_tokens is the caller's
+        stats.finish_reason = "length"
+        self.t0 = time.perf_counter()
+
+    def opening(self) -> list[Piece]:
+        if self.thinking and self.show_thinking:
+            return [Piece(THINK_START + "\n", True)]  # the prompt opened the block, as the reference's stream
+        return []
+
+    def feed(self, tok: int) -> list[Piece]:
+        out: list[Piece] = []
+        if not self.tokens:
+            self.stats.ttft_ms = (time.perf_counter() - self.t_start) * 1e3
+        if tok in self.stop_ids or self.lm.is_eog(tok):
+            self.stats.finish_reason = "stop"
+            self.done = True
+            return out
+        self.tokens.append(tok)
+        if self.in_think and tok == self.think_end:
+            self.in_think = False
+            text = self.utf8.decode(b"", final=True)
+            self.think_parts.append(text)
+            if self.show_thinking:
+                out.append(Piece(text + THINK_END, True))
+        else:
+            text = self.utf8.decode(self.lm.piece(tok))
+            if self.in_think:
+                self.think_parts.append(text)
+                if self.show_thinking and text:
+                    out.append(Piece(text, True))
+            else:
+                if self.lead and self.thinking:  # "\n\n" after </think>: part of the block's format
+                    body = text.lstrip("\n")
+                    if self.show_thinking and len(body) < len(text):
+                        out.append(Piece(text[: len(text) - len(body)], True))
+                    text = body
+                if text:
+                    self.lead = False
+                    text, self.stopped = self.stop_text.feed(text)
+                    if text:
+                        self.answer_parts.append(text)
+                        out.append(Piece(text, False))
+                    if self.stopped:
+                        self.stats.finish_reason = "stop"
+                        self.done = True
+                        return out
+        if len(self.tokens) > self.room:
+            self.stats.finish_reason = "context"
+            self.done = True
+        return out
+
+    def close(self) -> list[Piece]:
+        """The text still held (an unfinished UTF-8 sequence, a possible stop string's start)."""
+        self.stats.decode_tokens = len(self.tokens)
+        self.stats.decode_ms = (time.perf_counter() - self.t0) * 1e3
+        if self.stopped:
+            return []
+        tail = self.utf8.decode(b"", final=True)
+        if self.in_think:
+            if tail:
+                self.think_parts.append(tail)
+                return [Piece(tail, True)] if self.show_thinking else []
+            return []
+        tail, self.stopped = self.stop_text.feed(tail)
+        tail += "" if self.stopped else self.stop_text.flush()
+        if tail:
+            self.answer_parts.append(tail)
+            return [Piece(tail, False)]
+        return []
+
+    def answer(self) -> Answer:
+        generated = self.lm.detokenize(self.tokens)
+        head = THINK_START + "\n" if self.thinking else ""
+        body = _cut_raw(generated, "".join(self.answer_parts)) if self.stopped else generated
+        raw = head + body.strip()  # the reference's return value
+        thinking = "".join(self.think_parts).strip()
+        if self.thinking and self.think_end is not None and self.think_end not in self.tokens:
+            return Answer("", thinking, raw, self.stats, self.tokens)  # unfinished reasoning: no answer yet
+        return Answer("".join(self.answer_parts).strip(), thinking, raw, self.stats, self.tokens)
+
+
 def generate(
     ctx: LlamaContext,
     lm: LlamaModel,
@@ -62,92 +181,42 @@ def generate(
     t_start: float,
     stop: tuple[str, ...] = (),
 ) -> Generator[Piece, None, Answer]:
-    """Sample and decode until a stop token (or, in the answer, one of the `stop` strings, which is
-    left out); yields Pieces, returns the Answer. `kv` is the cache contents this turn was
-    prefilled into (generated tokens are appended to it). The caller holds the model's turn
-    (runtime/turn.py) whenever it resumes this generator."""
+    """Sample and decode until the answer is done (see Generation); yields Pieces, returns the
+    Answer. `kv` is the cache contents this turn was prefilled into (generated tokens are appended
+    to it). The caller holds the model's turn (runtime/turn.py) whenever it resumes this generator."""
     sampler = Sampler(lm.n_vocab, sp)
-    stops, is_eog, piece = stop_ids, lm.is_eog, lm.piece
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    n_ctx = ctx.n_ctx
     pos = len(kv)
-    in_think = thinking
-    think_parts: list[str] = []
-    answer_parts: list[str] = []
-    tokens: list[int] = []
-    lead = True  # strip the newlines that open the answer (template: lstrip after </think>)
-    stop_text = StopStrings(stop)
-    stopped = False
-    if thinking and show_thinking:
-        yield Piece(THINK_START + "\n", True)  # the prompt opened the block, as the reference's stream
-    stats.finish_reason = "length"
-    t0 = time.perf_counter()
+    g = Generation(
+        lm,
+        max_new_tokens=max_new_tokens,
+        thinking=thinking,
+        show_thinking=show_thinking,
+        stop_ids=stop_ids,
+        think_end=think_end,
+        stats=stats,
+        t_start=t_start,
+        room=ctx.n_ctx - pos,
+        stop=stop,
+    )
+    closed = False
     try:
+        yield from g.opening()
         for _ in range(max_new_tokens):
             tok = sampler.sample(ctx)
-            if not tokens:
-                stats.ttft_ms = (time.perf_counter() - t_start) * 1e3
-            if tok in stops or is_eog(tok):
-                stats.finish_reason = "stop"
-                break
-            tokens.append(tok)
-            if in_think and tok == think_end:
-                in_think = False
-                text = utf8.decode(b"", final=True)
-                think_parts.append(text)
-                if show_thinking:
-                    yield Piece(text + THINK_END, True)
-            else:
-                text = utf8.decode(piece(tok))
-                if in_think:
-                    think_parts.append(text)
-                    if show_thinking and text:
-                        yield Piece(text, True)
-                else:
-                    if lead and thinking:  # "\n\n" after </think>: part of the block's format
-                        body = text.lstrip("\n")
-                        if show_thinking and len(body) < len(text):
-                            yield Piece(text[: len(text) - len(body)], True)
-                        text = body
-                    if text:
-                        lead = False
-                        text, stopped = stop_text.feed(text)
-                        if text:
-                            answer_parts.append(text)
-                            yield Piece(text, False)
-                        if stopped:
-                            stats.finish_reason = "stop"
-                            break
-            if pos >= n_ctx:
-                stats.finish_reason = "context"
+            yield from g.feed(tok)
+            if g.done:
                 break
             ctx.decode_one(tok, pos)
             kv.append_token(tok)
             pos += 1
-        tail = "" if stopped else utf8.decode(b"", final=True)
-        if in_think:
-            if tail:
-                think_parts.append(tail)
-                if show_thinking:
-                    yield Piece(tail, True)
-        elif not stopped:
-            tail, stopped = stop_text.feed(tail)
-            tail += "" if stopped else stop_text.flush()
-            if tail:
-                answer_parts.append(tail)
-                yield Piece(tail, False)
+        closed = True
+        yield from g.close()
     finally:
         sampler.close()
-        stats.decode_tokens = len(tokens)
-        stats.decode_ms = (time.perf_counter() - t0) * 1e3
-    generated = lm.detokenize(tokens)
-    raw = (THINK_START + "\n" if thinking else "") + generated.strip()  # the reference's return value
-    if stopped:
-        raw = (THINK_START + "\n" if thinking else "") + _cut_raw(generated, "".join(answer_parts)).strip()
-    if thinking and think_end is not None and think_end not in tokens:
-        # unfinished reasoning (length limit): everything is thinking, no answer yet
-        return Answer("", "".join(think_parts).strip(), raw, stats, tokens)
-    return Answer("".join(answer_parts).strip(), "".join(think_parts).strip(), raw, stats, tokens)
+        if not closed:  # ended early (the stream was closed): the counters still land
+            g.stats.decode_tokens = len(g.tokens)
+            g.stats.decode_ms = (time.perf_counter() - g.t0) * 1e3
+    return g.answer()
 
 
 def _cut_raw(generated: str, answer: str) -> str:

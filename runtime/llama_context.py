@@ -23,7 +23,8 @@ from .llama_backend import ContextOverflowError, LlamaError, release
 
 
 class _Batch:
-    """A preallocated llama_batch for one sequence (tokens, or embedding rows of width n_embd)."""
+    """A preallocated llama_batch (tokens, or embedding rows of width n_embd); one sequence per
+    position, sequence 0 unless `place` says otherwise."""
 
     def __init__(self, capacity: int, n_embd: int = 0):
         self.capacity = capacity
@@ -58,6 +59,25 @@ class _Batch:
             self.logits[n - 1] = 1
         self.batch.n_tokens = n
 
+    def place(self, pos: np.ndarray, seq: np.ndarray, logits: np.ndarray) -> None:
+        """Positions, sequence ids and logit flags of the first len(pos) entries (several sequences
+        in one batch). Entries later filled by `fill`/`set_one` go back to sequence 0."""
+        n = len(pos)
+        self.pos[:n] = pos
+        self.logits[:n] = logits
+        b = self.batch
+        for i, s in enumerate(seq.tolist()):
+            b.seq_id[i][0] = s
+        self._placed = max(getattr(self, "_placed", 0), n)
+        self.batch.n_tokens = n
+
+    def reset_seqs(self) -> None:
+        """Sequence 0 for every entry `place` changed."""
+        b = self.batch
+        for i in range(getattr(self, "_placed", 0)):
+            b.seq_id[i][0] = 0
+        self._placed = 0
+
     def free(self) -> None:
         if self.batch is not None:  # a struct passed by value: truthy whatever it holds
             ll.llama_batch_free(self.batch)
@@ -81,6 +101,9 @@ class ContextParams:
     # every decoded position computes its logits; otherwise llama.cpp's last layer keeps only the
     # positions that output (what an eval callback sees of that layer changes with it)
     logits_all: bool = False
+    # sequences (runtime/batch.py: one per conversation decoded together); n_ctx is then split
+    # evenly between them (llama.cpp's non-unified KV cache: each sequence its own cells)
+    n_seq: int = 1
 
 
 # ggml_type ids. q8_0 halves the cache (llama.cpp quantizes K and V per 32 values; a quantized V
@@ -90,7 +113,8 @@ KV_TYPES = tuple(_KV_TYPES)
 
 
 class LlamaContext:
-    """One inference context with one sequence (id 0); positions are managed by the caller."""
+    """One inference context, with one sequence (id 0) unless ContextParams.n_seq says more;
+    positions are managed by the caller."""
 
     def __init__(self, model: LlamaModel, params: ContextParams | None = None):
         self.model = model
@@ -100,7 +124,8 @@ class LlamaContext:
         cp.n_ctx = p.n_ctx
         cp.n_batch = min(p.n_batch, p.n_ctx)
         cp.n_ubatch = cp.n_batch
-        cp.n_seq_max = 1
+        cp.n_seq_max = max(1, p.n_seq)
+        cp.kv_unified = False  # each sequence its own cells: attention never looks at the others
         cp.n_threads = threads
         cp.n_threads_batch = threads
         cp.no_perf = True
@@ -113,7 +138,7 @@ class LlamaContext:
         # Only the last position's logits are read (unless logits_all): telling llama.cpp so sizes
         # its compute buffer for one output row instead of n_batch rows of the 151k-entry
         # vocabulary (312 -> 108 MiB for the 8B model at n_batch 512).
-        cp.n_outputs_max = 0 if p.logits_all else 1
+        cp.n_outputs_max = 0 if p.logits_all else cp.n_seq_max  # one row per sequence in a batch
         self._cb_eval = None
         if p.cb_eval is not None:
             fn = p.cb_eval
@@ -125,6 +150,8 @@ class LlamaContext:
         if not self.ctx:
             raise LlamaError(f"cannot create a llama.cpp context with n_ctx={p.n_ctx} (out of memory?)")
         self.n_ctx = ll.llama_n_ctx(self.ctx)
+        self.n_seq = cp.n_seq_max
+        self.n_ctx_seq = ll.llama_n_ctx_seq(self.ctx)  # positions one sequence may hold
         self.n_batch = cp.n_batch
         self.n_threads = threads
         self.mem = ll.llama_get_memory(self.ctx)
@@ -194,9 +221,33 @@ class LlamaContext:
             b.fill(n, pos0 + s, logits_last and s + n == n_all)
             self._decode(b)
 
-    def logits(self) -> np.ndarray:
-        """Logits of the last decoded position that requested them (a view: copy to keep)."""
-        ptr = ll.llama_get_logits_ith(self.ctx, -1)
+    def decode_mixed(
+        self, pos: np.ndarray, seq: np.ndarray, logits: np.ndarray, *, tokens=None, rows: np.ndarray | None = None
+    ) -> None:
+        """One llama_decode of entries from several sequences: token ids or embedding rows [n, n_embd],
+        each at its own position and sequence, with logits where `logits` is 1 (then read with
+        `logits(i)`, i counting the entries asked for, or the batch index through llama.cpp)."""
+        n = len(pos)
+        if rows is not None:
+            if self._emb is None:
+                self._emb = _Batch(self.embd_capacity, self.model.n_embd)
+            b = self._emb
+            b.embd[:n] = rows
+        else:
+            b = self._tok
+            b.token[:n] = tokens
+        if n > b.capacity:
+            raise LlamaError(f"a batch of {n} entries is more than its capacity {b.capacity}")
+        b.place(np.asarray(pos, np.int32), np.asarray(seq, np.int32), np.asarray(logits, np.int8))
+        try:
+            self._decode(b)
+        finally:
+            b.reset_seqs()
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """Logits of batch entry `i` of the last decode (-1: the last entry that asked for them;
+        a view: copy to keep)."""
+        ptr = ll.llama_get_logits_ith(self.ctx, i)
         if not ptr:
             raise LlamaError("no logits available (nothing decoded with logits)")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
@@ -213,11 +264,12 @@ class LlamaContext:
             raise LlamaError("no logits available (nothing decoded with logits)")
         return np.ctypeslib.as_array(ptr, shape=(n * self.n_vocab,)).reshape(n, self.n_vocab)
 
-    def truncate(self, pos: int) -> bool:
-        """Drop the KV cache from position `pos` on; False if llama.cpp cannot (then it is cleared)."""
-        ok = bool(ll.llama_memory_seq_rm(self.mem, 0, pos, -1))
+    def truncate(self, pos: int, seq: int = 0) -> bool:
+        """Drop sequence `seq` from position `pos` on; False if llama.cpp cannot (then the sequence
+        is emptied)."""
+        ok = bool(ll.llama_memory_seq_rm(self.mem, seq, pos, -1))
         if not ok:
-            ll.llama_memory_clear(self.mem, True)
+            ll.llama_memory_seq_rm(self.mem, seq, -1, -1)
         return ok
 
     def clear(self) -> None:

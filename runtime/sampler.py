@@ -61,15 +61,16 @@ class Sampler:
                 add(ll.llama_sampler_init_top_p(p.top_p, 1))
             add(ll.llama_sampler_init_dist(LLAMA_DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF))
 
-    def sample(self, ctx: LlamaContext) -> int:
-        """Sample the next token from the last logits (and remember it for the penalty)."""
+    def sample(self, ctx: LlamaContext, idx: int = -1) -> int:
+        """Sample the next token from the logits of output `idx` of the last batch (-1: its last),
+        and remember it for the penalty."""
         n = len(self._seen)
         if n:
-            row = np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx.ctx, -1), shape=(self.n_vocab,))
+            row = np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx.ctx, idx), shape=(self.n_vocab,))
             ids = self._seen_ids[:n]
             v = row[ids]
             row[ids] = np.where(v < 0, v * self.penalty, v / self.penalty)
-        tok = ll.llama_sampler_sample(self.chain, ctx.ctx, -1)
+        tok = ll.llama_sampler_sample(self.chain, ctx.ctx, idx)
         if self._track and tok not in self._seen:
             if n == len(self._seen_ids):
                 self._seen_ids = np.concatenate([self._seen_ids, np.zeros_like(self._seen_ids)])

@@ -1,5 +1,8 @@
-"""The model behind the HTTP API: requests wait in a FIFO queue and one worker thread answers them
-one at a time, as llama-server's task queue feeds its slot. Keeping one thread on the model keeps
+"""The model behind the HTTP API, two ways: `Engine` (--parallel 1) answers queued requests one at a
+time, as llama-server's task queue feeds one slot; `BatchEngine` (--parallel N) answers up to N at
+once, decoded together by runtime/batch.py (llama-server's parallel slots).
+
+Engine: Keeping one thread on the model keeps
 the KV cache holding the last conversation, so a follow-up request (an OpenAI client resends the
 whole conversation) decodes only its new tokens, and the vision cache serves images seen before.
 
@@ -17,6 +20,7 @@ import threading
 from dataclasses import dataclass, field
 
 from minicpmv.runtime import MiniCPMV
+from minicpmv.runtime.batch import BatchChat, BatchRequest
 from minicpmv.session.options import ChatOptions
 
 
@@ -102,3 +106,66 @@ class Engine:
             job.emit("error", e)
         finally:
             stream.close()  # a cancelled answer gives the model back at once
+
+
+class BatchEngine:
+    """N slots decoded together (runtime/batch.py) by one thread that steps the batch; a job is a
+    slot's request. The model's turn is held for the engine's lifetime (nothing else may use it).
+    At most `max_queue` jobs wait for a free slot."""
+
+    IDLE_WAIT_S = 0.05  # the loop's nap when there is nothing to decode (encoding, or no work)
+
+    def __init__(self, model: MiniCPMV, n_seq: int, n_ctx_seq: int, max_queue: int):
+        self.model, self.max_queue = model, max_queue
+        self._hold = model._turn.acquire()
+        self.batch = BatchChat(model, n_seq, n_ctx_seq)
+        self._wake = threading.Event()
+        self._closing = False
+        self.answered = 0
+        self._worker = threading.Thread(target=self._run, name="minicpm-batch", daemon=True)
+        self._worker.start()
+
+    @property
+    def waiting(self) -> int:
+        return self.batch.waiting
+
+    def submit(self, job: Job) -> None:
+        if self.batch.waiting >= self.max_queue:
+            raise Busy(f"{self.batch.waiting} requests are waiting, the most this server queues (--max-queue)")
+
+        def done(req: BatchRequest) -> None:
+            self.answered += 1
+            if req.error is not None:
+                job.emit("error", req.error)
+            elif req.answer is not None:
+                job.emit("done", req.answer)
+
+        req = BatchRequest(
+            job.msgs,
+            job.opts.chat_kwargs(),
+            on_piece=lambda p: p and job.emit("piece", p),
+            on_done=done,
+            cancelled=job.cancelled,
+        )
+        self.batch.submit(req)
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        self._worker.join(timeout=30)
+        self.batch.close()
+        self._hold.release()
+
+    def _run(self) -> None:
+        while not self._closing:
+            try:
+                worked = self.batch.step()
+            except Exception as e:  # noqa: BLE001 - a failed decode: every request in flight fails
+                for s in self.batch.slots:
+                    if s.req is not None:
+                        self.batch._end(s, error=e)
+                continue
+            if not worked or not any(s.state in ("generating", "prefilling") for s in self.batch.slots):
+                self._wake.wait(self.IDLE_WAIT_S)
+                self._wake.clear()

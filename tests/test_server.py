@@ -57,10 +57,14 @@ def model(files):
     m.close()
 
 
-@pytest.fixture(scope="module")
-def server(files, tmp_path_factory):
+@pytest.fixture(scope="module", params=["1", "3"], ids=["one-at-a-time", "3-slots"])
+def server(files, tmp_path_factory, request):
+    """The same server answering one request at a time (--parallel 1, the context growing) and with
+    three slots decoded together (issue 30): every test below holds for both."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     args = [
+        "--parallel",
+        request.param,
         "--model",
         files[0],
         "--mmproj",
@@ -122,7 +126,7 @@ def test_text_and_image_answers_match_chat(client, model, media):
     got = ask(client, parts)
     want = ref(model, [{"role": "user", "content": [media["pic"], media["pic2"], "Compare the two pictures."]}])
     assert got.choices[0].message.content == str(want)
-    assert got.model_extra["timings"]["vision_ms"] > 0 and want.stats.slots_encoded > 2
+    assert got.model_extra["timings"]["vision_ms"] > 0 and want.stats.slots_prefilled > 2
 
 
 def test_streaming_and_thinking(client, model, media):
@@ -437,7 +441,8 @@ def long_server(tiny_real_vocab_gguf, tmp_path_factory):
     """The real-vocabulary tiny model (long answers) with room for one waiting request."""
     lm, mm = tiny_real_vocab_gguf
     log = tmp_path_factory.mktemp("serve-long") / "serve.log"
-    with serve_process(["--model", lm, "--mmproj", mm, "-t", "1", "--max-queue", "1", "--ctx", "8192"], log) as url:
+    args = ["--model", lm, "--mmproj", mm, "-t", "1", "--max-queue", "1", "--ctx", "8192", "--parallel", "1"]
+    with serve_process(args, log) as url:
         yield url
 
 
