@@ -275,7 +275,9 @@ def load_image(
         fp = path
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow's notes (a big image, damaged EXIF...) would be extra lines on stderr; what
+            # matters comes out as the image or one ImageError
+            warnings.simplefilter("ignore")
             with Image.open(fp, formats=IMAGE_FORMATS) as img:
                 check_size(img.size, name, max_pixels)  # header only, nothing decoded yet
                 img.load()

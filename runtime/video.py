@@ -10,6 +10,7 @@ Sampling is video_sampling.py (the card's algorithm), decoding video_decode.py (
 from __future__ import annotations
 
 import mimetypes
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,12 +141,14 @@ def is_video_path(path: str | Path) -> bool:
     if not path.is_file():
         return False
     try:  # an image Pillow reads is an image (PyAV would also open it as a 1-frame video)
-        with Image.open(path, formats=IMAGE_FORMATS):
-            return False
-    except Image.DecompressionBombError:
-        return False  # a (huge) image
-    except OSError:
-        pass  # not an image Pillow knows (UnidentifiedImageError): ask PyAV
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # load_image reports what matters, on one line
+            with Image.open(path, formats=IMAGE_FORMATS):
+                return False
+    except Image.UnidentifiedImageError:
+        pass  # not an image Pillow knows: ask PyAV
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError):
+        return False  # an image, huge or damaged: load_image names the file and the fault
     import av
 
     try:

@@ -20,6 +20,7 @@ from .image import slice_image
 from .prompt import Media
 from .results import ChatStats
 
+KEY_BAND_BYTES = 16 << 20  # pixels hashed at a time by image_key
 VISION_BATCH_SLICES = 48  # slices (frames x slots) per vision call: normalized pixels are 2.4 MB each
 
 
@@ -30,7 +31,12 @@ class SlicingMismatchError(RuntimeError):
 def image_key(img: Image.Image) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{img.mode}{img.size}".encode())
-    h.update(img.tobytes())
+    # band by band: tobytes() of a whole 100 MP image would hold 300 MB twice (its chunks and their
+    # join) next to the image's own 400 MB; the same bytes hash to the same key
+    w, height = img.size
+    rows = max(1, KEY_BAND_BYTES // max(1, w * 4))
+    for top in range(0, height, rows):
+        h.update(img.crop((0, top, w, min(height, top + rows))).tobytes())
     return h.digest()
 
 
