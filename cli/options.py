@@ -1,19 +1,23 @@
 """The command-line options that `minicpm-run`, its `--web` page and `minicpm-serve` share, declared
 once: each is a typed annotation (typer.Option) whose default and help come from the session
 layer's data (session/options.py, session/limits.py). A command lists the ones it takes and turns
-them into ModelOptions / ChatOptions / MediaOptions / Limits with the builders below."""
+them into ModelOptions / ChatOptions / MediaOptions / Limits with `pick`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, TypeVar
 
 import typer
 
 from minicpmv.hub import DEFAULT_MODEL, ENV_VAR
 from minicpmv.runtime.video import MAX_NUM_PACKING, PACKING_LIMIT
 from minicpmv.session.limits import FLAGS, Limits
-from minicpmv.session.options import HELP, ChatOptions, MediaOptions, ModelOptions
+from minicpmv.session.options import HELP, ChatOptions, MediaOptions
+
+T = TypeVar("T")
 
 L = Limits()
 C = ChatOptions()
@@ -104,40 +108,6 @@ VisionDtype = Annotated[
 LlamaLog = Annotated[bool, typer.Option("--llama-log", help="Show llama.cpp's own log (silent by default).")]
 
 
-def model_options(
-    model: Optional[Path],
-    mmproj: Optional[Path],
-    model_dir: Optional[Path],
-    hf: Optional[str],
-    mmproj_quant: Optional[str],
-    refresh: bool,
-    threads: Optional[int],
-    ctx: Optional[int],
-    low_memory: bool,
-    kv_type: Optional[str],
-    flash_attn: Optional[bool],
-    gpu_layers: Optional[int],
-    vision_dtype: str,
-    llama_log: bool,
-) -> ModelOptions:
-    return ModelOptions(
-        model,
-        mmproj,
-        model_dir,
-        hf,
-        mmproj_quant,
-        refresh,
-        threads,
-        ctx,
-        low_memory,
-        kv_type,
-        flash_attn,
-        gpu_layers,
-        vision_dtype,
-        llama_log,
-    )
-
-
 # -- how an answer is made (ChatOptions) and videos sampled (MediaOptions) ----------------------
 
 Think = Annotated[bool, typer.Option("--think/--no-think", help=HELP["think"])]
@@ -164,24 +134,6 @@ Packing = Annotated[
     ),
 ]
 MaxFrames = Annotated[int, typer.Option("--max-frames", min=1, help=HELP["max_frames"])]
-
-
-def chat_options(
-    think: bool,
-    max_tokens: int,
-    temperature: Optional[float],
-    top_p: Optional[float],
-    top_k: Optional[int],
-    repeat_penalty: Optional[float],
-    greedy: bool,
-    seed: Optional[int],
-    system: str,
-    max_slices: Optional[int],
-    image_id: Optional[bool],
-) -> ChatOptions:
-    return ChatOptions(
-        think, max_tokens, temperature, top_p, top_k, repeat_penalty, greedy, seed, system, max_slices, image_id
-    )
 
 
 # -- what a network front end accepts (Limits) and who may use it -------------------------------
@@ -266,23 +218,8 @@ NoAuth = Annotated[
 ]
 
 
-def limits(
-    max_upload_mb: float = L.max_upload_mb,
-    max_body_mb: float = L.max_body_mb,
-    max_image_pixels: int = L.max_image_pixels,
-    max_video_seconds: float = L.max_video_seconds,
-    max_video_frames: int = L.max_video_frames,
-    max_video_pixels: int = L.max_video_pixels,
-    max_new_tokens: int = L.max_new_tokens,
-    max_queue: int = L.max_queue,
-) -> Limits:
-    return Limits(
-        max_upload_mb=max_upload_mb,
-        max_body_mb=max_body_mb,
-        max_image_pixels=max_image_pixels,
-        max_video_seconds=max_video_seconds,
-        max_video_frames=max_video_frames,
-        max_video_pixels=max_video_pixels,
-        max_new_tokens=max_new_tokens,
-        max_queue=max_queue,
-    )
+def pick(cls: type[T], values: Mapping[str, object]) -> T:
+    """A session-layer dataclass (ModelOptions, ChatOptions, MediaOptions, Limits) from a command's
+    arguments: the commands name their parameters after its fields; fields a command lacks keep
+    their defaults."""
+    return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})

@@ -22,9 +22,10 @@ from typing import List, Optional
 import typer
 
 from minicpmv.session.conversation import Conversation
+from minicpmv.session.limits import Limits
 from minicpmv.session.media import MediaError, describe_media, load_file
 from minicpmv.session.model import ModelOpenError, choose_files, open_model
-from minicpmv.session.options import MediaOptions
+from minicpmv.session.options import ChatOptions, MediaOptions, ModelOptions
 
 from . import options as opt
 from .terminal import answer_once, fail, interactive
@@ -162,38 +163,13 @@ def run(
         return
     inputs = list(inputs or [])
     question = inputs.pop() if inputs and not _is_file(inputs[-1]) else None
-    mo = opt.model_options(
-        model,
-        mmproj,
-        model_dir,
-        hf,
-        mmproj_quant,
-        refresh,
-        threads,
-        ctx,
-        low_memory,
-        kv_type,
-        flash_attn,
-        gpu_layers,
-        vision_dtype,
-        llama_log,
-    )
-    co = opt.chat_options(
-        think, max_tokens, temperature, top_p, top_k, repeat_penalty, greedy, seed, system, max_slices, image_id
-    )
-    media = MediaOptions(fps, packing, max_frames)
+    mo = opt.pick(ModelOptions, locals())
+    co = opt.pick(ChatOptions, locals())
+    media = opt.pick(MediaOptions, locals())
     page = None
     if web:
         page = _web_checks(inputs, question, as_json, host, port, auth, no_auth)
-        lim = opt.limits(
-            max_upload_mb=max_upload_mb,
-            max_image_pixels=max_image_pixels,
-            max_video_seconds=max_video_seconds,
-            max_video_frames=max_video_frames,
-            max_video_pixels=max_video_pixels,
-            max_new_tokens=max_new_tokens,
-            max_queue=max_queue,
-        )
+        lim = opt.pick(Limits, locals())
         try:
             lim.check_max_tokens(co.max_tokens, "--max-tokens")
         except ValueError as e:

@@ -17,7 +17,9 @@ from typing import Optional
 
 import typer
 
+from minicpmv.session.limits import Limits
 from minicpmv.session.model import ModelOpenError, choose_files, open_model
+from minicpmv.session.options import ModelOptions
 
 from . import options as opt
 from .listen import check_exposure, check_port, url_host
@@ -89,40 +91,18 @@ def serve(
     max_queue: opt.MaxQueue = opt.L.max_queue,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request (uvicorn's access log)."),
 ) -> None:
-    """Serve MiniCPM-V 4.5 over HTTP: the OpenAI chat-completions API (/v1, images and videos as data: URIs,
-    thinking, streaming) and Ollama's API (/api), on one port, one request at a time (--max-queue wait).
+    """Serve MiniCPM-V 4.5 over HTTP: the OpenAI chat-completions API (/v1: images and videos as data: URIs,
+    thinking, streaming) and Ollama's API (/api) on one port; --parallel conversations decoded at once,
+    up to --max-queue more waiting.
 
-    Bound to 127.0.0.1 by default. --max-upload-mb bounds each media item, --max-body-mb a request.
+    Bound to 127.0.0.1 by default; another --host needs --api-key (or --no-auth). --max-upload-mb bounds
+    each media item, --max-body-mb a request; media URLs are never fetched.
     """
     from minicpmv.server.app import ServerState, create_app
     from minicpmv.server.media import MediaLoader
 
-    mo = opt.model_options(
-        model,
-        mmproj,
-        model_dir,
-        hf,
-        mmproj_quant,
-        refresh,
-        threads,
-        ctx,
-        low_memory,
-        kv_type,
-        flash_attn,
-        gpu_layers,
-        vision_dtype,
-        llama_log,
-    )
-    limits = opt.limits(
-        max_upload_mb=max_upload_mb,
-        max_body_mb=max_body_mb,
-        max_image_pixels=max_image_pixels,
-        max_video_seconds=max_video_seconds,
-        max_video_frames=max_video_frames,
-        max_video_pixels=max_video_pixels,
-        max_new_tokens=max_new_tokens,
-        max_queue=max_queue,
-    )
+    mo = opt.pick(ModelOptions, locals())
+    limits = opt.pick(Limits, locals())
     if allowed_local_media is not None and not allowed_local_media.is_dir():
         fail(f"--allowed-local-media {allowed_local_media}: no such folder", prog=PROG)
     try:
