@@ -76,6 +76,8 @@ TITLES = {
     "buffers": "3b. Where llama.cpp keeps the weights: bare loop tokens/s per placement",
     "e2e": "4a. End to end: 1344x1344 image question (640 image tokens)",
     "video": "4b. End to end: 60 s video, packing 3 vs one frame per image",
+    "serve": "4c. Serving over HTTP: minicpm-serve vs llama-cpp-python's server (image question, follow-up, decode, "
+    "memory, video)",
     "sizes": "5. Sizes on disk",
     "memory": "5b. Memory: peak RSS, default and low-memory profiles, timeline",
     "lowbit": "6. Low-bit types with and without an importance matrix: first-token KL divergence vs F16 "

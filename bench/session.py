@@ -65,12 +65,17 @@ SCALES = {
             "buffers": 400,
             "e2e": 600,
             "video": 330,
+            # serve: two server loads and warm-ups ~45 s; per run ours ~80 s (question + follow-up) and the peer
+            # ~120 s, plus its follow-up once (~120 s); decode 2 x 128 tokens ~40 s; 6 video frames ~30 s
+            "serve": 660,
+            "serve_inproc": 70,  # load, decode 2 x 128 tokens, the video's prompt counted
             "sizes": 5,
             "memory": 900,
             "lowbit": 23000,
         },
-        floor={"vision": 100, "llm": 200, "buffers": 400, "e2e": 400, "video": 330, "memory": 900},
-        fixed={"vision": 70, "llm": 60, "e2e": 120},
+        floor={"vision": 100, "llm": 200, "buffers": 400, "e2e": 400, "video": 330, "serve": 520, "memory": 900},
+        # serve: the loads and warm-ups before its runs, and the decode, video and in-process worker after them
+        fixed={"vision": 70, "llm": 60, "e2e": 120, "serve": 200},
     ),
     "medium": Scale(
         "medium",
@@ -92,6 +97,8 @@ SCALES = {
             "buffers": 10,
             "e2e": 15,
             "video": 30,
+            "serve": 60,
+            "serve_inproc": 8,
             "sizes": 1,
             "memory": 40,
             "lowbit": 300,
@@ -167,6 +174,8 @@ class Session:
                 total += e[s] * f
             elif s == "e2e":
                 total += e[s] * self.e2e_runs / self.scale.e2e_runs
+            elif s == "serve":
+                total += e[s] * self.e2e_runs / self.scale.e2e_runs + e["serve_inproc"]
             elif s in ("buffers", "video", "sizes", "memory", "lowbit"):
                 total += e[s]
         return total

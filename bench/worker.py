@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import peak  # noqa: F401  (records this process's peak RSS at exit)
 from .common import Skip
-from .sections import buffers, conversion, e2e, llm, lowbit, memory, video, vision
+from .sections import buffers, conversion, e2e, llm, lowbit, memory, serve, video, vision
 
 TASKS = {
     "convert_onepass": conversion.convert_onepass,
@@ -26,6 +26,8 @@ TASKS = {
     "llm": llm.measure,
     "e2e": e2e.measure,
     "video": video.measure,
+    "serve": serve.measure,
+    "serve_inproc": serve.in_process,
     "buffers": buffers.measure,
     "memory_profile": memory.profile,
 } | lowbit.TASKS

@@ -2,7 +2,7 @@
 for measurements, turns them into table rows and notes) and the measurement itself (in a fresh
 `python -m bench.worker` process)."""
 
-from . import buffers, conversion, e2e, llm, lowbit, memory, sizes, video, vision
+from . import buffers, conversion, e2e, llm, lowbit, memory, serve, sizes, video, vision
 
 SECTIONS = {
     "conversion": conversion,
@@ -11,6 +11,7 @@ SECTIONS = {
     "buffers": buffers,
     "e2e": e2e,
     "video": video,
+    "serve": serve,
     "sizes": sizes,
     "memory": memory,
     "lowbit": lowbit,
