@@ -22,6 +22,9 @@ starts prefilling once its embeddings are ready.
 Every request is answered exactly as `MiniCPMV.chat` answers it alone (its own sampler, seed, stop
 strings, limits), with the caveat of runtime/chat.py's `load` docstring: with the default f16 KV cache
 and flash attention, logits move by ~1e-4 of their range with how positions were batched.
+
+Size: a little over 350 lines: one scheduler whose step reads as one loop over the slots' states
+(what each sequence holds is kept consistent there); the request and slot records are beside it.
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ from typing import Callable
 import numpy as np
 
 from .generate import Generation
-from .kv_cache import KVContents, Part, Step, _rows, plan_steps
+from .kv_cache import KVContents, chunk_steps, plan_steps, step_rows
 from .llama_backend import ContextOverflowError
 from .llama_context import ContextParams, LlamaContext
 from .results import Answer, ChatStats, Piece
-from .sampler import Sampler
+from .sampler import Sampler, sampling_params
 
 SIMILARITY = 0.5  # share of a prompt a slot must hold to be picked for it (llama-server's default)
 CHUNK = 32  # prompt positions per step: a chunk's time is what the other streams wait (BENCHMARKS.md §4d)
@@ -220,9 +223,7 @@ class BatchChat:
         media = dict(zip(reversed(keys), reversed(prompt.media)))
         wanted = {r.media_key: media[r.media_key] for p, r in target.slots() if p >= keep}
         fuse = m.fuse_placeholders and m.tok_embd.available
-        slot.parts = deque(_chunks(plan_steps(target, keep, fuse), self.chunk))
-        from .chat import sampling_params
-
+        slot.parts = deque(chunk_steps(plan_steps(target, keep, fuse), self.chunk))
         slot.sampler = Sampler(
             m.lm.n_vocab,
             sampling_params(
@@ -304,7 +305,7 @@ class BatchChat:
             if gen:
                 rows[:first_pre] = self.model.tok_embd.rows(tokens)
             if pre is not None:
-                rows[first_pre:] = _rows(parts, start, end, pre.embs, self.model.tok_embd, n_embd)
+                rows[first_pre:] = step_rows(parts, start, end, pre.embs, self.model.tok_embd, n_embd)
             self.ctx.decode_mixed(np.array(pos), np.array(seq), np.array(want), rows=rows)
         else:
             if pre is not None:
@@ -367,23 +368,3 @@ class BatchChat:
         s.parts.clear()
         s.last_used = time.monotonic()
         req.finish()
-
-
-def _chunks(steps: list[Step], size: int) -> list[tuple[bool, list[Part]]]:
-    """The prefill steps cut into pieces of at most `size` positions (a step's kind is kept)."""
-    out = []
-    for step in steps:
-        cur, n = [], 0
-        for p in step.parts:
-            lo = p.lo
-            while lo < p.hi:
-                take = min(p.hi - lo, size - n)
-                cur.append(Part(p.run, lo, lo + take, p.start + lo - p.lo))
-                lo += take
-                n += take
-                if n == size:
-                    out.append((step.embeddings, cur))
-                    cur, n = [], 0
-        if cur:
-            out.append((step.embeddings, cur))
-    return out

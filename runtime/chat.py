@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from minicpmv.schema import QUERY_NUM, REFERENCE_SAMPLING, SLOT_TOKEN, STOP_TOKENS, THINK_END, THINKING_SAMPLING
+from minicpmv.schema import QUERY_NUM, SLOT_TOKEN, STOP_TOKENS, THINK_END
 
 from .content import Content
 from .context_size import ContextChange, GrowingContext
@@ -46,7 +46,7 @@ from .llama_context import ContextParams, LlamaContext
 from .loader import load_pair
 from .prompt import Prompt, Slot
 from .results import Answer, ChatStats, ChatStream
-from .sampler import SamplingParams
+from .sampler import sampling_params
 from .token_embeddings import TokenEmbeddings
 from .turn import TurnLock
 from .vision_cache import EmbeddingCache, media_key
@@ -395,25 +395,3 @@ class MiniCPMV:
             if r.error is not None:
                 raise r.error
         return [r.answer for r in reqs]
-
-
-def sampling_params(
-    enable_thinking: bool,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
-    greedy: bool = False,
-) -> SamplingParams:
-    """chat()'s sampling: unset values are the reference's (schema.REFERENCE_SAMPLING), or with
-    thinking the transformers defaults its inner model falls back to (schema.THINKING_SAMPLING)."""
-    d = THINKING_SAMPLING if enable_thinking else REFERENCE_SAMPLING
-    return SamplingParams(
-        temperature=d.temperature if temperature is None else temperature,
-        top_p=d.top_p if top_p is None else top_p,
-        top_k=d.top_k if top_k is None else top_k,
-        repetition_penalty=d.repetition_penalty if repetition_penalty is None else repetition_penalty,
-        seed=seed,
-        greedy=greedy,
-    )

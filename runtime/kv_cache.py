@@ -187,7 +187,7 @@ def plan_steps(seq: KVContents, start: int, fuse: bool) -> list[Step]:
     return steps
 
 
-def _rows(
+def step_rows(
     parts: list[Part], s: int, e: int, embs: dict[bytes, np.ndarray], tok_embd: TokenEmbeddings, n_embd: int
 ) -> np.ndarray:
     """Embedding rows for positions s..e: slot rows from the vision output, tokens from token_embd."""
@@ -218,5 +218,26 @@ def decode(
             continue
         for c in range(step.start, step.end, cap):
             ce = min(step.end, c + cap)
-            ctx.decode_embd(_rows(step.parts, c, ce, embs, tok_embd, ctx.model.n_embd), c, logits_last=ce == n)
+            ctx.decode_embd(step_rows(step.parts, c, ce, embs, tok_embd, ctx.model.n_embd), c, logits_last=ce == n)
         stats.slots_prefilled += sum(1 for p in step.parts if p.run.is_slot and p.lo == 0)
+
+
+def chunk_steps(steps: list[Step], size: int) -> list[tuple[bool, list[Part]]]:
+    """The steps cut into pieces of at most `size` positions, as (embeddings?, parts): a prefill fed
+    between other sequences' tokens (runtime/batch.py). A piece may end inside a slot's rows."""
+    out = []
+    for step in steps:
+        cur, n = [], 0
+        for p in step.parts:
+            lo = p.lo
+            while lo < p.hi:
+                take = min(p.hi - lo, size - n)
+                cur.append(Part(p.run, lo, lo + take, p.start + lo - p.lo))
+                lo += take
+                n += take
+                if n == size:
+                    out.append((step.embeddings, cur))
+                    cur, n = [], 0
+        if cur:
+            out.append((step.embeddings, cur))
+    return out

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import llama_cpp as ll
 import numpy as np
 
-from minicpmv.schema import REFERENCE_SAMPLING
+from minicpmv.schema import REFERENCE_SAMPLING, THINKING_SAMPLING
 
 from .llama_backend import release
 from .llama_context import LlamaContext
@@ -83,3 +83,25 @@ class Sampler:
 
     def __del__(self):
         self.close()
+
+
+def sampling_params(
+    enable_thinking: bool,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    greedy: bool = False,
+) -> SamplingParams:
+    """chat()'s sampling: unset values are the reference's (schema.REFERENCE_SAMPLING), or with
+    thinking the transformers defaults its inner model falls back to (schema.THINKING_SAMPLING)."""
+    d = THINKING_SAMPLING if enable_thinking else REFERENCE_SAMPLING
+    return SamplingParams(
+        temperature=d.temperature if temperature is None else temperature,
+        top_p=d.top_p if top_p is None else top_p,
+        top_k=d.top_k if top_k is None else top_k,
+        repetition_penalty=d.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        seed=seed,
+        greedy=greedy,
+    )

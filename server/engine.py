@@ -19,7 +19,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
-from minicpmv.runtime import MiniCPMV
+from minicpmv.runtime import ContextOverflowError, MiniCPMV
 from minicpmv.runtime.batch import BatchChat, BatchRequest
 from minicpmv.session.options import ChatOptions
 
@@ -135,7 +135,16 @@ class BatchEngine:
 
         def done(req: BatchRequest) -> None:
             self.answered += 1
-            if req.error is not None:
+            if isinstance(req.error, ContextOverflowError):  # name the server's knobs
+                n = len(self.batch.slots)
+                job.emit(
+                    "error",
+                    ContextOverflowError(
+                        f"{req.error}; each of the {n} slots holds --ctx positions: "
+                        "start the server with a larger --ctx, or --parallel 1"
+                    ),
+                )
+            elif req.error is not None:
                 job.emit("error", req.error)
             elif req.answer is not None:
                 job.emit("done", req.answer)
