@@ -394,6 +394,21 @@ def test_local_files_only_under_the_allowed_folder(files, tmp_path, media):
             error_of(r, 403, "outside the folder allowed by --allowed-local-media")
 
 
+def test_a_body_without_a_length_is_cut_at_the_limit(server, client):
+    """A chunked body (no Content-Length) is counted as it arrives and refused past --max-body-mb."""
+
+    def body():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(6):
+            yield b"x" * (1 << 20)
+        yield b'"}]}'
+
+    r = httpx.post(server + "v1/chat/completions", content=body(), timeout=60)
+    assert "content-length" not in r.request.headers
+    error_of(r, 413, "limit of 4 MB", "--max-body-mb")
+    assert ask(client, "Hello").choices[0].message.content is not None
+
+
 def test_api_key_and_exposure(files, tmp_path):
     with serve_process(
         ["--model", files[0], "--mmproj", files[1], "-t", "1", "--api-key", "s3cret"], tmp_path / "serve.log"
