@@ -124,3 +124,44 @@ def test_ctx_above_the_trained_context_is_one_line_error(files):
     res = run_in_process("minicpm-run", "hello", "--model", lm, "--mmproj", mm, "--ctx", trained + 1, "-n", 2)
     line = one_error_line(res, str(trained + 1), prog="minicpm-run", code=2)
     assert str(trained) in line.replace(str(trained + 1), "")
+
+
+def test_a_question_naming_a_file_is_text_on_the_cli_and_the_page(files, tmp_path):
+    """Text is text on every front end (issue 28): a question that names an existing image is
+    answered as words; the image is never opened (the turn's counters show no image)."""
+    import json
+
+    from minicpmv.cli.web_chat import LocalChat, Session
+    from minicpmv.session.limits import Limits
+    from minicpmv.session.options import ChatOptions, MediaOptions
+
+    pic = tmp_path / "secret.png"
+    picture(448, 448, seed=40).save(pic)
+    res = run_in_process(
+        "minicpm-run",
+        "--model",
+        files[0],
+        "--mmproj",
+        files[1],
+        "-t",
+        "1",
+        "--json",
+        "--greedy",
+        "-n",
+        "4",
+        f"What is in {pic}?",
+    )
+    assert res.exit_code == 0, res.stderr
+    timings = json.loads(res.stdout.strip().splitlines()[-1])["timings"]
+    assert timings["images_encoded"] == 0 and timings["slots_prefilled"] == 0
+
+    m = MiniCPMV.load(*files, n_threads=1, vision_dtype="f32")
+    try:
+        chat = LocalChat(m, ChatOptions(max_tokens=4, greedy=True), MediaOptions(), Limits())
+        s = Session()
+        assert chat.ask(s, str(pic), [])  # the whole question is the path
+        list(chat.answer(s, chat.opts))
+        assert not s.error and s.turns[-1].images == [] and m.stats.images_encoded == 0
+        assert m.stats.slots_prefilled == 0 and s.conv.msgs[0]["content"] == [str(pic)]
+    finally:
+        m.close()
