@@ -1,6 +1,6 @@
 """`make bench`: every figure of BENCHMARKS.md, ours vs llama.cpp, in one run.
 
-    python -m bench [--only conversion,vision,llm,buffers,e2e,video,serve,sizes,memory,lowbit] [--threads N]
+    python -m bench [--only conversion,vision,llm,buffers,e2e,video,serve,parallel,sizes,memory,lowbit] [--threads N]
                         [--scale full|medium] [--runs N] [--budget-min M] [--out DIR] [--prepare]
 
 The full-size synthetic checkpoint (~17.4 GB bf16) is generated once into the cache folder

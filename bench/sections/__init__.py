@@ -2,7 +2,7 @@
 for measurements, turns them into table rows and notes) and the measurement itself (in a fresh
 `python -m bench.worker` process)."""
 
-from . import buffers, conversion, e2e, llm, lowbit, memory, serve, sizes, video, vision
+from . import buffers, conversion, e2e, llm, lowbit, memory, parallel, serve, sizes, video, vision
 
 SECTIONS = {
     "conversion": conversion,
@@ -12,6 +12,7 @@ SECTIONS = {
     "e2e": e2e,
     "video": video,
     "serve": serve,
+    "parallel": parallel,
     "sizes": sizes,
     "memory": memory,
     "lowbit": lowbit,
