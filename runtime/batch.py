@@ -39,13 +39,14 @@ from typing import Callable
 import numpy as np
 
 from .generate import Generation
-from .kv_cache import KVContents, chunk_steps, plan_steps, step_rows
+from .kv_cache import KVContents, Part, chunk_steps, plan_steps, step_rows
 from .llama_backend import ContextOverflowError
 from .llama_context import ContextParams, LlamaContext
 from .results import Answer, ChatStats, Piece
 from .sampler import Sampler, sampling_params
 
 SIMILARITY = 0.5  # share of a prompt a slot must hold to be picked for it (llama-server's default)
+ALONE_CHUNKS = 2  # chunks a step takes of a prompt that no other request is waiting beside
 CHUNK = 32  # prompt positions per step: a chunk's time is what the other streams wait (BENCHMARKS.md §4d)
 
 
@@ -125,7 +126,6 @@ class BatchChat:
         self._waiting: deque[BatchRequest] = deque()
         self._lock = threading.Lock()
         self._vision = ThreadPoolExecutor(1, thread_name_prefix="batch-vision")
-        self._turn = 0  # which prefilling slot goes next
         self.steps = 0  # llama_decode calls made
 
     # -- requests ------------------------------------------------------------------------------
@@ -269,7 +269,9 @@ class BatchChat:
         return min(free, key=lambda s: (len(s.kv) > 0, s.last_used))
 
     def _next_prefill(self) -> _Slot | None:
-        """The prefilling slot whose turn it is (its images encoded)."""
+        """The prefilling slot (its images encoded) with the least prompt left: a short question
+        that arrives while an image is being read gets its first token after a chunk or two,
+        instead of after the image's whole prompt (ties: the one that has waited longest)."""
         for s in self.slots:
             if s.state == "encoding" and s.vision.done():
                 try:
@@ -279,12 +281,27 @@ class BatchChat:
         ready = [s for s in self.slots if s.state == "prefilling"]
         if not ready:
             return None
-        self._turn = (self._turn + 1) % len(self.slots)
-        return min(ready, key=lambda s: (s.seq - self._turn) % len(self.slots))
+        return min(ready, key=lambda s: (len(s.parts), s.req.t_submit))
+
+    def _take(self, pre: _Slot, alone: bool) -> tuple[bool, list[Part]]:
+        """The next chunk of `pre`'s prompt. With nobody else to stall (no slot generating or
+        waiting), ALONE_CHUNKS consecutive chunks of one kind go together: fewer steps for a lone
+        prompt (each step reads every weight once), while a request arriving meanwhile waits for at
+        most that step (BENCHMARKS.md §4d: chunk sizes, step times, time to first token)."""
+        emb, parts = pre.parts.popleft()
+        if alone:
+            room = min(self.ctx.embd_capacity if emb else self.ctx.n_batch, ALONE_CHUNKS * self.chunk)
+            n = sum(p.hi - p.lo for p in parts)
+            while pre.parts and pre.parts[0][0] == emb and n + sum(p.hi - p.lo for p in pre.parts[0][1]) <= room:
+                more = pre.parts.popleft()[1]
+                n += sum(p.hi - p.lo for p in more)
+                parts = parts + more
+        return emb, parts
 
     def _decode(self, gen: list[_Slot], pre: _Slot | None) -> None:
         n_embd = self.model.lm.n_embd
-        emb_chunk, parts = pre.parts.popleft() if pre is not None else (False, [])
+        alone = not gen and not self.waiting and sum(s.req is not None for s in self.slots) == 1
+        emb_chunk, parts = self._take(pre, alone) if pre is not None else (False, [])
         tokens, pos, seq, want = [], [], [], []
         for s in gen:
             tokens.append(s.next_tok)

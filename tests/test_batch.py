@@ -134,3 +134,42 @@ def test_a_slot_never_exceeds_its_context(model, convs):
     too_long = [{"role": "user", "content": "word " * 400}]
     with pytest.raises(ContextOverflowError, match="n_ctx=256"):
         model.chat_many([too_long], n_ctx_seq=256)
+
+
+def test_a_lone_request_reads_its_prompt_in_bigger_steps(model, convs, alone):
+    """Nobody to stall: ALONE_CHUNKS chunks go together."""
+    import math
+
+    from minicpmv.runtime.batch import ALONE_CHUNKS
+
+    batch = BatchChat(model, 2, 2048, chunk=7)
+    try:
+        req = batch.run([BatchRequest(convs[0], {"greedy": True, "max_new_tokens": N})])[0]
+    finally:
+        batch.close()
+    n = req.stats.prompt_tokens
+    assert req.answer.tokens == alone[0]
+    # chunks end at the plan's step boundaries too (text and slot runs), hence a few more steps
+    assert math.ceil(n / (7 * ALONE_CHUNKS)) + N <= batch.steps < math.ceil(n / 7) + N
+
+
+def test_a_short_question_jumps_ahead_of_a_long_prompt(model, convs):
+    """Shortest remaining prompt first: a text question arriving while an image prompt is being read
+    gets its first token before the image's."""
+    batch = BatchChat(model, 2, 2048, chunk=8)
+    kw = {"greedy": True, "max_new_tokens": 4}
+    first_piece: dict[str, int] = {}
+
+    def on_piece(name):
+        return lambda p: first_piece.setdefault(name, batch.steps)
+
+    try:
+        image = batch.submit(BatchRequest(convs[0], kw, on_piece=on_piece("image")))
+        while not any(s.state == "prefilling" and len(s.parts) < len(s.target) for s in batch.slots):
+            batch.step()  # the image's prompt is being read, chunk by chunk
+        batch.submit(BatchRequest(convs[1], kw, on_piece=on_piece("text")))
+        while batch.busy:
+            batch.step()
+    finally:
+        batch.close()
+    assert image.answer is not None and first_piece["text"] < first_piece["image"]
