@@ -161,8 +161,8 @@ def plan_steps(seq: KVContents, start: int, fuse: bool) -> list[Step]:
     """Decode steps for positions start..len(seq). With `fuse`, a text run next to a slot joins the
     slots' embedding step, whatever its length: each llama_decode call reads every weight once, so a
     separate token batch for the question after an image costs a pass over the weights that the
-    embedding batch does not (8B Q4_K_M, 1344x1344 question: its 17-token tail took 1.8 s as a token
-    batch, about 0.9 s inside the embedding batch). The rows cost ~0.1 ms each to dequantize."""
+    embedding batch does not, while the rows cost little to dequantize (docs/architecture.md §3,
+    step 6)."""
     parts, pos = [], 0
     for r in seq.runs:
         if pos + len(r) > start:

@@ -19,9 +19,8 @@ caller falls back to reading the file elsewhere.
 The mapping is also marked MADV_NOHUGEPAGE. The page cache holds a file in folios of up to 2 MB, and
 the kernel maps a whole folio at once where it can (FilePmdMapped in /proc/self/smaps): the first
 touch of a small tensor used in place (a norm) then maps the 2 MB around it, pages of its copied
-neighbours included. Measured on the 8B Q4_K_M model, Linux 6.18: the mapping grew from 1234 to
-1319 MB during the first chat (+84 MB mapped by 2 MB), with the mark it stays at 1255 MB. The 2 MB
-mappings already made stay (528 MB of the in-place weights): the mark only changes later faults.
+neighbours included (docs/llamacpp.md §7.1 has the measurement). The 2 MB mappings already made
+stay: the mark only changes later faults.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from minicpmv.schema import THINK_END, THINK_START
 from minicpmv.session.limits import Limits
@@ -32,7 +32,6 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     model: str = ""
-    extras: dict = field(default_factory=dict)
 
 
 def _is(v, kind, param: str, what: str):
