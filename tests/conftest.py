@@ -88,6 +88,17 @@ def tiny_real_vocab_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_vocab(tmp_path_factory, tiny_real_vocab_ckpt):
+    """The published 151,748-token tokenizer on both sides: (checkpoint, its F16 language-model
+    GGUF, transformers' tokenizer of the checkpoint)."""
+    from transformers import AutoTokenizer
+
+    lm = _converted(tmp_path_factory, tiny_real_vocab_ckpt, quant_type=None)("F16")
+    tok = AutoTokenizer.from_pretrained(str(hf_tokenizer_dir(tiny_real_vocab_ckpt, tmp_path_factory.mktemp("rv-tok"))))
+    return tiny_real_vocab_ckpt, lm, tok
+
+
+@pytest.fixture(scope="session")
 def tiny_real_vocab_gguf(tmp_path_factory, tiny_real_vocab_ckpt):
     """(Q8_0 language model, f32 mmproj) GGUF paths of tiny_real_vocab_ckpt."""
     lm = _converted(tmp_path_factory, tiny_real_vocab_ckpt, quant_type=None)("Q8_0")

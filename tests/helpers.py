@@ -45,3 +45,22 @@ def one_error_line(res, *needles: str, prog: str | None = None, code: int | None
     for n in needles:
         assert n in lines[0], (n, lines[0])
     return lines[0]
+
+
+def load_exact(lm, mm, **kw):
+    """A model whose answers do not depend on how positions were batched or which prefix was
+    reused: a float32 KV cache without flash attention, float32 vision, one thread (MiniCPMV.load's
+    docstring); greedy answers then match token for token (the oracle of the concurrency tests)."""
+    from minicpmv.runtime import MiniCPMV
+
+    return MiniCPMV.load(lm, mm, **{"n_threads": 1, "vision_dtype": "f32", "kv_type": "f32", "flash_attn": False, **kw})
+
+
+def answers_alone(model, conversations: list, max_new_tokens: int) -> list[list[int]]:
+    """Each conversation's greedy tokens, asked alone on a cleared cache."""
+    out = []
+    for msgs in conversations:
+        model.reset()
+        out.append(model.chat(msgs, greedy=True, max_new_tokens=max_new_tokens).tokens)
+    model.reset()
+    return out

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from minicpmv.runtime import ContextOverflowError, MiniCPMV, Video
+from minicpmv.runtime import ContextOverflowError, Video
 from minicpmv.runtime.batch import BatchChat, BatchRequest
 
+from .helpers import answers_alone, load_exact
 from .test_runtime_chat import picture
 from .video_fixtures import make_video
 
@@ -18,7 +19,7 @@ N = 16  # tokens per answer
 
 @pytest.fixture(scope="module")
 def model(files):
-    m = MiniCPMV.load(*files, n_threads=1, vision_dtype="f32", kv_type="f32", flash_attn=False)
+    m = load_exact(*files)
     yield m
     m.close()
 
@@ -41,12 +42,7 @@ def convs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alone(model, convs):
-    out = []
-    for c in convs:
-        model.reset()
-        out.append(model.chat(c, greedy=True, max_new_tokens=N).tokens)
-    model.reset()
-    return out
+    return answers_alone(model, convs, N)
 
 
 def test_concurrent_answers_equal_the_answers_alone(model, convs, alone):

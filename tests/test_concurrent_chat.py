@@ -17,8 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from minicpmv.runtime import MiniCPMV
-
+from .helpers import load_exact
 from .test_runtime_chat import picture
 
 TOKENS = 10
@@ -37,16 +36,8 @@ CALLS = [
 
 
 @pytest.fixture(scope="module")
-def model(tiny_lm_gguf, tiny_mmproj_gguf):
-    m = MiniCPMV.load(
-        tiny_lm_gguf("F32"),
-        tiny_mmproj_gguf("f32"),
-        n_ctx=2048,
-        n_threads=1,
-        vision_dtype="f32",
-        kv_type="f32",
-        flash_attn=False,
-    )
+def model(files):
+    m = load_exact(*files, n_ctx=2048)
     yield m
     m.close()
 

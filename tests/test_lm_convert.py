@@ -14,8 +14,6 @@ from gguf import GGUFReader, GGUFValueType, Keys, TokenType
 from minicpmv.runtime.llama import LlamaModel
 from minicpmv.runtime.llama_context import ContextParams, LlamaContext
 
-from .hf_oracles import hf_tokenizer_dir
-
 PROMPT = (
     "<|im_start|>user\nWhat is in the image? Describe the picture in detail, please.<|im_end|>\n"
     "<|im_start|>assistant\n<think>\n\n</think>\n\nThe"
@@ -125,33 +123,17 @@ def test_tokenization_matches_hf(tiny_lm_gguf, hf_tokenizer, text):
     assert ours == hf_tokenizer.encode(text, add_special_tokens=False)
 
 
-@pytest.fixture(scope="module")
-def real_vocab_gguf(tmp_path_factory):
-    """The real 151,748-token tokenizer: a tiny model with the published vocabulary (F16 to keep it small)."""
-    from minicpmv.convert.pipeline import convert
-    from minicpmv.convert.synthetic import make_checkpoint
-
-    ck = make_checkpoint(tmp_path_factory.mktemp("realvocab") / "ck", "tiny", vocab="real")
-    out = convert(
-        ck, tmp_path_factory.mktemp("realvocab-out"), quant_type="F16", write_mmproj=False, progress=False
-    ).lm_path
-    return ck, out
-
-
 @pytest.mark.parametrize("text", TOKENIZE_CASES)
-def test_real_vocab_tokenization_matches_hf(real_vocab_gguf, tmp_path_factory, text):
-    from transformers import AutoTokenizer
-
-    ck, gguf_path = real_vocab_gguf
-    tok = AutoTokenizer.from_pretrained(str(hf_tokenizer_dir(ck, tmp_path_factory.mktemp("rt"))))
+def test_real_vocab_tokenization_matches_hf(real_vocab, text):
+    _, gguf_path, tok = real_vocab
     m = LlamaModel(gguf_path, vocab_only=True)
     ours = m.tokenize(text)
     m.close()
     assert ours == tok.encode(text, add_special_tokens=False)
 
 
-def test_real_vocab_special_ids_and_types(real_vocab_gguf):
-    _, path = real_vocab_gguf
+def test_real_vocab_special_ids_and_types(real_vocab):
+    _, path, _ = real_vocab
     r = GGUFReader(path)
     f = r.fields
 

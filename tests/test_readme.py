@@ -69,11 +69,10 @@ from minicpmv.gguf_info import read_gguf_info
 from . import ollama_modelfile_parser
 from .chat_requests import check_llama_server_chat, check_ollama_chat, strict_b64decode
 from .hub_standin import HubStandIn, Repo
+from .processes import free_port, health, page_process, serve_command
 from .readme_blocks import README, Command, fenced_blocks, find, inline_code, shell_commands
-from .server_process import health, serve_command
 from .test_hub import hub_env
 from .video_fixtures import make_video
-from .web_server import free_port, page_process
 
 pytestmark = pytest.mark.slow
 

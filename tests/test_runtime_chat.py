@@ -20,7 +20,7 @@ from minicpmv.runtime.llama_context import ContextParams, LlamaContext
 from minicpmv.runtime.prompt import IMAGE_TAG
 from minicpmv.runtime.token_embeddings import TokenEmbeddings
 
-from .helpers import one_error_line, run_in_process
+from .helpers import load_exact, one_error_line, run_in_process
 from .mtmd import TEXT, Mtmd, marker
 
 # docs/pitfalls.md §6: llama.cpp's embedding path reproduces the reference to ~2e-3 of the logit range; mtmd
@@ -117,15 +117,7 @@ def test_first_token_logits_match_mtmd_pipeline(model, files, fuse, size):
 def test_fused_placeholder_rows_equal_llamacpp_token_embeddings(tiny_lm_gguf, tiny_mmproj_gguf, lm_type):
     """Placeholder tokens sent as gguf-py-dequantized token_embd rows give the logits llama.cpp
     gives for the same token ids (f32 KV, no flash attention: batching leaves no noise)."""
-    m = MiniCPMV.load(
-        tiny_lm_gguf(lm_type),
-        tiny_mmproj_gguf("f32"),
-        n_ctx=2048,
-        n_threads=2,
-        vision_dtype="f32",
-        kv_type="f32",
-        flash_attn=False,
-    )
+    m = load_exact(tiny_lm_gguf(lm_type), tiny_mmproj_gguf("f32"), n_ctx=2048, n_threads=2)
     try:
         msgs = [{"role": "user", "content": [picture(896, 448, seed=12), "Which side is brighter?"]}]
         m.fuse_placeholders = False
@@ -150,15 +142,7 @@ def test_a_long_question_after_the_image_joins_its_embedding_batch(tiny_lm_gguf,
     logits of token batches; the token_embd row cache stays bounded (emptied when full) and gives
     the same rows as an uncached read."""
     monkeypatch.setattr(TokenEmbeddings, "MAX_CACHED", 8)
-    m = MiniCPMV.load(
-        tiny_lm_gguf("Q8_0"),
-        tiny_mmproj_gguf("f32"),
-        n_ctx=2048,
-        n_threads=2,
-        vision_dtype="f32",
-        kv_type="f32",
-        flash_attn=False,
-    )
+    m = load_exact(tiny_lm_gguf("Q8_0"), tiny_mmproj_gguf("f32"), n_ctx=2048, n_threads=2)
     try:
         question = "Describe every part of the picture, the colours, the light and the shapes. " * 8
         msgs = [{"role": "user", "content": [picture(448, 448, seed=5), question]}]

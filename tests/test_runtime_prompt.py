@@ -23,19 +23,8 @@ UNK_ID = 128244  # docs/reference-model.md §1.3
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from minicpmv.convert.pipeline import convert
-    from minicpmv.convert.synthetic import make_checkpoint
-
-    from .hf_oracles import hf_tokenizer_dir
-
-    ck = make_checkpoint(tmp_path_factory.mktemp("rv") / "ck", "tiny", vocab="real")
-    lm_path = convert(
-        ck, tmp_path_factory.mktemp("rv-out"), quant_type="F16", write_mmproj=False, progress=False
-    ).lm_path
-    tok = AutoTokenizer.from_pretrained(str(hf_tokenizer_dir(ck, tmp_path_factory.mktemp("rv-tok"))))
+def real(real_vocab):
+    _, lm_path, tok = real_vocab
     lm = LlamaModel(lm_path, vocab_only=True)
     yield lm, tok
     lm.close()

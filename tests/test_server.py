@@ -18,10 +18,10 @@ import openai
 import pytest
 from PIL import Image
 
-from minicpmv.runtime import MiniCPMV, Video
+from minicpmv.runtime import Video
 
-from .helpers import one_error_line, run_cli
-from .server_process import health, serve_process
+from .helpers import load_exact, one_error_line, run_cli
+from .processes import health, serve_process
 from .test_runtime_chat import picture
 from .video_fixtures import make_video
 
@@ -52,7 +52,7 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(files):
-    m = MiniCPMV.load(*files, n_threads=1, vision_dtype="f32", kv_type="f32", flash_attn=False)
+    m = load_exact(*files)
     yield m
     m.close()
 

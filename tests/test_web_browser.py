@@ -26,8 +26,8 @@ from minicpmv.runtime import MiniCPMV
 from minicpmv.runtime.image import load_image
 from minicpmv.runtime.video import load_video
 
+from .processes import free_port, page_process
 from .video_fixtures import make_video
-from .web_server import free_port, page_process
 
 CHROMIUM = "/usr/bin/chromium"
 # The network is closed here: without the background-networking flags Chromium waits on refused
