@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from minicpmv.cpu import cpu_info
+
 from .. import ours
 from ..common import GB, log_tail, run_cmd
 from ..report import row
@@ -171,6 +173,7 @@ def run(bench: Session) -> dict:
         notes.append(f"{what}, {name}: " + _phase_line(m.result))
     from minicpmv.runtime.vision import SUB_BATCH_TOKENS  # what the runs above used
 
+    chart = chart_name(cpu_info().model)
     notes += [
         "What the memory is (8B Q4_K_M, ctx 4096): the language model's weights, 4.7 GB: the 3.4 GB that "
         "llama.cpp copies into its CPU_REPACK layout and the 1.3 GB of Q6_K and norm tensors it uses in place "
@@ -178,25 +181,31 @@ def run(bench: Session) -> dict:
         "the 0.35 GB token embedding table are dropped from the mapping as the load goes (runtime/weight_pages.py; "
         "reading the file instead kept 5.0 GB resident), its KV cache (576 MiB f16, 306 MiB q8_0) and compute "
         "buffer (108 MiB: sized for one output row, not n_batch rows of the 151k vocabulary), the vision "
-        "tower's weights in bf16 (0.82 GB; low-memory: read from the mmproj for each image instead), the "
+        "tower's and the resampler's weights in bf16 (0.97 GB; low-memory: read from the mmproj for each image "
+        "instead), the "
         "interpreter and libraries (~0.3 GB).",
         "Transients, and what became of them: the language model's whole file, faulted in when llama.cpp maps "
         "it (MAP_POPULATE), then given back down to the in-place tensors as the load goes (the load phase's "
         "peak); the mmproj's mapped pages while the vision weights load (the "
         "vision encoder loads first, before the language model, and the map is closed afterwards); the vision "
         "activations, bounded by running the tower and the resampler over sub-batches of whole slices "
-        f"({SUB_BATCH_TOKENS} patches; low-memory: one slice) instead of a whole image (0.6 GB before); the "
-        "resampler's "
-        "matrices (0.1 GB), read per image instead of kept; the KV cache and compute buffer, made after the "
+        f"({SUB_BATCH_TOKENS} patches; low-memory: one slice) instead of a whole image (0.6 GB before); "
+        "low-memory: the resampler's matrices (0.1 GB), read per image instead of kept (the default keeps "
+        "them: reading them cost ~0.2 s a call); the KV cache and compute buffer, made after the "
         "first turn's images are encoded (so they are never resident together with the vision activations on "
         "a first turn); freed heap returned to the OS after each encode (malloc_trim).",
         "llama.cpp figure: its own pipeline (`mtmd_tokenize` + `mtmd_helper_eval_chunks` + decode loop, same "
         "files, ctx 4096, same threads) in a subprocess, default weight mapping (mmap) as llama-mtmd-cli; "
         "its peak RSS counts the mapped LM file's pages next to the repacked copy.",
-        "Timeline: BENCHMARKS-memory.svg (image question, both profiles).",
+        f"Timeline: {chart} (image question, both profiles).",
     ]
     svg = _svg({name: runs[("image", name)][0].result for name in PROFILES})
-    return {"rows": rows, "notes": notes, "raw": raw, "files": {"BENCHMARKS-memory.svg": svg}}
+    return {"rows": rows, "notes": notes, "raw": raw, "files": {chart: svg}}
+
+
+def chart_name(cpu: str) -> str:
+    """One timeline file per CPU: BENCHMARKS.md keeps a report per CPU, so one name would be overwritten."""
+    return "BENCHMARKS-memory-" + re.sub(r"[^a-z0-9]+", "-", cpu.lower().replace("(r)", "")).strip("-") + ".svg"
 
 
 def _le(v, target) -> bool | None:
