@@ -23,7 +23,7 @@ Every request is answered exactly as `MiniCPMV.chat` answers it alone (its own s
 strings, limits), with the caveat of runtime/chat.py's `load` docstring: with the default f16 KV cache
 and flash attention, logits move by ~1e-4 of their range with how positions were batched.
 
-Size: a little over 350 lines: one scheduler whose step reads as one loop over the slots' states
+Size: about 400 lines: one scheduler whose step reads as one loop over the slots' states
 (what each sequence holds is kept consistent there); the request and slot records are beside it.
 """
 
@@ -38,6 +38,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import next_turn
 from .generate import Generation
 from .kv_cache import KVContents, Part, chunk_steps, plan_steps, step_rows
 from .llama_backend import ContextOverflowError
@@ -93,6 +94,7 @@ class _Slot:
     pos: int = 0  # where next_tok goes
     last_used: float = 0.0
     prefill_s: float = 0.0
+    history: KVContents | None = None  # the next turn's prefix, decoded while idle (next_turn.py)
 
     @property
     def state(self) -> str:
@@ -107,8 +109,10 @@ class BatchChat:
     """Up to `n_seq` conversations of `model` decoded together (module docstring). Drive it with
     `step()` (one llama_decode) from one thread; `submit` may be called from any thread."""
 
-    def __init__(self, model, n_seq: int, n_ctx_seq: int, *, chunk: int = CHUNK):
-        self.model, self.chunk = model, chunk
+    def __init__(self, model, n_seq: int, n_ctx_seq: int, *, chunk: int = CHUNK, follow_ups: bool = False):
+        """follow_ups: while idle, decode each answered conversation's next-turn prefix (a server,
+        whose clients resend the conversation; runtime/next_turn.py)."""
+        self.model, self.chunk, self.follow_ups = model, chunk, follow_ups
         base = model._context.params
         self.ctx = LlamaContext(
             model.lm,
@@ -127,6 +131,7 @@ class BatchChat:
         self._lock = threading.Lock()
         self._vision = ThreadPoolExecutor(1, thread_name_prefix="batch-vision")
         self.steps = 0  # llama_decode calls made
+        self.warmed = 0  # positions decoded ahead for follow-ups while idle
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -161,7 +166,8 @@ class BatchChat:
         gen = [s for s in self.slots if s.state == "generating"]
         pre = self._next_prefill()
         if not gen and pre is None:
-            return bool(self.busy)  # encoding: the vision thread works, nothing to decode yet
+            # encoding (the vision thread works, nothing to decode yet), or idle: warm a follow-up
+            return bool(self.busy) or self._warm()
         self._decode(gen, pre)
         return True
 
@@ -218,7 +224,7 @@ class BatchChat:
         if not self.ctx.truncate(keep, slot.seq):
             keep = 0
         slot.kv = slot.kv.prefix(keep)
-        slot.req, slot.target, slot.keep, slot.prefill_s = req, target, keep, 0.0
+        slot.req, slot.target, slot.keep, slot.prefill_s, slot.history = req, target, keep, 0.0, None
         st.prefill_start = keep
         media = dict(zip(reversed(keys), reversed(prompt.media)))
         wanted = {r.media_key: media[r.media_key] for p, r in target.slots() if p >= keep}
@@ -353,6 +359,26 @@ class BatchChat:
                 else:
                     self._end(pre)
 
+    def _warm(self) -> bool:
+        """One chunk of an idle slot's next-turn prefix (runtime/next_turn.py); False if none is left."""
+        for s in self.slots:
+            if s.history is None:
+                continue
+            keep = next_turn.text_left(s.kv, s.history)
+            if keep is None or not self.ctx.truncate(keep, s.seq):
+                s.history = None
+                continue
+            s.kv = s.kv.prefix(keep)
+            pos, tokens = next_turn.warm_chunks(s.history, keep)[0]
+            n = len(tokens)
+            toks = np.array(tokens, np.int32)
+            self.ctx.decode_mixed(np.arange(pos, pos + n), np.full(n, s.seq), np.zeros(n), tokens=toks)
+            self.steps += 1
+            self.warmed += n
+            s.kv = s.history.prefix(pos + n)
+            return True
+        return False
+
     def _advance(self, s: _Slot, idx: int) -> None:
         """Sample slot `s`'s next token from batch entry `idx` and turn it into pieces."""
         tok = s.sampler.sample(self.ctx, idx)
@@ -374,6 +400,11 @@ class BatchChat:
         if error is None and not cancelled:
             self._emit(s, s.gen.close())
             req.answer = s.gen.answer()
+            try:
+                if self.follow_ups:
+                    s.history = next_turn.history_prefix(self.model, req.msgs, str(req.answer), req.kwargs)
+            except Exception:  # noqa: BLE001 - an optimisation only: the next request decodes what it needs
+                s.history = None
         else:
             req.error = error
             if s.gen is not None:

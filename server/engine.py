@@ -5,6 +5,8 @@ once, decoded together by runtime/batch.py (llama-server's parallel slots).
 Engine: Keeping one thread on the model keeps
 the KV cache holding the last conversation, so a follow-up request (an OpenAI client resends the
 whole conversation) decodes only its new tokens, and the vision cache serves images seen before.
+While no request waits, the answer is decoded into the cache as the follow-up will resend it
+(runtime/next_turn.py); BatchChat does the same per slot.
 
 A handler submits a `Job` and reads its events as they come (`await job.next()`): ("piece", Piece),
 then ("done", Answer) or ("error", exception). A job is cancelled (the client went away) with
@@ -15,13 +17,17 @@ starts. At most `max_queue` jobs wait; beyond that `submit` raises Busy.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
 
-from minicpmv.runtime import ContextOverflowError, MiniCPMV
+from minicpmv.runtime import ContextOverflowError, MiniCPMV, next_turn
 from minicpmv.runtime.batch import BatchChat, BatchRequest
+from minicpmv.runtime.results import Answer
 from minicpmv.session.options import ChatOptions
+
+log = logging.getLogger("minicpmv.server")
 
 
 class Busy(Exception):
@@ -59,6 +65,7 @@ class Engine:
         self._lock = threading.Lock()
         self._waiting = 0
         self.answered = 0  # jobs finished (done, failed or cancelled once started)
+        self.warmed = 0  # positions decoded ahead for follow-ups (runtime/next_turn.py)
         self._worker = threading.Thread(target=self._run, name="minicpm-engine", daemon=True)
         self._worker.start()
 
@@ -85,27 +92,41 @@ class Engine:
                 continue
             job.started.set()
             try:
-                self._answer(job)
+                answer = self._answer(job)
             finally:
                 self.answered += 1
+            if answer is not None and self._queue.empty():
+                self._warm(job, answer)
 
-    def _answer(self, job: Job) -> None:
+    def _answer(self, job: Job) -> Answer | None:
         try:
             stream = self.model.chat(job.msgs, stream=True, **job.opts.chat_kwargs())
         except Exception as e:  # noqa: BLE001 - handed to the request, which answers with its status
             job.emit("error", e)
-            return
+            return None
         try:
             for piece in stream:
                 if job.cancelled.is_set():
-                    return
+                    return None
                 if piece:
                     job.emit("piece", piece)
             job.emit("done", stream.result)
+            return stream.result
         except Exception as e:  # noqa: BLE001
             job.emit("error", e)
+            return None
         finally:
             stream.close()  # a cancelled answer gives the model back at once
+
+    def _warm(self, job: Job, answer: Answer) -> None:
+        """While nothing waits: the conversation as its next request will resend it, into the KV
+        cache (runtime/next_turn.py), so a follow-up decodes only its new message."""
+        try:
+            self.warmed += next_turn.warm(
+                self.model, job.msgs, str(answer), job.opts.chat_kwargs(), stop=lambda: not self._queue.empty()
+            )
+        except Exception as e:  # noqa: BLE001 - an optimisation: the next request decodes what it needs
+            log.warning("warming the next turn's prefix failed: %s", e)
 
 
 class BatchEngine:
@@ -118,7 +139,7 @@ class BatchEngine:
     def __init__(self, model: MiniCPMV, n_seq: int, n_ctx_seq: int, max_queue: int):
         self.model, self.max_queue = model, max_queue
         self._hold = model._turn.acquire()
-        self.batch = BatchChat(model, n_seq, n_ctx_seq)
+        self.batch = BatchChat(model, n_seq, n_ctx_seq, follow_ups=True)
         self._wake = threading.Event()
         self._closing = False
         self.answered = 0
