@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import peak  # noqa: F401  (records this process's peak RSS at exit)
 from .common import Skip
-from .sections import buffers, conversion, e2e, llm, lowbit, memory, parallel, serve, video, vision
+from .sections import buffers, conversion, e2e, llm, lowbit, memory, parallel, serve, serve_video_peer, video, vision
 
 TASKS = {
     "convert_onepass": conversion.convert_onepass,
@@ -28,6 +28,7 @@ TASKS = {
     "video": video.measure,
     "serve": serve.measure,
     "serve_inproc": serve.in_process,
+    "serve_video_peer": serve_video_peer.measure,
     "parallel": parallel.measure,
     "parallel_image": parallel.measure_image,
     "parallel_llama": parallel.measure_llama,

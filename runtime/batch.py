@@ -365,14 +365,19 @@ class BatchChat:
             if s.history is None:
                 continue
             keep = next_turn.text_left(s.kv, s.history)
-            if keep is None or not self.ctx.truncate(keep, s.seq):
+            if keep is None or len(s.history) >= self.n_ctx_seq or not self.ctx.truncate(keep, s.seq):
                 s.history = None
                 continue
             s.kv = s.kv.prefix(keep)
             pos, tokens = next_turn.warm_chunks(s.history, keep)[0]
             n = len(tokens)
             toks = np.array(tokens, np.int32)
-            self.ctx.decode_mixed(np.arange(pos, pos + n), np.full(n, s.seq), np.zeros(n), tokens=toks)
+            try:
+                self.ctx.decode_mixed(np.arange(pos, pos + n), np.full(n, s.seq), np.zeros(n), tokens=toks)
+            except Exception:  # noqa: BLE001 - an optimisation only: the slot keeps what it held before
+                self.ctx.truncate(keep, s.seq)
+                s.history = None
+                continue
             self.steps += 1
             self.warmed += n
             s.kv = s.history.prefix(pos + n)

@@ -24,10 +24,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..common import GB, Skip, median
+from ..common import GB, BenchError, Skip, median
 from ..measure import QUESTION, Runs
 from ..report import fmt_list, row
 from ..session import Session
+from . import serve_video_peer
 
 FOLLOW_UP = "Which of these shapes is the largest, and where is it in the picture?"
 SECOND_FOLLOW_UP = "What colour is it?"
@@ -87,6 +88,16 @@ def run(bench: Session) -> dict:
     )
     ip = bench.worker("serve_inproc", common)
     r, q = m.result, ip.result
+    # llama.cpp's figure for the video: llama-server on the same clip, as many frames as ours' measured request
+    lbin, lwhy = serve_video_peer.binary(bench)
+    lv: dict | None = None
+    if lbin is not None:
+        try:
+            lv = bench.worker(
+                "serve_video_peer", common | {"binary": str(lbin), "frames": q["video_capped_frames"]}
+            ).result
+        except (BenchError, Skip) as e:
+            lwhy = f"llama-server did not answer: {str(e).splitlines()[0]}"
     peer_ok = bool(r["peer_ttft_s"])
     rows, notes = [], []
 
@@ -196,31 +207,46 @@ def run(bench: Session) -> dict:
     w = r.get("video_whole")
     w_tokens = (w["usage"] or {}).get("prompt_tokens") if w else None
     est = _whole_video_estimate(cap, q)
+    l_tokens = (lv["reply"].get("usage") or {}).get("prompt_tokens") if lv else None
+    l_whole = serve_video_peer.whole_clip(lv, q["video_whole_frames"]) if lv else (None, None)
+    o_whole = w_tokens if w_tokens is not None else whole_tokens
     rows += [
         row(
-            f"video prompt tokens, whole 60 s clip, packing {PACKING}",
-            w_tokens if w_tokens is not None else whole_tokens,
-            None,
+            f"video prompt tokens, whole 60 s clip, packing {PACKING} (llama.cpp: llama-server, each frame an image, "
+            "scaled by frames)",
+            o_whole,
+            l_whole[0],
             unit="tok",
+            ratio=o_whole / l_whole[0] if o_whole and l_whole[0] else None,
             note="measured: usage.prompt_tokens"
             if w_tokens is not None
             else "counted in process, as the server builds it",
         ),
         row(
             f"video time to first token, 60 s clip sampled to {q['video_capped_groups']} groups "
-            f"({q['video_capped_frames']} frames, max_frames {groups})",
+            f"({q['video_capped_frames']} frames, max_frames {groups}; llama.cpp: llama-server, the same frames "
+            "as images)",
             cap["ttft_s"],
-            None,
+            lv["reply"]["ttft_s"] if lv else None,
             unit="s",
+            ratio=cap["ttft_s"] / lv["reply"]["ttft_s"] if lv else None,
             note="measured",
         ),
-        row("video prompt tokens, same request", cap_tokens, None, unit="tok", note="usage.prompt_tokens"),
+        row(
+            "video prompt tokens, same request",
+            cap_tokens,
+            l_tokens,
+            unit="tok",
+            ratio=cap_tokens / l_tokens if cap_tokens and l_tokens else None,
+            note="usage.prompt_tokens",
+        ),
         row(
             "video time to first token, whole 60 s clip",
             est,
-            None,
+            l_whole[1],
             unit="s",
-            note=f"estimated from the {q['video_capped_groups']}-group request",
+            ratio=est / l_whole[1] if est and l_whole[1] else None,
+            note=f"estimated from the {q['video_capped_groups']}-group request (llama.cpp: scaled by frames)",
         ),
     ]
     if w:
@@ -311,10 +337,20 @@ def run(bench: Session) -> dict:
         "groups, prefill by prompt tokens, the rest as measured: a lower bound, attention grows with the "
         f"context); measured request: {_timings_line(cap['timings'])}.",
         "llama.cpp's video figure: the peer (llama-cpp-python's server) has no video content part (its chat "
-        "handlers take image_url only). The pinned llama.cpp (llama-cpp-python 0.3.36's vendor tree, commit "
-        "0c1e57098) does have video input in llama-server: tools/server/server-common.cpp accepts `input_video` "
-        "and `video_url` parts (mtmd's video helper, frames decoded by an ffmpeg subprocess; MTMD_VIDEO is on by "
-        "default), but `make bench` does not build llama-server, so there is no llama.cpp figure beside ours.",
+        "handlers take image_url only); llama-server of the pinned llama.cpp (llama-cpp-python 0.3.36's vendor "
+        "tree) does: tools/server/server-common.cpp accepts `input_video` and `video_url` parts, sampled at "
+        "--video-fps by mtmd's video helper with ffmpeg and ffprobe subprocesses. "
+        + (
+            f"It ran (the build of §4d, -np 1, -c {serve_video_peer.CTX}, --video-fps {lv['fps']:.3g}: "
+            f"{lv['frames']} frames over the {lv['seconds']:.0f} s clip, the same request as ours': `video_url` "
+            f"data URI, max_tokens 4, after a text warm-up); its MiniCPM-V encoder has no temporal input, so each "
+            "frame is an image of its own; its timings: "
+            f"prompt {((lv['reply'].get('timings') or {}).get('prompt_ms') or 0) / 1e3:.2f} s for "
+            f"{(lv['reply'].get('timings') or {}).get('prompt_n')} positions (image encoding included); whole "
+            "clip: its tokens and time scaled by frames from this request."
+            if lv
+            else f"No llama.cpp figure beside ours: {lwhy}."
+        ),
     ]
     if r.get("video_whole_error"):
         notes.append(f"The whole 60 s clip's request was refused by our server: {r['video_whole_error']}.")
