@@ -185,6 +185,8 @@ def run_worker(task: str, args: dict, *, log: Path, timeout: float | None = None
             why = "timed out" if rc == -9999 else f"exit code {rc}"
             raise BenchError(f"{task} failed ({why}); log {log}:\n{log_tail(log)}")
         result = json.loads(out.read_text() or "{}")
+        # kept beside the log: a section that fails after its workers can be rendered again from these
+        shutil.copyfile(out, log.with_name(f"{log.stem}-{task}-{time.strftime('%H%M%S')}.json"))
     finally:
         out.unlink(missing_ok=True)
     if "skip" in result:

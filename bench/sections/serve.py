@@ -156,6 +156,7 @@ def run(bench: Session) -> dict:
             row(
                 "second follow-up sent as soon as the first one's answer ended / first request (ours)",
                 median([x / t for x, t in zip(again, o)]),
+                None,
                 unit="x",
             )
         )
