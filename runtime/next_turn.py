@@ -6,8 +6,8 @@ renders a past assistant turn as `<|im_start|>assistant\\n` + its content only (
 thinking block is dropped; docs/reference-model.md §5.3), so the next turn's prompt differs from the
 cache right after `assistant\\n`, and the answer must be decoded again before the new question. A
 client of the HTTP API resends the whole conversation, so the server knows what that prompt will be:
-`history_prefix` is the conversation with the answer, as the next turn renders it, up to where the
-next message starts, and `warm` decodes it while no request waits, in chunks, stopping as soon as one
+`history_prefix` is the conversation with the answer, as the next turn renders it, up to the content
+of the next (user) message, and `warm` decodes it while no request waits, in chunks, stopping as soon as one
 arrives. The cache then holds exactly what a cold prefill of the next prompt would put there, and the
 follow-up decodes only its own new tokens. Only text after the last image or video is decoded here.
 """
@@ -18,12 +18,13 @@ from typing import Callable
 
 from .kv_cache import KVContents, chunk_steps, plan_steps
 
+USER_OPENING = "<|im_start|>user\n"
 WARM_CHUNK = 32  # positions per decode: a request arriving meanwhile waits for at most one (batch.CHUNK)
 
 
 def history_prefix(model, msgs: list[dict], answer: str, kwargs: dict) -> KVContents | None:
-    """The KV contents the next turn of `msgs` (answered with `answer`) starts with, through the end of
-    the answer's turn. `kwargs` are chat()'s (the prompt's options)."""
+    """The KV contents the next turn of `msgs` (answered with `answer`) starts with: through the end of
+    the answer's turn and the opening of a user message. `kwargs` are chat()'s (the prompt's options)."""
     nxt = [*msgs, {"role": "assistant", "content": [answer]}, {"role": "user", "content": ["?"]}]
     prompt = model.build_prompt(
         nxt,
@@ -39,7 +40,12 @@ def history_prefix(model, msgs: list[dict], answer: str, kwargs: dict) -> KVCont
     opens = [i for i, t in enumerate(last.tokens) if t == start_id] if not last.is_slot else []
     if len(opens) < 2:  # the question and the generation prompt each open a message
         return None
-    return seq.prefix(len(seq) - len(last) + opens[-2])
+    # the next message's opening too, as a client continues a chat: a user's (where it is something
+    # else, the follow-up's prompt differs from there and those few positions are decoded again)
+    cut, head = opens[-2], model.lm.tokenize(USER_OPENING)
+    if last.tokens[cut : cut + len(head)] == head:
+        cut += len(head)
+    return seq.prefix(len(seq) - len(last) + cut)
 
 
 def text_left(kv: KVContents, target: KVContents) -> int | None:

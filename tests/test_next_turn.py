@@ -40,8 +40,11 @@ def test_the_prefix_is_what_the_follow_up_starts_with_and_the_follow_up_decodes_
     nxt = follow_up(msgs, str(first))
     full, _ = model.prompt_runs(model.build_prompt(nxt, enable_thinking=think))
     assert full.common_prefix(prefix, len(prefix)) == len(prefix) < len(full)
-    start = model.lm.token_id("<|im_start|>")
-    assert full.prefix(len(prefix) + 1).runs[-1].tokens[-1] == start  # the new message comes next
+    # the prefix ends where the new question's text starts: after "<|im_start|>user\n"
+    opening = model.lm.tokenize("<|im_start|>user\n")
+    assert prefix.runs[-1].tokens[-len(opening) :] == opening
+    question = model.lm.tokenize("And the colours?")
+    assert full.prefix(len(prefix) + len(question)).runs[-1].tokens[-len(question) :] == question
     # the cache after the answer differs from the prefix right after the first turn's "assistant\n"
     held = model._kv.common_prefix(prefix, len(prefix))
     assert held < len(prefix)
