@@ -300,8 +300,7 @@ def run(bench: Session) -> dict:
         ),
         f"Decode: a text request asking for a long story, max_tokens {s.n_gen}, {len(srv_tps)} runs, ours only; "
         "tokens/s = completion tokens / (first content delta -> the finish chunk) through the server (the peer "
-        "stopped by then: with its mapping of the same GGUF alive beside ours, ours decoded ~12% slower on an "
-        "Intel Xeon with AMX), and "
+        "stopped by then), and "
         "decode_tokens / (first non-empty piece -> stream exhausted) for `chat(stream=True)` with the options "
         "the server passes (greedy), in a fresh worker after the servers stopped. Per run: server "
         f"{fmt_list(srv_tps)}, in process {fmt_list(ip_tps)} tok/s (tokens {r['ours_decode_n']} / "
@@ -700,8 +699,7 @@ def measure(a: dict) -> dict:
                 side()
 
         # the peer is done: stopped before the decode runs, which compare ours with chat() in a process
-        # alone (with the peer's own mapping of the same GGUF still alive beside it, ours decoded ~12% slower
-        # on an Intel Xeon with AMX, as one process mapping the file twice did in §3)
+        # alone (two mappings of the same GGUF slowed one side in §3's single process)
         if peer is not None:
             res["peer_rss_end"] = peer.status()
             peer.stop()
