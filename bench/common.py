@@ -166,6 +166,17 @@ def run_cmd(cmd: list[str], *, log: Path, timeout: float | None = None) -> tuple
     return rc, wall, (own or ru.ru_maxrss * (1 if sys.platform == "darwin" else 1024)) / GB
 
 
+def stop_process(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM (a server's graceful shutdown), SIGKILL if it is still there after `grace_s`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def log_tail(log: Path, n: int = 15) -> str:
     try:
         return "".join(Path(log).read_text(errors="replace").splitlines(True)[-n:])

@@ -30,7 +30,7 @@ import urllib.request
 from importlib import metadata
 from pathlib import Path
 
-from .common import Skip
+from .common import Skip, stop_process
 
 ENV = "MINICPMV_LLAMA_SERVER"
 # /proc/cpuinfo flag -> ggml's cmake option (GGML_NATIVE=OFF turns each one on explicitly)
@@ -291,13 +291,7 @@ class LlamaServer:
             return json.loads(r.read())["tokens"]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._lf.close()
 
     def __enter__(self) -> "LlamaServer":

@@ -166,6 +166,13 @@ class Session:
                 self.bar.update(self.scale.est.get(name.split(":")[0], 0))
                 self.bar.set_postfix_str(f"{name} {time.perf_counter() - t0:.0f}s")
 
+    def llama_server(self) -> tuple[Path, dict]:
+        """llama-server's binary and build facts (bench/llama_server.py): built once per cache folder
+        (~20 min on 2 cores, as a step of its own), then reused; Skip names why there is none."""
+        if llama_server.built(self.cache):
+            return llama_server.build(self.cache, self.log, self.threads)
+        return self.step("parallel_build", llama_server.build, self.cache, self.log, self.threads)
+
     def worker(self, task: str, args: dict, timeout: float | None = None):
         return self.step(task, run_worker, task, args, log=self.log, timeout=timeout)
 

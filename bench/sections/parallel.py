@@ -45,10 +45,7 @@ def run(bench: Session) -> dict:
     binary = server_why = None
     build_info: dict = {}
     try:
-        if llama_server.built(bench.cache):
-            binary, build_info = llama_server.build(bench.cache, bench.log, bench.threads)
-        else:  # once per cache folder, ~20 min on 2 cores
-            binary, build_info = bench.step("parallel_build", llama_server.build, bench.cache, bench.log, bench.threads)
+        binary, build_info = bench.llama_server()
     except Skip as e:
         server_why = str(e)
     common = {"lm": str(bench.lm), "threads": bench.threads, "slot_ctx": SLOT_CTX}

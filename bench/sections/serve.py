@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..common import GB, BenchError, Skip, median
+from ..common import GB, BenchError, Skip, median, stop_process
 from ..measure import QUESTION, Runs
 from ..report import fmt_list, row
 from ..session import Session
@@ -483,14 +483,7 @@ class Server:
         return proc_status(self.proc.pid)
 
     def stop(self) -> None:
-        """SIGTERM (both are uvicorn servers: a graceful shutdown), SIGKILL after 30 s."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.http.close()
 
 

@@ -15,7 +15,6 @@ import base64
 import shutil
 from pathlib import Path
 
-from .. import llama_server
 from ..common import Skip
 from ..session import Session
 
@@ -31,9 +30,7 @@ def binary(bench: Session) -> tuple[Path | None, str | None]:
             "sample frames (e.g. `apt install ffmpeg` on Debian)"
         )
     try:
-        if llama_server.built(bench.cache):
-            return llama_server.build(bench.cache, bench.log, bench.threads)[0], None
-        return bench.step("parallel_build", llama_server.build, bench.cache, bench.log, bench.threads)[0], None
+        return bench.llama_server()[0], None
     except Skip as e:
         return None, str(e)
 
