@@ -43,6 +43,7 @@ from .generate import Generation
 from .kv_cache import KVContents, Part, chunk_steps, plan_steps, step_rows
 from .llama_backend import ContextOverflowError
 from .llama_context import ContextParams, LlamaContext
+from .prompt import prompt_options
 from .results import Answer, ChatStats, Piece
 from .sampler import Sampler, sampling_params
 
@@ -176,6 +177,10 @@ class BatchChat:
         """Requests not yet in a slot."""
         return len(self._waiting)
 
+    @property
+    def free_slots(self) -> int:
+        return sum(s.req is None for s in self.slots)
+
     def _drop_cancelled(self) -> None:
         for s in self.slots:
             if s.req is not None and s.req.cancelled.is_set():
@@ -203,14 +208,7 @@ class BatchChat:
         """Build the prompt, pick the slot that holds most of it, start its vision."""
         m, kw = self.model, dict(req.kwargs)
         think = kw.get("enable_thinking", False)
-        prompt = m.build_prompt(
-            req.msgs,
-            enable_thinking=think,
-            system_prompt=kw.get("system_prompt", ""),
-            max_slice_nums=kw.get("max_slice_nums"),
-            use_image_id=kw.get("use_image_id"),
-            temporal_ids=kw.get("temporal_ids"),
-        )
+        prompt = m.build_prompt(req.msgs, **prompt_options(kw))
         target, keys = m.prompt_runs(prompt)
         n = len(target)
         st = req.stats
@@ -405,11 +403,11 @@ class BatchChat:
         if error is None and not cancelled:
             self._emit(s, s.gen.close())
             req.answer = s.gen.answer()
-            try:
-                if self.follow_ups:
+            if self.follow_ups:
+                try:
                     s.history = next_turn.history_prefix(self.model, req.msgs, str(req.answer), req.kwargs)
-            except Exception:  # noqa: BLE001 - an optimisation only: the next request decodes what it needs
-                s.history = None
+                except Exception:  # noqa: BLE001 - an optimisation only: the next request decodes what it needs
+                    s.history = None
         else:
             req.error = error
             if s.gen is not None:

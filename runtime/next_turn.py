@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .kv_cache import KVContents, chunk_steps, plan_steps
+from .prompt import prompt_options
 
 USER_OPENING = "<|im_start|>user\n"
 WARM_CHUNK = 32  # positions per decode: a request arriving meanwhile waits for at most one (batch.CHUNK)
@@ -26,15 +27,7 @@ def history_prefix(model, msgs: list[dict], answer: str, kwargs: dict) -> KVCont
     """The KV contents the next turn of `msgs` (answered with `answer`) starts with: through the end of
     the answer's turn and the opening of a user message. `kwargs` are chat()'s (the prompt's options)."""
     nxt = [*msgs, {"role": "assistant", "content": [answer]}, {"role": "user", "content": ["?"]}]
-    prompt = model.build_prompt(
-        nxt,
-        enable_thinking=kwargs.get("enable_thinking", False),
-        system_prompt=kwargs.get("system_prompt", ""),
-        max_slice_nums=kwargs.get("max_slice_nums"),
-        use_image_id=kwargs.get("use_image_id"),
-        temporal_ids=kwargs.get("temporal_ids"),
-    )
-    seq, _ = model.prompt_runs(prompt)
+    seq, _ = model.prompt_runs(model.build_prompt(nxt, **prompt_options(kwargs)))
     last = seq.runs[-1]
     start_id = model.lm.token_id("<|im_start|>")
     opens = [i for i, t in enumerate(last.tokens) if t == start_id] if not last.is_slot else []

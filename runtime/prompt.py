@@ -245,6 +245,15 @@ def place_media(
     return Prompt(segs, media, text, max_slice_nums)
 
 
+# chat()'s keyword arguments that shape the prompt (MiniCPMV.build_prompt's options; the rest is sampling)
+PROMPT_OPTIONS = ("enable_thinking", "system_prompt", "max_slice_nums", "use_image_id", "temporal_ids")
+
+
+def prompt_options(chat_kwargs: dict) -> dict:
+    """The MiniCPMV.build_prompt options among chat()'s keyword arguments."""
+    return {k: chat_kwargs[k] for k in PROMPT_OPTIONS if k in chat_kwargs}
+
+
 def build_prompt(
     msgs: list[dict],
     *,

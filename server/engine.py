@@ -63,9 +63,9 @@ class Engine:
         self.max_queue = max_queue
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._waiting = 0
+        self._waiting = 0  # jobs in the queue
+        self._answering = False  # the worker is answering a job (not idle or warming)
         self.answered = 0  # jobs finished (done, failed or cancelled once started)
-        self.warmed = 0  # positions decoded ahead for follow-ups (runtime/next_turn.py)
         self._worker = threading.Thread(target=self._run, name="minicpm-engine", daemon=True)
         self._worker.start()
 
@@ -75,8 +75,10 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            if self._waiting >= self.max_queue:
-                raise Busy(f"{self._waiting} requests are waiting, the most this server queues (--max-queue)")
+            # while the worker is not answering (idle, or warming a follow-up for at most one chunk), the
+            # first job in the queue is the next one answered, not one that waits
+            if self._waiting >= self.max_queue + (0 if self._answering else 1):
+                raise Busy(f"{self.max_queue} requests are waiting, the most this server queues (--max-queue)")
             self._waiting += 1
         self._queue.put(job)
 
@@ -88,13 +90,16 @@ class Engine:
         while (job := self._queue.get()) is not None:
             with self._lock:
                 self._waiting -= 1
-            if job.cancelled.is_set():
+                self._answering = not job.cancelled.is_set()
+            if not self._answering:
                 continue
             job.started.set()
             try:
                 answer = self._answer(job)
             finally:
                 self.answered += 1
+                with self._lock:
+                    self._answering = False
             if answer is not None and self._queue.empty():
                 self._warm(job, answer)
 
@@ -122,7 +127,7 @@ class Engine:
         """While nothing waits: the conversation as its next request will resend it, into the KV
         cache (runtime/next_turn.py), so a follow-up decodes only its new message."""
         try:
-            self.warmed += next_turn.warm(
+            next_turn.warm(
                 self.model, job.msgs, str(answer), job.opts.chat_kwargs(), stop=lambda: not self._queue.empty()
             )
         except Exception as e:  # noqa: BLE001 - an optimisation: the next request decodes what it needs
@@ -151,8 +156,9 @@ class BatchEngine:
         return self.batch.waiting
 
     def submit(self, job: Job) -> None:
-        if self.batch.waiting >= self.max_queue:
-            raise Busy(f"{self.batch.waiting} requests are waiting, the most this server queues (--max-queue)")
+        # requests not yet admitted that a free slot will take at the next step do not wait
+        if self.batch.waiting - self.batch.free_slots >= self.max_queue:
+            raise Busy(f"{self.max_queue} requests are waiting, the most this server queues (--max-queue)")
 
         def done(req: BatchRequest) -> None:
             self.answered += 1
