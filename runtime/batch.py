@@ -32,13 +32,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from . import next_turn
+from .compute_thread import side_thread
 from .generate import Generation
 from .kv_cache import KVContents, Part, chunk_steps, plan_steps, step_rows
 from .llama_backend import ContextOverflowError
@@ -130,7 +131,8 @@ class BatchChat:
         self.slots = [_Slot(i) for i in range(n_seq)]
         self._waiting: deque[BatchRequest] = deque()
         self._lock = threading.Lock()
-        self._vision = ThreadPoolExecutor(1, thread_name_prefix="batch-vision")
+        self._vision_lock = threading.Lock()  # one encode at a time, as one vision thread did
+        self._encodes: set[Future] = set()
         self.steps = 0  # llama_decode calls made
         self.warmed = 0  # positions decoded ahead for follow-ups while idle
 
@@ -154,7 +156,7 @@ class BatchChat:
         return requests
 
     def close(self) -> None:
-        self._vision.shutdown(wait=True)
+        wait(list(self._encodes))
         self.ctx.close()
 
     # -- one step ------------------------------------------------------------------------------
@@ -254,11 +256,23 @@ class BatchChat:
             stop=tuple(kw.get("stop", ())),
         )
         slot.embs = None
-        slot.vision = (
-            self._vision.submit(m.vision_cache.embeddings, wanted, prompt.max_slice_nums, st) if wanted else None
-        )
+        slot.vision = self._encode(m.vision_cache.embeddings, wanted, prompt.max_slice_nums, st) if wanted else None
         if slot.vision is None:
             slot.embs = {}
+
+    def _encode(self, fn, *args) -> Future:
+        """fn(*args) (a vision encode) on a thread of its own while the streams go on decoding on the
+        compute thread; the thread exits when it is done, taking its OpenMP team with it
+        (compute_thread.side_thread)."""
+
+        def job():
+            with self._vision_lock:
+                return fn(*args)
+
+        fut = side_thread(job, name="batch-vision")
+        self._encodes.add(fut)
+        fut.add_done_callback(self._encodes.discard)
+        return fut
 
     @staticmethod
     def _pick(free: list[_Slot], target: KVContents) -> _Slot:

@@ -16,6 +16,7 @@ import numpy as np
 
 from minicpmv.cpu import default_threads
 
+from . import compute_thread
 from .llama import LlamaModel
 from .llama_backend import ContextOverflowError, LlamaError, release
 
@@ -173,7 +174,7 @@ class LlamaContext:
 
     def _decode(self, batch: _Batch) -> None:
         self.n_batches += 1
-        rc = ll.llama_decode(self.ctx, batch.batch)
+        rc = compute_thread.run(ll.llama_decode, self.ctx, batch.batch)
         if rc:
             self._raise(rc)
 
@@ -198,7 +199,7 @@ class LlamaContext:
         """Decode a single token with logits (the generation fast path)."""
         b = self._tok
         b.set_one(token, pos)
-        rc = ll.llama_decode(self.ctx, b.batch)
+        rc = compute_thread.run(ll.llama_decode, self.ctx, b.batch)
         if rc:
             self._raise(rc)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from minicpmv.cpu import default_threads
 from minicpmv.gguf_info import ModelFileError, model_pair
 
+from . import compute_thread
 from .llama import LlamaModel
 from .llama_backend import LlamaError
 from .llama_context import KV_TYPES, ContextParams
@@ -51,7 +52,7 @@ def load_pair(
     except (ValueError, OSError) as e:
         raise ModelFileError(str(e).splitlines()[0] if str(e) else f"{mmproj_path}: cannot load") from None
     try:
-        lm = LlamaModel(model_path, n_gpu_layers=n_gpu_layers, verbose=verbose)
+        lm = compute_thread.run(LlamaModel, model_path, n_gpu_layers=n_gpu_layers, verbose=verbose)  # may repack
     except LlamaError as e:
         raise ModelFileError(str(e)) from None
     check_pair(vision, lm)

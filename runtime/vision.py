@@ -14,7 +14,7 @@ llama.cpp's mtmd: BENCHMARKS.md §2.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +26,7 @@ from tqdm import tqdm
 from minicpmv.cpu import default_threads
 from minicpmv.schema import R_LN_KV, R_LN_POST, V_PATCH_EMBD, V_POS_EMBD, V_POST_LN, v_blk
 
+from . import compute_thread
 from .mmproj import Mmproj, VisionHParams, load_mmproj
 from .vision_dtype import DtypeChoice, choose_vision_dtype
 from .vision_ops import attention_for, block_forward, navit_position_ids, patch_rows, resample
@@ -88,7 +89,6 @@ class VisionEncoder:
         self.query_num = hp.query_num
         self.image_size = hp.image_size
         self.patch_size = hp.patch_size
-        self._workers: ThreadPoolExecutor | None = None
         self.resident = resident
         self.sub_batch_tokens = max(1, sub_batch_tokens)
         t = mm  # consumed: each tensor is dequantized, converted and dropped in turn (bounds peak memory)
@@ -139,18 +139,18 @@ class VisionEncoder:
         if n_threads is not None and n_threads < 1:
             raise VisionInputError(f"n_threads: {n_threads} must be >= 1")
         threads = n_threads or default_threads()
-        try:
-            choice = choose_vision_dtype(dtype, threads)
-        except ValueError as e:
-            raise VisionInputError(str(e)) from None
-        return cls(load_mmproj(mmproj_path), choice, threads, resident=resident, sub_batch_tokens=sub_batch_tokens)
+
+        def load() -> "VisionEncoder":  # the dtype probe and the weight conversion are torch work
+            try:
+                choice = choose_vision_dtype(dtype, threads)
+            except ValueError as e:
+                raise VisionInputError(str(e)) from None
+            return cls(load_mmproj(mmproj_path), choice, threads, resident=resident, sub_batch_tokens=sub_batch_tokens)
+
+        return compute_thread.run(load)
 
     def close(self) -> None:
-        """Stop the attention worker threads and close the mmproj file."""
-        workers = getattr(self, "_workers", None)
-        if workers is not None:
-            workers.shutdown(wait=False)
-            self._workers = None
+        """Close the mmproj file."""
         if getattr(self, "file", None) is not None:
             self.file.close()
 
@@ -178,24 +178,24 @@ class VisionEncoder:
     ) -> np.ndarray:
         """Normalized [3, H, W] float32 slices (H, W multiples of the patch size) -> [G, 64, D]
         float32, one row per group: each slice alone without `temporal_ids`; with them, one group
-        per list (consecutive slices, frame-major, id -1 = no temporal term)."""
+        per list (consecutive slices, frame-major, id -1 = no temporal term). Runs on the compute
+        thread (compute_thread.py)."""
         sizes = self._check_pixels(pixels)
         groups = self._check_groups(temporal_ids, len(pixels))
+        return compute_thread.run(self._encode, pixels, sizes, groups, temporal_ids is not None, progress)
+
+    def _encode(self, pixels, sizes, groups, temporal: bool, progress: bool) -> np.ndarray:
         out = []
         bar = tqdm(
-            total=len(groups),
-            unit="group" if temporal_ids else "slice",
-            desc="vision",
-            disable=not progress,
-            leave=False,
+            total=len(groups), unit="group" if temporal else "slice", desc="vision", disable=not progress, leave=False
         )
-        with bar, torch_threads(self.n_threads), torch.inference_mode():
+        with bar, torch_threads(self.n_threads), torch.inference_mode(), self._attention_workers() as pool:
             for chunk in _chunk_groups(groups, sizes, MAX_BATCH_TOKENS):
                 first = chunk[0][0]
                 last = chunk[-1][0] + len(chunk[-1][1])
-                feats = self._tower(pixels[first:last], sizes[first:last])
+                feats = self._tower(pixels[first:last], sizes[first:last], pool)
                 rel = [(s - first, ids) for s, ids in chunk]
-                out.append(self._resample(feats, sizes[first:last], rel, temporal_ids is not None))
+                out.append(self._resample(feats, sizes[first:last], rel, temporal))
                 bar.update(len(chunk))
         result = torch.cat(out).float().numpy()
         del out, feats
@@ -205,8 +205,12 @@ class VisionEncoder:
     def vision(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
         """Tower output (after post-LN) per slice: [h*w, n_embd] float32 (for tests / debugging)."""
         sizes = self._check_pixels(pixels)
-        with torch_threads(self.n_threads), torch.inference_mode():
-            feats = self._tower(pixels, sizes)
+
+        def tower() -> torch.Tensor:
+            with torch_threads(self.n_threads), torch.inference_mode(), self._attention_workers() as pool:
+                return self._tower(pixels, sizes, pool)
+
+        feats = compute_thread.run(tower)
         lens = [h * w for h, w in sizes]
         return [x.float().numpy() for x in torch.split(feats, lens)]
 
@@ -258,7 +262,7 @@ class VisionEncoder:
         for i in range(hp.n_layer):
             yield tower_block(i, f.take, hp, self.norms[i], self.dtype, self.packed)
 
-    def _tower(self, pixels: list[np.ndarray], sizes: list[tuple[int, int]]) -> torch.Tensor:
+    def _tower(self, pixels: list[np.ndarray], sizes: list[tuple[int, int]], pool) -> torch.Tensor:
         """Packed [sum h*w, n_embd] float32 tower output."""
         hp, dt = self.hparams, self.dtype
         p, d = hp.patch_size, hp.n_embd
@@ -269,7 +273,7 @@ class VisionEncoder:
         del patches
         x += self.pos_embd[ids]
 
-        attend = attention_for(dt, hp.n_head, self._pool() if dt == torch.bfloat16 else None, self.n_threads)
+        attend = attention_for(dt, hp.n_head, pool, self.n_threads)
         subs = _sub_batches(lens, self.sub_batch_tokens)
         for blk in self._tower_blocks():
             for lo, hi, sl in subs:  # whole slices: attention never crosses a sub-batch
@@ -277,11 +281,17 @@ class VisionEncoder:
             del blk  # a streamed block is freed before the next one is read
         return F.layer_norm(x, (d,), self.post_ln_w, self.post_ln_b, hp.eps)
 
-    def _pool(self) -> ThreadPoolExecutor | None:
-        """n_threads single-threaded torch workers for bf16 attention (None when n_threads is 1)."""
-        if self._workers is None and self.n_threads > 1:
-            self._workers = worker_pool(self.n_threads)
-        return self._workers
+    @contextmanager
+    def _attention_workers(self):
+        """n_threads single-threaded torch workers for bf16 attention (None in f32 or with one
+        thread), for one call only: threads that ran torch ops keep OpenMP state that slows every
+        later llama.cpp decode while they live (compute_thread.py), so they exit when it ends."""
+        pool = worker_pool(self.n_threads) if self.dtype == torch.bfloat16 and self.n_threads > 1 else None
+        try:
+            yield pool
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def _resample(
         self, feats: torch.Tensor, sizes: list[tuple[int, int]], groups: list[tuple[int, list[int]]], temporal: bool

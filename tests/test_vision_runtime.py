@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from minicpmv.cpu import default_threads
+from minicpmv.runtime import compute_thread, vision, vision_threads
 from minicpmv.runtime.mmproj import MmprojError, load_mmproj
 from minicpmv.runtime.vision import VisionEncoder, VisionInputError
 from minicpmv.runtime.vision_ops import navit_position_ids, pos_embed_2d, temporal_embed
@@ -98,15 +99,19 @@ def test_mixed_sizes_one_batch_bf16(enc16, ref):
         assert np.abs(g - w).max() < BF16_TOL and cosine(g, w) > BF16_COS
 
 
-def test_bf16_attention_workers(tiny_mmproj_gguf, enc16):
-    """n_threads=2: the bf16 per-head attention runs on two single-threaded workers; same result,
-    and the caller's torch thread setting is left alone."""
+def test_bf16_attention_workers(tiny_mmproj_gguf, enc16, monkeypatch):
+    """n_threads=2: the bf16 per-head attention runs on two single-threaded workers, made for the
+    call and gone after it (compute_thread.py: live threads that ran torch slow llama.cpp); same
+    result, and the torch thread setting of the thread that encodes is left alone."""
+    pools = []
+    monkeypatch.setattr(vision, "worker_pool", lambda n: pools.append(vision_threads.worker_pool(n)) or pools[-1])
     enc = VisionEncoder.load(tiny_mmproj_gguf("f32"), dtype="bf16", n_threads=2)
     px = pixels(MIXED, seed=10)
-    before = torch.get_num_threads()
+    before = compute_thread.run(torch.get_num_threads)
     got = enc.encode_slices(px, [[-1], [-1], [-1], [3, 4]])
-    assert torch.get_num_threads() == before
-    assert enc._workers is not None
+    assert compute_thread.run(torch.get_num_threads) == before
+    assert len(pools) == 1 and len(pools[0]._threads) == 2
+    assert not any(t.is_alive() for t in pools[0]._threads)
     want = enc16.encode_slices(px, [[-1], [-1], [-1], [3, 4]])
     assert np.abs(got - want).max() < 1e-2
 
