@@ -206,13 +206,12 @@ class VisionEncoder:
         """Tower output (after post-LN) per slice: [h*w, n_embd] float32 (for tests / debugging)."""
         sizes = self._check_pixels(pixels)
 
-        def tower() -> torch.Tensor:
+        def tower() -> list[np.ndarray]:
             with torch_threads(self.n_threads), torch.inference_mode(), self._attention_workers() as pool:
-                return self._tower(pixels, sizes, pool)
+                feats = self._tower(pixels, sizes, pool)
+                return [x.float().numpy() for x in torch.split(feats, [h * w for h, w in sizes])]
 
-        feats = compute_thread.run(tower)
-        lens = [h * w for h, w in sizes]
-        return [x.float().numpy() for x in torch.split(feats, lens)]
+        return compute_thread.run(tower)
 
     # ----------------------------------------------------------------------- checks
 
