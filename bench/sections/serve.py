@@ -306,8 +306,9 @@ def run(bench: Session) -> dict:
         f"{fmt_list(srv_tps)}, in process {fmt_list(ip_tps)} tok/s (tokens {r['ours_decode_n']} / "
         f"{q['decode_n']}); the runtime's own decode counter: server {fmt_list(r['ours_decode_counter_tps'])}, "
         f"in process {fmt_list(q['decode_counter_tps'])} tok/s (where the two counters agree, the difference above "
-        f"is the delivery; where the server's is lower, the decode itself slowed: its {bench.threads} llama.cpp "
-        "threads share the cores with the event loop and the client, which handle every token). Greedy "
+        "is the delivery). The server decodes after the image requests above; before the runtime kept its "
+        "llama.cpp and torch work on one thread that cost it 7-11% on this page's Intel Xeon (libgomp's throttled "
+        "barriers, docs/architecture.md §3 'One OpenMP thread'). Greedy "
         "answers of the same prompt can still differ in length between the two (the server's KV cache holds "
         "other requests' prefixes, and a random-weight model's logits are close enough for batching to flip "
         "the argmax).",
