@@ -251,6 +251,7 @@ class ChunkWriter:
         self.req, self.model = req, model
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self._reasoning_started = False
+        self._content_started = False
 
     def _chunk(self, delta: dict, finish: str | None = None, **extra) -> str:
         c = {
@@ -270,7 +271,11 @@ class ChunkWriter:
 
     def piece(self, piece) -> str:
         if not piece.thinking:
-            return self._chunk({"content": str(piece)})
+            text = str(piece)
+            if not self._content_started:  # as message.content (Answer) holds it: no leading space, so a
+                text = text.lstrip()  # client resends what the next turn's warm-up decoded (next_turn.py)
+                self._content_started = bool(text)
+            return self._chunk({"content": text}) if text else ""
         text = str(piece).replace(THINK_START, "").replace(THINK_END, "")
         if not self._reasoning_started:  # the reasoning as Answer.thinking holds it: no leading space
             text = text.lstrip()
