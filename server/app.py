@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minicpmv.runtime import ContextOverflowError, Piece
+from minicpmv.runtime import ContextOverflowError
 from minicpmv.session.limits import FLAGS, Limits
 
 from . import ollama_api, openai_api
@@ -240,23 +240,12 @@ def create_app(state: ServerState) -> FastAPI:
             return final_json(name, answer, opts.think, time.perf_counter() - t0, False)
 
         async def lines():
-            started = answering = False
+            pieces = ollama_api.PieceLines(name, piece_json)
             try:
                 async for kind, value in _events(job, first):
                     if kind == "piece":
-                        think = None
-                        if value.thinking:
-                            think = str(value).replace("<think>", "").replace("</think>", "")
-                            think = think if started else think.lstrip()
-                            if not think:
-                                continue
-                        elif not answering:  # as the final content holds it: no leading space (serving.md §1.2)
-                            value = Piece(str(value).lstrip(), False)
-                            if not value:
-                                continue
-                            answering = True
-                        started = True
-                        yield ollama_api.ndjson(piece_json(name, value, think))
+                        if (line := pieces.line(value)) is not None:
+                            yield line
                     elif kind == "done":
                         yield ollama_api.ndjson(final_json(name, value, opts.think, time.perf_counter() - t0, True))
                     else:

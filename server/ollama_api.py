@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+from minicpmv.runtime.results import Piece
 from minicpmv.runtime.video import sniff_container
 from minicpmv.session.limits import Limits
 from minicpmv.session.options import DEFAULT_MAX_TOKENS, ChatOptions, MediaOptions
@@ -182,6 +183,33 @@ def generate_piece(model: str, piece, think_text: str | None) -> dict:
     if think_text is not None:
         out["thinking"] = think_text
     return out
+
+
+class PieceLines:
+    """The NDJSON lines of a stream's pieces: reasoning in `thinking` (tags removed, leading
+    whitespace dropped), the answer in `content`/`response` starting as the final message holds it,
+    without the answer's leading whitespace (docs/serving.md §1.2: a client resends it, and the
+    follow-up's warm-up decoded the stripped text)."""
+
+    def __init__(self, model: str, piece_json):
+        self.model, self.piece_json = model, piece_json
+        self.started = self.answering = False
+
+    def line(self, piece: Piece) -> str | None:
+        """The line for one piece, or None when nothing is left of it."""
+        think = None
+        if piece.thinking:
+            think = str(piece).replace("<think>", "").replace("</think>", "")
+            think = think if self.started else think.lstrip()
+            if not think:
+                return None
+        elif not self.answering:
+            piece = Piece(str(piece).lstrip(), False)
+            if not piece:
+                return None
+            self.answering = True
+        self.started = True
+        return ndjson(self.piece_json(self.model, piece, think))
 
 
 def ndjson(obj: dict) -> str:

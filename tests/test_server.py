@@ -21,6 +21,7 @@ from PIL import Image
 
 from minicpmv.runtime import Video, next_turn
 from minicpmv.runtime.results import Piece
+from minicpmv.server.ollama_api import PieceLines, chat_piece, generate_piece
 from minicpmv.server.openai_api import ChatRequest, ChunkWriter
 from minicpmv.session.options import ChatOptions
 
@@ -510,3 +511,17 @@ def test_stream_content_starts_as_message_content_does():
     events = [w.piece(Piece(t, False)) for t in (" ", " sit", " Text", "\n")]
     deltas = [json.loads(e.removeprefix("data: ").strip())["choices"][0]["delta"]["content"] for e in events if e]
     assert "".join(deltas) == "sit Text\n"
+
+
+@pytest.mark.parametrize("piece_json", [chat_piece, generate_piece])
+def test_ollama_stream_content_starts_as_message_content_does(piece_json):
+    """The Ollama stream, as the OpenAI one above: reasoning without its tags or leading whitespace,
+    then the answer without its leading space, so the joined content equals the final message's."""
+    w = PieceLines("m", piece_json)
+    pieces = [Piece("<think>\n", True), Piece("Hmm", True), Piece("</think>", True), Piece("\n\n", True)]
+    pieces += [Piece(t, False) for t in (" ", " sit", " Text", "\n")]
+    lines = [json.loads(x) for x in map(w.line, pieces) if x]
+    field = "message" if piece_json is chat_piece else None
+    parts = [x[field] if field else x for x in lines]
+    assert "".join(p.get("thinking", "") for p in parts).rstrip() == "Hmm"
+    assert "".join(p["content" if field else "response"] for p in parts) == "sit Text\n"
