@@ -225,13 +225,8 @@ def run(bench: Session) -> dict:
     notes.append(
         "One decode step (sampling included) with 1, 2, 3, 4 generating streams: "
         + ", ".join(f"{steps[n] * 1e3:.0f} ms" for n in steps)
-        + f" ({', '.join(f'{n / steps[n]:.2f}' for n in steps)} tok/s). llama.cpp's repacked Q4_K kernels multiply "
-        "4 rows at a time and take the rows left over one at a time (a whole pass over the weights each, "
-        "ggml-cpu/repack.cpp), so a step of 2 streams costs about what a step of 4 does and one of 3 more, on both "
-        "sides; and 4 rows already "
-        "cost more than one (2 cores are compute-bound there), which caps the 4-stream speed-up below 3x for "
-        "llama-server too. Padding a decode batch of 2 or 3 streams to 4 rows would make them faster (a runtime "
-        "change, not made here)."
+        + f" ({', '.join(f'{n / steps[n]:.2f}' for n in steps)} tok/s). "
+        + step_reading(steps)
     )
     v = r["vision"]
     notes.append(
@@ -636,3 +631,25 @@ def measure_llama(a: dict) -> dict:
         if k == 4:
             res["rss_np4_gb"] = rss
     return res
+
+
+def step_reading(steps: dict[int, float]) -> str:
+    """What the step times say about the 4-stream speed-up, from this run's figures: llama.cpp's
+    repacked Q4_K kernels multiply 4 rows at a time and take the rows left over one at a time
+    (ggml-cpu/repack.cpp), so whether padding 3 rows to 4 would pay depends on the CPU."""
+    four_vs_one = steps[4] / steps[1]
+    out = (
+        f"A step of 4 rows costs {four_vs_one:.2f}x a step of 1, so 4 streams decode about "
+        f"{4 / four_vs_one:.2f}x as many tokens per second as one here: llama.cpp's repacked Q4_K kernels (ggml-cpu/repack.cpp) take "
+        "4 rows at a time and the CPU's 2 cores are compute-bound on them, for llama-server as for us. "
+    )
+    if steps[3] > steps[4]:
+        return out + (
+            f"A 3-row step costs more than a 4-row one ({steps[3] * 1e3:.0f} vs {steps[4] * 1e3:.0f} ms: the "
+            "rows left over from the 4-row blocks go one at a time), so padding 3 streams to 4 rows would pay "
+            "on this CPU."
+        )
+    return out + (
+        f"A 3-row step costs less than a 4-row one ({steps[3] * 1e3:.0f} vs {steps[4] * 1e3:.0f} ms), so padding "
+        "3 streams to 4 rows would not pay on this CPU."
+    )

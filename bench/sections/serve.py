@@ -345,10 +345,8 @@ def run(bench: Session) -> dict:
             f"It ran (the build of §4d, -np 1, -c {serve_video_peer.CTX}, --video-fps {lv['fps']:.3g}: "
             f"{lv['frames']} frames over the {lv['seconds']:.0f} s clip, the same request as ours': `video_url` "
             f"data URI, max_tokens 4, after a text warm-up); its MiniCPM-V encoder has no temporal input, so each "
-            "frame is an image of its own; its timings: "
-            f"prompt {((lv['reply'].get('timings') or {}).get('prompt_ms') or 0) / 1e3:.2f} s for "
-            f"{(lv['reply'].get('timings') or {}).get('prompt_n')} positions (image encoding included); whole "
-            "clip: its tokens and time scaled by frames from this request."
+            f"frame is an image of its own; {_peer_prompt(lv['reply'])}; whole clip: its tokens and time scaled "
+            "by frames from this request."
             if lv
             else f"No llama.cpp figure beside ours: {lwhy}."
         ),
@@ -398,6 +396,15 @@ def _whole_video_estimate(cap: dict, q: dict) -> float | None:
     rest = cap["ttft_s"] - vision - prefill
     g = q["video_whole_groups"] / q["video_capped_groups"]
     return vision * g + prefill * q["video_whole_tokens"] / t["prompt_n"] + rest
+
+
+def _peer_prompt(reply: dict) -> str:
+    """llama-server's own prompt timing of the video request, where its stream carried one."""
+    t = reply.get("timings") or {}
+    if t.get("prompt_n") is None:
+        n = (reply.get("usage") or {}).get("prompt_tokens")
+        return f"its stream carried no timings (usage: {n} prompt tokens, the time to first token as measured)"
+    return f"its timings: prompt {t.get('prompt_ms', 0) / 1e3:.2f} s for {t['prompt_n']} positions (images encoded)"
 
 
 def _timings_line(t: dict | None) -> str:

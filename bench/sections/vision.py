@@ -65,6 +65,18 @@ def run(bench: Session) -> dict:
         + ".",
         f"vision worker peak RSS {m.peak_rss_gb:.2f} GB (both of our encoders and mtmd loaded together).",
     ]
+    fl = r.get("floor")
+    if fl:
+        floor_s = fl["gflop"] / fl["gflops"]
+        notes.append(
+            f"bf16 floor: one slice is {fl['gflop']:.0f} GFLOP of matrix products (tower "
+            f"{fl['tower_gflop']:.0f}, of which attention {fl['attention_gflop']:.0f}; resampler "
+            f"{fl['resampler_gflop']:.0f}); this CPU multiplies bf16 matrices at {fl['gflops']:.0f} GFLOPS "
+            f"(torch.mm {fl['shape']}, {bench.threads} threads, best of {fl['reps']}), so the products alone "
+            f"take {floor_s:.2f} s = {floor_s / median(mt):.3f}x mtmd's median; ours bf16 is "
+            f"{median(r['ours_bf16_s']) / floor_s:.2f}x that floor (softmax, LayerNorms and the float32 "
+            "residual stream are the rest)."
+        )
     return {"rows": rows, "notes": notes, "raw": r}
 
 
@@ -115,6 +127,9 @@ def measure(a: dict) -> dict:
         res["mtmd_s"].append(run_mtmd())
         for dt in encs:
             res[f"ours_{dt}_s"].append(run_ours(dt))
+    if "bf16" in encs:
+        hp = encs["bf16"].hparams
+        res["floor"] = matmul_floor(hp, pixels[0].shape[1] // hp.patch_size, T)
     res["weights_nbytes"] = {dt: int(getattr(e, "weights_nbytes", 0) or 0) for dt, e in encs.items()}
     res["load_s"] = load_s
     res["mmproj_file_bytes"] = Path(a["mmproj"]).stat().st_size
@@ -122,3 +137,41 @@ def measure(a: dict) -> dict:
     mt.close()
     lm.close()
     return res
+
+
+def matmul_floor(hp, side: int, threads: int, reps: int = 5) -> dict:
+    """The matrix-product work of one side x side-patch slice through our bf16 encoder and this
+    CPU's bf16 matrix-multiply rate: what no bf16 implementation of the same math can beat."""
+    import torch
+
+    n, d, f, D = side * side, hp.n_embd, hp.n_ff, hp.embed_dim
+    hq = hp.n_head_resampler * hp.query_num
+    linears = 2 * n * (d * 3 * d + d * d + d * f + f * d)  # qkv, out, fc1, fc2
+    attention = 2 * 2 * n * n * d  # QK^T and PV over all heads
+    tower = hp.n_layer * (linears + attention) + 2 * n * 3 * hp.patch_size**2 * d
+    # kv projection, the folded scores, P x, per-head values, out and proj (runtime/vision_ops.resample)
+    resampler = 2 * n * d * D + 2 * n * D * hq + 2 * hq * n * D + 2 * hq * D * (D // hp.n_head_resampler)
+    resampler += 2 * 2 * hp.query_num * D * D
+    a, b = torch.randn(n, d).bfloat16(), torch.randn(d, f).bfloat16()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.mm(a, b)
+        best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    finally:
+        torch.set_num_threads(old)
+    return {
+        "gflop": (tower + resampler) / 1e9,
+        "tower_gflop": tower / 1e9,
+        "attention_gflop": hp.n_layer * attention / 1e9,
+        "resampler_gflop": resampler / 1e9,
+        "gflops": 2 * n * d * f / best / 1e9,
+        "shape": f"[{n}x{d}] x [{d}x{f}]",
+        "reps": reps,
+    }
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
