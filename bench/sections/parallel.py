@@ -640,8 +640,9 @@ def step_reading(steps: dict[int, float]) -> str:
     four_vs_one = steps[4] / steps[1]
     out = (
         f"A step of 4 rows costs {four_vs_one:.2f}x a step of 1, so 4 streams decode about "
-        f"{4 / four_vs_one:.2f}x as many tokens per second as one here: llama.cpp's repacked Q4_K kernels (ggml-cpu/repack.cpp) take "
-        "4 rows at a time and the CPU's 2 cores are compute-bound on them, for llama-server as for us. "
+        f"{4 / four_vs_one:.2f}x as many tokens per second as one here: llama.cpp's repacked Q4_K kernels "
+        "(ggml-cpu/repack.cpp) take 4 rows at a time and the CPU's 2 cores are compute-bound on them, for "
+        "llama-server as for us. "
     )
     if steps[3] > steps[4]:
         return out + (
