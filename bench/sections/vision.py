@@ -152,14 +152,11 @@ def matmul_floor(hp, side: int, threads: int, reps: int = 5) -> dict:
     # kv projection, the folded scores, P x, per-head values, out and proj (runtime/vision_ops.resample)
     resampler = 2 * n * d * D + 2 * n * D * hq + 2 * hq * n * D + 2 * hq * D * (D // hp.n_head_resampler)
     resampler += 2 * 2 * hp.query_num * D * D
+    torch_threads = ours.need("runtime.vision_threads", "torch_threads")
     a, b = torch.randn(n, d).bfloat16(), torch.randn(d, f).bfloat16()
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         torch.mm(a, b)
         best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
-    finally:
-        torch.set_num_threads(old)
     return {
         "gflop": (tower + resampler) / 1e9,
         "tower_gflop": tower / 1e9,
