@@ -20,6 +20,7 @@ from minicpmv.session.options import DEFAULT_MAX_TOKENS, ChatOptions, MediaOptio
 
 from .errors import bad_request
 from .media import MediaLoader
+from .stream_text import StreamText
 
 NS = 1_000_000  # Ollama's durations are in nanoseconds; ChatStats' in milliseconds
 
@@ -186,30 +187,19 @@ def generate_piece(model: str, piece, think_text: str | None) -> dict:
 
 
 class PieceLines:
-    """The NDJSON lines of a stream's pieces: reasoning in `thinking` (tags removed, leading
-    whitespace dropped), the answer in `content`/`response` starting as the final message holds it,
-    without the answer's leading whitespace (docs/serving.md §1.2: a client resends it, and the
-    follow-up's warm-up decoded the stripped text)."""
+    """The NDJSON lines of a stream's pieces: reasoning in `thinking`, the answer in
+    `content`/`response`, each as the final message holds it (stream_text.py)."""
 
     def __init__(self, model: str, piece_json):
         self.model, self.piece_json = model, piece_json
-        self.started = self.answering = False
+        self._text = StreamText()
 
     def line(self, piece: Piece) -> str | None:
         """The line for one piece, or None when nothing is left of it."""
-        think = None
-        if piece.thinking:
-            think = str(piece).replace("<think>", "").replace("</think>", "")
-            think = think if self.started else think.lstrip()
-            if not think:
-                return None
-        elif not self.answering:
-            piece = Piece(str(piece).lstrip(), False)
-            if not piece:
-                return None
-            self.answering = True
-        self.started = True
-        return ndjson(self.piece_json(self.model, piece, think))
+        text = self._text.text(piece)
+        if not text:
+            return None
+        return ndjson(self.piece_json(self.model, text, text if piece.thinking else None))
 
 
 def ndjson(obj: dict) -> str:

@@ -14,12 +14,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from minicpmv.schema import THINK_END, THINK_START
 from minicpmv.session.limits import Limits
 from minicpmv.session.options import DEFAULT_MAX_TOKENS, ChatOptions, MediaOptions
 
 from .errors import bad_request
 from .media import MediaLoader
+from .stream_text import StreamText
 
 UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs")  # refused when given a value
 PACKING_MAX = 6
@@ -250,8 +250,7 @@ class ChunkWriter:
     def __init__(self, req: ChatRequest, model: str):
         self.req, self.model = req, model
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        self._reasoning_started = False
-        self._content_started = False
+        self._text = StreamText()
 
     def _chunk(self, delta: dict, finish: str | None = None, **extra) -> str:
         c = {
@@ -270,17 +269,8 @@ class ChunkWriter:
         return self._chunk({"role": "assistant", "content": None})
 
     def piece(self, piece) -> str:
-        if not piece.thinking:
-            text = str(piece)
-            if not self._content_started:  # as message.content (Answer) holds it: no leading space, so a
-                text = text.lstrip()  # client resends what the next turn's warm-up decoded (next_turn.py)
-                self._content_started = bool(text)
-            return self._chunk({"content": text}) if text else ""
-        text = str(piece).replace(THINK_START, "").replace(THINK_END, "")
-        if not self._reasoning_started:  # the reasoning as Answer.thinking holds it: no leading space
-            text = text.lstrip()
-            self._reasoning_started = bool(text)
-        return self._chunk({"reasoning_content": text}) if text else ""
+        text = self._text.text(piece)
+        return self._chunk({"reasoning_content" if piece.thinking else "content": text}) if text else ""
 
     def end(self, answer) -> str:
         out = self._chunk({}, finish_reason(answer.stats), timings=timings(answer.stats))
