@@ -29,10 +29,17 @@ def _table(n: int, dim: int) -> np.ndarray:
     return t
 
 
+def sincos_axes(dim: int, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two halves of the 2-D table's channels: ([rows, dim/2] row encodings, [cols, dim/2]
+    column encodings). Read-only views of a cached table."""
+    enc = _table(1 << max(rows, cols, 64).bit_length(), dim // 2)
+    return enc[:rows], enc[:cols]
+
+
 def sincos_2d(dim: int, rows: int, cols: int) -> np.ndarray:
     """[rows, cols, dim] table: the first dim/2 channels encode the COLUMN, the last dim/2 the ROW."""
     half = dim // 2
-    enc = _table(1 << max(rows, cols, 64).bit_length(), half)
-    col = np.broadcast_to(enc[None, :cols], (rows, cols, half))
-    row = np.broadcast_to(enc[:rows, None], (rows, cols, half))
+    row_enc, col_enc = sincos_axes(dim, rows, cols)
+    col = np.broadcast_to(col_enc[None], (rows, cols, half))
+    row = np.broadcast_to(row_enc[:, None], (rows, cols, half))
     return np.concatenate([col, row], axis=-1)

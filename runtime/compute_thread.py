@@ -9,13 +9,13 @@ at a barrier spins 100 times instead of 300,000 and then sleeps on a futex (libg
 graph node, so from then on each one is a sleep and a wake-up: measured on an Intel Xeon with AMX,
 2 threads, the full-size Q4_K_M, a 64-token greedy story decoded at 4.17 tok/s from the thread that
 had loaded the model and at 3.72 tok/s from any other thread (or from it once a bf16 image encode
-had left its attention workers alive: ~46,000 voluntary context switches over 96 tokens instead of
-3). docs/architecture.md §3, "One OpenMP thread".
+had left attention worker threads alive, as the encoder once had: ~46,000 voluntary context
+switches over 96 tokens instead of 3). docs/architecture.md §3, "One OpenMP thread".
 
 So the runtime sends that work here (`run`): one long-lived thread, whatever thread the front end
 calls from (the CLI's main thread, the server's workers, Gradio's thread pool). Work that must run
-beside it (BatchChat's vision encode while the other streams decode, the bf16 attention workers)
-runs on threads that exit when it is done (`side_thread`), which takes their teams away again.
+beside it (BatchChat's vision encode while the other streams decode) runs on threads that exit
+when it is done (`side_thread`), which takes their teams away again.
 """
 
 from __future__ import annotations

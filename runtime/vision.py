@@ -14,7 +14,6 @@ llama.cpp's mtmd: BENCHMARKS.md §2.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -24,19 +23,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minicpmv.cpu import default_threads
-from minicpmv.schema import R_LN_KV, R_LN_POST, V_PATCH_EMBD, V_POS_EMBD, V_POST_LN, v_blk
+from minicpmv.schema import R_LN_POST, V_PATCH_EMBD, V_POS_EMBD, V_POST_LN, v_blk
 
 from . import compute_thread
 from .mmproj import Mmproj, VisionHParams, load_mmproj
 from .vision_dtype import DtypeChoice, choose_vision_dtype
 from .vision_ops import attention_for, block_forward, navit_position_ids, patch_rows, resample
-from .vision_threads import return_freed_memory, torch_threads, worker_pool
+from .vision_threads import return_freed_memory, torch_threads
 from .vision_weights import (
     Block,
     FileTensors,
     Linear,
     ResamplerWeights,
-    folded_scores,
+    fold_resampler,
     pack_linears,
     resampler_weights,
     tower_block,
@@ -73,8 +72,8 @@ class VisionEncoder:
         """`choice`: the compute dtype and how it was chosen (vision_dtype.py).
         `resident=True` keeps every weight in memory in the compute dtype (0.9 GB in bf16 for the
         full model). `resident=False` (the low-memory profile) keeps only the small tensors
-        (position table, LayerNorms, the folded resampler scores, the patch embedding) and reads
-        the tower's and the resampler's matrices from the mmproj's open file for each chunk (one
+        (position table, LayerNorms, the folded resampler attention, the patch embedding) and reads
+        the tower's and the resampler's output matrices from the mmproj's open file for each chunk (one
         image is one chunk; ~0.7 s per chunk). `sub_batch_tokens`: patches per tower and resampler
         sub-batch (activation memory)."""
         hp = mm.hparams
@@ -111,19 +110,14 @@ class VisionEncoder:
             for i in range(hp.n_layer)
         ]
         self.post_ln_w, self.post_ln_b = vec(V_POST_LN + ".weight"), vec(V_POST_LN + ".bias")
-        self.scores = folded_scores(t.take, hp, dtype, pack)
-        self.resampler_norms = (
-            vec(R_LN_KV + ".weight"),
-            vec(R_LN_KV + ".bias"),
-            vec(R_LN_POST + ".weight"),
-            vec(R_LN_POST + ".bias"),
-        )
+        self.fold = fold_resampler(t.take, hp, dtype, pack)
+        self.ln_post = (vec(R_LN_POST + ".weight"), vec(R_LN_POST + ".bias"))
         # the big matrices: converted now (resident) or read again for every chunk
         self.blocks: list[Block] | None = None
         self.resampler: ResamplerWeights | None = None
         if resident:
             self.blocks = [tower_block(i, t.take, hp, self.norms[i], dtype, pack) for i in range(hp.n_layer)]
-            self.resampler = resampler_weights(t.take, hp, dtype, pack)
+            self.resampler = resampler_weights(t.take, dtype, pack)
         self._file = FileTensors(mm.file, {n: mm.locate(n) for n in list(mm.tensors)})
 
     @classmethod
@@ -159,16 +153,17 @@ class VisionEncoder:
 
     @property
     def weights_nbytes(self) -> int:
-        """Resident bytes of the loaded weights: matmul weights (and the resampler's folded query
-        matrix) in the compute dtype, LayerNorm parameters and the position table in float32. The
-        matrices read per chunk (resident=False) are not counted."""
-        linears = [self.patch, self.scores]
-        vectors = [self.pos_embd, self.post_ln_w, self.post_ln_b, *self.resampler_norms] + [
+        """Resident bytes of the loaded weights: matmul weights (and the resampler's folded
+        attention, `ResamplerFold`) in the compute dtype, LayerNorm parameters, the position table
+        and the fold's Gram matrix in float32. The matrices read per chunk (resident=False) are not
+        counted."""
+        linears = [self.patch]
+        vectors = [self.pos_embd, self.post_ln_w, self.post_ln_b, *self.ln_post] + [
             v for norms in self.norms for v in norms
         ]
         if self.resident:
             linears += [lin for b in self.blocks for lin in (b.qkv, b.out, b.fc1, b.fc2)]
-        big = self.resampler.nbytes if self.resampler is not None else 0
+        big = self.fold.nbytes + (self.resampler.nbytes if self.resampler is not None else 0)
         return sum(x.nbytes for x in linears) + sum(x.numel() * x.element_size() for x in vectors) + big
 
     # ----------------------------------------------------------------------- public API
@@ -189,11 +184,11 @@ class VisionEncoder:
         bar = tqdm(
             total=len(groups), unit="group" if temporal else "slice", desc="vision", disable=not progress, leave=False
         )
-        with bar, torch_threads(self.n_threads), torch.inference_mode(), self._attention_workers() as pool:
+        with bar, torch_threads(self.n_threads), torch.inference_mode():
             for chunk in _chunk_groups(groups, sizes, MAX_BATCH_TOKENS):
                 first = chunk[0][0]
                 last = chunk[-1][0] + len(chunk[-1][1])
-                feats = self._tower(pixels[first:last], sizes[first:last], pool)
+                feats = self._tower(pixels[first:last], sizes[first:last])
                 rel = [(s - first, ids) for s, ids in chunk]
                 out.append(self._resample(feats, sizes[first:last], rel, temporal))
                 bar.update(len(chunk))
@@ -207,8 +202,8 @@ class VisionEncoder:
         sizes = self._check_pixels(pixels)
 
         def tower() -> list[np.ndarray]:
-            with torch_threads(self.n_threads), torch.inference_mode(), self._attention_workers() as pool:
-                feats = self._tower(pixels, sizes, pool)
+            with torch_threads(self.n_threads), torch.inference_mode():
+                feats = self._tower(pixels, sizes)
                 return [x.float().numpy() for x in torch.split(feats, [h * w for h, w in sizes])]
 
         return compute_thread.run(tower)
@@ -261,7 +256,7 @@ class VisionEncoder:
         for i in range(hp.n_layer):
             yield tower_block(i, f.take, hp, self.norms[i], self.dtype, self.packed)
 
-    def _tower(self, pixels: list[np.ndarray], sizes: list[tuple[int, int]], pool) -> torch.Tensor:
+    def _tower(self, pixels: list[np.ndarray], sizes: list[tuple[int, int]]) -> torch.Tensor:
         """Packed [sum h*w, n_embd] float32 tower output."""
         hp, dt = self.hparams, self.dtype
         p, d = hp.patch_size, hp.n_embd
@@ -272,7 +267,7 @@ class VisionEncoder:
         del patches
         x += self.pos_embd[ids]
 
-        attend = attention_for(dt, hp.n_head, pool, self.n_threads)
+        attend = attention_for(dt, hp.n_head)
         subs = _sub_batches(lens, self.sub_batch_tokens)
         for blk in self._tower_blocks():
             for lo, hi, sl in subs:  # whole slices: attention never crosses a sub-batch
@@ -280,35 +275,23 @@ class VisionEncoder:
             del blk  # a streamed block is freed before the next one is read
         return F.layer_norm(x, (d,), self.post_ln_w, self.post_ln_b, hp.eps)
 
-    @contextmanager
-    def _attention_workers(self):
-        """n_threads single-threaded torch workers for bf16 attention (None in f32 or with one
-        thread), for one call only: threads that ran torch ops keep OpenMP state that slows every
-        later llama.cpp decode while they live (compute_thread.py), so they exit when it ends."""
-        pool = worker_pool(self.n_threads) if self.dtype == torch.bfloat16 and self.n_threads > 1 else None
-        try:
-            yield pool
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True)
-
     def _resample(
         self, feats: torch.Tensor, sizes: list[tuple[int, int]], groups: list[tuple[int, list[int]]], temporal: bool
     ) -> torch.Tensor:
         """Packed tower output of the slices in `groups` -> [G, query_num, D], groups in runs of
-        at most sub_batch_tokens patches (its keys and values are D = 4096 wide: for a whole image
-        at once they would take about 0.6 GB)."""
+        at most sub_batch_tokens patches (each patch has heads x queries = 2,048 float32 scores: for
+        a whole image at once they would take about 80 MB)."""
         hp = self.hparams
-        r = self.resampler or resampler_weights(self._file.take, hp, self.dtype, self.packed)
+        r = self.resampler or resampler_weights(self._file.take, self.dtype, self.packed)
         offs = np.cumsum([0] + [h * w for h, w in sizes])
         outs = []
         for run in _chunk_groups(groups, sizes, self.sub_batch_tokens):
             s0, s1 = run[0][0], run[-1][0] + len(run[-1][1])
             outs.append(
                 resample(
+                    self.fold,
                     r,
-                    self.scores,
-                    self.resampler_norms,
+                    self.ln_post,
                     hp,
                     self.dtype,
                     feats[int(offs[s0]) : int(offs[s1])],

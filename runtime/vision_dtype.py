@@ -6,8 +6,8 @@ through slow generic kernels (public reports: a bf16 `bmm` 27x slower than f32 o
 pytorch/pytorch#151934; bf16 matmuls slower than f32 on an M1 Pro, pytorch/pytorch#127477), so a CPU
 name says little. `auto` therefore times the attention half of one SigLIP encoder block at slice size
 (1024 patches, the real width, random weights) in both dtypes, through the encoder's own code
-(`vision_ops.attention_block`, the same packed oneDNN linears or their fallback, the same attention
-and worker threads), with the real thread count, and keeps bf16 only if it is at least `MARGIN`
+(`vision_ops.attention_block`, the same packed oneDNN linears or their fallback, the same attention),
+with the real thread count, and keeps bf16 only if it is at least `MARGIN`
 faster: f32 is the more exact one.
 
 The result is cached per (CPU model, torch version, thread count) in the user cache folder
@@ -31,11 +31,11 @@ import torch
 from minicpmv.cpu import cpu_info, default_threads
 
 from .vision_ops import attention_block, attention_for
-from .vision_threads import torch_threads, worker_pool
+from .vision_threads import torch_threads
 from .vision_weights import Linear, pack_linears
 
 MARGIN = 1.15  # bf16 is chosen when f32 time / bf16 time >= MARGIN
-PROBE_VERSION = 1  # bump when the timed workload changes: older cache entries are stale
+PROBE_VERSION = 2  # bump when the timed workload changes: older cache entries are stale
 CACHE_FILE = "vision-dtype.json"
 # SigLIP2-400M as in MiniCPM-V 4.5's mmproj (docs/reference-model.md §2): the probe's shapes.
 PROBE_WIDTH, PROBE_HEADS, PROBE_TOKENS = 1152, 16, 1024
@@ -100,25 +100,20 @@ def measure(threads: int, repeats: int = 2) -> tuple[float, float]:
     ln_w, ln_b = torch.ones(d), torch.zeros(d)
     x = torch.randn(n, d, generator=g)
     out: dict[str, float] = {}
-    pool = worker_pool(threads) if threads > 1 else None
-    try:
-        for name in ("f32", "bf16"):
-            dt = DTYPES[name]
-            pack = pack_linears(dt)
-            qkv, o = Linear(w_qkv, b_qkv, dt, pack=pack), Linear(w_out, b_out, dt, pack=pack)
-            attend = attention_for(dt, PROBE_HEADS, pool if dt == torch.bfloat16 else None, threads)
-            times: list[float] = []
-            with torch_threads(threads), torch.inference_mode():
-                for i in range(repeats + 1):
-                    t0 = time.perf_counter()
-                    attention_block(x, ln_w, ln_b, qkv, o, [n], 1e-6, dt, attend)
-                    times.append((time.perf_counter() - t0) * 1e3)
-                    if name == "bf16" and i == 0 and times[0] > 3 * out["f32"]:
-                        break
-            out[name] = min(times[1:] or times)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
+    for name in ("f32", "bf16"):
+        dt = DTYPES[name]
+        pack = pack_linears(dt)
+        qkv, o = Linear(w_qkv, b_qkv, dt, pack=pack), Linear(w_out, b_out, dt, pack=pack)
+        attend = attention_for(dt, PROBE_HEADS)
+        times: list[float] = []
+        with torch_threads(threads), torch.inference_mode():
+            for i in range(repeats + 1):
+                t0 = time.perf_counter()
+                attention_block(x, ln_w, ln_b, qkv, o, [n], 1e-6, dt, attend)
+                times.append((time.perf_counter() - t0) * 1e3)
+                if name == "bf16" and i == 0 and times[0] > 3 * out["f32"]:
+                    break
+        out[name] = min(times[1:] or times)
     return out["f32"], out["bf16"]
 
 

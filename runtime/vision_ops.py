@@ -2,12 +2,14 @@
 
 - patches: the 14x14 patch convolution as one matmul on flattened patches (`patch_rows`);
 - positions: NaViT ids (float32 `arange` + `bucketize` exactly as the reference, which differs from
-  floor(70*i/n) for some sides), the resampler's 2-D and temporal sin-cos tables;
+  floor(70*i/n) for some sides), the resampler's 2-D (as its row and column halves) and temporal
+  sin-cos tables;
 - a tower block: pre-LN, fused q|k|v, bidirectional attention over each slice's own rows, tanh
-  GELU MLP; attention in float32 (padded batch, torch's fused kernel) or bf16 (per slice and head,
-  float32 softmax);
-- the resampler: kv projection, ln_kv, keys = x + positions (+ temporal), the folded scores
-  (vision_weights.folded_scores), one softmax per temporal group, values, ln_post, proj.
+  GELU MLP; attention in float32 (padded batch, torch's fused kernel) or bf16 (per slice, a few
+  heads per batched product, float32 softmax);
+- the resampler, folded onto the tower's features (vision_weights.fold_resampler): scores of the
+  features and of the position (+ temporal) rows, one softmax per temporal group, values, ln_post,
+  proj.
 
 The residual stream and LayerNorms stay in float32; matmuls run in the compute dtype `dt`.
 Module-level so that the dtype probe (vision_dtype.py) times exactly the code the encoder runs.
@@ -16,16 +18,15 @@ Module-level so that the dtype probe (vision_dtype.py) times exactly the code th
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minicpmv.sincos import sincos, sincos_2d
+from minicpmv.sincos import sincos, sincos_axes
 
 from .mmproj import VisionHParams
-from .vision_weights import Block, Linear, ResamplerWeights
+from .vision_weights import Block, Linear, ResamplerFold, ResamplerWeights
 
 
 def patch_rows(pixels: np.ndarray, p: int) -> torch.Tensor:
@@ -51,10 +52,12 @@ def navit_position_ids(h: int, w: int, buckets: int) -> torch.Tensor:
     return (bh[:, None] * buckets + bw).flatten()
 
 
-def pos_embed_2d(h: int, w: int, embed_dim: int) -> torch.Tensor:
-    """[h*w, D] float32 = reference pos_embed[:h, :w] flattened: column channels first, then row.
-    Computed for any size (the reference grows its table for sides > 70)."""
-    return torch.from_numpy(sincos_2d(embed_dim, h, w).reshape(h * w, embed_dim))
+def pos_embed_axes(h: int, w: int, embed_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's pos_embed[:h, :w] as its two halves of channels: row r, column c has
+    [col_enc[c], row_enc[r]]; returns float32 ([h, D/2] row_enc, [w, D/2] col_enc). Computed for any
+    size (the reference grows its table for sides > 70)."""
+    row_enc, col_enc = sincos_axes(embed_dim, h, w)
+    return torch.from_numpy(row_enc.copy()), torch.from_numpy(col_enc.copy())
 
 
 def temporal_embed(ids: list[int], embed_dim: int) -> torch.Tensor:
@@ -88,10 +91,10 @@ def attention_block(
     return x + out(attend(qkv(y), lens))
 
 
-def attention_for(dt: torch.dtype, n_head: int, pool: ThreadPoolExecutor | None, n_workers: int):
+def attention_for(dt: torch.dtype, n_head: int):
     """The self-attention the tower runs in `dt`: (packed qkv rows, slice lengths) -> [N, d]."""
     if dt == torch.bfloat16:
-        return functools.partial(attention_per_head, n_head=n_head, pool=pool, n_workers=n_workers)
+        return functools.partial(attention_head_groups, n_head=n_head)
     return functools.partial(attention_padded, n_head=n_head)
 
 
@@ -114,37 +117,39 @@ def attention_padded(qkv: torch.Tensor, lens: list[int], n_head: int) -> torch.T
     return a if uniform else a[pad_idx]
 
 
-def attention_per_head(
-    qkv: torch.Tensor, lens: list[int], n_head: int, pool: ThreadPoolExecutor | None, n_workers: int
-) -> torch.Tensor:
-    """bf16 self-attention, one (slice, head) at a time on its own rows (no padding, no mask):
-    QK^T and PV are bf16 matmuls with float32 accumulation, the softmax is computed in float32
-    and rounded to bf16 (as the reference model run in bf16). At head_dim 72 this beats torch's
-    fused attention, which does not use the CPU's bf16 dot products.
-    The (slice, head) tasks are spread over the n_workers single-threaded workers of `pool`: hundreds of small
-    multi-threaded ops would each end in a barrier, which stalls whenever the machine is busy."""
+# Heads per batched product in bf16 attention: their scores, 2 bytes x heads x n x n, are one buffer
+# for the call (8 MB for a 1,024-patch slice). Fewer, larger products keep both cores busy between
+# the few barriers; measured on AMD Zen 4, 2 threads, a 448x448 slice: 2 and 4 heads per product
+# about 4% faster per slice than 16 single-head products spread over worker threads.
+HEADS_PER_PRODUCT = 4
+
+
+def attention_head_groups(qkv: torch.Tensor, lens: list[int], n_head: int) -> torch.Tensor:
+    """bf16 self-attention on each slice's own rows (no padding, no mask), HEADS_PER_PRODUCT heads
+    at a time: QK^T and PV are batched bf16 matmuls with float32 accumulation, the softmax is
+    computed in float32 and rounded to bf16 (as the reference model run in bf16), in place in the
+    scores buffer. At head_dim 72 this beats torch's fused attention, which does not use the CPU's
+    bf16 dot products. The products use torch's intra-op threads of the calling thread: no threads
+    of our own (compute_thread.py)."""
     nh = n_head
     N, d = qkv.shape[0], qkv.shape[1] // 3
     hd = d // nh
+    g = min(HEADS_PER_PRODUCT, nh)
     qkv = qkv.view(N, 3, nh, hd)
     q, k = qkv[:, :2].permute(1, 2, 0, 3).contiguous()  # [nh, N, hd] each
     vt = qkv[:, 2].permute(1, 2, 0).contiguous()  # [nh, hd, N]
     out_t = torch.empty(nh, hd, N, dtype=qkv.dtype)  # (P V)^T per head
-    offs = np.cumsum([0] + lens)
-    tasks = [(slice(int(offs[i]), int(offs[i + 1])), h) for i in range(len(lens)) for h in range(nh)]
-
-    def run(part: list[tuple[slice, int]]) -> None:
-        with torch.inference_mode():
-            for rows, h in part:
-                p = torch.softmax(F.linear(q[h, rows], k[h, rows]), dim=-1)  # [n, n]
-                out_t[h, :, rows] = F.linear(vt[h, :, rows], p)  # V^T P^T
-
-    if pool is None:
-        run(tasks)
-    else:
-        n = n_workers
-        for f in [pool.submit(run, tasks[i::n]) for i in range(n)]:
-            f.result()
+    scores = torch.empty(g * max(lens) ** 2, dtype=qkv.dtype)
+    lo = 0
+    for n in lens:
+        rows = slice(lo, lo + n)
+        for h0 in range(0, nh, g):
+            heads = slice(h0, min(h0 + g, nh))
+            s = scores[: (heads.stop - h0) * n * n].view(-1, n, n)
+            torch.bmm(q[heads, rows], k[heads, rows].transpose(1, 2), out=s)
+            torch.ops.aten._softmax.out(s, -1, False, out=s)  # row by row: in place is exact
+            torch.bmm(vt[heads, :, rows], s.transpose(1, 2), out=out_t[heads, :, rows])  # V^T P^T
+        lo += n
     return out_t.permute(2, 0, 1).reshape(N, d)
 
 
@@ -152,9 +157,9 @@ def attention_per_head(
 
 
 def resample(
+    fold: ResamplerFold,
     r: ResamplerWeights,
-    scores: Linear,
-    norms: tuple[torch.Tensor, ...],
+    ln_post: tuple[torch.Tensor, torch.Tensor],
     hp: VisionHParams,
     dt: torch.dtype,
     feats: torch.Tensor,
@@ -162,32 +167,37 @@ def resample(
     groups: list[tuple[int, list[int]]],
     temporal: bool,
 ) -> torch.Tensor:
-    """Packed tower output of consecutive slices -> [G, query_num, D], one row per group (its
+    """Packed float32 tower output of consecutive slices -> [G, query_num, D], one row per group (its
     slices attended jointly; with `temporal`, each slice's keys get its frame's temporal row, id -1
-    none). `norms`: ln_kv weight and bias, ln_post weight and bias."""
-    ln_kv_w, ln_kv_b, ln_post_w, ln_post_b = norms
+    none). The math is the reference's, folded onto the features (vision_weights.fold_resampler)."""
     D, H, Q = hp.embed_dim, hp.n_head_resampler, hp.query_num
     lens = [h * w for h, w in sizes]
-    x = F.layer_norm(r.kv(feats.to(dt)).float(), (D,), ln_kv_w, ln_kv_b, hp.eps)
-    keys = x + torch.cat([pos_embed_2d(h, w, D) for h, w in sizes])
+    inv_std = torch.rsqrt((feats @ fold.gram * feats).sum(-1) + hp.eps)  # [N]: 1/std of each kv row
+    f = feats.to(dt)
+    s = fold.scores(f).float() * inv_std[:, None]  # [N, H*Q]: the keys' LayerNorm part
+    pos = []
+    for h, w in sizes:  # the position rows' part: row r, column c -> rows[r] + cols[c]
+        row_enc, col_enc = pos_embed_axes(h, w, D)
+        rows, cols = fold.pos_rows(row_enc.to(dt)).float(), fold.pos_cols(col_enc.to(dt)).float()
+        pos.append((rows[:, None] + cols[None]).view(h * w, -1))
+    s += torch.cat(pos)
     if temporal:
         ids = [t for _, g in groups for t in g]
         if any(t >= 0 for t in ids):
-            rows = temporal_embed([max(t, 0) for t in ids], D)
-            rows[torch.tensor([t < 0 for t in ids])] = 0.0
-            keys = keys + torch.repeat_interleave(rows, torch.tensor(lens), dim=0)
-    s = scores(keys.to(dt))  # [N, H*Q]
-    xv = x.to(dt)
+            t_rows = temporal_embed([max(t, 0) for t in ids], D).to(dt)
+            t_scores = fold.pos_cols(t_rows[:, : D // 2]).float() + fold.pos_rows(t_rows[:, D // 2 :]).float()
+            t_scores[torch.tensor([t < 0 for t in ids])] = 0.0
+            s += torch.repeat_interleave(t_scores, torch.tensor(lens), dim=0)
     # Each group's keys are one contiguous run of packed rows (its frames, frame-major): one
     # attention over exactly those rows, so no padding or mask is needed.
     offs = np.cumsum([0] + lens)
     outs = []
     for first, g in groups:
         lo, hi = int(offs[first]), int(offs[first + len(g)])
-        p = torch.softmax(s[lo:hi].t().float(), dim=-1).to(dt)  # [H*Q, n], float32 softmax
-        px = torch.mm(p, xv[lo:hi]).view(H, Q, D)  # P_h x
-        o = torch.baddbmm(r.bv, px, r.wv_t)  # [H, Q, hd]
+        p = torch.softmax(s[lo:hi].t(), dim=-1) * inv_std[lo:hi]  # [H*Q, n], float32 softmax
+        pf = torch.mm(p.to(dt), f[lo:hi]).view(H, Q, -1)  # per head, sum_n P_n f_n / std_n
+        o = torch.baddbmm(fold.values_bias, pf, fold.values)  # [H, Q, hd]
         outs.append(o.transpose(0, 1).reshape(Q, D))
     out = r.o(torch.cat(outs)).float()  # [G*Q, D]
-    out = F.layer_norm(out, (D,), ln_post_w, ln_post_b, hp.eps)
+    out = F.layer_norm(out, (D,), ln_post[0], ln_post[1], hp.eps)
     return r.proj(out.to(dt)).float().view(len(groups), Q, D)

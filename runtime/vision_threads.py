@@ -1,12 +1,10 @@
-"""Threads and memory around the vision encoder: torch's intra-op thread count for a call, the
-single-threaded workers of bf16 attention, and handing freed activations back to the OS."""
+"""Threads and memory around the vision encoder: torch's intra-op thread count for a call, and
+handing freed activations back to the OS."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -25,20 +23,6 @@ class torch_threads:
     def __exit__(self, *exc):
         if self.old != self.n:
             torch.set_num_threads(self.old)
-
-
-def worker_pool(n_threads: int) -> ThreadPoolExecutor:
-    """n_threads single-threaded torch workers, all started now (a barrier keeps each one busy until
-    all exist). Their set_num_threads(1) also records a process-wide default for threads created
-    later, which is put back here (the workers keep their own setting of 1)."""
-    pool = ThreadPoolExecutor(
-        n_threads, thread_name_prefix="vision-attn", initializer=torch.set_num_threads, initargs=(1,)
-    )
-    barrier = threading.Barrier(n_threads)
-    for f in [pool.submit(barrier.wait) for _ in range(n_threads)]:
-        f.result()
-    torch.set_num_threads(n_threads)
-    return pool
 
 
 def _find_malloc_trim():

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from minicpmv.schema import R_ATTN_K, R_ATTN_OUT, R_ATTN_Q, R_ATTN_V, R_KV, R_LN_Q, R_PROJ, R_QUERY, v_blk
+from minicpmv.schema import R_ATTN_K, R_ATTN_OUT, R_ATTN_Q, R_ATTN_V, R_KV, R_LN_KV, R_LN_Q, R_PROJ, R_QUERY, v_blk
 
 from .mmproj import TensorLocation, VisionHParams, read_tensor
 from .model_file import ModelFile
@@ -85,18 +85,31 @@ class Block:
 
 @dataclass
 class ResamplerWeights:
-    """The resampler's big matrices (the folded score matrix is derived, see `folded_scores`)."""
+    """The resampler's two output matrices, resident or read per chunk (the rest is `ResamplerFold`)."""
 
-    kv: Linear  # tower width -> D, no bias
-    wv_t: torch.Tensor  # [H, D, hd] value projection, transposed per head
-    bv: torch.Tensor  # [H, 1, hd]
     o: Linear
     proj: Linear  # [out, in]: x @ proj_hf == F.linear(x, proj.weight)
 
     @property
     def nbytes(self) -> int:
-        t = self.wv_t.numel() * self.wv_t.element_size() + self.bv.numel() * self.bv.element_size()
-        return self.kv.nbytes + self.o.nbytes + self.proj.nbytes + t
+        return self.o.nbytes + self.proj.nbytes
+
+
+@dataclass
+class ResamplerFold:
+    """The resampler's attention folded onto the tower's features (`fold_resampler`): always resident."""
+
+    scores: Linear  # tower features [N, C] -> the keys' LayerNorm part of the scores, before 1/std: [H*Q, C]
+    pos_cols: Linear  # the first D/2 channels of a key's position (or temporal) row -> scores: [H*Q, D/2]
+    pos_rows: Linear  # the last D/2 channels -> scores: [H*Q, D/2]
+    gram: torch.Tensor  # [C, C] float32: var of a kv row = f . (gram f) for its features f
+    values: torch.Tensor  # [H, C, hd]: per head, weighted features -> values
+    values_bias: torch.Tensor  # [H, 1, hd]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.gram, self.values, self.values_bias)
+        return self.scores.nbytes + self.pos_cols.nbytes + self.pos_rows.nbytes + sum(t.nbytes for t in tensors)
 
 
 class FileTensors:
@@ -138,33 +151,45 @@ def tower_block(i: int, take: Take, hp: VisionHParams, norms: Norms, dtype: torc
     )
 
 
-def resampler_weights(take: Take, hp: VisionHParams, dtype: torch.dtype, pack: bool) -> ResamplerWeights:
-    H, D = hp.n_head_resampler, hp.embed_dim
-    hd = D // H
-    return ResamplerWeights(
-        kv=linear(take, R_KV, dtype, pack, bias=False),
-        wv_t=take(R_ATTN_V + ".weight").view(H, hd, D).transpose(1, 2).to(dtype).contiguous(),
-        bv=take(R_ATTN_V + ".bias").view(H, 1, hd).to(dtype),
-        o=linear(take, R_ATTN_OUT, dtype, pack),
-        proj=linear(take, R_PROJ, dtype, pack, bias=False),
-    )
+def resampler_weights(take: Take, dtype: torch.dtype, pack: bool) -> ResamplerWeights:
+    return ResamplerWeights(o=linear(take, R_ATTN_OUT, dtype, pack), proj=linear(take, R_PROJ, dtype, pack, bias=False))
 
 
-def folded_scores(take: Take, hp: VisionHParams, dtype: torch.dtype, pack: bool) -> Linear:
-    """The resampler's attention scores as one matrix on its keys: keys [N, D] -> [N, H*Q].
+def fold_resampler(take: Take, hp: VisionHParams, dtype: torch.dtype, pack: bool) -> ResamplerFold:
+    """The resampler's cross-attention as products on the tower's features f [N, C] (C = tower width).
 
-    The resampler's queries do not depend on the input, so its attention folds into two matmuls on
-    the keys' and values' inputs (x = ln_kv output, keys = x + positions):
-      scores_h = q_h . (Wk_h key + bk_h) / sqrt(hd) = key . (Wk_h^T q_h / sqrt(hd)) + const,
-        and a per-query constant cancels in the softmax, so bk drops out;
-      out_h = P_h (x Wv_h^T + bv_h) = (P_h x) Wv_h^T + bv_h, as each row of P_h sums to 1.
-    Half the FLOPs of projecting every key and value to D channels, same result."""
+    The reference (docs/reference-model.md §3): x = LN_kv(Wkv f), keys = x + pos (+ temporal),
+    values = x; per head h, scores_h = q_h . (Wk_h key + bk_h) / sqrt(hd) with q = Wq LN_q(query) + bq,
+    out_h = softmax(scores_h) (Wv_h x + bv_h). The queries do not depend on the input, so with
+    A_h = Wk_h^T q_h / sqrt(hd) (bk_h drops out: a per-query constant cancels in the softmax):
+      scores = x A + pos A.
+    LN_kv(Wkv f) = (Wc f / std) * w + b with Wc = Wkv minus the mean of its rows (that centres each
+    kv row) and std^2 = f . (Wc^T Wc / D) f + eps; b A is again a per-query constant, so
+      scores = (f (Wc^T diag(w) A)) / std + pos A,
+    and as the softmax weights P of a query sum to 1,
+      out_h = (sum_n P_n f_n / std_n) (Wc^T diag(w) Wv_h^T) + (Wv_h b + bv_h).
+    Same result up to rounding, for a third of the products (18 instead of 50 GFLOP per 1,024
+    patches at MiniCPM-V 4.5's shapes): nothing D = 4096 wide is made per patch. The matrices are
+    combined in float64 and rounded once to the compute dtype."""
     Q, H, D = hp.query_num, hp.n_head_resampler, hp.embed_dim
     hd = D // H
     with torch.inference_mode():
         q = F.layer_norm(take(R_QUERY), (D,), take(R_LN_Q + ".weight"), take(R_LN_Q + ".bias"), hp.eps)
-        q = F.linear(q, take(R_ATTN_Q + ".weight"), take(R_ATTN_Q + ".bias"))  # [Q, D]
-        wk = take(R_ATTN_K + ".weight").view(H, hd, D)
+        q = F.linear(q, take(R_ATTN_Q + ".weight"), take(R_ATTN_Q + ".bias")).double()  # [Q, D]
+        wk = take(R_ATTN_K + ".weight").double().view(H, hd, D)
         take(R_ATTN_K + ".bias")  # consumed: cancels in the softmax
-        qk = torch.bmm(q.view(Q, H, hd).transpose(0, 1), wk) * hd**-0.5  # [H, Q, D]
-    return Linear(qk.reshape(H * Q, D), None, dtype, pack=pack)
+        a = torch.bmm(q.view(Q, H, hd).transpose(0, 1), wk).reshape(H * Q, D) * hd**-0.5  # [H*Q, D]
+        wkv = take(R_KV + ".weight").double()  # [D, C]
+        wc = wkv - wkv.mean(0)
+        w, b = take(R_LN_KV + ".weight").double(), take(R_LN_KV + ".bias").double()
+        wv = take(R_ATTN_V + ".weight").double().view(H, hd, D)
+        bv = take(R_ATTN_V + ".bias").double().view(H, 1, hd)
+        half = D // 2
+        return ResamplerFold(
+            scores=Linear((a * w) @ wc, None, dtype, pack=pack),
+            pos_cols=Linear(a[:, :half].contiguous(), None, dtype, pack=pack),
+            pos_rows=Linear(a[:, half:].contiguous(), None, dtype, pack=pack),
+            gram=(wc.T @ wc / D).float(),
+            values=torch.einsum("hkd,d,dc->hck", wv, w, wc).to(dtype).contiguous(),
+            values_bias=(torch.einsum("hkd,d->hk", wv, b).view(H, 1, hd) + bv).to(dtype),
+        )

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from minicpmv.cpu import default_threads
-from minicpmv.runtime import compute_thread, vision, vision_threads
+from minicpmv.runtime import compute_thread, vision_ops
 from minicpmv.runtime.mmproj import MmprojError, load_mmproj
 from minicpmv.runtime.vision import VisionEncoder, VisionInputError
-from minicpmv.runtime.vision_ops import navit_position_ids, pos_embed_2d, temporal_embed
+from minicpmv.runtime.vision_ops import navit_position_ids, pos_embed_axes, temporal_embed
 from minicpmv.schema import v_blk
 
 from . import reference_vision as rv
@@ -99,19 +99,43 @@ def test_mixed_sizes_one_batch_bf16(enc16, ref):
         assert np.abs(g - w).max() < BF16_TOL and cosine(g, w) > BF16_COS
 
 
-def test_bf16_attention_workers(tiny_mmproj_gguf, enc16, monkeypatch):
-    """n_threads=2: the bf16 per-head attention runs on two single-threaded workers, made for the
-    call and gone after it (compute_thread.py: live threads that ran torch slow llama.cpp); same
-    result, and the torch thread setting of the thread that encodes is left alone."""
-    pools = []
-    monkeypatch.setattr(vision, "worker_pool", lambda n: pools.append(vision_threads.worker_pool(n)) or pools[-1])
+def test_bf16_attention_head_groups_equal_per_head_attention():
+    """The batched bf16 attention (a few heads per product, softmax in place in one scores buffer)
+    gives bit for bit what one head at a time with torch's own softmax gives, over packed slices of
+    different lengths and a head count the group size does not divide."""
+    torch.manual_seed(0)
+    nh, hd, lens = 5, 8, [7, 12, 3]
+    N, d = sum(lens), nh * hd
+    qkv = (torch.randn(N, 3 * d) * 2).bfloat16()
+    got = vision_ops.attention_head_groups(qkv, lens, nh)
+    assert vision_ops.HEADS_PER_PRODUCT < nh and nh % vision_ops.HEADS_PER_PRODUCT
+    q, k, v = qkv.view(N, 3, nh, hd).unbind(1)
+    want = torch.empty(N, nh, hd, dtype=torch.bfloat16)
+    lo = 0
+    for n in lens:
+        for h in range(nh):
+            rows = slice(lo, lo + n)
+            p = torch.softmax(q[rows, h] @ k[rows, h].T, dim=-1)
+            want[rows, h] = p @ v[rows, h]
+        lo += n
+    assert torch.equal(got, want.view(N, d))
+
+
+def test_bf16_encode_makes_no_threads(tiny_mmproj_gguf, enc16, monkeypatch):
+    """n_threads=2: bf16 attention runs on torch's intra-op threads of the compute thread and starts
+    no thread of ours (compute_thread.py: live threads that ran torch slow llama.cpp); the same
+    result as one thread, and the torch thread setting of the thread that encodes is left alone."""
+    import threading
+
     enc = VisionEncoder.load(tiny_mmproj_gguf("f32"), dtype="bf16", n_threads=2)
     px = pixels(MIXED, seed=10)
     before = compute_thread.run(torch.get_num_threads)
+    started = []
+    start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self.name) or start(self))
     got = enc.encode_slices(px, [[-1], [-1], [-1], [3, 4]])
+    assert started == []
     assert compute_thread.run(torch.get_num_threads) == before
-    assert len(pools) == 1 and len(pools[0]._threads) == 2
-    assert not any(t.is_alive() for t in pools[0]._threads)
     want = enc16.encode_slices(px, [[-1], [-1], [-1], [3, 4]])
     assert np.abs(got - want).max() < 1e-2
 
@@ -167,8 +191,12 @@ def test_video_groups_bf16_and_large_ids(enc16, ref):
 
 
 def test_position_tables_equal_reference():
+    """The resampler uses the 2-D table as its row and column halves (vision_ops.resample): put
+    together, they are the reference's table bit for bit."""
     for h, w in [(32, 32), (26, 39), (80, 3)]:
-        assert np.array_equal(pos_embed_2d(h, w, 256).numpy(), rv.pos_embed_2d(256, h, w).reshape(h * w, 256))
+        rows, cols = pos_embed_axes(h, w, 256)
+        table = torch.cat([cols[None].expand(h, w, 128), rows[:, None].expand(h, w, 128)], dim=-1)
+        assert np.array_equal(table.numpy(), rv.pos_embed_2d(256, h, w))
     ids = [0, 1, 9, 600, 71999, 80000]
     assert np.array_equal(temporal_embed(ids, 256).numpy(), np.stack([rv.temporal_embed(256, t) for t in ids]))
 
@@ -291,19 +319,27 @@ def test_unpacked_linears_and_small_batches_agree(tiny_mmproj_gguf, enc32, monke
 def test_attributes_and_options(enc32, enc16, tiny_ckpt, tiny_mmproj_gguf):
     assert enc32.embed_dim == 256 and enc32.query_num == 64 and enc32.image_size == 448 and enc32.patch_size == 14
     assert enc32.dtype == torch.float32 and enc16.dtype == torch.bfloat16
-    # f32: every vision/resampler parameter once, except that query, ln_q, Wq, bq, Wk and bk are
-    # folded into one [heads*64, D] score matrix. bf16 halves the matrices (LayerNorm parameters
-    # and the position table stay f32). The low-memory profile (resident=False) keeps neither the
-    # tower's matrices nor the resampler's kv, v, out and proj (read from the mmproj per chunk).
-    D = enc32.embed_dim
+    # f32: every vision/resampler parameter once, except the resampler's attention, folded onto the
+    # tower's features (vision_weights.fold_resampler): query, ln_q, Wq, bq, Wk, bk, kv, ln_kv, Wv
+    # and bv become the feature scores [H*Q, C], the position scores [H*Q, D], the Gram matrix
+    # [C, C], the values [H, C, hd] and their bias [H, hd]. bf16 halves the matrices (LayerNorm
+    # parameters, the position table and the Gram matrix stay f32). The low-memory profile
+    # (resident=False) keeps neither the tower's matrices nor the resampler's out and proj (read from
+    # the mmproj per chunk).
+    D, C = enc32.embed_dim, enc32.hparams.n_embd
+    HQ = (D // 128) * 64
     n_params = sum(int(np.prod(s)) for n, s in _ckpt_shapes(tiny_ckpt).items() if not n.startswith("llm."))
-    folded = 64 * D + 2 * D + 2 * (D * D + D)
-    assert enc32.weights_nbytes == 4 * (n_params - folded + (D // 128) * 64 * D)
+    consumed = 64 * D + 2 * D + 3 * (D * D + D) + D * C + 2 * D
+    assert enc32.weights_nbytes == 4 * (n_params - consumed + HQ * C + HQ * D + C * C + C * D + D)
+    fold = enc32.fold
     matrices32 = (
         sum(
             lin.nbytes
-            for lin in [enc32.patch, enc32.scores] + [x for b in enc32.blocks for x in (b.qkv, b.out, b.fc1, b.fc2)]
+            for lin in [enc32.patch, fold.scores, fold.pos_cols, fold.pos_rows]
+            + [x for b in enc32.blocks for x in (b.qkv, b.out, b.fc1, b.fc2)]
         )
+        + fold.values.nbytes
+        + fold.values_bias.nbytes
         + enc32.resampler.nbytes
     )
     assert enc16.weights_nbytes == enc32.weights_nbytes - matrices32 // 2  # exactly the matrices halve

@@ -149,9 +149,10 @@ def matmul_floor(hp, side: int, threads: int, reps: int = 5) -> dict:
     linears = 2 * n * (d * 3 * d + d * d + d * f + f * d)  # qkv, out, fc1, fc2
     attention = 2 * 2 * n * n * d  # QK^T and PV over all heads
     tower = hp.n_layer * (linears + attention) + 2 * n * 3 * hp.patch_size**2 * d
-    # kv projection, the folded scores, P x, per-head values, out and proj (runtime/vision_ops.resample)
-    resampler = 2 * n * d * D + 2 * n * D * hq + 2 * hq * n * D + 2 * hq * D * (D // hp.n_head_resampler)
-    resampler += 2 * 2 * hp.query_num * D * D
+    # the resampler folded onto the features (runtime/vision_weights.fold_resampler): the Gram form
+    # of the kv rows' variance, the feature and position scores, P f, per-head values, out and proj
+    resampler = 2 * n * d * d + 2 * n * d * hq + 2 * 2 * side * (D // 2) * hq + 2 * hq * n * d
+    resampler += 2 * hq * d * (D // hp.n_head_resampler) + 2 * 2 * hp.query_num * D * D
     torch_threads = ours.need("runtime.vision_threads", "torch_threads")
     a, b = torch.randn(n, d).bfloat16(), torch.randn(d, f).bfloat16()
     with torch_threads(threads):
