@@ -271,7 +271,7 @@ class VisionEncoder:
         subs = _sub_batches(lens, self.sub_batch_tokens)
         for blk in self._tower_blocks():
             for lo, hi, sl in subs:  # whole slices: attention never crosses a sub-batch
-                x[lo:hi] = block_forward(x[lo:hi], blk, lens[sl], hp.eps, dt, attend)
+                block_forward(x[lo:hi], blk, lens[sl], hp.eps, dt, attend)
             del blk  # a streamed block is freed before the next one is read
         return F.layer_norm(x, (d,), self.post_ln_w, self.post_ln_b, hp.eps)
 

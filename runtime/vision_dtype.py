@@ -6,7 +6,7 @@ through slow generic kernels (public reports: a bf16 `bmm` 27x slower than f32 o
 pytorch/pytorch#151934; bf16 matmuls slower than f32 on an M1 Pro, pytorch/pytorch#127477), so a CPU
 name says little. `auto` therefore times the attention half of one SigLIP encoder block at slice size
 (1024 patches, the real width, random weights) in both dtypes, through the encoder's own code
-(`vision_ops.attention_block`, the same packed oneDNN linears or their fallback, the same attention),
+(`vision_ops.attention_half`, the same packed oneDNN linears or their fallback, the same attention),
 with the real thread count, and keeps bf16 only if it is at least `MARGIN`
 faster: f32 is the more exact one.
 
@@ -30,11 +30,12 @@ import torch
 
 from minicpmv.cpu import cpu_info, default_threads
 
-from .vision_ops import attention_block, attention_for
+from .vision_ops import attention_for, attention_half
 from .vision_threads import torch_threads
 from .vision_weights import Linear, pack_linears
 
 MARGIN = 1.15  # bf16 is chosen when f32 time / bf16 time >= MARGIN
+ROUNDS = 4  # timed runs of each dtype, taking turns
 PROBE_VERSION = 2  # bump when the timed workload changes: older cache entries are stale
 CACHE_FILE = "vision-dtype.json"
 # SigLIP2-400M as in MiniCPM-V 4.5's mmproj (docs/reference-model.md §2): the probe's shapes.
@@ -88,33 +89,46 @@ def cache_key(threads: int) -> str:
 # --------------------------------------------------------------------------- the measurement
 
 
-def measure(threads: int, repeats: int = 2) -> tuple[float, float]:
-    """(f32 ms, bf16 ms): the best of `repeats` runs of the attention half of one encoder block
-    (LayerNorm, fused q|k|v projection, self-attention, output projection: the products that decide
-    the speed), after a warm-up each. bf16 stops early when its warm-up alone is over 3x the f32
-    time (then it is clearly slower)."""
+def measure(threads: int, rounds: int = ROUNDS) -> tuple[float, float]:
+    """(f32 ms, bf16 ms) for the attention half of one encoder block (LayerNorm, fused q|k|v
+    projection, self-attention, output projection: the products that decide the speed), timed by
+    `time_interleaved`."""
     d, n = PROBE_WIDTH, PROBE_TOKENS
     g = torch.Generator().manual_seed(0)
     w_qkv, b_qkv = torch.randn(3 * d, d, generator=g) * 0.02, torch.zeros(3 * d)
     w_out, b_out = torch.randn(d, d, generator=g) * 0.02, torch.zeros(d)
     ln_w, ln_b = torch.ones(d), torch.zeros(d)
     x = torch.randn(n, d, generator=g)
-    out: dict[str, float] = {}
-    for name in ("f32", "bf16"):
-        dt = DTYPES[name]
+    blocks = {}
+    for name, dt in DTYPES.items():
         pack = pack_linears(dt)
-        qkv, o = Linear(w_qkv, b_qkv, dt, pack=pack), Linear(w_out, b_out, dt, pack=pack)
-        attend = attention_for(dt, PROBE_HEADS)
-        times: list[float] = []
-        with torch_threads(threads), torch.inference_mode():
-            for i in range(repeats + 1):
-                t0 = time.perf_counter()
-                attention_block(x, ln_w, ln_b, qkv, o, [n], 1e-6, dt, attend)
-                times.append((time.perf_counter() - t0) * 1e3)
-                if name == "bf16" and i == 0 and times[0] > 3 * out["f32"]:
-                    break
-        out[name] = min(times[1:] or times)
-    return out["f32"], out["bf16"]
+        blocks[name] = (Linear(w_qkv, b_qkv, dt, pack=pack), Linear(w_out, b_out, dt, pack=pack), dt)
+
+    def run(name: str) -> float:
+        qkv, o, dt = blocks[name]
+        t0 = time.perf_counter()
+        attention_half(x, ln_w, ln_b, qkv, o, [n], 1e-6, dt, attention_for(dt, PROBE_HEADS))
+        return (time.perf_counter() - t0) * 1e3
+
+    with torch_threads(threads), torch.inference_mode():
+        return time_interleaved(run, rounds)
+
+
+def time_interleaved(run: Callable[[str], float], rounds: int) -> tuple[float, float]:
+    """(f32 ms, bf16 ms): after a warm-up run of each, the two dtypes take turns for `rounds`
+    rounds and each keeps its best time, so that a burst of load from elsewhere on the machine
+    slows both rather than every run of one (two back-to-back runs of each once let such bursts
+    make bf16 look as slow as f32 in 2 of 4 loads on a shared AMD Zen 4, which then cached f32:
+    0.9 GB more and 1.8x slower vision). When bf16's warm-up alone is over 3x f32's, bf16 is
+    clearly slower (emulated) and is not run again."""
+    warm = {name: run(name) for name in ("f32", "bf16")}
+    if warm["bf16"] > 3 * warm["f32"]:
+        return warm["f32"], warm["bf16"]
+    best = {name: float("inf") for name in warm}
+    for _ in range(rounds):
+        for name in best:
+            best[name] = min(best[name], run(name))
+    return best["f32"], best["bf16"]
 
 
 # --------------------------------------------------------------------------- the choice

@@ -68,14 +68,15 @@ def temporal_embed(ids: list[int], embed_dim: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- a tower block
 
 
-def block_forward(x: torch.Tensor, blk: Block, lens: list[int], eps: float, dt: torch.dtype, attend) -> torch.Tensor:
-    """One pre-LN encoder block on packed float32 rows [N, d]; matmuls in `dt`."""
-    x = attention_block(x, blk.ln1_w, blk.ln1_b, blk.qkv, blk.out, lens, eps, dt, attend)
+def block_forward(x: torch.Tensor, blk: Block, lens: list[int], eps: float, dt: torch.dtype, attend) -> None:
+    """One pre-LN encoder block on packed float32 rows [N, d], updated in place (the residual adds
+    go into x: no new row buffers per layer); matmuls in `dt`."""
+    x += attention_half(x, blk.ln1_w, blk.ln1_b, blk.qkv, blk.out, lens, eps, dt, attend)
     y = F.layer_norm(x, (x.shape[1],), blk.ln2_w, blk.ln2_b, eps).to(dt)
-    return x + blk.fc2(blk.fc1(y))
+    x += blk.fc2(blk.fc1(y))
 
 
-def attention_block(
+def attention_half(
     x: torch.Tensor,
     ln_w: torch.Tensor,
     ln_b: torch.Tensor,
@@ -86,9 +87,9 @@ def attention_block(
     dt: torch.dtype,
     attend,
 ) -> torch.Tensor:
-    """The attention half of a block: x + out(attention(qkv(LN1(x))))."""
+    """The attention half of a block's update, out(attention(qkv(LN1(x)))): the caller adds it to x."""
     y = F.layer_norm(x, (x.shape[1],), ln_w, ln_b, eps).to(dt)
-    return x + out(attend(qkv(y), lens))
+    return out(attend(qkv(y), lens))
 
 
 def attention_for(dt: torch.dtype, n_head: int):

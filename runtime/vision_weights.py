@@ -170,26 +170,30 @@ def fold_resampler(take: Take, hp: VisionHParams, dtype: torch.dtype, pack: bool
       out_h = (sum_n P_n f_n / std_n) (Wc^T diag(w) Wv_h^T) + (Wv_h b + bv_h).
     Same result up to rounding, for a third of the products (18 instead of 50 GFLOP per 1,024
     patches at MiniCPM-V 4.5's shapes): nothing D = 4096 wide is made per patch. The matrices are
-    combined in float64 and rounded once to the compute dtype."""
+    combined in float32 and rounded once to the compute dtype."""
     Q, H, D = hp.query_num, hp.n_head_resampler, hp.embed_dim
     hd = D // H
     with torch.inference_mode():
         q = F.layer_norm(take(R_QUERY), (D,), take(R_LN_Q + ".weight"), take(R_LN_Q + ".bias"), hp.eps)
-        q = F.linear(q, take(R_ATTN_Q + ".weight"), take(R_ATTN_Q + ".bias")).double()  # [Q, D]
-        wk = take(R_ATTN_K + ".weight").double().view(H, hd, D)
+        q = F.linear(q, take(R_ATTN_Q + ".weight"), take(R_ATTN_Q + ".bias"))  # [Q, D]
+        wk = take(R_ATTN_K + ".weight").view(H, hd, D)
         take(R_ATTN_K + ".bias")  # consumed: cancels in the softmax
         a = torch.bmm(q.view(Q, H, hd).transpose(0, 1), wk).reshape(H * Q, D) * hd**-0.5  # [H*Q, D]
-        wkv = take(R_KV + ".weight").double()  # [D, C]
+        wkv = take(R_KV + ".weight")  # [D, C]
         wc = wkv - wkv.mean(0)
-        w, b = take(R_LN_KV + ".weight").double(), take(R_LN_KV + ".bias").double()
-        wv = take(R_ATTN_V + ".weight").double().view(H, hd, D)
-        bv = take(R_ATTN_V + ".bias").double().view(H, 1, hd)
+        del wkv
+        w, b = take(R_LN_KV + ".weight"), take(R_LN_KV + ".bias")
+        wv = take(R_ATTN_V + ".weight")  # [H*hd, D]
+        bv = take(R_ATTN_V + ".bias").view(H, 1, hd)
+        values = ((wv * w) @ wc).view(H, hd, -1).transpose(1, 2)  # [H, C, hd]
+        values_bias = (wv @ b).view(H, 1, hd) + bv
+        del wv
         half = D // 2
         return ResamplerFold(
             scores=Linear((a * w) @ wc, None, dtype, pack=pack),
             pos_cols=Linear(a[:, :half].contiguous(), None, dtype, pack=pack),
             pos_rows=Linear(a[:, half:].contiguous(), None, dtype, pack=pack),
-            gram=(wc.T @ wc / D).float(),
-            values=torch.einsum("hkd,d,dc->hck", wv, w, wc).to(dtype).contiguous(),
-            values_bias=(torch.einsum("hkd,d->hk", wv, b).view(H, 1, hd) + bv).to(dtype),
+            gram=wc.T @ wc / D,
+            values=values.to(dtype).contiguous(),
+            values_bias=values_bias.to(dtype),
         )

@@ -81,6 +81,33 @@ def test_unwritable_cache_is_no_error(tmp_path):
     assert vd.choose_vision_dtype("auto", 2, cache=blocker / "sub", measure_fn=m).dtype == "bf16"
 
 
+def scripted(times: dict[str, list[float]]):
+    """A probe step that returns each dtype's next scripted time, recording the order of calls."""
+    order = []
+
+    def run(name: str) -> float:
+        order.append(name)
+        return times[name].pop(0)
+
+    run.order = order
+    return run
+
+
+def test_probe_dtypes_take_turns_so_a_burst_slows_both():
+    """A burst of load from elsewhere that covers two back-to-back runs (here bf16's first two timed
+    runs, 90 ms as slow as f32) does not decide: the dtypes alternate and each keeps its best."""
+    run = scripted({"f32": [95, 88, 86, 87, 85], "bf16": [50, 90, 90, 47, 46]})
+    assert vd.time_interleaved(run, rounds=4) == (85, 46)
+    assert run.order == ["f32", "bf16"] + ["f32", "bf16"] * 4
+    assert vd.decide(85, 46) == "bf16"
+
+
+def test_probe_stops_after_a_clearly_slower_bf16_warm_up():
+    run = scripted({"f32": [90], "bf16": [400]})
+    assert vd.time_interleaved(run, rounds=4) == (90, 400)
+    assert run.order == ["f32", "bf16"]
+
+
 def test_forced_dtype_measures_nothing(tmp_path):
     def boom(threads):
         raise AssertionError("a forced dtype must not measure")
