@@ -119,9 +119,8 @@ def attention_padded(qkv: torch.Tensor, lens: list[int], n_head: int) -> torch.T
 
 
 # Heads per batched product in bf16 attention: their scores, 2 bytes x heads x n x n, are one buffer
-# for the call (8 MB for a 1,024-patch slice). Fewer, larger products keep both cores busy between
-# the few barriers; measured on AMD Zen 4, 2 threads, a 448x448 slice: 2 and 4 heads per product
-# about 4% faster per slice than 16 single-head products spread over worker threads.
+# for the call (8 MB for a 1,024-patch slice). Fewer, larger products keep all of torch's threads
+# busy between fewer barriers (docs/architecture.md, "Where the vision time goes").
 HEADS_PER_PRODUCT = 4
 
 
