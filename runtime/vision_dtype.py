@@ -102,12 +102,13 @@ def measure(threads: int, rounds: int = ROUNDS) -> tuple[float, float]:
     blocks = {}
     for name, dt in DTYPES.items():
         pack = pack_linears(dt)
-        blocks[name] = (Linear(w_qkv, b_qkv, dt, pack=pack), Linear(w_out, b_out, dt, pack=pack), dt)
+        qkv, o = Linear(w_qkv, b_qkv, dt, pack=pack), Linear(w_out, b_out, dt, pack=pack)
+        blocks[name] = (qkv, o, dt, attention_for(dt, PROBE_HEADS))
 
     def run(name: str) -> float:
-        qkv, o, dt = blocks[name]
+        qkv, o, dt, attend = blocks[name]
         t0 = time.perf_counter()
-        attention_half(x, ln_w, ln_b, qkv, o, [n], 1e-6, dt, attention_for(dt, PROBE_HEADS))
+        attention_half(x, ln_w, ln_b, qkv, o, [n], 1e-6, dt, attend)
         return (time.perf_counter() - t0) * 1e3
 
     with torch_threads(threads), torch.inference_mode():

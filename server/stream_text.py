@@ -11,18 +11,14 @@ from minicpmv.schema import THINK_END, THINK_START
 
 class StreamText:
     def __init__(self) -> None:
-        self._reasoning_started = self._content_started = False
+        self._started = {True: False, False: False}  # by piece.thinking: reasoning, answer
 
     def text(self, piece: Piece) -> str:
         """What to send of `piece` (reasoning if piece.thinking, else answer); "" when nothing is left."""
-        if piece.thinking:
-            text = str(piece).replace(THINK_START, "").replace(THINK_END, "")
-            if not self._reasoning_started:
-                text = text.lstrip()
-                self._reasoning_started = bool(text)
-            return text
         text = str(piece)
-        if not self._content_started:
+        if piece.thinking:
+            text = text.replace(THINK_START, "").replace(THINK_END, "")
+        if not self._started[piece.thinking]:
             text = text.lstrip()
-            self._content_started = bool(text)
+            self._started[piece.thinking] = bool(text)
         return text
