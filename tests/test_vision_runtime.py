@@ -101,8 +101,10 @@ def test_mixed_sizes_one_batch_bf16(enc16, ref):
 
 def test_bf16_attention_head_groups_equal_per_head_attention():
     """The batched bf16 attention (a few heads per product, softmax in place in one scores buffer)
-    gives bit for bit what one head at a time with torch's own softmax gives, over packed slices of
-    different lengths and a head count the group size does not divide."""
+    gives what one head at a time with torch's own softmax gives, over packed slices of different
+    lengths and a head count the group size does not divide: bit for bit here, up to bf16 rounding
+    where another CPU's kernels sum the products in another order. The in-place softmax itself is
+    exact on any CPU."""
     torch.manual_seed(0)
     nh, hd, lens = 5, 8, [7, 12, 3]
     N, d = sum(lens), nh * hd
@@ -118,7 +120,11 @@ def test_bf16_attention_head_groups_equal_per_head_attention():
             p = torch.softmax(q[rows, h] @ k[rows, h].T, dim=-1)
             want[rows, h] = p @ v[rows, h]
         lo += n
-    assert torch.equal(got, want.view(N, d))
+    torch.testing.assert_close(got, want.view(N, d), rtol=1e-2, atol=1e-2)
+    scores = (torch.randn(3, 12, 12) * 4).bfloat16()
+    in_place = scores.clone()
+    torch.ops.aten._softmax.out(in_place, -1, False, out=in_place)
+    assert torch.equal(in_place, torch.softmax(scores, dim=-1))
 
 
 def test_bf16_encode_makes_no_threads(tiny_mmproj_gguf, enc16, monkeypatch):
